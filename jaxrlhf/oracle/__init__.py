@@ -1,0 +1,1 @@
+"""oracle layer of jaxrlhf."""

@@ -1,0 +1,1 @@
+"""rl layer of jaxrlhf."""

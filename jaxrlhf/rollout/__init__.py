@@ -1,0 +1,1 @@
+"""rollout layer of jaxrlhf."""
