@@ -17,3 +17,71 @@ jax.config.update(
     "jax_persistent_cache_min_compile_time_secs",
     float(os.environ["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"]),
 )
+
+
+# ------------------------------------------------------------------ tiny Hugging Face models (torch)
+import numpy as np  # noqa: E402
+import pytest  # noqa: E402
+
+VOCAB = 64
+
+TINY_HF_CONFIGS = {
+    "gpt2": dict(model_type="gpt2", vocab_size=VOCAB, n_embd=32, n_layer=2, n_head=4, n_positions=64,
+                 resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, bos_token_id=1, eos_token_id=2),
+    # GQA (4 query heads, 2 kv heads) and llama3 RoPE scaling that actually rescales at this length.
+    "llama": dict(model_type="llama", vocab_size=VOCAB, hidden_size=32, intermediate_size=48,
+                  num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
+                  rope_theta=500000.0, tie_word_embeddings=False, bos_token_id=1, eos_token_id=2,
+                  pad_token_id=0,
+                  rope_scaling=dict(rope_type="llama3", factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0,
+                                    original_max_position_embeddings=16)),
+    # qkv bias and tied embeddings.
+    "qwen2": dict(model_type="qwen2", vocab_size=VOCAB, hidden_size=32, intermediate_size=48,
+                  num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
+                  tie_word_embeddings=True, bos_token_id=1, eos_token_id=2, pad_token_id=0),
+}
+
+
+def make_hf_model(name: str, seed: int = 0, scale: float = 4.0):
+    """A random torch model of a tiny config, its matrices scaled so that logits are well separated."""
+    import torch
+    import transformers
+
+    cfg = dict(TINY_HF_CONFIGS[name])
+    config = transformers.AutoConfig.for_model(cfg.pop("model_type"), **cfg)
+    torch.manual_seed(seed)
+    model = transformers.AutoModelForCausalLM.from_config(config, attn_implementation="eager").eval()
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            # Random init is near-uniform over the vocabulary; larger weights make greedy arg-maxes
+            # robust to float32 rounding differences between the two implementations.
+            if p.ndim == 2 and not any(e in n for e in ("embed", "wte", "wpe")):
+                p.mul_(scale)
+    return model
+
+
+@pytest.fixture(scope="session", params=sorted(TINY_HF_CONFIGS))
+def hf_checkpoint(request, tmp_path_factory):
+    """(name, directory, torch model): a tiny random model written by ``save_pretrained`` (safetensors)."""
+    pytest.importorskip("torch")
+    name = request.param
+    model = make_hf_model(name)
+    path = tmp_path_factory.mktemp(f"hf-{name}")
+    model.save_pretrained(path, safe_serialization=True)
+    return name, path, model
+
+
+def left_padded_batch(seed: int = 0, batch: int = 3, length: int = 9, pads=(0, 3, 5)):
+    """Random tokens (ids ≥ 3) with ``pads[i]`` left-padding columns in row i."""
+    rng = np.random.RandomState(seed)
+    tokens = rng.randint(3, VOCAB, size=(batch, length)).astype(np.int32)
+    mask = np.ones((batch, length), np.int32)
+    for i, p in enumerate(pads[:batch]):
+        mask[i, :p] = 0
+        tokens[i, :p] = 0
+    return tokens, mask
+
+
+@pytest.fixture(scope="session")
+def padded_batch():
+    return left_padded_batch

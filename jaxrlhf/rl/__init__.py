@@ -1,1 +1,103 @@
-"""rl layer of jaxrlhf."""
+"""rl layer of jaxrlhf: pure numerics (arrays in, arrays out; jittable and vmappable).
+
+Losses and statistics take arrays of any shape with a same-shape mask and average over every
+masked-in element; time recursions work on one [T] stream and have `batched_*` [B, T] wrappers.
+"""
+
+from jaxrlhf.rl.advantages import (
+    batched_discounted_returns,
+    batched_gae_advantages,
+    discounted_returns,
+    gae_advantages,
+)
+from jaxrlhf.rl.best_of_n import best_of_n_curve, best_of_n_estimate, best_of_n_kl, best_of_n_weights
+from jaxrlhf.rl.ensemble import ensemble_reward
+from jaxrlhf.rl.kl import kl_estimate, kl_k1, kl_k2, kl_k3, kl_loss, kl_penalized_rewards
+from jaxrlhf.rl.kl_control import (
+    KLController,
+    KLControllerState,
+    adaptive_kl_controller,
+    fixed_kl_controller,
+)
+from jaxrlhf.rl.masked import (
+    explained_variance,
+    masked_count,
+    masked_mean,
+    masked_sum,
+    masked_var,
+    masked_whiten,
+)
+from jaxrlhf.rl.policy_losses import (
+    a2c_policy_loss,
+    a2c_value_loss,
+    entropy_from_logits,
+    ppo_policy_loss,
+    token_logprobs,
+    value_loss,
+)
+from jaxrlhf.rl.preference import (
+    bradley_terry_loss,
+    dpo_loss,
+    pairwise_accuracy,
+    plackett_luce_loss,
+    rating_regression_loss,
+)
+from jaxrlhf.rl.reward_norm import (
+    RewardNormalization,
+    RunningMoments,
+    fit_reward_normalization,
+    normalize_rewards,
+    running_moments_init,
+    running_moments_normalization,
+    running_moments_std,
+    running_moments_update,
+    running_moments_var,
+)
+
+__all__ = [
+    "KLController",
+    "KLControllerState",
+    "RewardNormalization",
+    "RunningMoments",
+    "a2c_policy_loss",
+    "a2c_value_loss",
+    "adaptive_kl_controller",
+    "batched_discounted_returns",
+    "batched_gae_advantages",
+    "best_of_n_curve",
+    "best_of_n_estimate",
+    "best_of_n_kl",
+    "best_of_n_weights",
+    "bradley_terry_loss",
+    "discounted_returns",
+    "dpo_loss",
+    "ensemble_reward",
+    "entropy_from_logits",
+    "explained_variance",
+    "fit_reward_normalization",
+    "fixed_kl_controller",
+    "gae_advantages",
+    "kl_estimate",
+    "kl_k1",
+    "kl_k2",
+    "kl_k3",
+    "kl_loss",
+    "kl_penalized_rewards",
+    "masked_count",
+    "masked_mean",
+    "masked_sum",
+    "masked_var",
+    "masked_whiten",
+    "normalize_rewards",
+    "pairwise_accuracy",
+    "plackett_luce_loss",
+    "ppo_policy_loss",
+    "rating_regression_loss",
+    "running_moments_init",
+    "running_moments_normalization",
+    "running_moments_std",
+    "running_moments_update",
+    "running_moments_var",
+    "token_logprobs",
+    "value_loss",
+]

@@ -1,0 +1,254 @@
+"""JSONL datasets in the formats TRL users have, read into small typed records.
+
+One JSON object per line; blank lines are skipped; keys other than the ones a kind needs are ignored.
+
+| kind | fields |
+|---|---|
+| ``"sft"`` | ``prompt``, ``completion`` |
+| ``"preference"`` | ``prompt``, ``chosen``, ``rejected`` |
+| ``"ranking"`` | ``prompt``, ``responses`` (a list, best first, at least 2) |
+| ``"rating"`` | ``prompt``, ``response``, ``rating`` (a number) |
+| ``"prompt"`` | ``prompt`` |
+
+Conversational (chat) form, as in TRL: ``prompt`` may be a list of ``{"role", "content"}`` messages, or the
+conversation may be given as ``messages`` instead of ``prompt``; ``completion``, ``chosen``, ``rejected``,
+``response`` and each ranked response may be a list holding one assistant message, whose content is taken.
+For ``"sft"``, ``{"messages": [..., {"role": "assistant", ...}]}`` without ``completion`` means the final
+assistant turn is the completion and the turns before it are the prompt. Prompts stay as messages here;
+the tokenizer's chat template renders them later (:mod:`jaxrlhf.data.tokenize`).
+
+Every error is a :class:`DataError` whose message starts ``path:line:``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import tempfile
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+Kind = Literal["sft", "preference", "ranking", "rating", "prompt"]
+KINDS: tuple[str, ...] = ("sft", "preference", "ranking", "rating", "prompt")
+
+
+class DataError(ValueError):
+    """A dataset file is missing or malformed; the message names the file and the 1-based line."""
+
+
+@dataclass(frozen=True)
+class ChatMessage:
+    """One turn of a conversation."""
+
+    role: str
+    content: str
+
+
+# A prompt is plain text or a conversation to be rendered by the tokenizer's chat template.
+Prompt = str | tuple[ChatMessage, ...]
+
+
+@dataclass(frozen=True)
+class SFTRecord:
+    prompt: Prompt
+    completion: str
+    line: int = 0
+
+
+@dataclass(frozen=True)
+class PreferenceRecord:
+    prompt: Prompt
+    chosen: str
+    rejected: str
+    line: int = 0
+
+
+@dataclass(frozen=True)
+class RankingRecord:
+    prompt: Prompt
+    responses: tuple[str, ...]  # best first
+    line: int = 0
+
+
+@dataclass(frozen=True)
+class RatingRecord:
+    prompt: Prompt
+    response: str
+    rating: float
+    line: int = 0
+
+
+@dataclass(frozen=True)
+class PromptRecord:
+    prompt: Prompt
+    line: int = 0
+
+
+Record = SFTRecord | PreferenceRecord | RankingRecord | RatingRecord | PromptRecord
+
+
+def _messages(value: Any, key: str, where: str) -> tuple[ChatMessage, ...]:
+    if not isinstance(value, list) or not value:
+        raise DataError(f"{where}: {key!r} must be a non-empty list of messages, got {_describe(value)}")
+    out = []
+    for i, m in enumerate(value):
+        if not isinstance(m, dict):
+            raise DataError(f"{where}: {key}[{i}] must be an object with 'role' and 'content'")
+        for field in ("role", "content"):
+            if not isinstance(m.get(field), str):
+                got = _describe(m[field]) if field in m else "nothing"
+                raise DataError(f"{where}: {key}[{i}].{field} must be a string, got {got}")
+        out.append(ChatMessage(m["role"], m["content"]))
+    return tuple(out)
+
+
+def _describe(value: Any) -> str:
+    return "null" if value is None else f"{type(value).__name__} {json.dumps(value)[:60]}"
+
+
+def _text(obj: Mapping[str, Any], key: str, where: str) -> str:
+    """A response field: a string, or a list holding exactly one assistant message (TRL's chat form)."""
+    if key not in obj:
+        raise DataError(f"{where}: missing field {key!r}")
+    return _response(obj[key], key, where)
+
+
+def _response(value: Any, key: str, where: str) -> str:
+    if isinstance(value, str):
+        return value
+    if isinstance(value, list):
+        turns = _messages(value, key, where)
+        if len(turns) != 1 or turns[0].role != "assistant":
+            roles = [t.role for t in turns]
+            raise DataError(f"{where}: {key!r} as messages must be one assistant turn, got roles {roles}")
+        return turns[0].content
+    raise DataError(f"{where}: {key!r} must be a string or a list of messages, got {_describe(value)}")
+
+
+def _prompt(obj: Mapping[str, Any], where: str) -> Prompt:
+    if "prompt" in obj and "messages" in obj:
+        raise DataError(f"{where}: give either 'prompt' or 'messages', not both")
+    if "messages" in obj:
+        return _messages(obj["messages"], "messages", where)
+    if "prompt" not in obj:
+        raise DataError(f"{where}: missing field 'prompt' (or 'messages')")
+    value = obj["prompt"]
+    if isinstance(value, str):
+        return value
+    if isinstance(value, list):
+        return _messages(value, "prompt", where)
+    raise DataError(f"{where}: 'prompt' must be a string or a list of messages, got {_describe(value)}")
+
+
+def _sft(obj: Mapping[str, Any], line: int, where: str) -> SFTRecord:
+    if "messages" in obj and "completion" not in obj and "prompt" not in obj:
+        turns = _messages(obj["messages"], "messages", where)
+        if len(turns) < 2 or turns[-1].role != "assistant":
+            raise DataError(f"{where}: 'messages' must end with an assistant turn after at least one other")
+        return SFTRecord(turns[:-1], turns[-1].content, line)
+    return SFTRecord(_prompt(obj, where), _text(obj, "completion", where), line)
+
+
+def _ranking(obj: Mapping[str, Any], line: int, where: str) -> RankingRecord:
+    prompt = _prompt(obj, where)
+    if "responses" not in obj:
+        raise DataError(f"{where}: missing field 'responses'")
+    value = obj["responses"]
+    if not isinstance(value, list) or len(value) < 2:
+        raise DataError(
+            f"{where}: 'responses' must be a list of at least 2 responses, got {_describe(value)}"
+        )
+    return RankingRecord(
+        prompt, tuple(_response(v, f"responses[{i}]", where) for i, v in enumerate(value)), line
+    )
+
+
+def _rating(obj: Mapping[str, Any], line: int, where: str) -> RatingRecord:
+    prompt, response = _prompt(obj, where), _text(obj, "response", where)
+    if "rating" not in obj:
+        raise DataError(f"{where}: missing field 'rating'")
+    value = obj["rating"]
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise DataError(f"{where}: 'rating' must be a finite number, got {_describe(value)}")
+    return RatingRecord(prompt, response, float(value), line)
+
+
+def _parse(kind: str, obj: Mapping[str, Any], line: int, where: str) -> Record:
+    if kind == "sft":
+        return _sft(obj, line, where)
+    if kind == "preference":
+        prompt = _prompt(obj, where)
+        return PreferenceRecord(prompt, _text(obj, "chosen", where), _text(obj, "rejected", where), line)
+    if kind == "ranking":
+        return _ranking(obj, line, where)
+    if kind == "rating":
+        return _rating(obj, line, where)
+    return PromptRecord(_prompt(obj, where), line)
+
+
+def read_jsonl(path: str | os.PathLike, kind: Kind) -> list[Record]:
+    """Read a JSONL dataset of the given ``kind`` into records, each carrying its 1-based source line."""
+    if kind not in KINDS:
+        raise ValueError(f"unknown dataset kind {kind!r}; expected one of {list(KINDS)}")
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"{path}: no such file" if not path.exists() else f"{path}: not a regular file")
+    records: list[Record] = []
+    with path.open("rb") as f:
+        for line, raw in enumerate(f, start=1):
+            where = f"{path}:{line}"
+            try:
+                text = raw.decode("utf-8-sig" if line == 1 else "utf-8")
+            except UnicodeDecodeError as e:
+                raise DataError(f"{where}: not valid UTF-8 ({e.reason} at byte {e.start})") from None
+            if not text.strip():
+                continue
+            try:
+                obj = json.loads(text)
+            except json.JSONDecodeError as e:
+                raise DataError(f"{where}: malformed JSON: {e.msg} (column {e.colno})") from None
+            if not isinstance(obj, dict):
+                raise DataError(f"{where}: expected a JSON object, got {type(obj).__name__}")
+            records.append(_parse(kind, obj, line, where))
+    if not records:
+        raise DataError(f"{path}: no records (the file is empty or holds only blank lines)")
+    return records
+
+
+def _plain(value: Any) -> Any:
+    if isinstance(value, tuple):
+        return [_plain(v) for v in value]
+    if isinstance(value, ChatMessage):
+        return {"role": value.role, "content": value.content}
+    return value
+
+
+def record_to_json(record: Record | Mapping[str, Any]) -> dict[str, Any]:
+    """The JSON object for a record (the inverse of reading it; the ``line`` field is dropped)."""
+    if isinstance(record, Mapping):
+        return dict(record)
+    return {f.name: _plain(getattr(record, f.name)) for f in dataclasses.fields(record) if f.name != "line"}
+
+
+def write_jsonl(path: str | os.PathLike, records: Iterable[Record | Mapping[str, Any]]) -> None:
+    """Write records (or plain dicts) one JSON object per line, atomically: a temp file, then os.replace.
+
+    A reader never sees a half-written file, and a crash leaves any previous file intact.
+    """
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            for record in records:
+                f.write(json.dumps(record_to_json(record), ensure_ascii=False) + "\n")
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise

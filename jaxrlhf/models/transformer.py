@@ -1,0 +1,291 @@
+"""The decoder-only transformer (Flax NNX), covering GPT-2 and the Llama family.
+
+The NNX modules below are only ever used through :class:`LanguageModel`, which splits them into a static
+graph and a plain nested dict of float32 arrays (the *params* pytree) so that everything crossing a ``jit``
+boundary is a pytree:
+
+    hidden, cache = model.forward(params, tokens, positions, mask, cache)
+    logits, hidden, cache = model.apply(params, tokens, positions, mask, cache)
+
+Sequences may be left-padded: ``mask`` marks real tokens of the key/value columns and ``positions`` come
+from the mask (:func:`positions_from_mask`), so a padded row computes exactly what the unpadded row would.
+
+Layouts: q/k/v projections are fused into one ``qkv`` matrix ``[d, (H + 2·H_kv)·hd]`` and SwiGLU's gate
+and up projections into one ``gate_up`` matrix ``[d, 2·f]`` (one large matmul each instead of three/two);
+checkpoint I/O splits and joins them.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from jaxrlhf.models.config import ModelConfig, rope_inverse_frequencies
+
+Params = dict[str, Any]
+_MASKED = float(jnp.finfo(jnp.float32).min)
+_INIT_STD = 0.02
+
+
+class KVCache(NamedTuple):
+    """Preallocated per-layer keys ``[batch, kv_heads, head_dim, max_len]`` (transposed, see
+    :func:`attention`) and values ``[batch, kv_heads, max_len, head_dim]``.
+
+    ``index`` is the number of columns already written; all rows share it, which is what left padding buys.
+    """
+
+    keys: tuple[jax.Array, ...]
+    values: tuple[jax.Array, ...]
+    index: jax.Array
+
+
+def positions_from_mask(mask: jax.Array) -> jax.Array:
+    """Position ids of a left-padded batch: ``cumsum(mask) − 1``, clipped at 0 on the padding. [B, T]."""
+    return jnp.maximum(jnp.cumsum(mask.astype(jnp.int32), axis=-1) - 1, 0)
+
+
+# ----------------------------------------------------------------------------------------------- modules
+
+
+class Dense(nnx.Module):
+    """``y = x·W + b`` with float32 master weights; the matmul runs in the input's dtype."""
+
+    def __init__(self, din: int, dout: int, *, use_bias: bool, rngs: nnx.Rngs, std: float = _INIT_STD):
+        init = jax.nn.initializers.normal(std) if std > 0 else jax.nn.initializers.zeros
+        self.kernel = nnx.Param(init(rngs.params(), (din, dout), jnp.float32))
+        self.bias = nnx.Param(jnp.zeros((dout,), jnp.float32)) if use_bias else None
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        y = x @ self.kernel[...].astype(x.dtype)
+        if self.bias is not None:
+            y = y + self.bias[...].astype(x.dtype)
+        return y
+
+
+class Norm(nnx.Module):
+    """LayerNorm (scale and bias) or RMSNorm (scale only), computed in float32."""
+
+    def __init__(self, dim: int, kind: str, eps: float):
+        self.kind, self.eps = kind, eps
+        self.scale = nnx.Param(jnp.ones((dim,), jnp.float32))
+        self.bias = nnx.Param(jnp.zeros((dim,), jnp.float32)) if kind == "layernorm" else None
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        h = x.astype(jnp.float32)
+        if self.kind == "layernorm":
+            h = h - jnp.mean(h, axis=-1, keepdims=True)
+        h = h * jax.lax.rsqrt(jnp.mean(jnp.square(h), axis=-1, keepdims=True) + self.eps)
+        if self.kind == "layernorm":
+            return (h * self.scale[...] + self.bias[...]).astype(x.dtype)
+        # Llama casts the normalised activations back before the (float32) scale multiplies them.
+        return (self.scale[...] * h.astype(x.dtype)).astype(x.dtype)
+
+
+def _rotate(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
+    """RoPE in the half-split layout: ``x·cos + rotate_half(x)·sin``; cos/sin are [B, T, hd/2]."""
+    half = x.shape[-1] // 2
+    x1, x2 = x[..., :half].astype(jnp.float32), x[..., half:].astype(jnp.float32)
+    c, s = cos[:, :, None, :], sin[:, :, None, :]
+    return jnp.concatenate([x1 * c - x2 * s, x2 * c + x1 * s], axis=-1).astype(x.dtype)
+
+
+def attention(q: jax.Array, k: jax.Array, v: jax.Array, bias: jax.Array) -> jax.Array:
+    """Grouped-query attention ``softmax(q·kᵀ/√hd + bias)·v`` with the softmax in float32.
+
+    q: [B, T, H, hd]; k: [B, H_kv, hd, S]; v: [B, H_kv, S, hd]; bias: [B, T, S] additive mask.
+    Returns [B, T, H·hd]. Keys are stored transposed so both products are plain row-major matmuls: a decode
+    step then reads the KV cache in place instead of transposing it every step.
+    """
+    b, t, h, hd = q.shape
+    kv_heads = k.shape[1]
+    q = q.reshape(b, t, kv_heads, h // kv_heads, hd).transpose(0, 2, 3, 1, 4)  # [B, K, G, T, hd]
+    scores = jnp.einsum("bkgtd,bkds->bkgts", q, k, preferred_element_type=jnp.float32)
+    scores = scores * (1.0 / hd**0.5) + bias[:, None, None, :, :]
+    probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
+    out = jnp.einsum("bkgts,bksd->btkgd", probs, v)
+    return out.reshape(b, t, h * hd)
+
+
+class Attention(nnx.Module):
+    def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs):
+        self.cfg = cfg
+        self.qkv = Dense(cfg.hidden_size, cfg.q_size + 2 * cfg.kv_size, use_bias=cfg.qkv_bias, rngs=rngs)
+        self.out = Dense(cfg.q_size, cfg.hidden_size, use_bias=cfg.attn_out_bias, rngs=rngs)
+
+    def __call__(self, x, rope, bias, layer_cache, index):
+        cfg = self.cfg
+        b, t, _ = x.shape
+        qkv = self.qkv(x)
+        q = qkv[..., : cfg.q_size].reshape(b, t, cfg.num_heads, cfg.head_dim)
+        k = qkv[..., cfg.q_size : cfg.q_size + cfg.kv_size].reshape(b, t, cfg.num_kv_heads, cfg.head_dim)
+        v = qkv[..., cfg.q_size + cfg.kv_size :].reshape(b, t, cfg.num_kv_heads, cfg.head_dim)
+        if rope is not None:
+            q, k = _rotate(q, *rope), _rotate(k, *rope)
+        k, v = k.transpose(0, 2, 3, 1), v.transpose(0, 2, 1, 3)  # [B, K, hd, T], [B, K, T, hd]
+        if layer_cache is not None:
+            cache_k, cache_v = layer_cache
+            k = jax.lax.dynamic_update_slice(cache_k, k.astype(cache_k.dtype), (0, 0, 0, index))
+            v = jax.lax.dynamic_update_slice(cache_v, v.astype(cache_v.dtype), (0, 0, index, 0))
+            layer_cache = (k, v)
+        y = attention(q, k.astype(q.dtype), v.astype(q.dtype), bias)
+        return self.out(y), layer_cache
+
+
+class MLP(nnx.Module):
+    def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs):
+        self.kind = cfg.mlp
+        width = 2 * cfg.intermediate_size if cfg.mlp == "swiglu" else cfg.intermediate_size
+        name = "gate_up" if cfg.mlp == "swiglu" else "up"
+        setattr(self, name, Dense(cfg.hidden_size, width, use_bias=cfg.mlp_bias, rngs=rngs))
+        self.down = Dense(cfg.intermediate_size, cfg.hidden_size, use_bias=cfg.mlp_bias, rngs=rngs)
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        if self.kind == "swiglu":
+            gate, up = jnp.split(self.gate_up(x), 2, axis=-1)
+            return self.down(jax.nn.silu(gate) * up)
+        return self.down(jax.nn.gelu(self.up(x), approximate=True))
+
+
+class Block(nnx.Module):
+    def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs):
+        self.attn_norm = Norm(cfg.hidden_size, cfg.norm, cfg.norm_eps)
+        self.attn = Attention(cfg, rngs)
+        self.mlp_norm = Norm(cfg.hidden_size, cfg.norm, cfg.norm_eps)
+        self.mlp = MLP(cfg, rngs)
+
+    def __call__(self, x, rope, bias, layer_cache, index):
+        a, layer_cache = self.attn(self.attn_norm(x), rope, bias, layer_cache, index)
+        x = x + a
+        return x + self.mlp(self.mlp_norm(x)), layer_cache
+
+
+class Transformer(nnx.Module):
+    """Token (and learned position) embeddings, ``num_layers`` pre-norm blocks, a final norm, an LM head."""
+
+    def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs):
+        self.cfg = cfg
+        self.embed = nnx.Param(jax.nn.initializers.normal(_INIT_STD)(
+            rngs.params(), (cfg.vocab_size, cfg.hidden_size), jnp.float32))
+        if cfg.position_encoding == "learned":
+            self.pos_embed = nnx.Param(jax.nn.initializers.normal(0.01)(
+                rngs.params(), (cfg.max_position_embeddings, cfg.hidden_size), jnp.float32))
+        self.layers = nnx.List([Block(cfg, rngs) for _ in range(cfg.num_layers)])
+        self.final_norm = Norm(cfg.hidden_size, cfg.norm, cfg.norm_eps)
+        if not cfg.tie_word_embeddings:
+            self.lm_head = Dense(cfg.hidden_size, cfg.vocab_size, use_bias=False, rngs=rngs)
+
+    def __call__(self, tokens, positions, mask, cache: KVCache | None):
+        cfg = self.cfg
+        dtype = jnp.dtype(cfg.dtype)
+        x = jnp.take(self.embed[...], tokens, axis=0)
+        if cfg.position_encoding == "learned":
+            x = x + jnp.take(self.pos_embed[...], positions, axis=0)
+        x = x.astype(dtype)
+        rope = _rope_tables(cfg, positions) if cfg.position_encoding == "rope" else None
+        index = jnp.zeros((), jnp.int32) if cache is None else cache.index
+        bias = _attention_bias(cfg, mask, tokens.shape[1], index)
+        new_k, new_v = [], []
+        for i, layer in enumerate(self.layers):
+            layer_cache = None if cache is None else (cache.keys[i], cache.values[i])
+            x, layer_cache = layer(x, rope, bias, layer_cache, index)
+            if layer_cache is not None:
+                new_k.append(layer_cache[0])
+                new_v.append(layer_cache[1])
+        hidden = self.final_norm(x)
+        if cache is not None:
+            cache = KVCache(tuple(new_k), tuple(new_v), cache.index + tokens.shape[1])
+        return hidden, cache
+
+    def logits(self, hidden: jax.Array) -> jax.Array:
+        if self.cfg.tie_word_embeddings:
+            out = hidden @ self.embed[...].astype(hidden.dtype).T
+        else:
+            out = self.lm_head(hidden)
+        return out.astype(jnp.float32)
+
+
+def _rope_tables(cfg: ModelConfig, positions: jax.Array) -> tuple[jax.Array, jax.Array]:
+    inv = jnp.asarray(rope_inverse_frequencies(cfg), jnp.float32)
+    angles = positions.astype(jnp.float32)[..., None] * inv  # [B, T, hd/2]
+    return jnp.cos(angles), jnp.sin(angles)
+
+
+def _attention_bias(cfg: ModelConfig, mask: jax.Array, num_queries: int, index: jax.Array) -> jax.Array:
+    """Additive mask [B, T, S]: key s is visible to query t when it is real, not in the future (by column,
+    which is causal order under left padding) and, with a sliding window, within the window."""
+    q_cols = index + jnp.arange(num_queries)[:, None]
+    k_cols = jnp.arange(mask.shape[1])[None, :]
+    visible = (k_cols <= q_cols)[None] & (mask[:, None, :] > 0)
+    if cfg.sliding_window is not None:
+        visible &= (q_cols - k_cols < cfg.sliding_window)[None]
+    return jnp.where(visible, 0.0, _MASKED).astype(jnp.float32)
+
+
+# ----------------------------------------------------------------------------------------- functional API
+
+
+@functools.lru_cache(maxsize=64)
+def _graph(cfg: ModelConfig):
+    abstract = nnx.eval_shape(lambda: Transformer(cfg, nnx.Rngs(0)))
+    return nnx.split(abstract)
+
+
+@dataclasses.dataclass(frozen=True)
+class LanguageModel:
+    """A transformer used functionally. Hashable, so it can be a static argument of ``jax.jit``."""
+
+    config: ModelConfig
+
+    def init(self, key: jax.Array) -> Params:
+        """Random float32 parameters (normal(0.02) weights, zero biases, unit norm scales)."""
+        module = Transformer(self.config, nnx.Rngs(params=key))
+        return nnx.to_pure_dict(nnx.split(module)[1])
+
+    def abstract_params(self) -> Params:
+        """Shapes and dtypes of the params pytree (``jax.ShapeDtypeStruct`` leaves), without allocating."""
+        return nnx.to_pure_dict(_graph(self.config)[1])
+
+    def bind(self, params: Params) -> Transformer:
+        """The NNX module holding ``params`` (cast to the compute dtype). Use inside a traced function."""
+        graphdef, abstract = _graph(self.config)
+        state = jax.tree.map(lambda x: x, abstract)
+        dtype = jnp.dtype(self.config.dtype)
+        if dtype != jnp.float32:
+            params = jax.tree.map(lambda p: p.astype(dtype) if jnp.issubdtype(p.dtype, jnp.floating) else p,
+                                  params)
+        nnx.replace_by_pure_dict(state, params)
+        return nnx.merge(graphdef, state)
+
+    def forward(self, params: Params, tokens: jax.Array, positions: jax.Array, mask: jax.Array,
+                cache: KVCache | None = None) -> tuple[jax.Array, KVCache | None]:
+        """Final-norm hidden states [B, T, d] and the updated cache.
+
+        tokens, positions: [B, T] int32. mask: [B, S] with S = T without a cache, S = cache length with one.
+        """
+        return self.bind(params)(tokens, positions, mask, cache)
+
+    def logits(self, params: Params, hidden: jax.Array) -> jax.Array:
+        """LM-head logits in float32, [..., vocab]."""
+        return self.bind(params).logits(hidden)
+
+    def apply(self, params: Params, tokens: jax.Array, positions: jax.Array, mask: jax.Array,
+              cache: KVCache | None = None) -> tuple[jax.Array, jax.Array, KVCache | None]:
+        """``(logits [B,T,V] float32, hidden [B,T,d], cache)``."""
+        module = self.bind(params)
+        hidden, cache = module(tokens, positions, mask, cache)
+        return module.logits(hidden), hidden, cache
+
+    def init_cache(self, batch: int, length: int, dtype: Any = None) -> KVCache:
+        """An empty cache of ``length`` columns (prompt + new tokens), in the compute dtype by default."""
+        cfg = self.config
+        dtype = jnp.dtype(dtype or cfg.dtype)
+        k_shape = (batch, cfg.num_kv_heads, cfg.head_dim, length)
+        v_shape = (batch, cfg.num_kv_heads, length, cfg.head_dim)
+        return KVCache(tuple(jnp.zeros(k_shape, dtype) for _ in range(cfg.num_layers)),
+                       tuple(jnp.zeros(v_shape, dtype) for _ in range(cfg.num_layers)),
+                       jnp.zeros((), jnp.int32))

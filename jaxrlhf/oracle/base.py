@@ -1,0 +1,255 @@
+"""Oracles: deterministic gold rewards R*(prompt, response), and a registry to find them by name.
+
+An oracle has two forms:
+
+* host form ``score_texts(prompts, responses, finished=None) -> np.ndarray[float32] [B]``. A response
+  string is what the policy wrote *before* its end-of-sequence token; ``finished[b]`` says whether it
+  did emit one (``None`` means every response finished, which is the case for a demonstration or a
+  record in a feedback file).
+* array form ``score_tokens(prompt_tokens [B,P], prompt_mask [B,P], response_tokens [B,N],
+  response_mask [B,N]) -> [B] float32``. Prompts are left-padded, responses right-padded; the response
+  mask covers the real tokens including the eos token if one was emitted. For the built-in tasks it is
+  written in ``jnp`` and can be jitted; it agrees exactly with
+  ``score_texts(*decode_batch(tokenizer, ...))``.
+"""
+
+from __future__ import annotations
+
+import abc
+import importlib
+from collections.abc import Callable, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+
+class OracleSpecError(ValueError):
+    """An oracle name or import path could not be resolved."""
+
+
+class Oracle(abc.ABC):
+    """A deterministic gold reward. Subclasses implement both forms (see the module docstring)."""
+
+    name: str = "oracle"
+    #: True when ``score_tokens`` is pure ``jnp`` and may be called inside ``jax.jit``.
+    jittable: bool = False
+
+    @abc.abstractmethod
+    def score_texts(
+        self,
+        prompts: Sequence[str],
+        responses: Sequence[str],
+        finished: Sequence[bool] | None = None,
+    ) -> np.ndarray:
+        """Gold rewards of ``responses`` to ``prompts``: float32 [B]."""
+
+    @abc.abstractmethod
+    def score_tokens(
+        self,
+        prompt_tokens: jax.Array,
+        prompt_mask: jax.Array,
+        response_tokens: jax.Array,
+        response_mask: jax.Array,
+    ) -> jax.Array:
+        """Gold rewards from token arrays (prompts left-padded, responses right-padded): float32 [B]."""
+
+    def __call__(self, prompts: Sequence[str], responses: Sequence[str]) -> np.ndarray:
+        return self.score_texts(prompts, responses)
+
+
+def check_text_batch(
+    prompts: Sequence[str], responses: Sequence[str], finished: Sequence[bool] | None
+) -> list[bool]:
+    """Validate a host-form batch and return ``finished`` as a list (all True when ``None``)."""
+    if isinstance(prompts, str) or isinstance(responses, str):
+        raise TypeError("prompts and responses must be sequences of strings, not a single string")
+    if len(prompts) != len(responses):
+        raise ValueError(f"got {len(prompts)} prompts but {len(responses)} responses")
+    if finished is None:
+        return [True] * len(prompts)
+    if len(finished) != len(prompts):
+        raise ValueError(f"got {len(prompts)} prompts but {len(finished)} finished flags")
+    return [bool(f) for f in finished]
+
+
+def check_token_batch(
+    prompt_tokens: jax.Array, prompt_mask: jax.Array, response_tokens: jax.Array, response_mask: jax.Array
+) -> None:
+    """Raise a ValueError naming the argument whose shape does not fit the array form."""
+    shapes = {
+        "prompt_tokens": np.shape(prompt_tokens),
+        "prompt_mask": np.shape(prompt_mask),
+        "response_tokens": np.shape(response_tokens),
+        "response_mask": np.shape(response_mask),
+    }
+    for arg, shape in shapes.items():
+        if len(shape) != 2:
+            raise ValueError(f"{arg}: expected a [batch, length] array, got shape {shape}")
+    if shapes["prompt_mask"] != shapes["prompt_tokens"]:
+        raise ValueError(
+            f"prompt_mask shape {shapes['prompt_mask']} != prompt_tokens {shapes['prompt_tokens']}"
+        )
+    if shapes["response_mask"] != shapes["response_tokens"]:
+        raise ValueError(
+            f"response_mask shape {shapes['response_mask']} != response_tokens {shapes['response_tokens']}"
+        )
+    if shapes["prompt_tokens"][0] != shapes["response_tokens"][0]:
+        raise ValueError(
+            f"batch sizes differ: prompt_tokens {shapes['prompt_tokens']}, "
+            f"response_tokens {shapes['response_tokens']}"
+        )
+
+
+def response_body(
+    response_tokens: jax.Array, response_mask: jax.Array, eos_id: int
+) -> tuple[jax.Array, jax.Array]:
+    """Length of each response before its first eos, and whether it emitted one: ([B] int32, [B] bool).
+
+    Assumes the mask is contiguous from position 0 (right padding).
+    """
+    mask = jnp.asarray(response_mask, bool)
+    is_eos = (jnp.asarray(response_tokens) == eos_id) & mask
+    finished = is_eos.any(axis=1)
+    length = mask.shape[1]
+    first_eos = jnp.where(finished, jnp.argmax(is_eos, axis=1), length)
+    positions = jnp.arange(length)[None, :]
+    body_length = jnp.sum(mask & (positions < first_eos[:, None]), axis=1).astype(jnp.int32)
+    return body_length, finished
+
+
+def decode_batch(
+    tokenizer, prompt_tokens, prompt_mask, response_tokens, response_mask
+) -> tuple[list[str], list[str], list[bool]]:
+    """Turn an array-form batch into the host form: ``(prompts, responses, finished)``.
+
+    The prompt keeps its real tokens, special tokens dropped (a ``<bos>`` is framing, not content). The
+    response keeps its real tokens before the first eos, special tokens included (a policy that writes
+    ``<pad>`` mid-response must be scored for it); ``finished`` says whether an eos was emitted.
+    """
+    check_token_batch(prompt_tokens, prompt_mask, response_tokens, response_mask)
+    prompt_tokens, prompt_mask = np.asarray(prompt_tokens), np.asarray(prompt_mask, bool)
+    response_tokens, response_mask = np.asarray(response_tokens), np.asarray(response_mask, bool)
+    eos_id = tokenizer.eos_token_id
+    prompts, responses, finished = [], [], []
+    for b in range(prompt_tokens.shape[0]):
+        prompts.append(tokenizer.decode(prompt_tokens[b][prompt_mask[b]].tolist(), skip_special_tokens=True))
+        real = response_tokens[b][response_mask[b]].tolist()
+        stop = real.index(eos_id) if eos_id in real else None
+        responses.append(tokenizer.decode(real[:stop], skip_special_tokens=False))
+        finished.append(stop is not None)
+    return prompts, responses, finished
+
+
+class FunctionOracle(Oracle):
+    """An oracle around a user's Python function ``fn(prompt: str, response: str) -> float``.
+
+    Host form only: ``score_tokens`` decodes the batch with ``tokenizer`` (see :func:`decode_batch`) and
+    calls ``fn`` once per row on the host, so it cannot run inside ``jax.jit``; call it between jitted
+    phases, once per batch. If ``unfinished_score`` is given it replaces ``fn``'s score for responses
+    that never emitted eos; otherwise ``fn`` sees the truncated text.
+    """
+
+    jittable = False
+
+    def __init__(
+        self,
+        fn: Callable[[str, str], float],
+        tokenizer=None,
+        name: str | None = None,
+        unfinished_score: float | None = None,
+    ):
+        if not callable(fn):
+            raise TypeError(f"FunctionOracle needs a callable fn(prompt, response) -> float, got {fn!r}")
+        self.fn = fn
+        self.tokenizer = tokenizer
+        self.name = name or getattr(fn, "__qualname__", repr(fn))
+        self.unfinished_score = unfinished_score
+
+    def score_texts(self, prompts, responses, finished=None) -> np.ndarray:
+        finished = check_text_batch(prompts, responses, finished)
+        scores = np.empty(len(prompts), np.float32)
+        for b, (prompt, response, done) in enumerate(zip(prompts, responses, finished)):
+            if not done and self.unfinished_score is not None:
+                scores[b] = self.unfinished_score
+                continue
+            value = float(self.fn(prompt, response))
+            if not np.isfinite(value):
+                raise ValueError(
+                    f"oracle {self.name!r} returned {value} for batch row {b}: "
+                    f"prompt={prompt!r} response={response!r}"
+                )
+            scores[b] = value
+        return scores
+
+    def score_tokens(self, prompt_tokens, prompt_mask, response_tokens, response_mask) -> jax.Array:
+        arrays = (prompt_tokens, prompt_mask, response_tokens, response_mask)
+        if any(isinstance(a, jax.core.Tracer) for a in arrays):
+            raise TypeError(
+                f"FunctionOracle {self.name!r} runs Python on the host and cannot be traced by jax.jit; "
+                "call score_tokens outside jit (once per batch) or wrap it in jax.pure_callback"
+            )
+        if self.tokenizer is None:
+            raise ValueError(f"FunctionOracle {self.name!r} needs a tokenizer to score token arrays")
+        return jnp.asarray(self.score_texts(*decode_batch(self.tokenizer, *arrays)))
+
+
+_REGISTRY: dict[str, Oracle | Callable[[str, str], float]] = {}
+
+
+def register_oracle(name: str, fn: Oracle | Callable[[str, str], float], overwrite: bool = False) -> None:
+    """Register an :class:`Oracle` or a function ``fn(prompt, response) -> float`` under ``name``."""
+    if not name or ":" in name:
+        raise ValueError(f"oracle name {name!r} must be non-empty and contain no ':'")
+    if name in _REGISTRY and not overwrite:
+        raise ValueError(f"an oracle named {name!r} is already registered (pass overwrite=True)")
+    if not (isinstance(fn, Oracle) or callable(fn)):
+        raise TypeError(f"register_oracle({name!r}): expected an Oracle or a callable, got {fn!r}")
+    _REGISTRY[name] = fn
+
+
+def registered_oracles() -> list[str]:
+    """Names registered with :func:`register_oracle`."""
+    return sorted(_REGISTRY)
+
+
+def _import_object(spec: str):
+    module_name, _, attr_path = spec.partition(":")
+    if not module_name or not attr_path or ":" in attr_path:
+        raise OracleSpecError(f"oracle {spec!r}: an import path must look like 'package.module:function'")
+    try:
+        obj = importlib.import_module(module_name)
+    except ImportError as e:
+        raise OracleSpecError(f"oracle {spec!r}: cannot import module {module_name!r} ({e})") from e
+    for attr in attr_path.split("."):
+        if not hasattr(obj, attr):
+            raise OracleSpecError(f"oracle {spec!r}: {obj.__name__!r} has no attribute {attr!r}")
+        obj = getattr(obj, attr)
+    return obj
+
+
+def get_oracle(spec: str, tokenizer=None) -> Oracle:
+    """The oracle named by ``spec``: a registered name or an import path ``"package.module:attr"``.
+
+    The object found may be an :class:`Oracle`, an ``Oracle`` subclass (built with no arguments) or a
+    function ``f(prompt, response) -> float`` (wrapped in :class:`FunctionOracle` with ``tokenizer``).
+    The built-in tasks' oracles depend on the task's seed: take them from ``get_task(...).oracle``.
+    """
+    if not isinstance(spec, str):
+        raise OracleSpecError(f"oracle spec must be a string, got {spec!r}")
+    if spec in _REGISTRY:
+        obj = _REGISTRY[spec]
+    elif ":" in spec:
+        obj = _import_object(spec)
+    else:
+        raise OracleSpecError(
+            f"unknown oracle {spec!r}; registered: {registered_oracles()}; or give an import path "
+            "'package.module:function' (a built-in task's oracle is get_task(name).oracle)"
+        )
+    if isinstance(obj, Oracle):
+        return obj
+    if isinstance(obj, type) and issubclass(obj, Oracle):
+        return obj()
+    if callable(obj):
+        return FunctionOracle(obj, tokenizer=tokenizer, name=spec)
+    raise OracleSpecError(f"oracle {spec!r} resolved to {obj!r}, which is neither an Oracle nor callable")

@@ -1,0 +1,186 @@
+"""The one metrics logger (JSONL + TensorBoard), the one message-logging setup, and the progress bar.
+
+``metrics.jsonl`` holds one JSON object per :meth:`MetricsLogger.log` call::
+
+    {"step": 10, "time": 1717171717.5, "objective/kl": 0.031, "episode": 640, "loss/value_avg": null}
+
+``time`` is Unix time in seconds. Integer values stay integers; every other value becomes a float.
+JSON has no NaN or infinity, so a non-finite value is written as ``null``; :func:`read_metrics_jsonl`
+reads ``null`` back as ``nan``. TensorBoard gets the same scalars (NaN/inf included) under the same tags.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import sys
+import time
+from collections.abc import Iterable, Mapping
+from typing import Any
+
+import numpy as np
+from tqdm import tqdm
+
+LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
+LOG_DATE_FORMAT = "%Y-%m-%d %H:%M:%S"
+_RESERVED = ("step", "time")
+
+
+def _scalar(name: str, value: Any) -> int | float:
+    """A metric value as a Python int (integer or bool input) or float; anything else is an error."""
+    array = np.asarray(value)
+    if array.size != 1:
+        raise ValueError(f"metric {name!r}: expected a scalar, got shape {array.shape}")
+    array = array.reshape(())
+    if array.dtype == np.bool_ or np.issubdtype(array.dtype, np.integer):
+        return int(array)
+    if array.dtype.kind in "fV":  # "V": bfloat16 and the other ml_dtypes floats
+        try:
+            return float(array)
+        except (TypeError, ValueError):
+            pass
+    raise TypeError(f"metric {name!r}: expected a real number, got {type(value).__name__} {value!r}")
+
+
+class MetricsLogger:
+    """Scalars to ``run_dir/<jsonl_name>`` (one JSON line per call) and to TensorBoard (tensorboardX).
+
+    ``enabled=False`` (e.g. on non-zero processes of a multi-host run) turns every method into a no-op
+    that creates no file or directory.
+    """
+
+    def __init__(
+        self,
+        run_dir: str | os.PathLike,
+        tensorboard: bool = True,
+        jsonl_name: str = "metrics.jsonl",
+        enabled: bool = True,
+    ):
+        self.run_dir = os.fspath(run_dir)
+        self.enabled = enabled
+        self._jsonl = self._text = self._tb = None
+        if not enabled:
+            return
+        os.makedirs(self.run_dir, exist_ok=True)
+        self._jsonl = open(os.path.join(self.run_dir, jsonl_name), "a")  # appends on resume
+        if tensorboard:
+            from tensorboardX import SummaryWriter  # only when asked for: it is slow to import
+
+            self._tb = SummaryWriter(logdir=self.run_dir)
+
+    def log(self, step: int, metrics: Mapping[str, Any], prefix: str = "") -> None:
+        """Write ``{"step", "time", prefix+name: value, ...}``; values are scalars (Python, NumPy or JAX)."""
+        if not self.enabled:
+            return
+        values = {f"{prefix}{name}": _scalar(f"{prefix}{name}", v) for name, v in metrics.items()}
+        for name in _RESERVED:
+            if name in values:
+                raise ValueError(f"metric name {name!r} is reserved for the record's own field")
+        record = {"step": int(step), "time": time.time()}
+        record.update({k: v if math.isfinite(v) else None for k, v in values.items()})
+        self._jsonl.write(json.dumps(record, allow_nan=False) + "\n")
+        self._jsonl.flush()  # a crash loses at most the line being written
+        if self._tb is not None:
+            for name, v in values.items():
+                self._tb.add_scalar(name, v, global_step=int(step))
+
+    def log_text(self, tag: str, text: str, step: int | None = None) -> None:
+        """Free text (e.g. sample generations) to TensorBoard and to ``run_dir/text.jsonl``."""
+        if not self.enabled:
+            return
+        if self._text is None:
+            self._text = open(os.path.join(self.run_dir, "text.jsonl"), "a")
+        record = {"step": step, "time": time.time(), "tag": tag, "text": text}
+        self._text.write(json.dumps(record) + "\n")
+        self._text.flush()
+        if self._tb is not None:
+            self._tb.add_text(tag, text, global_step=step)
+
+    def flush(self) -> None:
+        for sink in (self._jsonl, self._text, self._tb):
+            if sink is not None:
+                sink.flush()
+
+    def close(self) -> None:
+        for sink in (self._jsonl, self._text, self._tb):
+            if sink is not None:
+                sink.close()
+        self._jsonl = self._text = self._tb = None
+        self.enabled = False
+
+    def __enter__(self) -> MetricsLogger:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def read_metrics_jsonl(path: str | os.PathLike) -> list[dict[str, Any]]:
+    """The records of a metrics JSONL file, ``null`` values read back as ``nan``.
+
+    A malformed line raises ``ValueError`` naming the file and line number.
+    """
+    records = []
+    with open(path) as f:
+        for lineno, line in enumerate(f, start=1):
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise ValueError(f"{os.fspath(path)}:{lineno}: not a JSON record: {e}") from e
+            records.append({k: math.nan if v is None else v for k, v in record.items()})
+    return records
+
+
+def setup_logging(level: int | str = "INFO", run_dir: str | os.PathLike | None = None) -> logging.Logger:
+    """Send log messages to stderr and, with ``run_dir``, to ``run_dir/run.log``, in one format.
+
+    Configures the root logger (so every module's ``logging.getLogger(__name__)`` follows), replacing
+    the handlers already there (an earlier call's, or a default one a library's import left behind).
+    Chatty libraries (absl/orbax, jax) are held at WARNING unless ``level`` is DEBUG. Returns the
+    ``jaxrlhf`` logger.
+    """
+    level = logging.getLevelName(level.upper()) if isinstance(level, str) else level
+    if not isinstance(level, int):
+        raise ValueError(f"setup_logging: unknown log level {level!r}")
+    root = logging.getLogger()
+    for handler in list(root.handlers):
+        root.removeHandler(handler)
+        handler.close()
+    formatter = logging.Formatter(LOG_FORMAT, datefmt=LOG_DATE_FORMAT)
+    handlers: list[logging.Handler] = [logging.StreamHandler(sys.stderr)]
+    if run_dir is not None:
+        os.makedirs(run_dir, exist_ok=True)
+        handlers.append(logging.FileHandler(os.path.join(run_dir, "run.log")))
+    for handler in handlers:
+        handler.setFormatter(formatter)
+        root.addHandler(handler)
+    root.setLevel(level)
+    for noisy in ("absl", "jax"):
+        logging.getLogger(noisy).setLevel(max(level, logging.WARNING) if level > logging.DEBUG else level)
+    return logging.getLogger("jaxrlhf")
+
+
+def format_postfix(metrics: Mapping[str, Any], keys: Iterable[str]) -> dict[str, str]:
+    """A few metrics for a progress bar: ``{short name: value to 4 significant digits}``.
+
+    The short name is the part after the last ``/`` (``objective/kl`` → ``kl``) unless two keys would
+    share it. Keys missing from ``metrics`` are left out.
+    """
+    present = [k for k in keys if k in metrics]
+    shorts = [k.rsplit("/", 1)[-1] for k in present]
+    return {
+        (short if shorts.count(short) == 1 else key): f"{_scalar(key, metrics[key]):.4g}"
+        for key, short in zip(present, shorts)
+    }
+
+
+def progress(total: int | None, desc: str = "", enabled: bool = True, initial: int = 0) -> tqdm:
+    """A tqdm bar on stderr; disabled (every method a silent no-op) when ``enabled`` is False or stderr
+    is not a terminal. Show numbers with ``bar.set_postfix(format_postfix(metrics, keys))``.
+    """
+    disable = not enabled or not sys.stderr.isatty()
+    return tqdm(total=total, desc=desc, initial=initial, file=sys.stderr, disable=disable, dynamic_ncols=True)

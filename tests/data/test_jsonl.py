@@ -1,0 +1,145 @@
+"""Reading and writing JSONL datasets: records, chat forms, and errors that name file and line."""
+
+import json
+import os
+import re
+
+import pytest
+
+from jaxrlhf.data import (
+    ChatMessage,
+    DataError,
+    PreferenceRecord,
+    PromptRecord,
+    RankingRecord,
+    RatingRecord,
+    SFTRecord,
+    read_jsonl,
+    write_jsonl,
+)
+
+
+def test_reads_every_kind_with_line_numbers_and_skips_blank_lines(jsonl):
+    path = jsonl(
+        [{"prompt": "ab", "completion": "cd", "id": 7}, "", "   ", {"prompt": "e", "completion": ""}]
+    )
+    assert read_jsonl(path, "sft") == [SFTRecord("ab", "cd", 1), SFTRecord("e", "", 4)]
+    path = jsonl([{"prompt": "p", "chosen": "c", "rejected": "r"}])
+    assert read_jsonl(path, "preference") == [PreferenceRecord("p", "c", "r", 1)]
+    path = jsonl([{"prompt": "p", "responses": ["x", "y", "z"]}])
+    assert read_jsonl(path, "ranking") == [RankingRecord("p", ("x", "y", "z"), 1)]
+    path = jsonl(
+        [{"prompt": "p", "response": "x", "rating": 3}, {"prompt": "q", "response": "y", "rating": -0.5}]
+    )
+    assert read_jsonl(path, "rating") == [RatingRecord("p", "x", 3.0, 1), RatingRecord("q", "y", -0.5, 2)]
+    assert read_jsonl(jsonl([{"prompt": "p"}]), "prompt") == [PromptRecord("p", 1)]
+
+
+def test_conversational_records(jsonl):
+    user = {"role": "user", "content": "hi"}
+    system = {"role": "system", "content": "be brief"}
+    answer = [{"role": "assistant", "content": "yo"}]
+    path = jsonl(
+        [
+            {"prompt": [system, user], "completion": answer},
+            {"messages": [user, {"role": "assistant", "content": "ok"}]},
+            {"messages": [user], "completion": "plain"},
+        ]
+    )
+    msgs = (ChatMessage("system", "be brief"), ChatMessage("user", "hi"))
+    assert read_jsonl(path, "sft") == [
+        SFTRecord(msgs, "yo", 1),
+        SFTRecord((ChatMessage("user", "hi"),), "ok", 2),
+        SFTRecord((ChatMessage("user", "hi"),), "plain", 3),
+    ]
+    path = jsonl([{"prompt": [user], "chosen": answer, "rejected": [{"role": "assistant", "content": "no"}]}])
+    assert read_jsonl(path, "preference") == [PreferenceRecord((ChatMessage("user", "hi"),), "yo", "no", 1)]
+    path = jsonl([{"messages": [user], "responses": [answer, "b"]}])
+    assert read_jsonl(path, "ranking") == [RankingRecord((ChatMessage("user", "hi"),), ("yo", "b"), 1)]
+
+
+BAD_LINES = [
+    ("sft", '{"prompt": "a", "completion": "b"', r"malformed JSON"),
+    ("sft", '["prompt", "completion"]', r"expected a JSON object, got list"),
+    ("sft", {"prompt": "a"}, r"missing field 'completion'"),
+    ("sft", {"completion": "a"}, r"missing field 'prompt'"),
+    ("sft", {"prompt": 3, "completion": "a"}, r"'prompt' must be a string or a list of messages, got int"),
+    ("sft", {"prompt": "a", "completion": None}, r"'completion' must be a string"),
+    ("sft", {"messages": [{"role": "user", "content": "a"}]}, r"must end with an assistant turn"),
+    ("sft", {"prompt": "a", "messages": [], "completion": "b"}, r"either 'prompt' or 'messages'"),
+    ("sft", {"prompt": [{"role": "user"}], "completion": "b"}, r"prompt\[0\]\.content must be a string"),
+    ("sft", {"prompt": [], "completion": "b"}, r"non-empty list of messages"),
+    (
+        "sft",
+        {"prompt": "a", "completion": [{"role": "user", "content": "b"}]},
+        r"one assistant turn, got roles \['user'\]",
+    ),
+    (
+        "rating",
+        {"prompt": "a", "response": "b", "rating": "high"},
+        r"'rating' must be a finite number, got str",
+    ),
+    (
+        "rating",
+        {"prompt": "a", "response": "b", "rating": True},
+        r"'rating' must be a finite number, got bool",
+    ),
+    ("rating", {"prompt": "a", "response": "b"}, r"missing field 'rating'"),
+    ("ranking", {"prompt": "a", "responses": ["only"]}, r"at least 2 responses"),
+    ("ranking", {"prompt": "a", "responses": "xy"}, r"at least 2 responses"),
+    ("ranking", {"prompt": "a", "responses": ["x", 5]}, r"'responses\[1\]' must be a string"),
+    ("preference", {"prompt": "a", "chosen": "b"}, r"missing field 'rejected'"),
+]
+
+
+@pytest.mark.parametrize(("kind", "bad", "message"), BAD_LINES)
+def test_errors_name_file_and_line(jsonl, kind, bad, message):
+    good = {"prompt": "a", "completion": "b", "chosen": "c", "rejected": "d", "responses": ["x", "y"]}
+    good |= {"response": "r", "rating": 1.0}
+    path = jsonl([good, "", bad, good])  # the bad record is on line 3
+    with pytest.raises(DataError, match=re.escape(f"{path}:3: ") + ".*" + message):
+        read_jsonl(path, kind)
+
+
+def test_empty_and_missing_files(jsonl, tmp_path):
+    for lines in ([], ["", "  "]):
+        path = jsonl(lines)
+        with pytest.raises(DataError, match=re.escape(f"{path}: no records")):
+            read_jsonl(path, "prompt")
+    missing = tmp_path / "nope.jsonl"
+    with pytest.raises(DataError, match=re.escape(f"{missing}: no such file")):
+        read_jsonl(missing, "prompt")
+    with pytest.raises(ValueError, match="unknown dataset kind 'dpo'"):
+        read_jsonl(jsonl([{"prompt": "a"}]), "dpo")
+
+
+def test_invalid_utf8_names_the_line(tmp_path):
+    path = tmp_path / "bytes.jsonl"
+    path.write_bytes(b'{"prompt": "a"}\n{"prompt": "\xff"}\n')
+    with pytest.raises(DataError, match=re.escape(f"{path}:2: not valid UTF-8")):
+        read_jsonl(path, "prompt")
+
+
+def test_write_round_trips_and_is_atomic(tmp_path):
+    records = [
+        SFTRecord((ChatMessage("user", "hé"),), "x", 1),
+        SFTRecord("plain", "y\nz", 2),
+    ]
+    path = tmp_path / "out.jsonl"
+    path.write_text("old contents\n")
+    write_jsonl(path, records)
+    assert read_jsonl(path, "sft") == records
+    assert json.loads(path.read_text().splitlines()[0]) == {
+        "prompt": [{"role": "user", "content": "hé"}],
+        "completion": "x",
+    }
+    assert os.listdir(tmp_path) == ["out.jsonl"]  # no temp file left behind
+
+    def failing():
+        yield {"prompt": "a"}
+        raise RuntimeError("disk on fire")
+
+    with pytest.raises(RuntimeError):
+        write_jsonl(path, failing())
+    assert read_jsonl(path, "sft") == records  # the previous file survives a failed write
+    assert os.listdir(tmp_path) == ["out.jsonl"]

@@ -1,0 +1,136 @@
+"""Tokenisation: ids by hand with the character tokenizer, chat rendering, length limits and their errors."""
+
+import re
+
+import numpy as np
+import pytest
+
+from jaxrlhf.data import (
+    ChatMessage,
+    DataError,
+    PreferenceExample,
+    PromptExample,
+    RankingExample,
+    RatingExample,
+    SequenceExample,
+    TokenizeConfig,
+    encode_completion,
+    encode_prompt,
+    load_examples,
+    make_char_tokenizer,
+    pad_token_id,
+    render_prompt,
+    tokenize_records,
+)
+from jaxrlhf.data.jsonl import PreferenceRecord, PromptRecord, RankingRecord, RatingRecord, SFTRecord
+
+CONFIG = TokenizeConfig(max_prompt_length=8, max_length=12)  # completions: at most 4 tokens
+
+
+def ids(array):
+    assert array.dtype == np.int32
+    return array.tolist()
+
+
+def test_plain_prompt_and_completion(tokenizer):
+    assert ids(encode_prompt(tokenizer, "ab c", CONFIG)[0]) == [8, 9, 34, 10]
+    with_bos = TokenizeConfig(8, 12, add_bos=True)
+    assert ids(encode_prompt(tokenizer, "ab", with_bos)[0]) == [1, 8, 9]
+    assert ids(encode_prompt(tokenizer, "", with_bos)[0]) == [1]
+    completion, cut = encode_completion(tokenizer, "cd", max_tokens=4)
+    assert (ids(completion), cut) == ([10, 11, 2], False)
+    completion, cut = encode_completion(tokenizer, "", max_tokens=4)
+    assert (ids(completion), cut) == ([2], False)
+
+
+def test_chat_prompt_is_rendered_with_the_template(tokenizer):
+    prompt = (ChatMessage("system", "s"), ChatMessage("user", "ab"))
+    assert render_prompt(tokenizer, prompt) == "<|system|>s<|end|><|user|>ab<|end|><|assistant|>"
+    assert ids(encode_prompt(tokenizer, prompt, TokenizeConfig(16, 20))[0]) == [4, 26, 7, 5, 8, 9, 7, 6]
+    bos = TokenizeConfig(16, 20, add_bos=True)
+    assert ids(encode_prompt(tokenizer, prompt[1:], bos)[0]) == [1, 5, 8, 9, 7, 6]
+
+
+def test_chat_template_starting_with_bos_gets_no_second_bos():
+    tok = make_char_tokenizer("ab", chat_template="<s>{% for m in messages %}{{ m['content'] }}{% endfor %}")
+    prompt = (ChatMessage("user", "ab"),)
+    assert ids(encode_prompt(tok, prompt, TokenizeConfig(8, 12, add_bos=True))[0]) == [1, 8, 9]
+
+
+def test_prompt_length_limit(tokenizer):
+    long = "abcdefghij"  # 10 tokens > 8
+    with pytest.raises(
+        DataError, match=re.escape("f.jsonl:5: the prompt has 10 tokens, more than max_prompt_length=8")
+    ):
+        encode_prompt(tokenizer, long, CONFIG, source="f.jsonl:5")
+    left = TokenizeConfig(8, 12, truncate_prompts="left")
+    prompt, cut = encode_prompt(tokenizer, long, left)
+    assert (ids(prompt), cut) == ([10, 11, 12, 13, 14, 15, 16, 17], True)  # "cdefghij"
+    left_bos = TokenizeConfig(4, 12, add_bos=True, truncate_prompts="left")
+    prompt, cut = encode_prompt(tokenizer, long, left_bos)
+    assert (ids(prompt), cut) == ([1, 15, 16, 17], True)  # bos + "hij"
+    prompt, cut = encode_prompt(tokenizer, "abcdefgh", CONFIG)  # exactly 8 fits
+    assert (len(prompt), cut) == (8, False)
+
+
+def test_completion_is_cut_without_eos(tokenizer):
+    completion, cut = encode_completion(tokenizer, "abc", 4)  # 3 chars + eos = 4 fits
+    assert (ids(completion), cut) == ([8, 9, 10, 2], False)
+    completion, cut = encode_completion(tokenizer, "abcd", 4)  # 4 chars + eos = 5 > 4
+    assert (ids(completion), cut) == ([8, 9, 10, 11], True)
+
+
+def test_tokenize_records_of_every_kind(tokenizer):
+    records = [
+        SFTRecord("ab", "c", 1),
+        PreferenceRecord("a", "bb", "abcdefg", 2),  # rejected is cut to 4 tokens
+        RankingRecord("a", ("b", "c", "d"), 3),
+        RatingRecord("b", "a", 0.5, 4),
+        PromptRecord("ba", 5),
+    ]
+    examples, stats = tokenize_records(records, tokenizer, CONFIG, path="x.jsonl")
+    sft, pref, rank, rate, prompt = examples
+    assert isinstance(sft, SequenceExample) and (ids(sft.prompt), ids(sft.response)) == ([8, 9], [10, 2])
+    assert isinstance(pref, PreferenceExample)
+    assert (ids(pref.chosen), ids(pref.rejected)) == ([9, 9, 2], [8, 9, 10, 11])
+    assert isinstance(rank, RankingExample) and [ids(r) for r in rank.responses] == [[9, 2], [10, 2], [11, 2]]
+    assert isinstance(rate, RatingExample) and (ids(rate.response), rate.rating) == ([8, 2], 0.5)
+    assert isinstance(prompt, PromptExample) and ids(prompt.prompt) == [9, 8]
+    assert [e.source for e in examples] == [f"x.jsonl:{i}" for i in range(1, 6)]
+    assert (stats.examples, stats.truncated_prompts, stats.truncated_completions) == (5, 0, 1)
+
+
+def test_load_examples_errors_name_file_and_line(jsonl, tokenizer):
+    path = jsonl([{"prompt": "ab"}, {"prompt": "abcdefghijk"}])
+    with pytest.raises(DataError, match=re.escape(f"{path}:2: the prompt has 11 tokens")):
+        load_examples(path, "prompt", tokenizer, CONFIG)
+    path = jsonl([{"prompt": "ab"}, {"prompt": ""}])
+    with pytest.raises(DataError, match=re.escape(f"{path}:2: the prompt encodes to no tokens")):
+        load_examples(path, "prompt", tokenizer, CONFIG)
+    path = jsonl([{"prompt": "ab"}, {"messages": [{"role": "tool", "content": "x"}]}])
+    with pytest.raises(
+        DataError, match=re.escape(f"{path}:2: the chat template failed") + ".*unknown role tool"
+    ):
+        load_examples(path, "prompt", tokenizer, CONFIG)
+
+
+def test_chat_prompt_without_template_names_file_and_line(jsonl):
+    plain = make_char_tokenizer("ab", chat_template=None)
+    path = jsonl([{"prompt": "ab"}, {"prompt": [{"role": "user", "content": "a"}]}])
+    with pytest.raises(
+        DataError, match=re.escape(f"{path}:2: the prompt is a chat conversation") + ".*no chat template"
+    ):
+        load_examples(path, "prompt", plain, CONFIG)
+    examples, _ = load_examples(jsonl([{"prompt": "ab"}]), "prompt", plain, CONFIG)  # plain text still works
+    assert ids(examples[0].prompt) == [8, 9]
+
+
+def test_config_and_pad_id_checks(tokenizer):
+    with pytest.raises(ValueError, match="max_prompt_length < max_length"):
+        TokenizeConfig(max_prompt_length=8, max_length=8)
+    with pytest.raises(ValueError, match="truncate_prompts"):
+        TokenizeConfig(truncate_prompts="right")
+    assert pad_token_id(tokenizer) == 0
+    no_pad = make_char_tokenizer("ab")
+    no_pad.pad_token = None
+    assert pad_token_id(no_pad) == 2  # falls back to eos, as for GPT-2

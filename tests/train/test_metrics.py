@@ -1,0 +1,166 @@
+"""Tests for the metrics logger (JSONL + TensorBoard), logging setup, postfix formatting and progress bar."""
+
+import glob
+import json
+import logging
+import math
+import os
+import struct
+
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from tensorboardX.proto import event_pb2
+
+from jaxrlhf.train import metrics as metrics_module
+from jaxrlhf.train.metrics import (
+    MetricsLogger,
+    format_postfix,
+    progress,
+    read_metrics_jsonl,
+    setup_logging,
+)
+
+
+def _tensorboard_scalars(run_dir):
+    """{(tag, step): value} read from the TFRecord-framed event files in run_dir."""
+    scalars = {}
+    for path in glob.glob(os.path.join(run_dir, "events.out.tfevents.*")):
+        with open(path, "rb") as f:
+            data = f.read()
+        offset = 0
+        while offset < len(data):
+            (length,) = struct.unpack("<Q", data[offset : offset + 8])
+            event = event_pb2.Event.FromString(data[offset + 12 : offset + 12 + length])
+            offset += 12 + length + 4  # length, its crc, the record, its crc
+            for value in event.summary.value:
+                if value.HasField("simple_value"):
+                    scalars[(value.tag, event.step)] = value.simple_value
+    return scalars
+
+
+def test_log_writes_exact_jsonl_and_tensorboard_scalars(tmp_path, monkeypatch):
+    monkeypatch.setattr(metrics_module.time, "time", lambda: 1000.5)
+    run_dir = str(tmp_path / "run")
+    with MetricsLogger(run_dir) as logger:
+        logger.log(
+            3,
+            {
+                "objective/kl": jnp.float32(0.25),
+                "episode": 64,
+                "val/num_eos_tokens": jnp.array(5, jnp.int32),
+                "loss/value_avg": np.float64(np.nan),
+                "lr": np.array([1.5e-6]),
+                "flag": np.bool_(True),
+            },
+        )
+        logger.log(4, {"kl": 0.5, "inf": -math.inf}, prefix="train/")
+    with open(os.path.join(run_dir, "metrics.jsonl")) as f:
+        lines = f.read().splitlines()
+    assert json.loads(lines[0]) == {
+        "step": 3,
+        "time": 1000.5,
+        "objective/kl": 0.25,
+        "episode": 64,
+        "val/num_eos_tokens": 5,
+        "loss/value_avg": None,
+        "lr": 1.5e-6,
+        "flag": 1,
+    }
+    assert lines[1] == '{"step": 4, "time": 1000.5, "train/kl": 0.5, "train/inf": null}'
+    records = read_metrics_jsonl(os.path.join(run_dir, "metrics.jsonl"))
+    assert math.isnan(records[0]["loss/value_avg"]) and records[1]["train/kl"] == 0.5
+
+    scalars = _tensorboard_scalars(run_dir)
+    assert scalars[("objective/kl", 3)] == 0.25
+    assert scalars[("episode", 3)] == 64
+    assert scalars[("train/kl", 4)] == 0.5
+    assert math.isnan(scalars[("loss/value_avg", 3)])
+
+
+def test_log_text_and_append_on_resume(tmp_path):
+    run_dir = str(tmp_path)
+    with MetricsLogger(run_dir, tensorboard=False) as logger:
+        logger.log(1, {"a": 1.0})
+        logger.log_text("samples", "A→B→C", step=1)
+    with MetricsLogger(run_dir, tensorboard=False) as logger:
+        logger.log(2, {"a": 2.0})
+    assert [r["a"] for r in read_metrics_jsonl(tmp_path / "metrics.jsonl")] == [1.0, 2.0]
+    text = read_metrics_jsonl(tmp_path / "text.jsonl")
+    assert (text[0]["tag"], text[0]["text"], text[0]["step"]) == ("samples", "A→B→C", 1)
+    assert not glob.glob(str(tmp_path / "events.out.tfevents.*"))
+
+
+def test_disabled_logger_creates_nothing(tmp_path):
+    run_dir = tmp_path / "never"
+    logger = MetricsLogger(run_dir, enabled=False)
+    logger.log(1, {"a": 1.0})
+    logger.log_text("t", "x")
+    logger.flush()
+    logger.close()
+    assert not run_dir.exists()
+
+
+def test_bad_metrics_are_named(tmp_path):
+    with MetricsLogger(tmp_path, tensorboard=False) as logger:
+        with pytest.raises(ValueError, match=r"'policy/ratio'.*shape \(2,\)"):
+            logger.log(0, {"policy/ratio": jnp.ones(2)})
+        with pytest.raises(TypeError, match="'name'"):
+            logger.log(0, {"name": "abc"})
+        with pytest.raises(ValueError, match="reserved"):
+            logger.log(0, {"step": 1})
+
+
+def test_read_metrics_jsonl_names_bad_line(tmp_path):
+    path = tmp_path / "m.jsonl"
+    path.write_text('{"step": 1}\n{oops\n')
+    with pytest.raises(ValueError, match=r"m\.jsonl:2"):
+        read_metrics_jsonl(path)
+
+
+@pytest.fixture
+def restore_root_logging():
+    root = logging.getLogger()
+    handlers, level = list(root.handlers), root.level
+    yield
+    for handler in list(root.handlers):
+        root.removeHandler(handler)
+        handler.close()
+    for handler in handlers:
+        root.addHandler(handler)
+    root.setLevel(level)
+
+
+def test_setup_logging_writes_run_log_once_per_message(tmp_path, restore_root_logging):
+    setup_logging("INFO", run_dir=tmp_path)
+    setup_logging(logging.INFO, run_dir=tmp_path)  # a second call replaces, not duplicates, handlers
+    logging.getLogger("jaxrlhf.test").info("hello %d", 7)
+    logging.getLogger("jaxrlhf.test").debug("hidden")
+    logging.getLogger("absl").info("chatter")
+    for handler in logging.getLogger().handlers:
+        handler.flush()
+    lines = (tmp_path / "run.log").read_text().splitlines()
+    assert len(lines) == 1
+    assert lines[0].endswith(" INFO jaxrlhf.test: hello 7")
+    with pytest.raises(ValueError, match="unknown log level"):
+        setup_logging("LOUD")
+
+
+def test_format_postfix_short_names_and_rounding():
+    metrics = {"objective/kl": 0.0123456, "loss/value_avg": jnp.float32(2.5), "episode": 640}
+    assert format_postfix(metrics, ["objective/kl", "loss/value_avg", "missing", "episode"]) == {
+        "kl": "0.01235",
+        "value_avg": "2.5",
+        "episode": "640",
+    }
+    clash = {"objective/entropy": 1.0, "policy/entropy": 2.0}
+    assert format_postfix(clash, clash) == {"objective/entropy": "1", "policy/entropy": "2"}
+
+
+def test_progress_is_disabled_off_a_terminal_and_does_not_crash():
+    for enabled in (True, False):
+        bar = progress(10, desc="ppo", enabled=enabled)
+        bar.set_postfix(format_postfix({"objective/kl": 0.5}, ["objective/kl"]))
+        bar.update(3)
+        bar.close()
+        assert bar.disable  # pytest's stderr is not a TTY
