@@ -12,16 +12,9 @@ from jaxrlhf.oracle.annotators import (
     preference_probability,
     quantised_ratings,
 )
-from jaxrlhf.oracle.base import (
-    FunctionOracle,
-    Oracle,
-    OracleSpecError,
-    decode_batch,
-    get_oracle,
-    register_oracle,
-    registered_oracles,
-)
+from jaxrlhf.oracle.base import FunctionOracle, Oracle, decode_batch
 from jaxrlhf.oracle.feedback_records import AnnotatorConfig, annotate_pool, coverage_report
+from jaxrlhf.oracle.registry import OracleSpecError, get_oracle, register_oracle, registered_oracles
 from jaxrlhf.oracle.task_tokenizer import BOS_ID, EOS_ID, PAD_ID, UNK_ID, build_task_tokenizer
 from jaxrlhf.oracle.tasks import (
     DigitSortOracle,

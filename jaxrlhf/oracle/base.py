@@ -1,4 +1,4 @@
-"""Oracles: deterministic gold rewards R*(prompt, response), and a registry to find them by name.
+"""Oracles: deterministic gold rewards R*(prompt, response), in a host form and an array form.
 
 An oracle has two forms:
 
@@ -16,16 +16,12 @@ An oracle has two forms:
 from __future__ import annotations
 
 import abc
-import importlib
 from collections.abc import Callable, Sequence
 
 import jax
 import jax.numpy as jnp
 import numpy as np
-
-
-class OracleSpecError(ValueError):
-    """An oracle name or import path could not be resolved."""
+from jax.typing import ArrayLike
 
 
 class Oracle(abc.ABC):
@@ -47,10 +43,10 @@ class Oracle(abc.ABC):
     @abc.abstractmethod
     def score_tokens(
         self,
-        prompt_tokens: jax.Array,
-        prompt_mask: jax.Array,
-        response_tokens: jax.Array,
-        response_mask: jax.Array,
+        prompt_tokens: ArrayLike,
+        prompt_mask: ArrayLike,
+        response_tokens: ArrayLike,
+        response_mask: ArrayLike,
     ) -> jax.Array:
         """Gold rewards from token arrays (prompts left-padded, responses right-padded): float32 [B]."""
 
@@ -74,7 +70,7 @@ def check_text_batch(
 
 
 def check_token_batch(
-    prompt_tokens: jax.Array, prompt_mask: jax.Array, response_tokens: jax.Array, response_mask: jax.Array
+    prompt_tokens: ArrayLike, prompt_mask: ArrayLike, response_tokens: ArrayLike, response_mask: ArrayLike
 ) -> None:
     """Raise a ValueError naming the argument whose shape does not fit the array form."""
     shapes = {
@@ -102,7 +98,7 @@ def check_token_batch(
 
 
 def response_body(
-    response_tokens: jax.Array, response_mask: jax.Array, eos_id: int
+    response_tokens: ArrayLike, response_mask: ArrayLike, eos_id: int
 ) -> tuple[jax.Array, jax.Array]:
     """Length of each response before its first eos, and whether it emitted one: ([B] int32, [B] bool).
 
@@ -118,25 +114,47 @@ def response_body(
     return body_length, finished
 
 
+def token_lookup(table: np.ndarray, token_ids: ArrayLike, fill_value: int | bool) -> jax.Array:
+    """``table[token_ids]`` with ``fill_value`` for ids outside the table.
+
+    A model's vocabulary is often padded beyond the tokenizer's, so a policy can emit ids the task does
+    not know; plain indexing would clamp them onto the last real token.
+    """
+    return jnp.take(jnp.asarray(table), jnp.asarray(token_ids), mode="fill", fill_value=fill_value)
+
+
 def decode_batch(
-    tokenizer, prompt_tokens, prompt_mask, response_tokens, response_mask
+    tokenizer,
+    prompt_tokens: ArrayLike,
+    prompt_mask: ArrayLike,
+    response_tokens: ArrayLike,
+    response_mask: ArrayLike,
 ) -> tuple[list[str], list[str], list[bool]]:
     """Turn an array-form batch into the host form: ``(prompts, responses, finished)``.
 
     The prompt keeps its real tokens, special tokens dropped (a ``<bos>`` is framing, not content). The
     response keeps its real tokens before the first eos, special tokens included (a policy that writes
-    ``<pad>`` mid-response must be scored for it); ``finished`` says whether an eos was emitted.
+    ``<pad>`` mid-response must be scored for it); ``finished`` says whether an eos was emitted. Ids the
+    tokenizer does not know (a padded model vocabulary) are read as its unk token.
     """
     check_token_batch(prompt_tokens, prompt_mask, response_tokens, response_mask)
     prompt_tokens, prompt_mask = np.asarray(prompt_tokens), np.asarray(prompt_mask, bool)
     response_tokens, response_mask = np.asarray(response_tokens), np.asarray(response_mask, bool)
+    vocab_size, unk_id = len(tokenizer), tokenizer.unk_token_id
+
+    def known(ids: list[int]) -> list[int]:
+        return [
+            i if 0 <= i < vocab_size else unk_id for i in ids if unk_id is not None or 0 <= i < vocab_size
+        ]
+
     eos_id = tokenizer.eos_token_id
     prompts, responses, finished = [], [], []
     for b in range(prompt_tokens.shape[0]):
-        prompts.append(tokenizer.decode(prompt_tokens[b][prompt_mask[b]].tolist(), skip_special_tokens=True))
+        ids = known(prompt_tokens[b][prompt_mask[b]].tolist())
+        prompts.append(tokenizer.decode(ids, skip_special_tokens=True))
         real = response_tokens[b][response_mask[b]].tolist()
         stop = real.index(eos_id) if eos_id in real else None
-        responses.append(tokenizer.decode(real[:stop], skip_special_tokens=False))
+        responses.append(tokenizer.decode(known(real[:stop]), skip_special_tokens=False))
         finished.append(stop is not None)
     return prompts, responses, finished
 
@@ -192,64 +210,3 @@ class FunctionOracle(Oracle):
         if self.tokenizer is None:
             raise ValueError(f"FunctionOracle {self.name!r} needs a tokenizer to score token arrays")
         return jnp.asarray(self.score_texts(*decode_batch(self.tokenizer, *arrays)))
-
-
-_REGISTRY: dict[str, Oracle | Callable[[str, str], float]] = {}
-
-
-def register_oracle(name: str, fn: Oracle | Callable[[str, str], float], overwrite: bool = False) -> None:
-    """Register an :class:`Oracle` or a function ``fn(prompt, response) -> float`` under ``name``."""
-    if not name or ":" in name:
-        raise ValueError(f"oracle name {name!r} must be non-empty and contain no ':'")
-    if name in _REGISTRY and not overwrite:
-        raise ValueError(f"an oracle named {name!r} is already registered (pass overwrite=True)")
-    if not (isinstance(fn, Oracle) or callable(fn)):
-        raise TypeError(f"register_oracle({name!r}): expected an Oracle or a callable, got {fn!r}")
-    _REGISTRY[name] = fn
-
-
-def registered_oracles() -> list[str]:
-    """Names registered with :func:`register_oracle`."""
-    return sorted(_REGISTRY)
-
-
-def _import_object(spec: str):
-    module_name, _, attr_path = spec.partition(":")
-    if not module_name or not attr_path or ":" in attr_path:
-        raise OracleSpecError(f"oracle {spec!r}: an import path must look like 'package.module:function'")
-    try:
-        obj = importlib.import_module(module_name)
-    except ImportError as e:
-        raise OracleSpecError(f"oracle {spec!r}: cannot import module {module_name!r} ({e})") from e
-    for attr in attr_path.split("."):
-        if not hasattr(obj, attr):
-            raise OracleSpecError(f"oracle {spec!r}: {obj.__name__!r} has no attribute {attr!r}")
-        obj = getattr(obj, attr)
-    return obj
-
-
-def get_oracle(spec: str, tokenizer=None) -> Oracle:
-    """The oracle named by ``spec``: a registered name or an import path ``"package.module:attr"``.
-
-    The object found may be an :class:`Oracle`, an ``Oracle`` subclass (built with no arguments) or a
-    function ``f(prompt, response) -> float`` (wrapped in :class:`FunctionOracle` with ``tokenizer``).
-    The built-in tasks' oracles depend on the task's seed: take them from ``get_task(...).oracle``.
-    """
-    if not isinstance(spec, str):
-        raise OracleSpecError(f"oracle spec must be a string, got {spec!r}")
-    if spec in _REGISTRY:
-        obj = _REGISTRY[spec]
-    elif ":" in spec:
-        obj = _import_object(spec)
-    else:
-        raise OracleSpecError(
-            f"unknown oracle {spec!r}; registered: {registered_oracles()}; or give an import path "
-            "'package.module:function' (a built-in task's oracle is get_task(name).oracle)"
-        )
-    if isinstance(obj, Oracle):
-        return obj
-    if isinstance(obj, type) and issubclass(obj, Oracle):
-        return obj()
-    if callable(obj):
-        return FunctionOracle(obj, tokenizer=tokenizer, name=spec)
-    raise OracleSpecError(f"oracle {spec!r} resolved to {obj!r}, which is neither an Oracle nor callable")

@@ -30,7 +30,7 @@ def count_b(prompt: str, response: str) -> float:
 def hand_batch():
     prompt_tokens = np.array([[0, 1, 4], [5, 6, 4]], np.int32)  # "<bos> a" left-padded; "b c a"
     prompt_mask = np.array([[0, 1, 1], [1, 1, 1]], bool)
-    response_tokens = np.array([[5, 5, 2, 0], [5, 3, 4, 5]], np.int32)  # "b b <eos>"; "b <unk> a b" (no eos)
+    response_tokens = np.array([[5, 5, 2, 0], [5, 99, 4, 5]], np.int32)  # "b b <eos>"; "b <unk> a b" (no eos)
     response_mask = np.array([[1, 1, 1, 0], [1, 1, 1, 1]], bool)
     return prompt_tokens, prompt_mask, response_tokens, response_mask
 

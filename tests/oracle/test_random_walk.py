@@ -176,8 +176,10 @@ def test_host_and_array_forms_agree(jit, encode, random_response_arrays):
     pt, pm, _, _ = encode(
         TASK.tokenizer, prompts, [""] * batch, [False] * batch, P, N, bos_rows=range(0, batch, 3)
     )
-    token_ids = [i for i in range(len(TASK.tokenizer)) if i != EOS_ID]
+    # ids past the tokenizer's vocabulary stand for a padded model vocabulary
+    token_ids = [i for i in range(len(TASK.tokenizer)) if i != EOS_ID] + [len(TASK.tokenizer), 63]
     rt, rm = random_response_arrays(rng, batch, N, token_ids, EOS_ID)
+    pt[1, 0], pm[1, 0] = 63, True  # an unknown id before the start reads as <unk> and is skipped
     arrays = (pt, pm, rt, rm)
     np.testing.assert_array_equal(score(*arrays), ORACLE.score_texts(*decode_batch(TASK.tokenizer, *arrays)))
     # random valid walks, finished or truncated

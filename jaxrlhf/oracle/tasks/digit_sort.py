@@ -20,7 +20,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxrlhf.oracle.base import Oracle, check_text_batch, check_token_batch, response_body
+from jaxrlhf.oracle.base import Oracle, check_text_batch, check_token_batch, response_body, token_lookup
 from jaxrlhf.oracle.task_tokenizer import EOS_ID, SPECIAL_TOKENS, build_task_tokenizer
 from jaxrlhf.oracle.tasks.base import Task, as_generator, register_task
 
@@ -89,16 +89,15 @@ class DigitSortOracle(Oracle):
 
     def score_tokens(self, prompt_tokens, prompt_mask, response_tokens, response_mask) -> jax.Array:
         check_token_batch(prompt_tokens, prompt_mask, response_tokens, response_mask)
-        digit_of_token = jnp.asarray(self.digit_of_token)
         n_prompt, n_response = np.shape(prompt_tokens)[1], np.shape(response_tokens)[1]
         # TARGET: the prompt's digits sorted; 10 pads the row and matches nothing.
-        prompt_digits = digit_of_token[jnp.asarray(prompt_tokens)]
+        prompt_digits = token_lookup(self.digit_of_token, prompt_tokens, -1)
         is_digit = jnp.asarray(prompt_mask, bool) & (prompt_digits >= 0)
         k = is_digit.sum(axis=1)
         target = jnp.sort(jnp.where(is_digit, prompt_digits, 10), axis=1)  # [B, P]
         # LCS: one row of the DP table per response token, L[i] = max(L[i], L[i-1] + match, new[i-1]).
         length, finished = response_body(response_tokens, response_mask, EOS_ID)
-        answer = digit_of_token[jnp.asarray(response_tokens)]  # [B, N], −1 for non-digits
+        answer = token_lookup(self.digit_of_token, response_tokens, -1)  # [B, N], −1 for non-digits
 
         def add_token(row, inputs):
             token, active = inputs  # [B], [B]

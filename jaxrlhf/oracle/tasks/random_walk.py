@@ -13,6 +13,8 @@ L_max = ``max_path_nodes``:
   R* = −1 + ½·max(0, max over the valid prefix of progress(v)), progress(v) = 1 − dist(v)/d,
   so R* ∈ [−1, −½]: a failed walk that got closer to the goal scores higher, which gives RL a gradient
   before it finds any complete path, while any success beats any failure.
+
+(Prompts never start at the goal; if one does, the empty response is the optimum, R* = 1.)
 """
 
 from __future__ import annotations
@@ -24,7 +26,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxrlhf.oracle.base import Oracle, check_text_batch, check_token_batch, response_body
+from jaxrlhf.oracle.base import Oracle, check_text_batch, check_token_batch, response_body, token_lookup
 from jaxrlhf.oracle.task_tokenizer import EOS_ID, SPECIAL_TOKENS, build_task_tokenizer
 from jaxrlhf.oracle.tasks.base import Task, as_generator, register_task
 
@@ -102,19 +104,20 @@ class RandomWalkOracle(Oracle):
     def score_tokens(self, prompt_tokens, prompt_mask, response_tokens, response_mask) -> jax.Array:
         """Array form; a prompt without a real node token scores −1 (the host form raises instead)."""
         check_token_batch(prompt_tokens, prompt_mask, response_tokens, response_mask)
-        node_of_token = jnp.asarray(self.node_of_token)
         prompt_tokens, response_tokens = jnp.asarray(prompt_tokens), jnp.asarray(response_tokens)
         n_prompt, n_response = prompt_tokens.shape[1], response_tokens.shape[1]
         # START: the last real, non-special prompt token.
-        real = jnp.asarray(prompt_mask, bool) & ~jnp.asarray(self.special_token)[prompt_tokens]
+        real = jnp.asarray(prompt_mask, bool) & ~token_lookup(self.special_token, prompt_tokens, True)
         last = n_prompt - 1 - jnp.argmax(real[:, ::-1], axis=1)
-        start = node_of_token[jnp.take_along_axis(prompt_tokens, last[:, None], axis=1)[:, 0]]
+        start = token_lookup(
+            self.node_of_token, jnp.take_along_axis(prompt_tokens, last[:, None], axis=1)[:, 0], -1
+        )
         start = jnp.where(real.any(axis=1), start, -1)
         safe_start = jnp.maximum(start, 0)
         # WALK: steps along edges until the first invalid one.
         length, finished = response_body(response_tokens, response_mask, EOS_ID)
         in_body = jnp.arange(n_response)[None, :] < length[:, None]  # [B, N]
-        node = node_of_token[response_tokens]  # [B, N], −1 for non-nodes
+        node = token_lookup(self.node_of_token, response_tokens, -1)  # [B, N], −1 for non-nodes
         prev = jnp.concatenate([start[:, None], node[:, :-1]], axis=1)
         edge = jnp.asarray(self.adjacency)[jnp.maximum(prev, 0), jnp.maximum(node, 0)]
         bad = in_body & ~((node >= 0) & (prev >= 0) & edge)

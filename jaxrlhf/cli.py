@@ -1,0 +1,113 @@
+"""The ``jaxrlhf`` command line: ``jaxrlhf <command> --config configs/<x>.yaml --set key=value …``.
+
+A command is a config class plus a function that runs it (given as ``"module:name"`` strings, imported
+only when the command runs, so ``--help`` is instant). Adding one is one function and one line in
+:data:`COMMANDS`. Expected failures (bad config, bad data, bad checkpoint, too many non-finite steps) print
+one line to stderr and exit 1; ``--debug`` shows the traceback instead.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+from collections.abc import Sequence
+from typing import Any, NamedTuple
+
+
+class Command(NamedTuple):
+    config: str  # "module:ConfigClass"
+    run: str  # "module:function", called with the loaded config; may return an object with run_dir
+    help: str
+
+
+COMMANDS: dict[str, Command] = {
+    "sft": Command("jaxrlhf.train.sft:SFTRunConfig", "jaxrlhf.train.sft:train_sft",
+                   "supervised fine-tuning on prompt/completion pairs"),
+    "reward": Command("jaxrlhf.train.reward:RewardRunConfig", "jaxrlhf.train.reward:train_reward_model",
+                      "train a reward model on preferences, rankings or ratings"),
+    "ppo": Command("jaxrlhf.train.rl:PPORunConfig", "jaxrlhf.train.rl:train_ppo",
+                   "PPO fine-tuning against a reward model or reward function"),
+    "a2c": Command("jaxrlhf.train.rl:A2CRunConfig", "jaxrlhf.train.rl:train_a2c",
+                   "A2C fine-tuning against a reward model or reward function"),
+}
+
+EXIT_OK, EXIT_ERROR, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
+
+
+def _resolve(spec: str) -> Any:
+    module, name = spec.split(":")
+    return getattr(importlib.import_module(module), name)
+
+
+def _expected_errors() -> tuple[type[BaseException], ...]:
+    """The failures a user can fix (reported in one line); anything else is a bug and shows a traceback."""
+    from jaxrlhf.config import ConfigError
+    from jaxrlhf.data import DataError
+    from jaxrlhf.models.config import UnsupportedModelError
+    from jaxrlhf.models.hf_io import CheckpointFormatError
+    from jaxrlhf.train.checkpoint import CheckpointMismatchError, NonFiniteCheckpointError
+    from jaxrlhf.train.nonfinite import NonFiniteError
+
+    return (ConfigError, DataError, CheckpointFormatError, UnsupportedModelError, FileNotFoundError,
+            NotADirectoryError, PermissionError, NonFiniteError, NonFiniteCheckpointError,
+            CheckpointMismatchError)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="jaxrlhf",
+        description="RLHF in JAX: supervised fine-tuning, reward models, PPO and A2C.",
+        epilog="Example: jaxrlhf ppo --config configs/ppo.yaml --set optimizer.learning_rate=3e-6",
+    )
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    for name, command in COMMANDS.items():
+        p = sub.add_parser(name, help=command.help, description=command.help)
+        p.add_argument("--config", metavar="YAML", help="config file (see configs/); defaults when omitted")
+        p.add_argument("--set", dest="overrides", metavar="KEY=VALUE", action="append", default=[],
+                       help="override a config value, e.g. --set train.steps=100 (repeatable; values are "
+                            "YAML: 3, 1e-5, true, [1,2], null)")
+        p.add_argument("--debug", action="store_true", help="show the full traceback on an error")
+    return parser
+
+
+def load_command_config(name: str, path: str | None, overrides: Sequence[str]) -> Any:
+    """The command's config from ``path`` and ``overrides``; every invalid value is a ``ConfigError``."""
+    from jaxrlhf.config import ConfigError, load_config
+
+    try:
+        return load_config(_resolve(COMMANDS[name].config), path, overrides)
+    except ConfigError:
+        raise
+    except (ValueError, TypeError) as e:  # a section's own validation (__post_init__)
+        raise ConfigError(f"{path or 'defaults'}: {e}") from None
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run a command; returns the process exit code (0 on success)."""
+    args = build_parser().parse_args(argv)
+    expected = _expected_errors()
+    try:
+        config = load_command_config(args.command, args.config, args.overrides)
+        result = _resolve(COMMANDS[args.command].run)(config)
+    except KeyboardInterrupt:
+        print("jaxrlhf: interrupted", file=sys.stderr)
+        return EXIT_INTERRUPTED
+    except Exception as e:
+        if args.debug or not isinstance(e, expected):
+            raise
+        print(f"jaxrlhf {args.command}: error: {_one_line(e)}", file=sys.stderr)
+        return EXIT_ERROR
+    run_dir = getattr(result, "run_dir", None)
+    if run_dir is not None:
+        print(f"run directory: {run_dir}")
+    return EXIT_OK
+
+
+def _one_line(e: BaseException) -> str:
+    text = " ".join(str(e).split()) or type(e).__name__
+    return text if isinstance(e, ValueError | RuntimeError) else f"{type(e).__name__}: {text}"
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,191 @@
+"""Reward-model training from pairwise, ranked or rated feedback, its evaluation, and a jittable scorer.
+
+The reward is the reward head read at each sequence's last non-pad token. Batches (``jaxrlhf.data``):
+- pairwise: ``chosen_tokens, chosen_mask, rejected_tokens, rejected_mask`` [B, L]; both sides go through one
+  forward pass of [2B, L];
+- ranking: ``tokens, mask`` [B, k, L] (best first) and ``item_mask`` [B, k]; one forward pass of [B·k, L];
+- rating: ``tokens, mask`` [B, L] and ``ratings`` [B].
+All may carry ``row_mask`` [B] (0 on padded rows, which then weigh nothing in the loss and metrics).
+Params: ``{"lm": lm_params, "reward_head": head}``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+from typing import Any, Literal
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from jaxrlhf.models.transformer import LanguageModel
+from jaxrlhf.rl.masked import masked_mean, masked_var
+from jaxrlhf.rl.preference import bradley_terry_loss, plackett_luce_loss, rating_regression_loss
+from jaxrlhf.rollout.scoring import sequence_scores
+from jaxrlhf.steps.accumulate import accumulate_gradients, merge_microbatches, split_microbatches
+from jaxrlhf.steps.guard import apply_gradients_if_finite
+from jaxrlhf.steps.optim import current_learning_rate
+from jaxrlhf.steps.state import TrainState, lm_params
+
+Batch = dict[str, jax.Array]
+Metrics = dict[str, jax.Array]
+REWARD_MODEL_LOSSES = ("pairwise", "ranking", "rating")
+_KEYS = {
+    "pairwise": ("chosen_tokens", "chosen_mask", "rejected_tokens", "rejected_mask"),
+    "ranking": ("tokens", "mask", "item_mask"),
+    "rating": ("tokens", "mask", "ratings"),
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class RewardModelConfig:
+    """loss: the feedback kind. margin / center_coef: Bradley–Terry margin and centring coefficient
+    (pairwise only). grad_accum_steps: micro-batches per update."""
+
+    loss: Literal["pairwise", "ranking", "rating"] = "pairwise"
+    margin: float = 0.0
+    center_coef: float = 0.0
+    grad_accum_steps: int = 1
+
+    def __post_init__(self) -> None:
+        if self.loss not in REWARD_MODEL_LOSSES:
+            raise ValueError(
+                f"RewardModelConfig.loss: expected one of {REWARD_MODEL_LOSSES}, got {self.loss!r}"
+            )
+        if self.grad_accum_steps < 1:
+            raise ValueError(f"RewardModelConfig.grad_accum_steps must be >= 1, got {self.grad_accum_steps}")
+
+
+def _check_batch(batch: Batch, loss: str) -> None:
+    missing = [k for k in _KEYS[loss] if k not in batch]
+    if missing:
+        raise KeyError(f"reward model ({loss} loss): batch has no {missing[0]!r}; keys are {sorted(batch)}")
+
+
+def _row_weights(batch: Batch, like: jax.Array) -> jax.Array:
+    if "row_mask" not in batch:
+        return jnp.ones(like.shape[:1], jnp.float32)
+    return batch["row_mask"].astype(jnp.float32)
+
+
+def _ordered_pairs(rewards: jax.Array, better: jax.Array, pair_weights: jax.Array) -> Metrics:
+    """Accuracy and margin over weighted pairs (i, j) where i should score higher: rewards [B, k],
+    better / pair_weights [B, k, k]."""
+    weights = pair_weights * better
+    diff = rewards[:, :, None] - rewards[:, None, :]
+    return {"accuracy": masked_mean(diff > 0, weights), "margin": masked_mean(diff, weights)}
+
+
+def _reward_stats(rewards: jax.Array, weights: jax.Array) -> Metrics:
+    rewards = jax.lax.stop_gradient(rewards)
+    return {
+        "reward_mean": masked_mean(rewards, weights),
+        "reward_std": jnp.sqrt(masked_var(rewards, weights, unbiased=False)),
+    }
+
+
+def reward_model_loss(
+    model: LanguageModel, cfg: RewardModelConfig, params: Any, batch: Batch
+) -> tuple[jax.Array, tuple[jax.Array, Metrics]]:
+    """(loss, (total row weight, metrics)) of one batch for ``cfg.loss``.
+
+    pairwise: −log σ(r_c − r_r − margin) + center_coef·(r_c + r_r)²; ranking: Plackett–Luce NLL over the
+    valid items; rating: (r − rating)². Means weighted by row_mask. Metrics: accuracy and margin over the
+    ordered pairs (chosen/rejected; items i above j; rows with rating_i > rating_j), reward_mean,
+    reward_std (over every scored sequence), and "mae" for ratings.
+    """
+    _check_batch(batch, cfg.loss)
+    lm, head = lm_params(params), params["reward_head"]
+    if cfg.loss == "pairwise":
+        b = batch["chosen_tokens"].shape[0]
+        tokens = jnp.concatenate([batch["chosen_tokens"], batch["rejected_tokens"]], axis=0)
+        mask = jnp.concatenate([batch["chosen_mask"], batch["rejected_mask"]], axis=0)
+        rewards = sequence_scores(model, lm, head, tokens, mask)  # [2B]
+        chosen, rejected = rewards[:b], rewards[b:]
+        w = _row_weights(batch, chosen)
+        loss, m = bradley_terry_loss(chosen, rejected, cfg.margin, cfg.center_coef, w)
+        metrics = {"accuracy": m["accuracy"], "margin": m["margin"]}
+        metrics |= _reward_stats(rewards, jnp.concatenate([w, w]))
+    elif cfg.loss == "ranking":
+        b, k, length = batch["tokens"].shape
+        flat = lambda x: x.reshape(b * k, length)
+        rewards = sequence_scores(model, lm, head, flat(batch["tokens"]), flat(batch["mask"])).reshape(b, k)
+        items = batch["item_mask"].astype(jnp.float32)
+        # A ranking needs two items; a row with fewer carries no information and weighs nothing.
+        w = _row_weights(batch, rewards) * (jnp.sum(items, axis=1) >= 2)
+        loss, _ = plackett_luce_loss(rewards, items, w)
+        above = jnp.arange(k)[:, None] < jnp.arange(k)[None, :]
+        pairs = items[:, :, None] * items[:, None, :] * w[:, None, None]
+        metrics = _ordered_pairs(jax.lax.stop_gradient(rewards), jnp.broadcast_to(above, pairs.shape), pairs)
+        metrics |= _reward_stats(rewards, items * w[:, None])
+    else:
+        rewards = sequence_scores(model, lm, head, batch["tokens"], batch["mask"])
+        ratings = batch["ratings"].astype(jnp.float32)
+        w = _row_weights(batch, rewards)
+        loss, m = rating_regression_loss(rewards, ratings, w)
+        better = ratings[:, None] > ratings[None, :]
+        pairs = w[:, None] * w[None, :]
+        metrics = _ordered_pairs(jax.lax.stop_gradient(rewards)[None], better[None], pairs[None])
+        metrics |= _reward_stats(rewards, w) | {"mae": m["mae"]}
+    return loss, (jnp.sum(w), metrics)
+
+
+def make_reward_model_step(
+    model: LanguageModel, optimizer: optax.GradientTransformation, cfg: RewardModelConfig
+) -> Callable[[TrainState, Batch, jax.Array], tuple[TrainState, Metrics]]:
+    """``step(state, batch, key) -> (state, metrics)``: one guarded update on :func:`reward_model_loss`.
+
+    Metrics: loss, accuracy, margin, reward_mean, reward_std (mae for ratings), grad_norm, nonfinite, lr.
+    """
+    loss_fn = lambda params, batch: reward_model_loss(model, cfg, params, batch)
+
+    def step(state: TrainState, batch: Batch, key: jax.Array) -> tuple[TrainState, Metrics]:
+        del key
+        loss, grads, metrics = accumulate_gradients(loss_fn, state.params, batch, cfg.grad_accum_steps)
+        state, ok = apply_gradients_if_finite(state, optimizer, grads, loss)
+        metrics = {
+            "loss": loss,
+            **metrics,
+            "grad_norm": optax.global_norm(grads),
+            "nonfinite": 1.0 - ok.astype(jnp.float32),
+            "lr": current_learning_rate(state.opt_state),
+        }
+        return state, jax.tree.map(lambda x: jnp.asarray(x, jnp.float32), metrics)
+
+    return step
+
+
+def make_reward_model_eval(model: LanguageModel, cfg: RewardModelConfig) -> Callable[[Any, Batch], Metrics]:
+    """``eval(params, batch) -> metrics`` (loss, accuracy, margin, reward_mean, reward_std): no update."""
+
+    def evaluate(params: Any, batch: Batch) -> Metrics:
+        loss, (_, metrics) = reward_model_loss(model, cfg, params, batch)
+        return jax.tree.map(lambda x: jnp.asarray(x, jnp.float32), {"loss": loss, **metrics})
+
+    return evaluate
+
+
+def make_reward_scorer(
+    model: LanguageModel, micro_batch_size: int | None = None
+) -> Callable[[Any, jax.Array, jax.Array], jax.Array]:
+    """``score(params, tokens, mask) -> [B]``: the reward of each sequence (jittable).
+
+    With ``micro_batch_size`` the batch is scored in ``B / micro_batch_size`` sequential chunks
+    (``lax.map``), bounding activation memory; B must then be a multiple of it.
+    """
+
+    def score_all(params: Any, tokens: jax.Array, mask: jax.Array) -> jax.Array:
+        return sequence_scores(model, lm_params(params), params["reward_head"], tokens, mask)
+
+    def score(params: Any, tokens: jax.Array, mask: jax.Array) -> jax.Array:
+        b = tokens.shape[0]
+        if micro_batch_size is None or micro_batch_size >= b:
+            return score_all(params, tokens, mask)
+        if b % micro_batch_size:
+            raise ValueError(f"reward scorer: batch size {b} is not a multiple of micro_batch_size "
+                             f"{micro_batch_size}")
+        chunks = split_microbatches((tokens, mask), b // micro_batch_size)
+        return merge_microbatches(jax.lax.map(lambda c: score_all(params, *c), chunks))
+
+    return score

@@ -1,0 +1,169 @@
+"""Models and tokenizers for the trainers: load a Hugging Face directory or build one from scratch, and export.
+
+Exports are Hugging Face directories written by :func:`jaxrlhf.models.hf_io.save` (atomic: a failed export
+leaves the previous one intact). Heads go to ``jaxrlhf_heads.safetensors`` beside the LM; a reward model's
+normalisation (``r' = gain·r + bias``) goes to ``reward_normalization.json``.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+
+from jaxrlhf.config import ConfigError
+from jaxrlhf.data import make_char_tokenizer
+from jaxrlhf.models import hf_io
+from jaxrlhf.models.config import ModelConfig, gpt2_config, llama_config
+from jaxrlhf.models.transformer import LanguageModel, Params
+from jaxrlhf.rl import RewardNormalization
+from jaxrlhf.train.checkpoint import NonFiniteCheckpointError, first_nonfinite_leaf
+from jaxrlhf.train.run_config import ArchitectureConfig, ModelSection
+from jaxrlhf.train.timing import transformer_flops_per_token
+
+log = logging.getLogger(__name__)
+
+NORMALIZATION_FILE = "reward_normalization.json"
+CHAR_TOKENIZER_PREFIX = "char:"
+
+
+class LoadedModel(NamedTuple):
+    """A language model, its float32 params, its tokenizer and any heads saved beside it."""
+
+    model: LanguageModel
+    params: Params
+    tokenizer: Any
+    heads: dict[str, Any]
+
+
+def load_tokenizer(spec: str) -> Any:
+    """A tokenizer from a local directory, or a character-level one from ``"char:<alphabet>"``."""
+    if spec.startswith(CHAR_TOKENIZER_PREFIX):
+        return make_char_tokenizer(spec[len(CHAR_TOKENIZER_PREFIX) :])
+    if not Path(spec).is_dir():
+        raise FileNotFoundError(f"{spec}: tokenizer directory not found")
+    tokenizer = hf_io.load_tokenizer(spec)
+    if tokenizer is None:
+        raise FileNotFoundError(f"{spec}: no tokenizer files (tokenizer.json / tokenizer_config.json)")
+    return tokenizer
+
+
+def architecture_config(arch: ArchitectureConfig, tokenizer: Any, dtype: str) -> ModelConfig:
+    """The :class:`ModelConfig` of a from-scratch model whose vocabulary is the tokenizer's."""
+    shape = dict(
+        vocab_size=len(tokenizer),
+        hidden_size=arch.hidden_size,
+        num_layers=arch.num_layers,
+        num_heads=arch.num_heads,
+        num_kv_heads=arch.num_kv_heads or arch.num_heads,
+        intermediate_size=arch.intermediate_size or 4 * arch.hidden_size,
+        max_position_embeddings=arch.max_position_embeddings,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+        dtype=dtype,
+    )
+    if arch.hidden_size % arch.num_heads:
+        raise ConfigError(
+            f"model.architecture: hidden_size {arch.hidden_size} is not a multiple of num_heads {arch.num_heads}"
+        )
+    try:
+        return (gpt2_config if arch.family == "gpt2" else llama_config)(**shape)
+    except ValueError as e:
+        raise ConfigError(f"model.architecture: {e}") from None
+
+
+def load_model(section: ModelSection, key: jax.Array, what: str = "model") -> LoadedModel:
+    """Load ``section.path`` or initialise ``section.architecture`` from ``key`` (deterministic per key)."""
+    if section.path is not None:
+        model, params, tokenizer = hf_io.load(section.path, dtype=section.dtype)
+        heads = hf_io.load_heads(section.path)
+        if section.tokenizer:
+            tokenizer = load_tokenizer(section.tokenizer)
+        if tokenizer is None:
+            raise ConfigError(f"{what}.tokenizer: {section.path} holds no tokenizer; set {what}.tokenizer")
+    else:
+        assert section.architecture is not None and section.tokenizer  # checked by check_model
+        tokenizer = load_tokenizer(section.tokenizer)
+        model = LanguageModel(architecture_config(section.architecture, tokenizer, section.dtype))
+        params, heads = model.init(key), {}
+    if len(tokenizer) > model.config.vocab_size:
+        raise ConfigError(
+            f"{what}: the tokenizer has {len(tokenizer)} tokens but the model's vocab_size is "
+            f"{model.config.vocab_size}"
+        )
+    params = jax.tree.map(jnp.asarray, params)
+    log.info("%s: %s, %.3fM parameters", what, _describe(section), model.config.num_params() / 1e6)
+    return LoadedModel(model, params, tokenizer, heads)
+
+
+def _describe(section: ModelSection) -> str:
+    if section.path is not None:
+        return f"loaded from {section.path}"
+    assert section.architecture is not None
+    return f"{section.architecture.family} from scratch"
+
+
+def matmul_params(config: ModelConfig, lm_head: bool = True) -> int:
+    """Parameters used in matmuls per token (all but the embedding lookups; the LM head once), for FLOPs."""
+    return config.num_params(include_embeddings=False) + lm_head * config.vocab_size * config.hidden_size
+
+
+def flops_per_token(config: ModelConfig, training: bool, lm_head: bool = True) -> Callable[[int], float]:
+    """``seq_len -> model FLOPs per token`` (6·N + 12·L·d·T training, 2·N + 4·L·d·T forward); a reward
+    model or critic computes no LM head (``lm_head=False``)."""
+    n = matmul_params(config, lm_head)
+    return lambda seq_len: transformer_flops_per_token(
+        n, config.num_layers, config.hidden_size, seq_len, training
+    )
+
+
+def read_normalization(path: str | os.PathLike) -> RewardNormalization | None:
+    """The (gain, bias) saved beside a reward model, or ``None`` when the directory has none."""
+    f = Path(path) / NORMALIZATION_FILE
+    if not f.is_file():
+        return None
+    try:
+        data = json.loads(f.read_text())
+        return RewardNormalization(jnp.float32(data["gain"]), jnp.float32(data["bias"]))
+    except (json.JSONDecodeError, KeyError, TypeError, ValueError) as e:
+        raise hf_io.CheckpointFormatError(f"{f}: expected {{'gain': number, 'bias': number}} ({e})") from None
+
+
+def load_reward_model(path: str, dtype: str = "float32") -> tuple[LoadedModel, RewardNormalization | None]:
+    """A reward model directory: backbone + ``reward_head`` (params ``{"lm", "reward_head"}``) and its
+    normalisation."""
+    loaded = load_model(ModelSection(path=path, dtype=dtype), jax.random.key(0), what="reward.model_path")
+    if "reward_head" not in loaded.heads:
+        raise hf_io.CheckpointFormatError(
+            f"{path}: no reward_head in {hf_io.HEADS_FILE} (is this a reward model export?)"
+        )
+    params = {"lm": loaded.params, "reward_head": jax.tree.map(jnp.asarray, loaded.heads["reward_head"])}
+    return loaded._replace(params=params), read_normalization(path)
+
+
+def export_model(
+    path: str | os.PathLike,
+    model: LanguageModel,
+    lm_params: Params,
+    tokenizer: Any,
+    heads: dict[str, Any] | None = None,
+    normalization: RewardNormalization | None = None,
+) -> Path:
+    """Write a Hugging Face directory (LM, heads, tokenizer, reward normalisation) atomically."""
+    bad = first_nonfinite_leaf({"lm": lm_params, "heads": heads or {}})
+    if bad is not None:
+        raise NonFiniteCheckpointError(f"refusing to export to {path}: parameter {bad} is not finite")
+    extra = None
+    if normalization is not None:
+        gain, bias = float(normalization.gain), float(normalization.bias)
+        extra = {NORMALIZATION_FILE: json.dumps({"gain": gain, "bias": bias}, indent=2) + "\n"}
+    out = hf_io.save(path, model, lm_params, tokenizer=tokenizer, heads=heads or None, extra_files=extra)
+    log.info("exported %s", out)
+    return out

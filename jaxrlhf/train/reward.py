@@ -1,0 +1,157 @@
+"""``jaxrlhf reward``: train a reward model (backbone + scalar head) on preferences, rankings or ratings.
+
+After training, a normalisation ``r' = gain·r + bias`` is fitted so that the rewards of a reference sample
+(every response of the eval file, else of the train file) have mean 0 and std 1; it is exported with the
+model (``reward_normalization.json``) and applied by the RL trainers. Held-out accuracy is logged as
+``eval/accuracy``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+from collections.abc import Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jaxrlhf.data import Kind, SequenceExample
+from jaxrlhf.models.heads import init_reward_head
+from jaxrlhf.rl import RewardNormalization, fit_reward_normalization
+from jaxrlhf.steps import OptimizerConfig, create_train_state, make_optimizer
+from jaxrlhf.steps.reward_model import (
+    RewardModelConfig,
+    make_reward_model_eval,
+    make_reward_model_step,
+    make_reward_scorer,
+)
+from jaxrlhf.train.common import Run, RunResult, compile_step, to_host, total_steps
+from jaxrlhf.train.data_setup import (
+    eval_batches,
+    load_dataset,
+    make_collate,
+    ranking_items,
+    train_iterator,
+)
+from jaxrlhf.train.loop import supervised_loop
+from jaxrlhf.train.model_setup import export_model, flops_per_token, load_model
+from jaxrlhf.train.run_config import (
+    CheckpointSection,
+    DataSection,
+    LoggingSection,
+    ModelSection,
+    ParallelSection,
+    TrainSection,
+    check_common,
+)
+
+log = logging.getLogger("jaxrlhf")
+
+DATA_KIND: dict[str, Kind] = {"pairwise": "preference", "ranking": "ranking", "rating": "rating"}
+EVAL_KEYS = ("loss", "accuracy", "margin", "mae")
+
+
+@dataclasses.dataclass(frozen=True)
+class RewardRunConfig:
+    """``jaxrlhf reward`` (see configs/reward.yaml); ``reward_model.loss`` picks the data format."""
+
+    model: ModelSection = dataclasses.field(default_factory=ModelSection)
+    data: DataSection = dataclasses.field(default_factory=DataSection)
+    optimizer: OptimizerConfig = dataclasses.field(default_factory=OptimizerConfig)
+    reward_model: RewardModelConfig = dataclasses.field(default_factory=RewardModelConfig)
+    checkpoint: CheckpointSection = dataclasses.field(default_factory=CheckpointSection)
+    logging: LoggingSection = dataclasses.field(default_factory=lambda: LoggingSection(run_dir="runs/reward"))
+    train: TrainSection = dataclasses.field(default_factory=TrainSection)
+    parallel: ParallelSection = dataclasses.field(default_factory=ParallelSection)
+
+
+def evaluate_reward_model(evaluate: Any, params: Any, batches: Any) -> dict[str, float]:
+    """Row-weighted means of the eval metrics over all batches, as ``eval/*``."""
+    sums: dict[str, float] = {}
+    rows = 0.0
+    for batch in batches:
+        n = float(np.sum(batch["row_mask"]))
+        m = to_host(evaluate(params, batch))
+        for k in EVAL_KEYS:
+            if k in m:
+                sums[k] = sums.get(k, 0.0) + m[k] * n
+        rows += n
+    return {f"eval/{k}": v / max(rows, 1.0) for k, v in sums.items()}
+
+
+def reference_responses(examples: Sequence[Any]) -> list[SequenceExample]:
+    """Every (prompt, response) of preference / ranking / rating examples, for fitting the normalisation."""
+    out = []
+    for e in examples:
+        responses = (e.chosen, e.rejected) if hasattr(e, "chosen") else getattr(e, "responses", None)
+        for r in responses if responses is not None else (e.response,):
+            out.append(SequenceExample(e.prompt, r, e.source))
+    return out
+
+
+def fit_normalization(score: Any, params: Any, sample: Sequence[SequenceExample], batch_size: int,
+                      collate: Any) -> tuple[RewardNormalization, dict[str, float]]:
+    """(gain, bias) making the sample's rewards mean 0 / std 1, and the raw rewards' mean and std."""
+    rewards = []
+    for batch in eval_batches(sample, batch_size, collate):
+        scores = np.asarray(score(params, batch["tokens"], batch["mask"]))
+        rewards.append(scores[np.asarray(batch["row_mask"]) > 0])
+    raw = np.concatenate(rewards)
+    norm = fit_reward_normalization(jnp.asarray(raw))
+    stats = {"val/reward_mean_raw": float(raw.mean()), "val/reward_std_raw": float(raw.std()),
+             "val/normalization_gain": float(norm.gain), "val/normalization_bias": float(norm.bias)}
+    return norm, stats
+
+
+def train_reward_model(cfg: RewardRunConfig) -> RunResult:
+    """Run reward-model training, fit the normalisation, export; returns where the run and export are."""
+    check_common(cfg.model, cfg.data, cfg.checkpoint, cfg.logging, cfg.train)
+    kind = DATA_KIND[cfg.reward_model.loss]
+    with Run("reward", cfg, cfg.checkpoint, cfg.logging, cfg.train, cfg.model.dtype) as run:
+        init_key, head_key, rng = jax.random.split(jax.random.key(cfg.train.seed), 3)
+        model, lm, tokenizer, heads = load_model(cfg.model, init_key)
+        head = heads.get("reward_head") or init_reward_head(head_key, model.config.hidden_size)
+        params = {"lm": lm, "reward_head": jax.tree.map(jnp.asarray, head)}
+
+        train_set = load_dataset(cfg.data.train_file, kind, tokenizer, cfg.data)
+        items = ranking_items(train_set, cfg.data) if kind == "ranking" else None
+        collate = make_collate(kind, cfg.data, tokenizer, items)
+        batches = train_iterator(train_set, cfg.data.batch_size, cfg.train.seed, collate, cfg.data.shuffle,
+                                 cfg.data.train_file)
+        eval_set = load_dataset(cfg.data.eval_file, kind, tokenizer, cfg.data) if cfg.data.eval_file else None
+        eval_size = cfg.data.eval_batch_size or cfg.data.batch_size
+        eval_fn = None
+        if eval_set is not None:
+            evaluate = compile_step(make_reward_model_eval(model, cfg.reward_model), donate=False)
+            eval_fn = lambda state: evaluate_reward_model(
+                evaluate, state.params, eval_batches(eval_set, eval_size, collate)
+            )
+        else:
+            log.warning("no data.eval_file: held-out accuracy is not measured")
+
+        total = total_steps(cfg.train, batches.batches_per_epoch)
+        optimizer = make_optimizer(cfg.optimizer, total)
+        step_fn = compile_step(make_reward_model_step(model, optimizer, cfg.reward_model))
+        state, result = supervised_loop(
+            run, create_train_state(params, optimizer), rng, step_fn, batches, total, loss_name="reward",
+            flops_per_token=flops_per_token(model.config, training=True, lm_head=False),
+            eval_fn=eval_fn, eval_every=cfg.train.eval_every, stop_at_step=cfg.train.stop_at_step,
+            postfix=("loss/reward", "train/accuracy", "lr"),
+        )
+        if result.stopped_early:
+            return result
+
+        # NORMALISE: rewards of the reference sample to mean 0, std 1.
+        sample = reference_responses(eval_set if eval_set is not None else train_set)
+        score = compile_step(make_reward_scorer(model), donate=False)
+        norm, stats = fit_normalization(score, state.params, sample, eval_size,
+                                        make_collate("sft", cfg.data, tokenizer))
+        run.log_eval(result.step, stats)
+        result.metrics.update(stats)
+        export = export_model(os.path.join(run.run_dir, "export"), model, state.params["lm"], tokenizer,
+                              heads={"reward_head": state.params["reward_head"]}, normalization=norm)
+        result.export_dir = str(export)
+        return result

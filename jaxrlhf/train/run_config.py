@@ -1,0 +1,180 @@
+"""Config sections shared by the trainers (frozen dataclasses for :func:`jaxrlhf.config.load_config`).
+
+Each command's top-level config (``SFTRunConfig``, ``RewardRunConfig``, ``PPORunConfig``, ``A2CRunConfig``)
+composes these sections with the steps layer's optimiser and algorithm configs. Cross-field rules that a
+type hint cannot say (exactly one of two keys, a key required by another) are checked by :func:`check`
+functions that raise :class:`~jaxrlhf.config.ConfigError` naming the key.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Literal
+
+from jaxrlhf.config import ConfigError
+
+
+@dataclasses.dataclass(frozen=True)
+class ArchitectureConfig:
+    """Shape of a model trained from scratch; the vocabulary size and special ids come from the tokenizer."""
+
+    family: Literal["gpt2", "llama"] = "gpt2"
+    hidden_size: int = 64
+    num_layers: int = 2
+    num_heads: int = 4
+    num_kv_heads: int | None = None  # default: num_heads (no grouping)
+    intermediate_size: int | None = None  # default: 4 · hidden_size
+    max_position_embeddings: int = 256
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelSection:
+    """Either ``path`` (a local Hugging Face directory) or ``architecture`` + ``tokenizer`` (from scratch).
+
+    ``tokenizer`` is a directory holding a Hugging Face tokenizer, or ``char:<alphabet>`` for a
+    character-level toy tokenizer; with ``path`` it overrides the directory's own tokenizer.
+    """
+
+    path: str | None = None
+    architecture: ArchitectureConfig | None = None
+    tokenizer: str | None = None
+    dtype: Literal["float32", "bfloat16"] = "float32"
+
+
+@dataclasses.dataclass(frozen=True)
+class DataSection:
+    """JSONL files, batch sizes and lengths. Responses may hold ``max_response_length`` tokens (eos included)."""
+
+    train_file: str = ""
+    eval_file: str | None = None
+    batch_size: int = 8
+    eval_batch_size: int | None = None  # default: batch_size
+    max_prompt_length: int = 64
+    max_response_length: int = 64
+    add_bos: bool = False
+    truncate_prompts: Literal["error", "left"] = "error"
+    shuffle: bool = True
+    # Length buckets (each batch is padded to the smallest that fits); empty: powers of two from
+    # `smallest_bucket` up to the maximum.
+    prompt_buckets: tuple[int, ...] = ()
+    response_buckets: tuple[int, ...] = ()
+    smallest_bucket: int = 16
+    ranking_items: int | None = None  # ranking data: items per row (default: the longest ranking)
+
+
+@dataclasses.dataclass(frozen=True)
+class GenerationSection:
+    """Sampling of RL rollouts; the temperature is the algorithm's ``temperature`` (one value for both)."""
+
+    max_new_tokens: int = 32
+    min_new_tokens: int = 0
+    top_k: int = 0
+    top_p: float = 1.0
+    stop_token_ids: tuple[int, ...] | None = None  # default: the tokenizer's eos
+
+
+@dataclasses.dataclass(frozen=True)
+class RewardSection:
+    """The RL reward: a trained reward model directory, or a registered / dotted-path reward function."""
+
+    model_path: str | None = None
+    function: str | None = None
+    normalize: bool = True  # apply the reward model's saved (gain, bias)
+
+
+@dataclasses.dataclass(frozen=True)
+class ReferenceSection:
+    """The KL reference policy: a Hugging Face directory; default: the policy's initial weights."""
+
+    path: str | None = None
+
+
+@dataclasses.dataclass(frozen=True)
+class CriticSection:
+    """Initial weights of a separate critic (``critic: separate``): a Hugging Face directory (e.g. a reward
+    model, whose reward head then initialises the value head); default: the policy's initial weights."""
+
+    path: str | None = None
+
+
+@dataclasses.dataclass(frozen=True)
+class CheckpointSection:
+    """Orbax checkpoints every ``every`` steps, the last ``keep`` kept; ``resume`` continues the latest."""
+
+    dir: str | None = None  # default: <run_dir>/checkpoints
+    every: int = 100
+    keep: int = 3
+    resume: bool = True
+    async_save: bool = True
+
+
+@dataclasses.dataclass(frozen=True)
+class LoggingSection:
+    """Where and how often metrics go; ``mfu_matmul_size`` sizes the peak-FLOP/s probe (0: no MFU)."""
+
+    run_dir: str = "runs/run"
+    tensorboard: bool = True
+    log_every: int = 10
+    progress_bar: bool = True
+    level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
+    mfu_matmul_size: int = 2048
+    sample_every: int = 0  # RL: log a decoded sample generation every N steps (0: never)
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainSection:
+    """Length of training (``steps``, else ``epochs`` over the train file), seed, eval and stop rules."""
+
+    steps: int | None = None
+    epochs: int | None = None
+    seed: int = 0
+    max_consecutive_nonfinite: int = 3
+    eval_every: int = 0  # 0: evaluate once at the end
+    # End this invocation after this step (checkpointed, no export), e.g. to fit a job's time limit;
+    # running the same config again resumes.
+    stop_at_step: int | None = None
+
+
+@dataclasses.dataclass(frozen=True)
+class ParallelSection:
+    """Device mesh axes (placeholder until ``jaxrlhf.parallel`` lands): -1 = all remaining devices."""
+
+    data: int = -1
+    fsdp: int = 1
+
+
+def _positive(key: str, value: int | None) -> None:
+    if value is not None and value < 1:
+        raise ConfigError(f"{key}: must be >= 1, got {value}")
+
+
+def check_model(model: ModelSection, key: str = "model") -> None:
+    """Exactly one of ``path`` / ``architecture``; from scratch needs ``tokenizer``."""
+    if (model.path is None) == (model.architecture is None):
+        raise ConfigError(f"{key}: give exactly one of {key}.path or {key}.architecture")
+    if model.architecture is not None and not model.tokenizer:
+        raise ConfigError(f"{key}.tokenizer: required when training {key}.architecture from scratch")
+
+
+def check_common(model: ModelSection, data: DataSection, checkpoint: CheckpointSection,
+                 logging: LoggingSection, train: TrainSection) -> None:
+    """The rules every command shares."""
+    check_model(model)
+    if not data.train_file:
+        raise ConfigError("data.train_file: required (a JSONL file)")
+    for key in ("batch_size", "eval_batch_size", "max_prompt_length", "max_response_length"):
+        _positive(f"data.{key}", getattr(data, key))
+    _positive("checkpoint.every", checkpoint.every)
+    _positive("checkpoint.keep", checkpoint.keep)
+    _positive("logging.log_every", logging.log_every)
+    _positive("train.steps", train.steps)
+    _positive("train.epochs", train.epochs)
+    _positive("train.max_consecutive_nonfinite", train.max_consecutive_nonfinite)
+    if train.steps is None and train.epochs is None:
+        raise ConfigError("train: give train.steps or train.epochs")
+
+
+def check_rl(reward: RewardSection) -> None:
+    """Exactly one reward source."""
+    if (reward.model_path is None) == (reward.function is None):
+        raise ConfigError("reward: give exactly one of reward.model_path or reward.function")

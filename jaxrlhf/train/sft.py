@@ -1,0 +1,102 @@
+"""``jaxrlhf sft``: supervised fine-tuning on {"prompt", "completion"} (or chat ``messages``) JSONL.
+
+Trains the LM on the completion tokens only, evaluates the held-out loss, and exports the model as a
+Hugging Face directory ``<run_dir>/export``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+
+from jaxrlhf.models.transformer import LanguageModel, positions_from_mask
+from jaxrlhf.steps import OptimizerConfig, SFTConfig, create_train_state, make_optimizer, make_sft_step
+from jaxrlhf.steps.sft import sft_loss, target_mask
+from jaxrlhf.train.common import Run, RunResult, compile_step, to_host, total_steps
+from jaxrlhf.train.data_setup import eval_batches, load_dataset, make_collate, train_iterator
+from jaxrlhf.train.loop import supervised_loop
+from jaxrlhf.train.model_setup import export_model, flops_per_token, load_model
+from jaxrlhf.train.run_config import (
+    CheckpointSection,
+    DataSection,
+    LoggingSection,
+    ModelSection,
+    ParallelSection,
+    TrainSection,
+    check_common,
+)
+
+log = logging.getLogger("jaxrlhf")
+
+
+@dataclasses.dataclass(frozen=True)
+class SFTRunConfig:
+    """``jaxrlhf sft`` (see configs/sft.yaml)."""
+
+    model: ModelSection = dataclasses.field(default_factory=ModelSection)
+    data: DataSection = dataclasses.field(default_factory=DataSection)
+    optimizer: OptimizerConfig = dataclasses.field(default_factory=OptimizerConfig)
+    sft: SFTConfig = dataclasses.field(default_factory=SFTConfig)
+    checkpoint: CheckpointSection = dataclasses.field(default_factory=CheckpointSection)
+    logging: LoggingSection = dataclasses.field(default_factory=lambda: LoggingSection(run_dir="runs/sft"))
+    train: TrainSection = dataclasses.field(default_factory=TrainSection)
+    parallel: ParallelSection = dataclasses.field(default_factory=ParallelSection)
+
+
+def make_sft_eval(model: LanguageModel):
+    """Jitted ``eval(params, batch) -> {"loss", "accuracy", "tokens"}`` (masked CE of the completions)."""
+
+    def evaluate(params: Any, batch: dict) -> dict:
+        tokens, mask = batch["tokens"], batch["mask"]
+        logits, _, _ = model.apply(params, tokens, positions_from_mask(mask), mask)
+        weights = target_mask(batch)
+        loss, metrics = sft_loss(logits, tokens, weights)
+        return {"loss": loss, "accuracy": metrics["accuracy"], "tokens": jnp.sum(weights)}
+
+    return compile_step(evaluate, donate=False)
+
+
+def evaluate_sft(evaluate: Any, params: Any, batches: Any) -> dict[str, float]:
+    """Token-weighted mean loss and accuracy over all eval batches: ``eval/loss``, ``eval/token_accuracy``."""
+    total = loss = accuracy = 0.0
+    for batch in batches:
+        m = to_host(evaluate(params, batch))
+        total, loss, accuracy = total + m["tokens"], loss + m["loss"] * m["tokens"], accuracy + m["accuracy"] * m["tokens"]
+    total = max(total, 1.0)
+    return {"eval/loss": loss / total, "eval/token_accuracy": accuracy / total}
+
+
+def train_sft(cfg: SFTRunConfig) -> RunResult:
+    """Run supervised fine-tuning end to end; returns where the run and its export are."""
+    check_common(cfg.model, cfg.data, cfg.checkpoint, cfg.logging, cfg.train)
+    with Run("sft", cfg, cfg.checkpoint, cfg.logging, cfg.train, cfg.model.dtype) as run:
+        init_key, rng = jax.random.split(jax.random.key(cfg.train.seed))
+        model, params, tokenizer, _ = load_model(cfg.model, init_key)
+        collate = make_collate("sft", cfg.data, tokenizer)
+        train_set = load_dataset(cfg.data.train_file, "sft", tokenizer, cfg.data)
+        batches = train_iterator(train_set, cfg.data.batch_size, cfg.train.seed, collate, cfg.data.shuffle,
+                                 cfg.data.train_file)
+        eval_fn = None
+        if cfg.data.eval_file:
+            eval_set = load_dataset(cfg.data.eval_file, "sft", tokenizer, cfg.data)
+            evaluate = make_sft_eval(model)
+            size = cfg.data.eval_batch_size or cfg.data.batch_size
+            eval_fn = lambda state: evaluate_sft(evaluate, state.params, eval_batches(eval_set, size, collate))
+        total = total_steps(cfg.train, batches.batches_per_epoch)
+        optimizer = make_optimizer(cfg.optimizer, total)
+        step_fn = compile_step(make_sft_step(model, optimizer, cfg.sft))
+        state = create_train_state(params, optimizer)
+        state, result = supervised_loop(
+            run, state, rng, step_fn, batches, total, loss_name="sft", flops_per_token=flops_per_token(model.config, training=True),
+            eval_fn=eval_fn, eval_every=cfg.train.eval_every, stop_at_step=cfg.train.stop_at_step,
+            postfix=("loss/sft", "train/accuracy", "lr"),
+        )
+        if not result.stopped_early:
+            export = export_model(os.path.join(run.run_dir, "export"), model, state.params, tokenizer)
+            result.export_dir = str(export)
+        return result

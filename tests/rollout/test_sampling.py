@@ -1,0 +1,64 @@
+"""Sampling transforms: temperature statistics, top-k / top-p exclusion, greedy."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from jaxrlhf.rollout.sampling import SamplingConfig, sample_tokens, top_k_filter, top_p_filter
+
+LOGITS = jnp.asarray([2.0, 1.0, 0.5, 0.0, -0.5, -1.0, -3.0, 1.5], jnp.float32)
+
+
+def draw(config: SamplingConfig, n: int = 20000, key: int = 0) -> np.ndarray:
+    logits = jnp.broadcast_to(LOGITS, (n, LOGITS.shape[0]))
+    return np.asarray(jax.jit(sample_tokens, static_argnums=2)(jax.random.key(key), logits, config))
+
+
+@pytest.mark.parametrize("temperature", [0.5, 1.0, 2.0])
+def test_empirical_distribution_matches_softmax(temperature):
+    n = 20000
+    counts = np.bincount(draw(SamplingConfig(temperature=temperature), n), minlength=8)
+    p = np.asarray(jax.nn.softmax(LOGITS / temperature))
+    # Each frequency within 4 binomial standard errors (tolerance test; the chi-square version is in
+    # test_generate.py, through the whole model).
+    se = np.sqrt(p * (1 - p) / n)
+    np.testing.assert_array_less(np.abs(counts / n - p), 4 * se + 1e-4)
+
+
+def test_top_k_never_emits_excluded_tokens():
+    samples = draw(SamplingConfig(temperature=3.0, top_k=3))
+    assert set(np.unique(samples)) == {0, 1, 7}  # the three largest logits
+
+
+def test_top_p_never_emits_excluded_tokens():
+    # Sorted probabilities at T=1: 0.37 (tok 0), 0.22 (tok 7), 0.14 (tok 1), 0.08 (tok 2), ...
+    p = np.asarray(jax.nn.softmax(LOGITS))
+    order = np.argsort(-p)
+    mass_before = np.cumsum(p[order]) - p[order]
+    allowed = set(order[mass_before < 0.7].tolist())
+    samples = draw(SamplingConfig(top_p=0.7))
+    assert set(np.unique(samples)) == allowed
+    # Renormalised frequencies of the kept tokens.
+    kept = np.array(sorted(allowed))
+    q = p[kept] / p[kept].sum()
+    freq = np.bincount(samples, minlength=8)[kept] / samples.size
+    np.testing.assert_allclose(freq, q, atol=0.02)
+
+
+def test_filters_by_hand():
+    x = jnp.asarray([[1.0, 3.0, 2.0, 0.0]])
+    np.testing.assert_array_equal(np.asarray(top_k_filter(x, 2)), [[-np.inf, 3.0, 2.0, -np.inf]])
+    # softmax([3,2,1,0]) = [0.644, 0.237, 0.087, 0.032]: p=0.6 keeps only the top token, p=0.9 keeps three.
+    np.testing.assert_array_equal(np.asarray(top_p_filter(x, 0.6)), [[-np.inf, 3.0, -np.inf, -np.inf]])
+    np.testing.assert_array_equal(np.asarray(top_p_filter(x, 0.9)), [[1.0, 3.0, 2.0, -np.inf]])
+    np.testing.assert_array_equal(np.asarray(top_k_filter(x, 0)), np.asarray(x))
+
+
+def test_greedy_takes_the_argmax_and_configs_validate():
+    assert set(np.unique(draw(SamplingConfig(greedy=True), n=10))) == {0}
+    for bad in (dict(temperature=0.0), dict(top_k=-1), dict(top_p=0.0), dict(top_p=1.5)):
+        with pytest.raises(ValueError):
+            SamplingConfig(**bad)

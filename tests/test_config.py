@@ -1,0 +1,88 @@
+"""The typed config system: YAML + overrides into frozen dataclasses, with errors that name the key."""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Literal
+
+import pytest
+
+from jaxrlhf.config import ConfigError, load_config, parse_override, to_dict
+
+
+@dataclasses.dataclass(frozen=True)
+class Inner:
+    lr: float = 1e-5
+    schedule: Literal["linear", "constant"] = "linear"
+    stop_ids: tuple[int, ...] = ()
+
+
+@dataclasses.dataclass(frozen=True)
+class Outer:
+    name: str = "run"
+    steps: int = 10
+    clip: float | None = None
+    flag: bool = False
+    inner: Inner = dataclasses.field(default_factory=Inner)
+
+
+def write(tmp_path, text):
+    path = tmp_path / "c.yaml"
+    path.write_text(text)
+    return path
+
+
+def test_yaml_and_overrides(tmp_path):
+    path = write(tmp_path, "steps: 5\ninner:\n  lr: 3.0e-4\n  stop_ids: [2, 7]\n")
+    cfg = load_config(Outer, path, ["inner.schedule=constant", "clip=0.2", "flag=true", "name=x"])
+    assert cfg == Outer(name="x", steps=5, clip=0.2, flag=True,
+                        inner=Inner(lr=3e-4, schedule="constant", stop_ids=(2, 7)))
+    assert to_dict(cfg)["inner"]["stop_ids"] == [2, 7]
+    assert load_config(Outer) == Outer()
+    # Ints are accepted where floats are expected; None where Optional.
+    assert load_config(Outer, overrides=["inner.lr=1", "clip=null"]).inner.lr == 1.0
+
+
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [
+        ("stepz=3", r"stepz: unknown key for Outer"),
+        ("inner.lrr=3", r"inner\.lrr: unknown key for Inner"),
+        ("steps=abc", r"steps: expected int, got str 'abc'"),
+        ("steps=1.5", r"steps: expected int, got float 1\.5"),
+        ("flag=1", r"flag: expected bool, got int 1"),
+        ("inner.schedule=cosine", r"inner\.schedule: expected one of \['linear', 'constant'\]"),
+        ("inner.stop_ids=[1, x]", r"inner\.stop_ids\[1\]: expected int"),
+        ("inner=3", r"inner: expected a mapping of Inner fields"),
+        ("novalue", r"expected key=value"),
+    ],
+)
+def test_errors_name_the_key(override, message):
+    with pytest.raises(ConfigError, match=message):
+        load_config(Outer, overrides=[override])
+
+
+def test_errors_name_the_file(tmp_path):
+    path = write(tmp_path, "steps: 5\nbogus: 1\n")
+    with pytest.raises(ConfigError, match=rf"{path}: bogus: unknown key"):
+        load_config(Outer, path)
+    bad = write(tmp_path, "steps: [1,\n")
+    with pytest.raises(ConfigError, match=rf"{bad}:\d+: invalid YAML"):
+        load_config(Outer, bad)
+    with pytest.raises(ConfigError, match="config file not found"):
+        load_config(Outer, tmp_path / "missing.yaml")
+    top = write(tmp_path, "- 1\n- 2\n")
+    with pytest.raises(ConfigError, match="expected a mapping at the top level"):
+        load_config(Outer, top)
+
+
+def test_parse_override_types():
+    assert parse_override("a.b=3") == (["a", "b"], 3)
+    assert parse_override("a=[1,2]") == (["a"], [1, 2])
+    assert parse_override("a=hello world") == (["a"], "hello world")
+    assert parse_override("a=") == (["a"], "")
+
+
+def test_configs_are_frozen():
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        load_config(Outer).steps = 3  # type: ignore[misc]
