@@ -1,0 +1,204 @@
+"""Device mesh, shardings and multi-host start-up.
+
+Parallelism is a property of shardings, never of step code. A 2-D mesh has a ``data`` axis and an ``fsdp``
+axis. Batches are split along both (every device sees different rows); parameters and optimiser state are
+replicated, or with ``fsdp > 1`` split along their largest divisible dimension over the ``fsdp`` axis. The
+same jitted ``step(state, batch, key)`` then runs on 1 device, N local devices or many hosts: XLA inserts the
+all-reduce of the gradients (pmap semantics, since every loss is a mean over the global batch) and the
+all-gathers of FSDP-sharded weights.
+
+    mesh = make_mesh(ParallelConfig(data=-1, fsdp=1))
+    state = jax.device_put(state, state_shardings(mesh, state))
+    step = jit_step(step_fn, mesh, state)
+    state, metrics = step(state, shard_batch(mesh, batch), key)
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+from collections.abc import Callable
+from typing import Any
+
+import jax
+import numpy as np
+from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
+
+log = logging.getLogger(__name__)
+
+DATA_AXIS = "data"
+FSDP_AXIS = "fsdp"
+BATCH_AXES = (DATA_AXIS, FSDP_AXIS)
+
+
+@dataclasses.dataclass(frozen=True)
+class ParallelConfig:
+    """Mesh shape and multi-host settings.
+
+    data: devices along the data-parallel axis (-1: all devices not used by ``fsdp``).
+    fsdp: devices each parameter is split across (1: parameters replicated).
+    fsdp_min_size: parameters with fewer elements stay replicated (sharding tiny vectors costs more than it saves).
+    distributed: "auto" initialises ``jax.distributed`` when a coordinator is configured here or in the
+        standard environment (JAX_COORDINATOR_ADDRESS, or a cluster JAX detects: SLURM, Open MPI, TPU pods);
+        "always" initialises unconditionally (letting JAX auto-detect); "never" runs single-process.
+    """
+
+    data: int = -1
+    fsdp: int = 1
+    fsdp_min_size: int = 4096
+    distributed: str = "auto"
+    coordinator_address: str | None = None
+    num_processes: int | None = None
+    process_id: int | None = None
+
+
+_CLUSTER_ENV = ("JAX_COORDINATOR_ADDRESS", "SLURM_JOB_ID", "OMPI_COMM_WORLD_SIZE", "TPU_WORKER_HOSTNAMES",
+                "MEGASCALE_COORDINATOR_ADDRESS")
+
+
+def initialize_distributed(config: ParallelConfig) -> bool:
+    """Start JAX's multi-process runtime when configured; returns whether it is (now) initialised.
+
+    Must run before any other JAX call touches the devices. Safe to call twice.
+    """
+    if config.distributed not in ("auto", "always", "never"):
+        raise ValueError(f"parallel.distributed: expected auto|always|never, got {config.distributed!r}")
+    if config.distributed == "never":
+        return False
+    from jax._src import distributed as _dist  # the public API has no "is initialised" query
+
+    if _dist.global_state.client is not None:
+        return True
+    explicit = config.coordinator_address is not None
+    detected = any(v in os.environ for v in _CLUSTER_ENV)
+    if config.distributed == "auto" and not (explicit or detected):
+        return False
+    kwargs = {k: v for k, v in (("coordinator_address", config.coordinator_address),
+                                ("num_processes", config.num_processes),
+                                ("process_id", config.process_id)) if v is not None}
+    jax.distributed.initialize(**kwargs)
+    log.info("jax.distributed initialised: process %d of %d, %d local / %d global devices",
+             jax.process_index(), jax.process_count(), jax.local_device_count(), jax.device_count())
+    return True
+
+
+def mesh_shape(config: ParallelConfig, num_devices: int | None = None) -> tuple[int, int]:
+    """``(data, fsdp)`` sizes for ``num_devices`` (default: all devices), checking they multiply up."""
+    n = jax.device_count() if num_devices is None else num_devices
+    fsdp = config.fsdp
+    if fsdp < 1 or n % fsdp:
+        raise ValueError(f"parallel.fsdp={fsdp} must be >= 1 and divide the device count {n}")
+    data = n // fsdp if config.data == -1 else config.data
+    if data < 1 or data * fsdp > n or n % (data * fsdp):
+        raise ValueError(f"parallel.data={config.data} × parallel.fsdp={fsdp} does not fit {n} devices")
+    return data, fsdp
+
+
+def make_mesh(config: ParallelConfig = ParallelConfig(), devices: list | None = None) -> Mesh:
+    """A ``(data, fsdp)`` mesh. ``fsdp`` is the inner axis so that it stays within a host's fast links."""
+    devices = jax.devices() if devices is None else list(devices)
+    data, fsdp = mesh_shape(config, len(devices))
+    used = devices[: data * fsdp]
+    # Auto axes: XLA propagates shardings through the step (GSPMD), so step code never names an axis.
+    auto = (AxisType.Auto, AxisType.Auto)
+    if len(used) == jax.device_count():
+        # Let JAX order devices for the physical topology (ICI rings on TPU, NVLink islands on GPU).
+        return jax.make_mesh((data, fsdp), BATCH_AXES, devices=used, axis_types=auto)
+    return Mesh(np.asarray(used).reshape(data, fsdp), BATCH_AXES, axis_types=auto)
+
+
+def replicated(mesh: Mesh) -> NamedSharding:
+    return NamedSharding(mesh, PartitionSpec())
+
+
+def fsdp_spec(shape: tuple[int, ...], fsdp: int, min_size: int) -> PartitionSpec:
+    """Split the largest dimension divisible by ``fsdp`` over the fsdp axis (replicate small/indivisible)."""
+    if fsdp <= 1 or int(np.prod(shape, dtype=np.int64)) < min_size:
+        return PartitionSpec()
+    candidates = [(size, -i) for i, size in enumerate(shape) if size % fsdp == 0]
+    if not candidates:
+        return PartitionSpec()
+    _, neg_axis = max(candidates)
+    spec: list[Any] = [None] * len(shape)
+    spec[-neg_axis] = FSDP_AXIS
+    return PartitionSpec(*spec)
+
+
+def state_shardings(mesh: Mesh, tree: Any, min_size: int = 4096) -> Any:
+    """Shardings for params / optimiser state / any training state: by shape, so Adam's moments follow
+    their parameters. Scalars and small leaves are replicated."""
+    fsdp = mesh.shape[FSDP_AXIS]
+
+    def leaf(x: Any) -> NamedSharding:
+        shape = tuple(getattr(x, "shape", ()))
+        return NamedSharding(mesh, fsdp_spec(shape, fsdp, min_size))
+
+    return jax.tree.map(leaf, tree)
+
+
+def batch_sharding(mesh: Mesh, ndim: int = 1) -> NamedSharding:
+    """Rows split over every device (both mesh axes); other dimensions whole."""
+    if ndim == 0:
+        return replicated(mesh)
+    return NamedSharding(mesh, PartitionSpec(BATCH_AXES, *([None] * (ndim - 1))))
+
+
+def batch_shardings(mesh: Mesh, batch: Any) -> Any:
+    return jax.tree.map(lambda x: batch_sharding(mesh, np.ndim(x)), batch)
+
+
+def shard_batch(mesh: Mesh, batch: Any) -> Any:
+    """Place a batch on the mesh, split along rows.
+
+    Single process: ``batch`` is the global batch. Multi-host: each process passes its own rows (as the data
+    loader splits them) and the result is one global array.
+    """
+    def put(x: Any) -> jax.Array:
+        x = np.asarray(x)
+        sharding = batch_sharding(mesh, x.ndim)
+        if x.ndim and jax.process_count() == 1 and x.shape[0] % sharding.num_devices:
+            raise ValueError(f"batch dimension {x.shape[0]} is not divisible by the {sharding.num_devices} "
+                             f"devices of the mesh {dict(mesh.shape)}")
+        return jax.make_array_from_process_local_data(sharding, x)
+
+    return jax.tree.map(put, batch)
+
+
+def jit_step(step: Callable, mesh: Mesh, state: Any, donate: bool = True, min_size: int = 4096) -> Callable:
+    """``jax.jit(step)`` with the state's shardings pinned on input and output (so a step never silently
+    changes layouts) and the state buffers donated. ``step(state, batch, key) -> (state, metrics)``."""
+    state_sh = state_shardings(mesh, state, min_size)
+    return jax.jit(step, in_shardings=(state_sh, None, replicated(mesh)),
+                   out_shardings=(state_sh, replicated(mesh)), donate_argnums=(0,) if donate else ())
+
+
+def place_state(mesh: Mesh, state: Any, min_size: int = 4096) -> Any:
+    """Put a (host or single-device) state on the mesh with :func:`state_shardings`."""
+    return jax.device_put(state, state_shardings(mesh, state, min_size))
+
+
+def per_device_bytes(tree: Any) -> int:
+    """Bytes of ``tree`` held by the first local device (what FSDP divides)."""
+    device = jax.local_devices()[0]
+    total = 0
+    for x in jax.tree.leaves(tree):
+        if isinstance(x, jax.Array):
+            total += sum(s.data.nbytes for s in x.addressable_shards if s.device == device)
+        else:
+            total += np.asarray(x).nbytes
+    return total
+
+
+def to_host(tree: Any) -> Any:
+    """Full numpy copies of (possibly sharded, possibly multi-host) arrays on every process."""
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+
+        return multihost_utils.process_allgather(tree, tiled=True)
+    return jax.tree.map(lambda x: np.asarray(jax.device_get(x)), tree)
+
+
+def is_main_process() -> bool:
+    """Only process 0 logs, writes metrics and exports."""
+    return jax.process_index() == 0

@@ -1,0 +1,47 @@
+"""Single-device checks of the sharding rules and mesh arithmetic."""
+
+from __future__ import annotations
+
+import jax
+import numpy as np
+import pytest
+from jax.sharding import PartitionSpec as P
+
+from jaxrlhf.parallel import ParallelConfig, fsdp_spec, initialize_distributed, make_mesh, mesh_shape, shard_batch
+
+
+def test_fsdp_spec_picks_the_largest_divisible_dimension():
+    assert fsdp_spec((384, 1152), 4, 16) == P(None, "fsdp")
+    assert fsdp_spec((8192, 384), 4, 16) == P("fsdp", None)
+    assert fsdp_spec((1536, 384), 4, 16) == P("fsdp", None)
+    assert fsdp_spec((10, 7), 4, 16) == P()  # nothing divisible
+    assert fsdp_spec((384,), 4, 4096) == P()  # below the size threshold
+    assert fsdp_spec((384, 1152), 1, 16) == P()  # no fsdp axis
+    assert fsdp_spec((), 4, 0) == P()
+
+
+def test_mesh_shape_arithmetic_and_errors():
+    assert mesh_shape(ParallelConfig(), 8) == (8, 1)
+    assert mesh_shape(ParallelConfig(data=2, fsdp=4), 8) == (2, 4)
+    assert mesh_shape(ParallelConfig(fsdp=2), 8) == (4, 2)
+    with pytest.raises(ValueError, match="fsdp=3 must be >= 1 and divide the device count 8"):
+        mesh_shape(ParallelConfig(fsdp=3), 8)
+    with pytest.raises(ValueError, match="does not fit 8 devices"):
+        mesh_shape(ParallelConfig(data=4, fsdp=4), 8)
+
+
+def test_single_device_mesh_and_batch():
+    mesh = make_mesh(ParallelConfig())
+    assert dict(mesh.shape) == {"data": jax.device_count(), "fsdp": 1}
+    batch = shard_batch(mesh, {"tokens": np.arange(8).reshape(4, 2), "n": np.float32(3)})
+    np.testing.assert_array_equal(np.asarray(batch["tokens"]), np.arange(8).reshape(4, 2))
+
+
+def test_distributed_is_not_started_without_a_coordinator(monkeypatch):
+    for var in ("JAX_COORDINATOR_ADDRESS", "SLURM_JOB_ID", "OMPI_COMM_WORLD_SIZE", "TPU_WORKER_HOSTNAMES",
+                "MEGASCALE_COORDINATOR_ADDRESS"):
+        monkeypatch.delenv(var, raising=False)
+    assert initialize_distributed(ParallelConfig()) is False
+    assert initialize_distributed(ParallelConfig(distributed="never")) is False
+    with pytest.raises(ValueError, match="expected auto"):
+        initialize_distributed(ParallelConfig(distributed="sometimes"))
