@@ -147,7 +147,7 @@ def make_reward_model_step(
         metrics = {
             "loss": loss,
             **metrics,
-            "grad_norm": optax.global_norm(grads),
+            "grad_norm": optax.tree.norm(grads),
             "nonfinite": 1.0 - ok.astype(jnp.float32),
             "lr": current_learning_rate(state.opt_state),
         }

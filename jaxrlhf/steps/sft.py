@@ -85,7 +85,7 @@ def make_sft_step(
             "loss": loss,
             "accuracy": metrics["accuracy"],
             "tokens": masked_count(target_mask(batch)),
-            "grad_norm": optax.global_norm(grads),
+            "grad_norm": optax.tree.norm(grads),
             "nonfinite": 1.0 - ok.astype(jnp.float32),
             "lr": current_learning_rate(state.opt_state),
         }

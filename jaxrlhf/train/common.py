@@ -52,11 +52,16 @@ def to_host(metrics: Mapping[str, Any]) -> dict[str, float]:
 
 
 class MetricsWindow:
-    """Running mean of step metrics between two log lines."""
+    """Running mean of step metrics between two log lines, and plain totals (``tally``) such as tokens."""
 
     def __init__(self) -> None:
         self.sums: dict[str, float] = {}
+        self.tallies: dict[str, float] = {}
         self.count = 0
+
+    def tally(self, **amounts: float) -> None:
+        for k, v in amounts.items():
+            self.tallies[k] = self.tallies.get(k, 0.0) + v
 
     def add(self, metrics: Mapping[str, float]) -> None:
         for k, v in metrics.items():
@@ -68,6 +73,7 @@ class MetricsWindow:
 
     def reset(self) -> None:
         self.sums.clear()
+        self.tallies.clear()
         self.count = 0
 
 
@@ -86,8 +92,9 @@ class Run:
     """Host-side services of one training run (use as a context manager; :meth:`close` waits for saves)."""
 
     def __init__(self, command: str, config: Any, checkpoint: CheckpointSection, logging_: LoggingSection,
-                 train: TrainSection, peak_dtype: str = "float32"):
+                 train: TrainSection, peak_dtype: str = "float32", state_key: str = "train"):
         self.command = command
+        self.state_key = state_key  # checkpoints hold {state_key: training state, "rng": key}
         self.is_main = jax.process_index() == 0
         self.run_dir = os.path.abspath(logging_.run_dir)
         self.logging_cfg, self.checkpoint_cfg, self.train_cfg = logging_, checkpoint, train
@@ -116,18 +123,26 @@ class Run:
         path = Path(self.run_dir) / "config.yaml"
         text = yaml.safe_dump({"command": self.command, **to_dict(config)}, sort_keys=False)
         if path.is_file() and path.read_text() != text:
-            log.warning("%s differs from this run's config; replacing it (the old one is config.yaml.prev)", path)
+            log.warning("%s differs from this run's config; replacing it (old one: config.yaml.prev)", path)
             os.replace(path, path.with_suffix(".yaml.prev"))
         path.write_text(text)
 
     # ------------------------------------------------------------------ checkpoints
     def resume(self, target: Any) -> tuple[Any, dict[str, Any]] | None:
-        """The latest checkpoint restored into ``target``'s structure, or ``None`` (fresh start)."""
-        if not self.checkpoint_cfg.resume:
-            return None
+        """The latest checkpoint restored into ``target``'s structure, or ``None`` (fresh start).
+
+        With ``checkpoint.resume`` false, existing checkpoints are an error: a fresh run would interleave its
+        steps with them (and prune them), never silently overwrite a good checkpoint.
+        """
         step = self.checkpoints.latest_step()
         if step is None:
             return None
+        if not self.checkpoint_cfg.resume:
+            raise ConfigError(
+                f"checkpoint.resume: false, but {self.checkpoints.directory} already holds checkpoints "
+                f"(steps {self.checkpoints.all_steps()}); resume them or choose another logging.run_dir / "
+                "checkpoint.dir"
+            )
         state, metadata = self.checkpoints.restore(step, target)
         if metadata.get("command", self.command) != self.command:
             raise ConfigError(
@@ -137,6 +152,26 @@ class Run:
         self.nonfinite.total_skips = int(metadata.get("nonfinite_skips", 0))
         log.info("resuming from step %d of %s", step, self.checkpoints.directory)
         return state, metadata
+
+    def resume_loop(self, state: Any, rng: jax.Array, batches: Any) -> tuple[Any, jax.Array, int]:
+        """``(state, rng, step)`` of the latest checkpoint (``{state_key: state, "rng": rng}``, with the
+        data iterator's position restored into ``batches``), or the given ones at step 0."""
+        restored = self.resume({self.state_key: state, "rng": rng})
+        if restored is None:
+            return state, rng, 0
+        saved, metadata = restored
+        batches.restore(metadata["data"])
+        return saved[self.state_key], saved["rng"], int(metadata["step"])
+
+    def end_step(self, step: int, total: int, state: Any, rng: jax.Array, batches: Any) -> bool:
+        """Checkpoint on schedule and at the last step; True when ``train.stop_at_step`` ends this
+        invocation here (after a checkpoint, so the next one resumes)."""
+        stop = self.train_cfg.stop_at_step == step and step < total
+        self.save(step, {self.state_key: state, "rng": rng}, {"data": batches.state()},
+                  force=stop or step == total)
+        if stop:
+            log.info("stopping at step %d (train.stop_at_step); run again to resume", step)
+        return stop
 
     def save(self, step: int, state: Any, metadata: Mapping[str, Any], force: bool = False) -> bool:
         """Checkpoint ``state`` at ``step`` every ``checkpoint.every`` steps (or now with ``force``)."""

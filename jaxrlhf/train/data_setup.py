@@ -1,4 +1,4 @@
-"""Datasets for the trainers: JSONL file → tokenized examples → fixed-shape batches, from the ``data`` section."""
+"""Datasets for the trainers: JSONL file → tokenized examples → fixed-shape batches (the ``data`` section)."""
 
 from __future__ import annotations
 
@@ -60,9 +60,10 @@ def _buckets(given: tuple[int, ...], maximum: int, smallest: int, key: str) -> t
 def length_buckets(data: DataSection) -> LengthBuckets:
     """Prompt and response buckets: the configured ones, or powers of two up to the maxima."""
     try:
+        smallest = data.smallest_bucket
         return LengthBuckets(
-            _buckets(data.prompt_buckets, data.max_prompt_length, data.smallest_bucket, "prompt_buckets"),
-            _buckets(data.response_buckets, data.max_response_length, data.smallest_bucket, "response_buckets"),
+            _buckets(data.prompt_buckets, data.max_prompt_length, smallest, "prompt_buckets"),
+            _buckets(data.response_buckets, data.max_response_length, smallest, "response_buckets"),
         )
     except ValueError as e:
         raise ConfigError(f"data: {e}") from None
@@ -90,7 +91,7 @@ def ranking_items(examples: Sequence[Any], data: DataSection) -> int:
     """Items per ranking row: the configured number or the longest ranking in ``examples``."""
     longest = max(len(e.responses) for e in examples)
     if data.ranking_items is not None and data.ranking_items < longest:
-        raise ConfigError(f"data.ranking_items: {data.ranking_items} is below the longest ranking ({longest})")
+        raise ConfigError(f"data.ranking_items: {data.ranking_items} < the longest ranking's {longest} items")
     return data.ranking_items or longest
 
 

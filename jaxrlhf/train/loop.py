@@ -58,23 +58,16 @@ def supervised_loop(
     flops_per_token: Callable[[int], float],
     eval_fn: EvalFn | None = None,
     eval_every: int = 0,
-    stop_at_step: int | None = None,
     postfix: tuple[str, ...] = (),
 ) -> tuple[Any, RunResult]:
     """Train ``state`` for ``total`` steps, resuming from the latest checkpoint when there is one.
 
     ``flops_per_token(seq_len)`` gives the training FLOPs per token for MFU. Returns the final state and a
-    :class:`RunResult` (``export_dir`` left for the caller; ``stopped_early`` when ``stop_at_step`` hit).
+    :class:`RunResult` (``export_dir`` left for the caller; ``stopped_early`` at ``train.stop_at_step``).
     """
-    step = 0
-    restored = run.resume({"train": state, "rng": rng})
-    if restored is not None:
-        (saved, metadata) = restored
-        state, rng, step = saved["train"], saved["rng"], int(metadata["step"])
-        batches.restore(metadata["data"])
+    state, rng, step = run.resume_loop(state, rng, batches)
     run.start_progress(total, step)
     step_fn = run.watch("step", step_fn)
-    tokens = 0
     stopped = False
     while step < total:
         with run.timers("step_total"):
@@ -85,26 +78,19 @@ def supervised_loop(
                 state, metrics = t.block(step_fn(state, batch, key))
             step += 1
             real, seq_len = batch_tokens(batch)
-            tokens += real
+            run.window.tally(tokens=real)
             host = to_host(metrics)
         run.after_step(step, rename_step_metrics(host, loss_name), finite=host.get("nonfinite", 0.0) == 0.0)
         if run.should_log(step, total):
-            seconds = run.timers.totals.get("update", 0.0)
+            seconds, tokens = run.timers.totals.get("update", 0.0), run.window.tallies["tokens"]
             perf = {"perf/tokens_per_s": throughput(tokens, seconds),
                     "perf/mfu": mfu(flops_per_token(seq_len), tokens, seconds, run.peak_flops)}
             run.flush_window(step, perf, postfix)
-            tokens = 0
         if eval_fn is not None and eval_every and step % eval_every == 0 and step < total:
             run.log_eval(step, eval_fn(state))
-        metadata = {"data": batches.state()}
-        if stop_at_step is not None and step == stop_at_step and step < total:
-            run.save(step, {"train": state, "rng": rng}, metadata, force=True)
-            log.info("stopping at step %d (train.stop_at_step); run again to resume", step)
+        if run.end_step(step, total, state, rng, batches):
             stopped = True
             break
-        run.save(step, {"train": state, "rng": rng}, metadata, force=step == total)
-    if not stopped and step == total and restored is not None and int(restored[1]["step"]) == total:
-        log.info("the checkpoint is already at the final step %d; nothing to train", total)
     final = dict(run.last_logged)
     if eval_fn is not None and not stopped:
         evaluated = eval_fn(state)

@@ -1,4 +1,4 @@
-"""Models and tokenizers for the trainers: load a Hugging Face directory or build one from scratch, and export.
+"""Models and tokenizers for the trainers: load a Hugging Face directory or build from scratch; export.
 
 Exports are Hugging Face directories written by :func:`jaxrlhf.models.hf_io.save` (atomic: a failed export
 leaves the previous one intact). Heads go to ``jaxrlhf_heads.safetensors`` beside the LM; a reward model's
@@ -71,7 +71,8 @@ def architecture_config(arch: ArchitectureConfig, tokenizer: Any, dtype: str) ->
     )
     if arch.hidden_size % arch.num_heads:
         raise ConfigError(
-            f"model.architecture: hidden_size {arch.hidden_size} is not a multiple of num_heads {arch.num_heads}"
+            f"model.architecture: hidden_size {arch.hidden_size} is not a multiple of "
+            f"num_heads {arch.num_heads}"
         )
     try:
         return (gpt2_config if arch.family == "gpt2" else llama_config)(**shape)
@@ -108,6 +109,16 @@ def _describe(section: ModelSection) -> str:
         return f"loaded from {section.path}"
     assert section.architecture is not None
     return f"{section.architecture.family} from scratch"
+
+
+def check_length(config: ModelConfig, length: int, keys: str = "data.max_prompt_length + "
+                 "data.max_response_length") -> None:
+    """Prompt + response lengths must fit the model's position table."""
+    if length > config.max_position_embeddings:
+        raise ConfigError(
+            f"{keys} = {length} tokens exceeds the model's max_position_embeddings "
+            f"({config.max_position_embeddings})"
+        )
 
 
 def matmul_params(config: ModelConfig, lm_head: bool = True) -> int:

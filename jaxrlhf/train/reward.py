@@ -37,7 +37,7 @@ from jaxrlhf.train.data_setup import (
     train_iterator,
 )
 from jaxrlhf.train.loop import supervised_loop
-from jaxrlhf.train.model_setup import export_model, flops_per_token, load_model
+from jaxrlhf.train.model_setup import check_length, export_model, flops_per_token, load_model
 from jaxrlhf.train.run_config import (
     CheckpointSection,
     DataSection,
@@ -113,6 +113,7 @@ def train_reward_model(cfg: RewardRunConfig) -> RunResult:
     with Run("reward", cfg, cfg.checkpoint, cfg.logging, cfg.train, cfg.model.dtype) as run:
         init_key, head_key, rng = jax.random.split(jax.random.key(cfg.train.seed), 3)
         model, lm, tokenizer, heads = load_model(cfg.model, init_key)
+        check_length(model.config, cfg.data.max_prompt_length + cfg.data.max_response_length)
         head = heads.get("reward_head") or init_reward_head(head_key, model.config.hidden_size)
         params = {"lm": lm, "reward_head": jax.tree.map(jnp.asarray, head)}
 
@@ -138,7 +139,7 @@ def train_reward_model(cfg: RewardRunConfig) -> RunResult:
         state, result = supervised_loop(
             run, create_train_state(params, optimizer), rng, step_fn, batches, total, loss_name="reward",
             flops_per_token=flops_per_token(model.config, training=True, lm_head=False),
-            eval_fn=eval_fn, eval_every=cfg.train.eval_every, stop_at_step=cfg.train.stop_at_step,
+            eval_fn=eval_fn, eval_every=cfg.train.eval_every,
             postfix=("loss/reward", "train/accuracy", "lr"),
         )
         if result.stopped_early:

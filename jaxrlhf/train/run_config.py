@@ -43,7 +43,7 @@ class ModelSection:
 
 @dataclasses.dataclass(frozen=True)
 class DataSection:
-    """JSONL files, batch sizes and lengths. Responses may hold ``max_response_length`` tokens (eos included)."""
+    """JSONL files, batch sizes and lengths (responses: at most ``max_response_length`` tokens with eos)."""
 
     train_file: str = ""
     eval_file: str | None = None
@@ -64,10 +64,12 @@ class DataSection:
 
 @dataclasses.dataclass(frozen=True)
 class GenerationSection:
-    """Sampling of RL rollouts; the temperature is the algorithm's ``temperature`` (one value for both)."""
+    """Sampling of RL rollouts. The sampling temperature is the algorithm's ``temperature`` (every log-prob
+    uses it too); ``temperature`` here may only repeat that value."""
 
     max_new_tokens: int = 32
     min_new_tokens: int = 0
+    temperature: float | None = None
     top_k: int = 0
     top_p: float = 1.0
     stop_token_ids: tuple[int, ...] | None = None  # default: the tokenizer's eos

@@ -20,7 +20,7 @@ from jaxrlhf.steps.sft import sft_loss, target_mask
 from jaxrlhf.train.common import Run, RunResult, compile_step, to_host, total_steps
 from jaxrlhf.train.data_setup import eval_batches, load_dataset, make_collate, train_iterator
 from jaxrlhf.train.loop import supervised_loop
-from jaxrlhf.train.model_setup import export_model, flops_per_token, load_model
+from jaxrlhf.train.model_setup import check_length, export_model, flops_per_token, load_model
 from jaxrlhf.train.run_config import (
     CheckpointSection,
     DataSection,
@@ -48,7 +48,7 @@ class SFTRunConfig:
     parallel: ParallelSection = dataclasses.field(default_factory=ParallelSection)
 
 
-def make_sft_eval(model: LanguageModel):
+def make_sft_eval(model: LanguageModel) -> Any:
     """Jitted ``eval(params, batch) -> {"loss", "accuracy", "tokens"}`` (masked CE of the completions)."""
 
     def evaluate(params: Any, batch: dict) -> dict:
@@ -63,12 +63,15 @@ def make_sft_eval(model: LanguageModel):
 
 def evaluate_sft(evaluate: Any, params: Any, batches: Any) -> dict[str, float]:
     """Token-weighted mean loss and accuracy over all eval batches: ``eval/loss``, ``eval/token_accuracy``."""
-    total = loss = accuracy = 0.0
+    sums = {"loss": 0.0, "accuracy": 0.0}
+    tokens = 0.0
     for batch in batches:
         m = to_host(evaluate(params, batch))
-        total, loss, accuracy = total + m["tokens"], loss + m["loss"] * m["tokens"], accuracy + m["accuracy"] * m["tokens"]
-    total = max(total, 1.0)
-    return {"eval/loss": loss / total, "eval/token_accuracy": accuracy / total}
+        for k in sums:
+            sums[k] += m[k] * m["tokens"]
+        tokens += m["tokens"]
+    tokens = max(tokens, 1.0)
+    return {"eval/loss": sums["loss"] / tokens, "eval/token_accuracy": sums["accuracy"] / tokens}
 
 
 def train_sft(cfg: SFTRunConfig) -> RunResult:
@@ -77,6 +80,7 @@ def train_sft(cfg: SFTRunConfig) -> RunResult:
     with Run("sft", cfg, cfg.checkpoint, cfg.logging, cfg.train, cfg.model.dtype) as run:
         init_key, rng = jax.random.split(jax.random.key(cfg.train.seed))
         model, params, tokenizer, _ = load_model(cfg.model, init_key)
+        check_length(model.config, cfg.data.max_prompt_length + cfg.data.max_response_length)
         collate = make_collate("sft", cfg.data, tokenizer)
         train_set = load_dataset(cfg.data.train_file, "sft", tokenizer, cfg.data)
         batches = train_iterator(train_set, cfg.data.batch_size, cfg.train.seed, collate, cfg.data.shuffle,
@@ -86,14 +90,15 @@ def train_sft(cfg: SFTRunConfig) -> RunResult:
             eval_set = load_dataset(cfg.data.eval_file, "sft", tokenizer, cfg.data)
             evaluate = make_sft_eval(model)
             size = cfg.data.eval_batch_size or cfg.data.batch_size
-            eval_fn = lambda state: evaluate_sft(evaluate, state.params, eval_batches(eval_set, size, collate))
+            eval_fn = lambda s: evaluate_sft(evaluate, s.params, eval_batches(eval_set, size, collate))
         total = total_steps(cfg.train, batches.batches_per_epoch)
         optimizer = make_optimizer(cfg.optimizer, total)
         step_fn = compile_step(make_sft_step(model, optimizer, cfg.sft))
         state = create_train_state(params, optimizer)
         state, result = supervised_loop(
-            run, state, rng, step_fn, batches, total, loss_name="sft", flops_per_token=flops_per_token(model.config, training=True),
-            eval_fn=eval_fn, eval_every=cfg.train.eval_every, stop_at_step=cfg.train.stop_at_step,
+            run, state, rng, step_fn, batches, total, loss_name="sft",
+            flops_per_token=flops_per_token(model.config, training=True),
+            eval_fn=eval_fn, eval_every=cfg.train.eval_every,
             postfix=("loss/sft", "train/accuracy", "lr"),
         )
         if not result.stopped_early:

@@ -1,0 +1,120 @@
+"""The A2C update (RL4LMs style): one gradient step over the whole batch, no ratio, no clipping.
+
+    L = masked_mean(−A·log π) + vf_coef·masked_mean((V − R)²) − entropy_coef·H  (+ β·KL in the loss)
+
+Advantages come from the same experience pipeline as PPO, by default with λ = 1 (Monte-Carlo / n-step).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from jaxrlhf.models.transformer import LanguageModel
+from jaxrlhf.rl.masked import masked_count, masked_mean
+from jaxrlhf.rl.policy_losses import a2c_policy_loss, a2c_value_loss
+from jaxrlhf.steps.accumulate import accumulate_gradients
+from jaxrlhf.steps.actor_critic import (
+    ActorCriticParams,
+    actor_critic_outputs,
+    apply_if,
+    as_float32,
+    check_critic,
+    kl_controller,
+    kl_loss_term,
+    update_kl_controller,
+)
+from jaxrlhf.steps.experience import Experience, RLConfig
+from jaxrlhf.steps.guard import all_finite
+from jaxrlhf.steps.optim import current_learning_rate
+from jaxrlhf.steps.state import RLState
+
+Metrics = dict[str, jax.Array]
+
+
+@dataclasses.dataclass(frozen=True)
+class A2CConfig(RLConfig):
+    """A2C hyper-parameters: :class:`RLConfig` with vf_coef 0.5 and λ = 1."""
+
+    vf_coef: float = 0.5
+    entropy_coef: float = 0.0
+    lam: float = 1.0
+
+
+def a2c_loss(
+    policy_model: LanguageModel,
+    critic_model: LanguageModel | None,
+    cfg: A2CConfig,
+    params: ActorCriticParams,
+    batch: Experience,
+    kl_coef: jax.Array,
+) -> tuple[jax.Array, tuple[jax.Array, Metrics]]:
+    """L = −A·log π + vf_coef·(V − R)² − entropy_coef·H (+ β·KL), token means over the batch.
+
+    Returns (loss, (response tokens, metrics)).
+    """
+    out = actor_critic_outputs(policy_model, critic_model, cfg, params, batch)
+    mask = batch.response_mask
+    pg = a2c_policy_loss(out.logprobs, batch.advantages, mask)
+    vf = a2c_value_loss(out.values, batch.returns, mask)
+    entropy = masked_mean(out.entropy, mask)
+    kl = kl_loss_term(cfg, out.logprobs, batch)
+    loss = pg + cfg.vf_coef * vf - cfg.entropy_coef * entropy + kl_coef * kl
+    log_ratio = out.logprobs - batch.old_logprobs
+    metrics = {
+        "loss/policy_avg": pg,
+        "loss/value_avg": vf,
+        "loss/kl_avg": kl,
+        "policy/entropy_avg": entropy,
+        "policy/approxkl_avg": 0.5 * masked_mean(jnp.square(log_ratio), mask),
+        "val/ratio": masked_mean(jnp.exp(log_ratio), mask),
+        "val/ratio_first_minibatch": masked_mean(jnp.abs(jnp.exp(log_ratio) - 1.0), mask),
+    }
+    return loss, (masked_count(mask), jax.lax.stop_gradient(metrics))
+
+
+def make_a2c_update(
+    policy_model: LanguageModel,
+    critic_model: LanguageModel | None,
+    cfg: A2CConfig,
+    policy_optimizer: optax.GradientTransformation,
+    critic_optimizer: optax.GradientTransformation | None = None,
+) -> Callable[[RLState, Experience, jax.Array], tuple[RLState, Metrics]]:
+    """``update(state, batch, key) -> (state, metrics)``: one guarded gradient step; pure and jittable.
+
+    Metrics: loss/policy_avg, loss/value_avg, loss/kl_avg, policy/entropy_avg, policy/approxkl_avg,
+    val/ratio, val/ratio_first_minibatch (all before the step), train/grad_norm, train/nonfinite_skips,
+    train/updates, lr, objective/kl_coef (after the controller update).
+    """
+    check_critic("make_a2c_update", cfg, critic_model, critic_optimizer)
+    controller = kl_controller(cfg)
+
+    def update(state: RLState, batch: Experience, key: jax.Array) -> tuple[RLState, Metrics]:
+        del key  # one full-batch step: nothing to shuffle
+        kl_coef = state.kl.kl_coef
+
+        def loss_fn(params: ActorCriticParams, batch: Experience):
+            return a2c_loss(policy_model, critic_model, cfg, params, batch, kl_coef)
+
+        critic_params = None if state.critic is None else state.critic.params
+        loss, grads, metrics = accumulate_gradients(
+            loss_fn, (state.policy.params, critic_params), batch, cfg.grad_accum_steps)
+        finite = all_finite((loss, grads))
+        policy, critic = apply_if(
+            finite, state.policy, state.critic, grads, policy_optimizer, critic_optimizer)
+        kl = update_kl_controller(controller, state.kl, cfg, batch)
+        metrics = {
+            **metrics,
+            "train/grad_norm": optax.tree.norm(grads),
+            "train/nonfinite_skips": ~finite,
+            "train/updates": finite,
+            "lr": current_learning_rate(policy.opt_state),
+            "objective/kl_coef": kl.kl_coef,
+        }
+        return RLState(policy, critic, kl), as_float32(metrics)
+
+    return update

@@ -1,0 +1,102 @@
+"""Pieces shared by the PPO and A2C updates: the policy/critic forward pass on an Experience batch, the
+guarded update of policy and critic, the KL term of the loss and the KL-controller update."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from jaxrlhf.models.transformer import LanguageModel
+from jaxrlhf.rl.kl import kl_loss
+from jaxrlhf.rl.kl_control import (
+    KLController,
+    KLControllerState,
+    adaptive_kl_controller,
+    fixed_kl_controller,
+)
+from jaxrlhf.steps.experience import (
+    Experience,
+    ResponseOutputs,
+    RLConfig,
+    critic_values,
+    response_logprobs_and_values,
+    sequence_kl,
+)
+from jaxrlhf.steps.guard import select_if_finite
+from jaxrlhf.steps.state import TrainState, apply_gradients
+
+# (policy params, critic params or None): what the actor-critic loss is differentiated against.
+ActorCriticParams = tuple[Any, Any | None]
+
+
+def kl_controller(cfg: RLConfig) -> KLController:
+    """The adaptive controller (from β = kl_coef towards kl_target over kl_horizon) or a fixed β."""
+    if cfg.adaptive_kl:
+        return adaptive_kl_controller(cfg.kl_coef, cfg.kl_target, cfg.kl_horizon)
+    return fixed_kl_controller(cfg.kl_coef)
+
+
+def check_critic(where: str, cfg: RLConfig, critic_model: Any, critic_optimizer: Any) -> None:
+    separate = cfg.critic == "separate"
+    if separate != (critic_model is not None) or separate != (critic_optimizer is not None):
+        raise ValueError(
+            f"{where}: cfg.critic={cfg.critic!r} needs critic_model and critic_optimizer "
+            f"{'given' if separate else 'None'}"
+        )
+
+
+def actor_critic_outputs(
+    policy_model: LanguageModel,
+    critic_model: LanguageModel | None,
+    cfg: RLConfig,
+    params: ActorCriticParams,
+    batch: Experience,
+) -> ResponseOutputs:
+    """New log-probs, entropies and values of the batch's responses (values from the shared value head
+    or the separate critic), through the same forward pass as the experience."""
+    policy_params, critic_params = params
+    p, sequences, mask = batch.prompt_length, batch.sequences, batch.sequence_mask
+    head = policy_params["value_head"] if critic_model is None else None
+    out = response_logprobs_and_values(policy_model, policy_params, sequences, mask, p, cfg.temperature, head)
+    if critic_model is not None:
+        values, bootstrap = critic_values(critic_model, critic_params, sequences, mask, p)
+        out = out._replace(values=values, bootstrap_values=bootstrap)
+    return out
+
+
+def kl_loss_term(cfg: RLConfig, logprobs: jax.Array, batch: Experience) -> jax.Array:
+    """KL(π ‖ π_ref) in the loss (GRPO style) when ``cfg.kl_in_reward`` is False, else 0 (not multiplied
+    by β: the caller does)."""
+    if cfg.kl_in_reward:
+        return jnp.zeros((), jnp.float32)
+    return kl_loss(logprobs, batch.ref_logprobs, batch.response_mask, cfg.kl_estimator)
+
+
+def apply_if(
+    ok: jax.Array,
+    policy: TrainState,
+    critic: TrainState | None,
+    grads: ActorCriticParams,
+    policy_optimizer: optax.GradientTransformation,
+    critic_optimizer: optax.GradientTransformation | None,
+) -> tuple[TrainState, TrainState | None]:
+    """Apply ``grads`` to the policy (and the critic, with its own optimiser) where ``ok``, else keep both."""
+    new_policy = apply_gradients(policy, policy_optimizer, grads[0])
+    new_critic = None if critic is None else apply_gradients(critic, critic_optimizer, grads[1])
+    return select_if_finite(ok, (new_policy, new_critic), (policy, critic))
+
+
+def update_kl_controller(
+    controller: KLController, state: KLControllerState, cfg: RLConfig, batch: Experience
+) -> KLControllerState:
+    """β update from the batch's mean sequence KL (cfg estimator), n_steps = batch size."""
+    observed = jnp.mean(sequence_kl(batch.old_logprobs, batch.ref_logprobs, batch.response_mask,
+                                    cfg.kl_estimator))
+    return controller.update(state, observed, batch.sequences.shape[0])
+
+
+def as_float32(metrics: dict[str, Any]) -> dict[str, jax.Array]:
+    return jax.tree.map(lambda x: jnp.asarray(x, jnp.float32), metrics)

@@ -1,0 +1,212 @@
+"""From a rollout and its scores to the PPO/A2C training batch: log-probs, values, KL, token rewards, GAE.
+
+Every response log-prob (old, new, reference) comes from :func:`response_logprobs_and_values`, the one
+forward pass the update uses too, through ``rl.token_logprobs(logits, tokens, temperature)``: before the
+first update the PPO ratio is exactly 1 (to float precision).
+
+Column conventions follow ``jaxrlhf.rollout.scoring``: P = prompt length (static, ``sequences.shape[1] −
+response_mask.shape[1]``), response token j sits at column P + j; values[:, j] is the value of the state
+before response token j.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+from typing import Any, Literal, NamedTuple
+
+import chex
+import jax
+import jax.numpy as jnp
+
+from jaxrlhf.models.transformer import LanguageModel
+from jaxrlhf.rl.advantages import batched_gae_advantages
+from jaxrlhf.rl.kl import kl_estimate, kl_penalized_rewards
+from jaxrlhf.rl.masked import explained_variance, masked_whiten
+from jaxrlhf.rl.policy_losses import entropy_from_logits, token_logprobs
+from jaxrlhf.rollout.generate import Rollout
+from jaxrlhf.rollout.scoring import response_hidden, response_logits, response_values
+from jaxrlhf.steps.state import lm_params
+
+Metrics = dict[str, jax.Array]
+
+
+@dataclasses.dataclass(frozen=True)
+class RLConfig:
+    """Advantage, reward and KL hyper-parameters shared by PPO and A2C (defaults: RLHF_REFERENCE.md).
+
+    kl_in_reward: True puts −β·KL per token in the reward (classic); False puts β·KL in the loss (GRPO
+    style, estimator ``kl_estimator``: use "k3" there, since k1's expected gradient is 0; the reward is
+    then the score alone). The logged and controller KL use ``kl_estimator`` too. adaptive_kl: β follows the
+    proportional controller towards ``kl_target``. critic: "shared" (value head on the policy's backbone)
+    or "separate" (its own model and optimiser). bootstrap_truncated: a response cut at the length limit
+    bootstraps from the critic's value of its final state; off by default, since the score at its last
+    token already rates the whole (truncated) response and the final state's value is never trained.
+    """
+
+    gamma: float = 1.0
+    lam: float = 0.95
+    whiten_advantages: bool = True
+    whiten_rewards: bool = False
+    kl_estimator: Literal["k1", "k2", "k3"] = "k1"
+    kl_in_reward: bool = True
+    kl_coef: float = 0.05
+    adaptive_kl: bool = False
+    kl_target: float = 6.0
+    kl_horizon: int = 10000
+    missing_eos_penalty: float = 1.0
+    temperature: float = 1.0
+    vf_coef: float = 0.1
+    entropy_coef: float = 0.0
+    grad_accum_steps: int = 1
+    critic: Literal["shared", "separate"] = "shared"
+    bootstrap_truncated: bool = False
+
+    def __post_init__(self) -> None:
+        name = type(self).__name__
+        if self.kl_estimator not in ("k1", "k2", "k3"):
+            raise ValueError(f"{name}.kl_estimator: expected k1, k2 or k3, got {self.kl_estimator!r}")
+        if self.critic not in ("shared", "separate"):
+            raise ValueError(f"{name}.critic: expected 'shared' or 'separate', got {self.critic!r}")
+        if self.temperature <= 0:
+            raise ValueError(f"{name}.temperature must be > 0, got {self.temperature}")
+        if self.grad_accum_steps < 1:
+            raise ValueError(f"{name}.grad_accum_steps must be >= 1, got {self.grad_accum_steps}")
+
+
+class Experience(NamedTuple):
+    """One RL training batch. B rows, P prompt and N response columns."""
+
+    sequences: jax.Array  # [B, P+N] int32
+    sequence_mask: jax.Array  # [B, P+N]
+    response_mask: jax.Array  # [B, N] float32
+    old_logprobs: jax.Array  # [B, N] float32, 0 on padding
+    ref_logprobs: jax.Array  # [B, N]
+    old_values: jax.Array  # [B, N]
+    advantages: jax.Array  # [B, N] (whitened when configured)
+    returns: jax.Array  # [B, N]
+    scores: jax.Array  # [B] as given (before the missing-EOS penalty)
+
+    @property
+    def prompt_length(self) -> int:
+        return self.sequences.shape[1] - self.response_mask.shape[1]
+
+
+class ResponseOutputs(NamedTuple):
+    logprobs: jax.Array  # [B, N] log softmax(logits/T)[token], 0 on padding
+    entropy: jax.Array  # [B, N] entropy of softmax(logits/T)
+    values: jax.Array | None  # [B, N] when a value head was given
+    bootstrap_values: jax.Array | None  # [B] value of the final state
+
+
+def response_logprobs_and_values(
+    model: LanguageModel,
+    params: Any,
+    sequences: jax.Array,
+    sequence_mask: jax.Array,
+    prompt_length: int,
+    temperature: float,
+    value_head: Any | None = None,
+) -> ResponseOutputs:
+    """The one forward pass behind every response log-prob, entropy and (shared-critic) value.
+
+    ``params``: LM params or ``{"lm": …}``. log π(y_j) = token_logprobs(logits_j, y_j, T), 0 where masked;
+    H_j = entropy of softmax(logits_j / T).
+    """
+    hidden = response_hidden(model, lm_params(params), sequences, sequence_mask, prompt_length)
+    logits = response_logits(model, lm_params(params), hidden)
+    tokens = sequences[:, prompt_length:]
+    real = sequence_mask[:, prompt_length:] > 0
+    logprobs = jnp.where(real, token_logprobs(logits, tokens, temperature), 0.0)
+    entropy = entropy_from_logits(logits / temperature)
+    values = bootstrap = None
+    if value_head is not None:
+        values, bootstrap = response_values(value_head, hidden)
+    return ResponseOutputs(logprobs, entropy, values, bootstrap)
+
+
+def critic_values(
+    model: LanguageModel, params: Any, sequences: jax.Array, sequence_mask: jax.Array, prompt_length: int
+) -> tuple[jax.Array, jax.Array]:
+    """A separate critic's values [B, N] and final-state values [B]; ``params`` = {"lm", "value_head"}."""
+    hidden = response_hidden(model, lm_params(params), sequences, sequence_mask, prompt_length)
+    return response_values(params["value_head"], hidden)
+
+
+def sequence_kl(
+    old_logprobs: jax.Array, ref_logprobs: jax.Array, mask: jax.Array, estimator: str
+) -> jax.Array:
+    """Σ_t m_t·k(logπ_t, logπ_ref_t) per sequence: [B]."""
+    return jnp.sum(kl_estimate(old_logprobs, ref_logprobs, estimator) * mask, axis=1)
+
+
+def make_experience_fn(
+    policy_model: LanguageModel, ref_model: LanguageModel, critic_model: LanguageModel | None, cfg: RLConfig
+) -> Callable[..., tuple[Experience, Metrics]]:
+    """``experience(policy_params, ref_params, critic_params, rollout, scores, kl_coef) -> (Experience,
+    metrics)``; pure and jittable.
+
+    policy_params: ``{"lm", "value_head"}`` (shared critic) or ``{"lm"}``; ref_params: ``{"lm"}`` or LM
+    params; critic_params: ``{"lm", "value_head"}`` or None. scores [B]; kl_coef: β (a scalar).
+    Token rewards r_t = −β·KL_t (KL in the reward only) + 1[t = last]·(score − penalty·1[no EOS]);
+    advantages and returns by GAE(γ, λ); advantages whitened over the batch when configured.
+    """
+    shared = critic_model is None
+    if shared != (cfg.critic == "shared"):
+        raise ValueError(f"make_experience_fn: cfg.critic={cfg.critic!r} but critic_model is "
+                         f"{'None' if shared else 'given'}")
+
+    def experience(policy_params, ref_params, critic_params, rollout: Rollout, scores, kl_coef):
+        sequences, sequence_mask = rollout.sequences, rollout.sequence_mask
+        n = rollout.response_mask.shape[1]
+        p = sequences.shape[1] - n
+        mask = rollout.response_mask.astype(jnp.float32)
+        scores = jnp.asarray(scores, jnp.float32)
+        chex.assert_shape(scores, (sequences.shape[0],))
+        kl_coef = jnp.asarray(kl_coef, jnp.float32)
+
+        # SCORE: policy, reference and critic passes over the finished sequences.
+        head = policy_params["value_head"] if shared else None
+        policy = response_logprobs_and_values(
+            policy_model, policy_params, sequences, sequence_mask, p, cfg.temperature, head)
+        ref = response_logprobs_and_values(
+            ref_model, ref_params, sequences, sequence_mask, p, cfg.temperature)
+        if shared:
+            values, bootstrap = policy.values, policy.bootstrap_values
+        else:
+            values, bootstrap = critic_values(critic_model, critic_params, sequences, sequence_mask, p)
+        old_logprobs, ref_logprobs = policy.logprobs, ref.logprobs
+        values = jnp.where(mask > 0, values, 0.0)
+
+        # REWARDS: score at the last response token, KL penalty per token (classic) or none (KL in loss).
+        kl = kl_estimate(old_logprobs, ref_logprobs, cfg.kl_estimator) * mask
+        eos = rollout.stopped.astype(bool)
+        beta = kl_coef if cfg.kl_in_reward else jnp.zeros((), jnp.float32)
+        rewards, non_score = kl_penalized_rewards(scores, kl, mask, beta, eos, cfg.missing_eos_penalty)
+        if cfg.whiten_rewards:
+            rewards = masked_whiten(rewards, mask, shift_mean=False)
+
+        # ADVANTAGES: GAE; a finished response ends in a terminal state, a truncated one may bootstrap.
+        bootstrap = jnp.where(eos | (not cfg.bootstrap_truncated), 0.0, bootstrap)
+        advantages, returns = batched_gae_advantages(rewards, values, mask, bootstrap, cfg.gamma, cfg.lam)
+        if cfg.whiten_advantages:
+            advantages = masked_whiten(advantages, mask)
+
+        batch = Experience(sequences, sequence_mask, mask, old_logprobs, ref_logprobs, values,
+                           advantages, returns, scores)
+        batch = jax.tree.map(jax.lax.stop_gradient, batch)
+        penalised = scores - jnp.where(eos, 0.0, cfg.missing_eos_penalty)
+        non_score_sum = jnp.sum(non_score, axis=1)
+        metrics = {
+            "objective/kl": jnp.mean(jnp.sum(kl, axis=1)),
+            "objective/entropy": jnp.mean(jnp.sum(-old_logprobs * mask, axis=1)),
+            "objective/non_score_reward": jnp.mean(non_score_sum),
+            "objective/rlhf_reward": jnp.mean(penalised + non_score_sum),
+            "objective/scores": jnp.mean(penalised),
+            "val/num_eos_tokens": jnp.sum(eos.astype(jnp.float32)),
+            "val/var_explained": explained_variance(values, returns, mask),
+            "objective/kl_coef": kl_coef,
+        }
+        return batch, jax.tree.map(lambda x: jnp.asarray(x, jnp.float32), metrics)
+
+    return experience

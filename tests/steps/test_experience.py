@@ -1,0 +1,125 @@
+"""Experience: shapes and masks, log-probs through the scoring path, token rewards (score at the last
+token, missing-EOS penalty, −β·KL), reward-to-go returns, GAE with a critic, whitening, KL = 0 when the
+policy is the reference."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from jaxrlhf.models.heads import init_reward_head, init_value_head
+from jaxrlhf.rollout.scoring import response_hidden, response_logprobs, response_values
+from jaxrlhf.steps.experience import make_experience_fn
+from jaxrlhf.steps.ppo import PPOConfig
+
+B, P, N = 4, 4, 6
+SCORES = np.array([1.0, -0.5, 2.0, 0.25], np.float32)
+
+
+def numpy_gae(rewards, values, mask, bootstrap, gamma, lam):
+    adv = np.zeros_like(rewards)
+    for b in range(rewards.shape[0]):
+        last = int(mask[b].sum()) - 1
+        next_adv = 0.0
+        for t in range(last, -1, -1):
+            next_value = bootstrap[b] if t == last else values[b, t + 1]
+            delta = rewards[b, t] + gamma * next_value - values[b, t]
+            next_adv = delta + gamma * lam * next_adv
+            adv[b, t] = next_adv
+    return adv, (adv + values) * mask
+
+
+def logprobs_of(model, lm, rollout, temperature):
+    return np.asarray(response_logprobs(model, lm, rollout.sequences, rollout.sequence_mask, P, temperature))
+
+
+@pytest.fixture(scope="module")
+def experience_fn(tiny_model):
+    cfg = PPOConfig(gamma=1.0, lam=1.0, whiten_advantages=False, kl_coef=0.1, missing_eos_penalty=0.5,
+                    temperature=0.7)
+    return make_experience_fn(tiny_model, tiny_model, None, cfg)
+
+
+def test_token_rewards_and_reward_to_go(experience_fn, make_rollout, tiny_model, tiny_params,
+                                        other_params):
+    rollout = make_rollout()
+    policy = {"lm": tiny_params, "value_head": init_value_head(32)}
+    batch, metrics = jax.jit(experience_fn)(policy, {"lm": other_params}, None, rollout, SCORES, 0.1)
+    mask = np.asarray(rollout.response_mask, np.float32)
+
+    for name in ("old_logprobs", "ref_logprobs", "old_values", "advantages", "returns", "response_mask"):
+        value = getattr(batch, name)
+        assert value.shape == (B, N) and value.dtype == jnp.float32, name
+        assert np.all(np.asarray(value)[mask == 0] == 0), name
+    assert batch.prompt_length == P and batch.scores.shape == (B,)
+
+    # The same log-probs as the scoring path at the same temperature (so the first PPO ratio is 1).
+    old = logprobs_of(tiny_model, tiny_params, rollout, 0.7)
+    ref = logprobs_of(tiny_model, other_params, rollout, 0.7)
+    np.testing.assert_allclose(batch.old_logprobs, old, atol=1e-6)
+    np.testing.assert_allclose(batch.ref_logprobs, ref, atol=1e-6)
+
+    kl = (old - ref) * mask  # k1
+    penalised = SCORES - 0.5 * np.array([0, 1, 0, 1])  # missing EOS on rows 1 and 3
+    rewards = -0.1 * kl
+    last = mask.sum(1).astype(int) - 1
+    rewards[np.arange(B), last] += penalised
+    reward_to_go = np.cumsum(rewards[:, ::-1], axis=1)[:, ::-1] * mask
+    np.testing.assert_allclose(batch.returns, reward_to_go, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(batch.advantages, reward_to_go, rtol=1e-5, atol=1e-5)  # zero values
+    np.testing.assert_array_equal(batch.old_values, 0.0)
+
+    assert float(metrics["objective/kl"]) == pytest.approx(kl.sum(1).mean(), abs=1e-5)
+    assert float(metrics["objective/non_score_reward"]) == pytest.approx(-0.1 * kl.sum(1).mean(), abs=1e-5)
+    assert float(metrics["objective/scores"]) == pytest.approx(penalised.mean(), abs=1e-6)
+    assert float(metrics["objective/rlhf_reward"]) == pytest.approx(rewards.sum(1).mean(), abs=1e-5)
+    assert float(metrics["objective/entropy"]) == pytest.approx(-(old * mask).sum(1).mean(), abs=1e-5)
+    assert float(metrics["val/num_eos_tokens"]) == 2.0
+    assert float(metrics["objective/kl_coef"]) == pytest.approx(0.1)
+
+
+def test_kl_is_zero_when_policy_is_reference(experience_fn, make_rollout, tiny_params):
+    policy = {"lm": tiny_params, "value_head": init_value_head(32)}
+    batch, metrics = jax.jit(experience_fn)(policy, {"lm": tiny_params}, None, make_rollout(1), SCORES, 0.1)
+    np.testing.assert_array_equal(batch.old_logprobs, batch.ref_logprobs)
+    assert float(metrics["objective/kl"]) == 0.0 and float(metrics["objective/non_score_reward"]) == 0.0
+
+
+def test_separate_critic_gae_bootstrap_whitening_and_kl_in_loss(tiny_model, make_rollout, tiny_params,
+                                                                other_params):
+    cfg = PPOConfig(gamma=0.9, lam=0.8, kl_in_reward=False, kl_estimator="k3", missing_eos_penalty=1.0,
+                    critic="separate", bootstrap_truncated=True)
+    fn = jax.jit(make_experience_fn(tiny_model, tiny_model, tiny_model, cfg))
+    # A critic with a random (non-zero) head on another backbone.
+    critic = {"lm": other_params, "value_head": init_reward_head(jax.random.key(5), 32)}
+    rollout = make_rollout(2)
+    batch, metrics = fn({"lm": tiny_params}, other_params, critic, rollout, SCORES, 0.3)  # bare ref params
+
+    mask = np.asarray(rollout.response_mask, np.float32)
+    hidden = response_hidden(tiny_model, other_params, rollout.sequences, rollout.sequence_mask, P)
+    values, final = map(np.asarray, response_values(critic["value_head"], hidden))
+    np.testing.assert_allclose(batch.old_values, values * mask, atol=1e-5)
+
+    # KL in the loss: the reward is the (penalised) score alone; truncated rows bootstrap from V(final).
+    rewards = np.zeros((B, N), np.float32)
+    last = mask.sum(1).astype(int) - 1
+    rewards[np.arange(B), last] = SCORES - np.array([0, 1, 0, 1])
+    bootstrap = np.where([False, True, False, True], final, 0.0)
+    adv, returns = numpy_gae(rewards, values * mask, mask, bootstrap, 0.9, 0.8)
+    np.testing.assert_allclose(batch.returns, returns, rtol=1e-5, atol=1e-5)
+    real = adv[mask > 0]
+    whitened = (adv - real.mean()) / np.sqrt(real.var(ddof=1) + 1e-8) * mask
+    np.testing.assert_allclose(batch.advantages, whitened, rtol=1e-4, atol=1e-5)
+    assert float(metrics["objective/non_score_reward"]) == 0.0
+    log_r = (logprobs_of(tiny_model, other_params, rollout, 1.0) - logprobs_of(tiny_model, tiny_params,
+                                                                           rollout, 1.0)).astype(np.float64)
+    k3 = (np.expm1(log_r) - log_r) * mask
+    assert float(metrics["objective/kl"]) == pytest.approx(k3.sum(1).mean(), rel=1e-4) and k3.sum() > 0
+    resid = returns[mask > 0] - (values * mask)[mask > 0]
+    expected_ev = 1 - resid.var() / returns[mask > 0].var()
+    assert float(metrics["val/var_explained"]) == pytest.approx(expected_ev, rel=1e-3, abs=1e-5)
+
+
+def test_critic_config_must_match(tiny_model):
+    with pytest.raises(ValueError, match="critic"):
+        make_experience_fn(tiny_model, tiny_model, None, PPOConfig(critic="separate"))

@@ -1,0 +1,35 @@
+"""The guard moved from the run layer: the same functions, and a rolled-back update on a NaN gradient."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+from jaxrlhf.steps import guard
+from jaxrlhf.steps.guard import apply_gradients_if_finite
+from jaxrlhf.steps.state import create_train_state
+from jaxrlhf.train import nonfinite
+
+WITH_AND_WITHOUT_JIT = pytest.mark.parametrize("transform", [lambda f: f, jax.jit], ids=["eager", "jit"])
+
+
+def test_run_layer_reexports_the_steps_guard():
+    assert nonfinite.all_finite is guard.all_finite
+    assert nonfinite.select_if_finite is guard.select_if_finite
+
+
+@WITH_AND_WITHOUT_JIT
+def test_update_is_rolled_back_when_not_finite(transform):
+    opt = optax.adam(0.1)
+    state = create_train_state({"w": jnp.array([1.0, 2.0])}, opt)
+    step = transform(lambda s, g, loss: apply_gradients_if_finite(s, opt, g, loss))
+
+    good, ok = step(state, {"w": jnp.array([1.0, -1.0])}, jnp.float32(0.5))
+    assert bool(ok) and int(good.step) == 1
+    np.testing.assert_allclose(good.params["w"], [0.9, 2.1], rtol=1e-5)
+
+    for grads, loss in [({"w": jnp.array([jnp.nan, 1.0])}, 0.5), ({"w": jnp.ones(2)}, jnp.inf)]:
+        bad, ok = step(good, grads, jnp.float32(loss))
+        assert not bool(ok)
+        jax.tree.map(np.testing.assert_array_equal, bad, good)  # params, Adam moments, count, step

@@ -1,0 +1,147 @@
+"""Reward-model steps: separable pairs are learned, ranking and rating losses fall, padded rows weigh
+nothing, and the scorer (whole or micro-batched) reads the reward at the last real token."""
+
+import jax
+import numpy as np
+import pytest
+
+from jaxrlhf.models.heads import init_reward_head
+from jaxrlhf.rollout.scoring import sequence_scores
+from jaxrlhf.steps.optim import OptimizerConfig, make_optimizer
+from jaxrlhf.steps.reward_model import (
+    RewardModelConfig,
+    make_reward_model_eval,
+    make_reward_model_step,
+    make_reward_scorer,
+)
+from jaxrlhf.steps.state import create_train_state
+
+V, P, N, B = 16, 3, 5, 16
+GOOD, BAD = 3, 4  # chosen responses contain GOOD, rejected ones BAD; other tokens are 5…15
+
+
+def responses(rng, rows, marker_counts):
+    """[rows, P+N] prompt+response tokens and mask; each response holds marker_counts[i] GOOD tokens at
+    random places, is 4 or 5 tokens long (right-padded) and otherwise random."""
+    tokens = rng.randint(5, V, (rows, P + N)).astype(np.int32)
+    mask = np.ones((rows, P + N), np.int32)
+    for i in range(rows):
+        length = rng.randint(4, N + 1)
+        places = rng.choice(length, size=abs(marker_counts[i]), replace=False)
+        tokens[i, P + places] = GOOD if marker_counts[i] > 0 else BAD
+        mask[i, P + length:] = 0
+        tokens[i, P + length:] = 0
+    return tokens, mask
+
+
+def pair_batch(seed):
+    rng = np.random.RandomState(seed)
+    chosen, chosen_mask = responses(rng, B, [1] * B)
+    rejected, rejected_mask = responses(rng, B, [-1] * B)
+    rejected[:, :P] = chosen[:, :P]  # same prompt
+    return {"chosen_tokens": chosen, "chosen_mask": chosen_mask, "rejected_tokens": rejected,
+            "rejected_mask": rejected_mask, "row_mask": np.ones(B, np.int32)}
+
+
+@pytest.fixture(scope="module")
+def rm_params(tiny_params):
+    return {"lm": tiny_params, "reward_head": init_reward_head(jax.random.key(2), 32)}
+
+
+@pytest.fixture(scope="module")
+def optimizer():
+    return make_optimizer(OptimizerConfig(learning_rate=3e-3, schedule="constant"), 1000)
+
+
+@pytest.fixture(scope="module")
+def pairwise_eval(tiny_model):
+    return jax.jit(make_reward_model_eval(tiny_model, RewardModelConfig()))
+
+
+def test_separable_pairs_reach_high_heldout_accuracy(tiny_model, rm_params, optimizer, pairwise_eval):
+    step = jax.jit(make_reward_model_step(tiny_model, optimizer, RewardModelConfig()))
+    state = create_train_state(rm_params, optimizer)
+    heldout = [pair_batch(1000 + i) for i in range(4)]  # 64 unseen pairs
+    accuracy = lambda params: np.mean([float(pairwise_eval(params, b)["accuracy"]) for b in heldout])
+    start = accuracy(state.params)
+    losses = []
+    for i in range(80):
+        state, metrics = step(state, pair_batch(i), jax.random.key(0))
+        losses.append(float(metrics["loss"]))
+        if i % 10 == 9 and accuracy(state.params) > 0.95:
+            break
+    assert accuracy(state.params) > 0.95 > start
+    assert losses[-1] < losses[0] and float(metrics["margin"]) > 0 and float(metrics["nonfinite"]) == 0
+    assert {"loss", "accuracy", "margin", "reward_mean", "reward_std", "grad_norm", "lr"} <= set(metrics)
+
+
+def test_padded_rows_do_not_change_the_loss(tiny_model, rm_params, pairwise_eval):
+    batch = pair_batch(7)
+    real = 12
+    batch["row_mask"][real:] = 0
+    other = {k: v.copy() for k, v in batch.items()}
+    rng = np.random.RandomState(3)
+    for key in ("chosen_tokens", "rejected_tokens"):  # different garbage in the padded rows
+        other[key][real:] = rng.randint(0, V, other[key][real:].shape)
+    a, b = pairwise_eval(rm_params, batch), pairwise_eval(rm_params, other)
+    jax.tree.map(np.testing.assert_array_equal, a, b)
+    unpadded = {k: v[:real] for k, v in batch.items()}
+    c = pairwise_eval(rm_params, unpadded)
+    for name in ("loss", "accuracy", "margin", "reward_mean", "reward_std"):
+        np.testing.assert_allclose(a[name], c[name], rtol=1e-5, atol=1e-6)
+
+
+def ranking_batch(seed, rows=4, k=3):
+    """Items ranked best first by how many GOOD tokens they hold (2, 1, 0); row 1 has only two items."""
+    rng = np.random.RandomState(seed)
+    tokens, mask = responses(rng, rows * k, [2, 1, -1] * rows)
+    item_mask = np.ones((rows, k), np.int32)
+    item_mask[1, 2] = 0
+    return {"tokens": tokens.reshape(rows, k, -1), "mask": mask.reshape(rows, k, -1), "item_mask": item_mask,
+            "row_mask": np.ones(rows, np.int32)}
+
+
+def rating_batch(seed, rows=8):
+    rng = np.random.RandomState(seed)
+    counts = rng.randint(0, 3, rows)
+    tokens, mask = responses(rng, rows, [c if c else -1 for c in counts])
+    return {"tokens": tokens, "mask": mask, "ratings": counts.astype(np.float32),
+            "row_mask": np.ones(rows, np.int32)}
+
+
+@pytest.mark.parametrize("loss, make_batch", [("ranking", ranking_batch), ("rating", rating_batch)])
+def test_ranking_and_rating_losses_decrease(loss, make_batch, tiny_model, rm_params, optimizer):
+    cfg = RewardModelConfig(loss=loss)
+    step = jax.jit(make_reward_model_step(tiny_model, optimizer, cfg))
+    state = create_train_state(rm_params, optimizer)
+    losses = []
+    for i in range(20):
+        state, metrics = step(state, make_batch(i % 4), jax.random.key(0))
+        losses.append(float(metrics["loss"]))
+    assert np.mean(losses[-4:]) < 0.7 * np.mean(losses[:4])
+    assert float(metrics["accuracy"]) > 0.5 and float(metrics["nonfinite"]) == 0
+
+
+def test_scorer_reads_last_real_token_whole_or_in_chunks(tiny_model, rm_params):
+    batch = rating_batch(5)
+    tokens, mask = batch["tokens"], batch["mask"]
+    whole = jax.jit(make_reward_scorer(tiny_model))(rm_params, tokens, mask)
+    chunked = jax.jit(make_reward_scorer(tiny_model, micro_batch_size=4))(rm_params, tokens, mask)
+    np.testing.assert_allclose(chunked, whole, rtol=1e-5, atol=1e-6)
+    # Changing a token after the last real one (padding) leaves the score unchanged; a real one does not.
+    last = mask.sum(1) - 1
+    padded_row = int(np.argmin(mask[:, -1]))
+    changed = tokens.copy()
+    changed[padded_row, -1] = 7
+    changed_real = tokens.copy()
+    changed_real[0, last[0]] = (tokens[0, last[0]] + 1) % V
+    score = jax.jit(lambda t: sequence_scores(tiny_model, rm_params["lm"], rm_params["reward_head"], t, mask))
+    np.testing.assert_allclose(score(changed)[padded_row], whole[padded_row], rtol=1e-5)
+    assert abs(float(score(changed_real)[0] - whole[0])) > 1e-4
+    with pytest.raises(ValueError, match="multiple of micro_batch_size"):
+        make_reward_scorer(tiny_model, micro_batch_size=3)(rm_params, tokens, mask)
+
+
+def test_missing_batch_key_is_named(tiny_model, rm_params):
+    with pytest.raises(KeyError, match="item_mask"):
+        make_reward_model_eval(tiny_model, RewardModelConfig(loss="ranking"))(rm_params, rating_batch(0))

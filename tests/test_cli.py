@@ -1,0 +1,163 @@
+"""The command line: parsing, config errors, data errors (one clear line, exit 1), and the shipped configs."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import yaml
+
+from jaxrlhf import cli
+from jaxrlhf.config import ConfigError
+
+CONFIGS = Path(__file__).resolve().parent.parent / "configs"
+
+
+def sft_config(tmp_path: Path, train_file: str) -> dict:
+    """A from-scratch SFT config (no files but the data) that fails, if at all, before any compilation."""
+    return {
+        "model": {"architecture": {"hidden_size": 16, "num_layers": 1, "num_heads": 2,
+                                   "max_position_embeddings": 32},
+                  "tokenizer": "char:abc"},
+        "data": {"train_file": train_file, "batch_size": 2, "max_prompt_length": 4, "max_response_length": 4},
+        "train": {"steps": 1},
+        "logging": {"run_dir": str(tmp_path / "run"), "mfu_matmul_size": 0, "tensorboard": False},
+    }
+
+
+def run(tmp_path: Path, config: dict, *args: str, command: str = "sft") -> int:
+    path = tmp_path / "config.yaml"
+    path.write_text(yaml.safe_dump(config))
+    return cli.main([command, "--config", str(path), *args])
+
+
+def error_line(capsys) -> str:
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err, "nothing on stderr"
+    return err[-1]
+
+
+def test_help_lists_every_command(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main(["--help"])
+    assert exit_info.value.code == 0
+    out = capsys.readouterr().out
+    for name in ("sft", "reward", "ppo", "a2c"):
+        assert name in out
+    with pytest.raises(SystemExit):
+        cli.main(["ppo", "--help"])
+    assert "--set KEY=VALUE" in capsys.readouterr().out
+
+
+def test_unknown_command_is_a_usage_error():
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main(["dpo"])
+    assert exit_info.value.code == 2
+
+
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [
+        ("optimizer.learning_rte=1e-5", "optimizer.learning_rte: unknown key for OptimizerConfig"),
+        ("train.steps=many", "train.steps: expected int | None, got str 'many'"),
+        ("ppo.kl_estimator=k9", "ppo.kl_estimator: expected one of ['k1', 'k2', 'k3']"),
+        ("optimizer.warmup_steps=-1", "warmup_steps must be >= 0"),
+        ("notakey", "expected key=value"),
+    ],
+)
+def test_config_errors_name_the_key(tmp_path, capsys, override, message):
+    config = sft_config(tmp_path, "unused.jsonl")
+    assert run(tmp_path, config, "--set", override, command="ppo") == 1
+    line = error_line(capsys)
+    assert line.startswith("jaxrlhf ppo: error: ") and message in line
+    assert "Traceback" not in capsys.readouterr().err
+
+
+def test_config_file_errors_name_the_file(tmp_path, capsys):
+    path = tmp_path / "bad.yaml"
+    path.write_text("train:\n  steps: [1\n")
+    assert cli.main(["sft", "--config", str(path)]) == 1
+    assert f"{path}:" in error_line(capsys)
+    path.write_text(yaml.safe_dump({"trian": {"steps": 1}}))
+    assert cli.main(["sft", "--config", str(path)]) == 1
+    line = error_line(capsys)
+    assert str(path) in line and "trian: unknown key for SFTRunConfig" in line
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        ({"model": {"path": "m", "architecture": {}}}, "exactly one of model.path or model.architecture"),
+        ({"model": {"architecture": {}}}, "model.tokenizer: required"),
+        ({"train": {}}, "give train.steps or train.epochs"),
+        ({"model": {"path": "/nonexistent/model"}}, "/nonexistent/model: model directory not found"),
+    ],
+)
+def test_inconsistent_sections_are_config_errors(tmp_path, capsys, change, message):
+    config = {**sft_config(tmp_path, "unused.jsonl"), **change}
+    assert run(tmp_path, config) == 1
+    assert message in error_line(capsys)
+
+
+def test_rl_needs_exactly_one_reward_source(tmp_path, capsys):
+    config = sft_config(tmp_path, "unused.jsonl")
+    assert run(tmp_path, config, command="a2c") == 1
+    assert "give exactly one of reward.model_path or reward.function" in error_line(capsys)
+    config["reward"] = {"function": "no_such_reward"}
+    write = tmp_path / "prompts.jsonl"
+    write.write_text('{"prompt": "ab"}\n{"prompt": "ba"}\n')
+    config["data"]["train_file"] = str(write)
+    assert run(tmp_path, config, command="a2c") == 1
+    assert "data.max_prompt_length + generation.max_new_tokens = 36 tokens exceeds the model's " \
+           "max_position_embeddings (32)" in error_line(capsys)
+    config["generation"] = {"max_new_tokens": 4, "temperature": 0.7}
+    assert run(tmp_path, config, command="a2c") == 1
+    assert "generation.temperature: 0.7 differs from the algorithm's temperature 1.0" in error_line(capsys)
+    config["generation"] = {"max_new_tokens": 4}
+    assert run(tmp_path, config, command="a2c") == 1
+    assert "reward.function: unknown reward function 'no_such_reward'" in error_line(capsys)
+
+
+@pytest.mark.parametrize(
+    ("lines", "where", "message"),
+    [
+        (['{"prompt": "ab", "completion": "c"}', '{"prompt": "ab", "completion": '], ":2:", "malformed JSON"),
+        (['{"prompt": "ab", "completion": "c"}', '{"prompt": "ab"}'], ":2:", "missing field 'completion'"),
+        ([], "", "no records"),
+        (['{"prompt": "abcabc", "completion": "c"}'], ":1:", "more than max_prompt_length=4"),
+    ],
+    ids=["malformed-json", "missing-field", "empty-file", "prompt-too-long"],
+)
+def test_bad_data_gives_one_line_naming_file_and_line(tmp_path, capsys, lines, where, message):
+    data = tmp_path / "train.jsonl"
+    data.write_text("".join(line + "\n" for line in lines))
+    assert run(tmp_path, sft_config(tmp_path, str(data))) == 1
+    line = error_line(capsys)
+    assert line.startswith(f"jaxrlhf sft: error: {data}{where}") and message in line
+    assert not (tmp_path / "run" / "checkpoints").exists()
+
+
+def test_missing_data_file_and_debug_traceback(tmp_path, capsys):
+    config = sft_config(tmp_path, str(tmp_path / "missing.jsonl"))
+    assert run(tmp_path, config) == 1
+    assert "missing.jsonl: no such file" in error_line(capsys)
+    from jaxrlhf.data import DataError
+
+    with pytest.raises(DataError):
+        run(tmp_path, config, "--debug")
+
+
+def test_batch_larger_than_the_dataset_is_a_data_error(tmp_path, capsys):
+    data = tmp_path / "train.jsonl"
+    data.write_text(json.dumps({"prompt": "ab", "completion": "c"}) + "\n")
+    assert run(tmp_path, sft_config(tmp_path, str(data))) == 1
+    assert "data.batch_size=2 exceeds the file's 1 examples" in error_line(capsys)
+
+
+@pytest.mark.parametrize("command", sorted(cli.COMMANDS))
+def test_shipped_configs_are_valid(command):
+    config = cli.load_command_config(command, str(CONFIGS / f"{command}.yaml"), [])
+    assert config.train.steps or config.train.epochs
+    with pytest.raises(ConfigError, match="unknown key"):
+        cli.load_command_config(command, str(CONFIGS / f"{command}.yaml"), ["data.nope=1"])

@@ -1,0 +1,257 @@
+"""End-to-end trainer runs through ``cli.main``: sft → reward → ppo / a2c on tiny data, resume, non-finite.
+
+One chain of module-scoped runs shares the compiled steps: a tiny GPT-2 trained from scratch by ``sft`` (char
+tokenizer), whose export is the backbone of the ``reward`` run and the policy of the RL runs. Every run uses
+one prompt and one response bucket, so each step compiles once per process (and the persistent compilation
+cache serves the repeated runs).
+"""
+
+from __future__ import annotations
+
+import json
+import random
+from pathlib import Path
+
+import jax
+import numpy as np
+import pytest
+import yaml
+from safetensors.numpy import load_file
+
+from jaxrlhf import cli
+from jaxrlhf.models import hf_io
+from jaxrlhf.steps import register_reward_fn
+from jaxrlhf.train.checkpoint import CheckpointManager, first_nonfinite_leaf
+from jaxrlhf.train.metrics import read_metrics_jsonl
+
+ALPHABET = "abcdef"
+SHAPES = {"batch_size": 4, "max_prompt_length": 8, "max_response_length": 8,
+          "prompt_buckets": [8], "response_buckets": [8]}
+QUIET = {"log_every": 1, "mfu_matmul_size": 64, "tensorboard": False, "progress_bar": False}
+
+
+def write_jsonl(path: Path, rows: list[dict]) -> str:
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return str(path)
+
+
+def run_command(command: str, config: dict, directory: Path, *overrides: str) -> int:
+    path = directory / f"{command}-{len(list(directory.glob('*.yaml')))}.yaml"
+    path.write_text(yaml.safe_dump(config))
+    return cli.main([command, "--config", str(path), *[a for o in overrides for a in ("--set", o)]])
+
+
+@pytest.fixture(scope="module")
+def workdir(tmp_path_factory):
+    """Tiny datasets: reverse the prompt (sft), reversed ≻ copied (preferences), prompts (RL)."""
+    root = tmp_path_factory.mktemp("trainers")
+    rng = random.Random(0)
+    words = ["".join(rng.choice(ALPHABET) for _ in range(rng.randint(2, 6))) for _ in range(16)]
+    write_jsonl(root / "sft.jsonl", [{"prompt": w, "completion": w[::-1]} for w in words])
+    write_jsonl(root / "prefs.jsonl", [{"prompt": w, "chosen": w[::-1], "rejected": w + "a"} for w in words])
+    write_jsonl(root / "prompts.jsonl", [{"prompt": w} for w in words])
+    return root
+
+
+def sft_config(workdir: Path, run_dir: str) -> dict:
+    return {
+        "model": {"architecture": {"family": "gpt2", "hidden_size": 32, "num_layers": 1, "num_heads": 4,
+                                   "max_position_embeddings": 32},
+                  "tokenizer": f"char:{ALPHABET}"},
+        "data": {"train_file": str(workdir / "sft.jsonl"), "eval_file": str(workdir / "sft.jsonl"), **SHAPES},
+        "optimizer": {"learning_rate": 3e-3, "warmup_steps": 1},
+        "train": {"steps": 4, "seed": 1},
+        "checkpoint": {"every": 2, "keep": 2},
+        "logging": {"run_dir": str(workdir / run_dir), **QUIET, "tensorboard": True, "log_every": 2},
+    }
+
+
+@pytest.fixture(scope="module")
+def sft_run(workdir):
+    assert run_command("sft", sft_config(workdir, "sft"), workdir) == 0
+    return workdir / "sft"
+
+
+def reward_config(workdir: Path, policy: Path) -> dict:
+    return {
+        "model": {"path": str(policy / "export")},
+        "data": {"train_file": str(workdir / "prefs.jsonl"), "eval_file": str(workdir / "prefs.jsonl"),
+                 **SHAPES},
+        "optimizer": {"learning_rate": 3e-3},
+        "train": {"steps": 4},
+        "checkpoint": {"every": 2},
+        "logging": {"run_dir": str(workdir / "reward"), **QUIET},
+    }
+
+
+@pytest.fixture(scope="module")
+def reward_run(workdir, sft_run):
+    assert run_command("reward", reward_config(workdir, sft_run), workdir) == 0
+    return workdir / "reward"
+
+
+def ppo_config(workdir: Path, policy: Path, reward: Path, run_dir: str) -> dict:
+    return {
+        "model": {"path": str(policy / "export")},
+        "data": {"train_file": str(workdir / "prompts.jsonl"), **SHAPES},
+        "optimizer": {"learning_rate": 1e-3},
+        "ppo": {"epochs": 2, "num_minibatches": 2, "adaptive_kl": True, "kl_coef": 0.2, "kl_horizon": 100},
+        "generation": {"max_new_tokens": 8},
+        "reward": {"model_path": str(reward / "export")},
+        "train": {"steps": 3, "seed": 3},
+        "checkpoint": {"every": 1, "keep": 5},
+        "logging": {"run_dir": str(workdir / run_dir), **QUIET, "sample_every": 1},
+    }
+
+
+@pytest.fixture(scope="module")
+def ppo_run(workdir, sft_run, reward_run):
+    assert run_command("ppo", ppo_config(workdir, sft_run, reward_run, "ppo"), workdir) == 0
+    return workdir / "ppo"
+
+
+def last_record_with(run_dir: Path, name: str) -> dict:
+    return [r for r in read_metrics_jsonl(run_dir / "metrics.jsonl") if name in r][-1]
+
+
+def assert_export_loads_in_transformers(export: Path) -> None:
+    torch = pytest.importorskip("torch")
+    transformers = pytest.importorskip("transformers")
+    hf_model = transformers.AutoModelForCausalLM.from_pretrained(export).eval()
+    model, params, _ = hf_io.load(export)
+    tokens = np.array([[8, 9, 10, 11, 2]], np.int32)
+    with torch.no_grad():
+        want = hf_model(input_ids=torch.tensor(tokens, dtype=torch.long)).logits.numpy()
+    mask = np.ones_like(tokens)
+    got, _, _ = model.apply(params, tokens, np.arange(5, dtype=np.int32)[None], mask)
+    np.testing.assert_allclose(np.asarray(got), want, atol=1e-4)
+
+
+def test_sft_writes_metrics_checkpoints_and_a_transformers_export(sft_run):
+    record = last_record_with(sft_run, "loss/sft")
+    assert record["step"] == 4
+    for name in ("loss/sft", "train/accuracy", "train/grad_norm", "lr", "timing/update", "timing/step_total",
+                 "perf/tokens_per_s", "perf/mfu", "train/nonfinite_skips"):
+        assert np.isfinite(record[name]), name
+    evaluation = last_record_with(sft_run, "eval/loss")
+    assert 0 < evaluation["eval/loss"] < np.log(len(ALPHABET) + 8) + 1
+    assert CheckpointManager(sft_run / "checkpoints").all_steps() == [2, 4]
+    assert list(sft_run.glob("events.out.tfevents.*"))
+    assert (sft_run / "config.yaml").is_file()
+    assert_export_loads_in_transformers(sft_run / "export")
+
+
+def test_reward_model_export_holds_head_and_unit_normalisation(reward_run):
+    export = reward_run / "export"
+    heads = hf_io.load_heads(export)
+    assert heads["reward_head"]["proj"]["kernel"].shape == (32, 1)
+    norm = json.loads((export / "reward_normalization.json").read_text())
+    fit = last_record_with(reward_run, "val/reward_mean_raw")
+    # gain·r + bias has mean 0 and std 1 on the fitted sample.
+    assert norm["gain"] * fit["val/reward_mean_raw"] + norm["bias"] == pytest.approx(0.0, abs=1e-5)
+    assert norm["gain"] * fit["val/reward_std_raw"] == pytest.approx(1.0, rel=1e-4)
+    assert 0.0 <= last_record_with(reward_run, "eval/accuracy")["eval/accuracy"] <= 1.0
+    assert "loss/reward" in last_record_with(reward_run, "loss/reward")
+    assert_export_loads_in_transformers(export)
+
+
+def test_ppo_logs_reference_metric_names_and_exports_policy_with_value_head(ppo_run):
+    record = last_record_with(ppo_run, "objective/kl")
+    assert record["episode"] == 3 * 4
+    for name in ("objective/kl", "objective/entropy", "objective/non_score_reward", "objective/rlhf_reward",
+                 "objective/scores", "objective/kl_coef", "policy/approxkl_avg", "policy/clipfrac_avg",
+                 "loss/policy_avg", "loss/value_avg", "val/clipfrac_avg", "policy/entropy_avg", "val/ratio",
+                 "val/ratio_var", "val/num_eos_tokens", "val/var_explained", "lr", "timing/generation",
+                 "timing/score", "timing/update", "timing/step_total", "perf/tokens_per_s", "perf/mfu"):
+        assert np.isfinite(record[name]), name
+    first = read_metrics_jsonl(ppo_run / "metrics.jsonl")[0]
+    assert first["val/ratio_first_minibatch"] < 1e-5  # sampling and training log-probs agree
+    samples = [json.loads(line) for line in (ppo_run / "text.jsonl").read_text().splitlines()]
+    assert len(samples) == 3 and samples[0]["text"].startswith("prompt: ")
+    assert "value_head" in hf_io.load_heads(ppo_run / "export")
+    assert_export_loads_in_transformers(ppo_run / "export")
+
+
+def a2c_config(workdir: Path, policy: Path, reward: Path, run_dir: str) -> dict:
+    """A2C with a separate critic initialised from the reward model, and a programmatic reward."""
+    config = ppo_config(workdir, policy, reward, run_dir)
+    del config["ppo"]
+    config["a2c"] = {"critic": "separate"}
+    config["critic"] = {"path": str(reward / "export")}
+    config["reward"] = {"function": "token_count:8"}  # share of 'a' tokens
+    config["train"]["steps"] = 2
+    return config
+
+
+def test_a2c_with_reward_function_and_separate_critic(workdir, sft_run, reward_run):
+    assert run_command("a2c", a2c_config(workdir, sft_run, reward_run, "a2c"), workdir) == 0
+    run_dir = workdir / "a2c"
+    record = last_record_with(run_dir, "objective/scores")
+    assert 0.0 <= record["objective/scores"] + 1.0  # minus at most the missing-EOS penalty
+    assert record["episode"] == 8
+    critic_heads = hf_io.load_heads(run_dir / "export_critic")
+    assert "value_head" in critic_heads
+    assert not (run_dir / "export" / hf_io.HEADS_FILE).exists()  # the policy export is the LM only
+
+
+def _tensors(export: Path) -> dict[str, np.ndarray]:
+    return load_file(str(export / hf_io.SINGLE_FILE))
+
+
+def test_sft_resume_reaches_the_same_parameters(workdir, sft_run, capsys):
+    config = sft_config(workdir, "sft-resumed")
+    config["logging"]["tensorboard"] = False
+    assert run_command("sft", config, workdir, "train.stop_at_step=2") == 0
+    run_dir = workdir / "sft-resumed"
+    assert not (run_dir / "export").exists()
+    assert CheckpointManager(run_dir / "checkpoints").all_steps() == [2]
+    assert run_command("sft", config, workdir) == 0
+    want, got = _tensors(sft_run / "export"), _tensors(run_dir / "export")
+    assert want.keys() == got.keys()
+    for name in want:
+        np.testing.assert_array_equal(got[name], want[name], err_msg=name)
+    steps = [r["step"] for r in read_metrics_jsonl(run_dir / "metrics.jsonl") if "loss/sft" in r]
+    assert steps == [2, 4]
+    # A fresh start over existing checkpoints is refused rather than mixed with them.
+    assert run_command("sft", config, workdir, "checkpoint.resume=false") == 1
+    assert "checkpoint.resume: false, but" in capsys.readouterr().err
+    assert CheckpointManager(run_dir / "checkpoints").all_steps() == [2, 4]
+
+
+def test_ppo_resume_reaches_the_same_parameters_and_kl_coefficient(workdir, sft_run, reward_run, ppo_run):
+    config = ppo_config(workdir, sft_run, reward_run, "ppo-resumed")
+    assert run_command("ppo", config, workdir, "train.stop_at_step=1") == 0
+    assert run_command("ppo", config, workdir) == 0
+    want, got = _tensors(ppo_run / "export"), _tensors(workdir / "ppo-resumed" / "export")
+    for name in want:
+        np.testing.assert_allclose(got[name], want[name], atol=1e-6, rtol=0, err_msg=name)
+    kl = [last_record_with(d, "objective/kl_coef")["objective/kl_coef"]
+          for d in (ppo_run, workdir / "ppo-resumed")]
+    assert kl[0] == kl[1] and kl[0] != 0.2  # the adaptive controller moved and was restored
+
+
+def test_nonfinite_rewards_stop_the_run_and_keep_the_last_good_checkpoint(workdir, sft_run, reward_run,
+                                                                          capsys):
+    calls = []
+
+    def nan_after_two_batches(prompt_tokens, prompt_mask, response_tokens, response_mask):
+        calls.append(1)
+        value = 1.0 if len(calls) <= 2 else np.nan
+        return np.full(len(response_tokens), value, np.float32)
+
+    register_reward_fn("test_nan_after_two", nan_after_two_batches, jittable=False, overwrite=True)
+    config = a2c_config(workdir, sft_run, reward_run, "a2c-nan")  # the same compiled steps as above
+    config["reward"] = {"function": "test_nan_after_two"}
+    config["train"] = {"steps": 8, "max_consecutive_nonfinite": 2}
+    assert run_command("a2c", config, workdir) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].startswith("jaxrlhf a2c: error: 2 consecutive non-finite steps (last at step 4)")
+    manager = CheckpointManager(workdir / "a2c-nan" / "checkpoints")
+    assert manager.all_steps() == [1, 2, 3]  # step 4 raised before saving
+    good, _ = manager.restore(2)
+    skipped, metadata = manager.restore(3)
+    assert first_nonfinite_leaf(skipped) is None and metadata["nonfinite_skips"] == 1
+    # The skipped update left the state as it was (only the RNG moved on).
+    for a, b in zip(jax.tree.leaves(good["rl"]), jax.tree.leaves(skipped["rl"])):
+        np.testing.assert_array_equal(a, b)
+    assert not (workdir / "a2c-nan" / "export").exists()
