@@ -51,7 +51,9 @@ def time_calls(fn, repeats: int) -> list[float]:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--batch", type=int, default=32)
     parser.add_argument("--prompt", type=int, default=64)
     parser.add_argument("--new", type=int, default=64)
@@ -64,14 +66,21 @@ def main() -> None:
     parser.add_argument("--no-torch", action="store_true", help="skip the PyTorch baseline")
     args = parser.parse_args()
 
-    cfg = gpt2_config(vocab_size=args.vocab, hidden_size=args.d_model, num_layers=args.layers,
-                      num_heads=args.heads, max_position_embeddings=max(256, args.prompt + args.new),
-                      dtype=args.dtype)
+    cfg = gpt2_config(
+        vocab_size=args.vocab,
+        hidden_size=args.d_model,
+        num_layers=args.layers,
+        num_heads=args.heads,
+        max_position_embeddings=max(256, args.prompt + args.new),
+        dtype=args.dtype,
+    )
     model = LanguageModel(cfg)
     params = model.init(jax.random.key(0))
     rng = np.random.RandomState(0)
-    prompts = [rng.randint(3, args.vocab, size=(args.batch, args.prompt)).astype(np.int32)
-               for _ in range(args.repeats + 1)]
+    prompts = [
+        rng.randint(3, args.vocab, size=(args.batch, args.prompt)).astype(np.int32)
+        for _ in range(args.repeats + 1)
+    ]
     mask = np.ones((args.batch, args.prompt), np.int32)
     gen_cfg = GenerationConfig(max_new_tokens=args.new, temperature=1.0)  # no stop ids: full length
     new_tokens = args.batch * args.new
@@ -84,17 +93,29 @@ def main() -> None:
     compile_s = time.perf_counter() - start
     jax.block_until_ready(generate(model, params, prompts[0], mask, jax.random.key(0), gen_cfg))  # warm-up
     del compiled
-    jax_times = time_calls(lambda i: jax.block_until_ready(
-        generate(model, params, prompts[i + 1], mask, jax.random.key(i + 1), gen_cfg)), args.repeats)
+    jax_times = time_calls(
+        lambda i: jax.block_until_ready(
+            generate(model, params, prompts[i + 1], mask, jax.random.key(i + 1), gen_cfg)
+        ),
+        args.repeats,
+    )
     jax_best = min(jax_times)
     result = {
         "benchmark": "generation",
         "device": str(jax.devices()[0].device_kind),
         "platform": platform.processor() or platform.machine(),
         "cpu_count": os.cpu_count(),
-        "shape": {"layers": args.layers, "d_model": args.d_model, "heads": args.heads, "vocab": args.vocab,
-                  "batch": args.batch, "prompt": args.prompt, "new_tokens": args.new, "dtype": args.dtype,
-                  "params": cfg.num_params()},
+        "shape": {
+            "layers": args.layers,
+            "d_model": args.d_model,
+            "heads": args.heads,
+            "vocab": args.vocab,
+            "batch": args.batch,
+            "prompt": args.prompt,
+            "new_tokens": args.new,
+            "dtype": args.dtype,
+            "params": cfg.num_params(),
+        },
         "matmul_peak_gflops": peak / 1e9,
         "model_gflop_per_call": flops / 1e9,
         "jaxrlhf": {
@@ -111,7 +132,9 @@ def main() -> None:
         import transformers
 
         with tempfile.TemporaryDirectory() as tmp:
-            hf_io.save(f"{tmp}/model", LanguageModel(gpt2_config(**{**cfg.__dict__, "dtype": "float32"})), params)
+            hf_io.save(
+                f"{tmp}/model", LanguageModel(gpt2_config(**{**cfg.__dict__, "dtype": "float32"})), params
+            )
             hf_model = transformers.AutoModelForCausalLM.from_pretrained(f"{tmp}/model").eval()
         if args.dtype == "bfloat16":
             hf_model = hf_model.to(torch.bfloat16)
@@ -120,9 +143,17 @@ def main() -> None:
         def torch_generate(i: int) -> None:
             torch.manual_seed(i)
             with torch.no_grad():
-                hf_model.generate(input_ids=torch.from_numpy(prompts[i]).long(), attention_mask=attn_mask,
-                                  max_new_tokens=args.new, min_new_tokens=args.new, do_sample=True,
-                                  temperature=1.0, top_k=0, top_p=1.0, pad_token_id=0)
+                hf_model.generate(
+                    input_ids=torch.from_numpy(prompts[i]).long(),
+                    attention_mask=attn_mask,
+                    max_new_tokens=args.new,
+                    min_new_tokens=args.new,
+                    do_sample=True,
+                    temperature=1.0,
+                    top_k=0,
+                    top_p=1.0,
+                    pad_token_id=0,
+                )
 
         start = time.perf_counter()
         torch_generate(0)  # warm-up

@@ -106,9 +106,7 @@ def _build(cls: type[T], data: Mapping[str, Any], prefix: str = "") -> T:
     missing = [
         n
         for n, f in fields.items()
-        if n not in kwargs
-        and f.default is dataclasses.MISSING
-        and f.default_factory is dataclasses.MISSING  # type: ignore[misc]
+        if n not in kwargs and f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING  # type: ignore[misc]
     ]
     if missing:
         raise ConfigError(f"{prefix}{missing[0]}: required key is missing for {cls.__name__}")

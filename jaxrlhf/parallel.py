@@ -38,7 +38,8 @@ class ParallelConfig:
 
     data: devices along the data-parallel axis (-1: all devices not used by ``fsdp``).
     fsdp: devices each parameter is split across (1: parameters replicated).
-    fsdp_min_size: parameters with fewer elements stay replicated (sharding tiny vectors costs more than it saves).
+    fsdp_min_size: parameters with fewer elements stay replicated (splitting tiny vectors costs more
+        than it saves).
     distributed: "auto" initialises ``jax.distributed`` when a coordinator is configured here or in the
         standard environment (JAX_COORDINATOR_ADDRESS, or a cluster JAX detects: SLURM, Open MPI, TPU pods);
         "always" initialises unconditionally (letting JAX auto-detect); "never" runs single-process.
@@ -53,8 +54,13 @@ class ParallelConfig:
     process_id: int | None = None
 
 
-_CLUSTER_ENV = ("JAX_COORDINATOR_ADDRESS", "SLURM_JOB_ID", "OMPI_COMM_WORLD_SIZE", "TPU_WORKER_HOSTNAMES",
-                "MEGASCALE_COORDINATOR_ADDRESS")
+_CLUSTER_ENV = (
+    "JAX_COORDINATOR_ADDRESS",
+    "SLURM_JOB_ID",
+    "OMPI_COMM_WORLD_SIZE",
+    "TPU_WORKER_HOSTNAMES",
+    "MEGASCALE_COORDINATOR_ADDRESS",
+)
 
 
 def initialize_distributed(config: ParallelConfig) -> bool:
@@ -74,12 +80,23 @@ def initialize_distributed(config: ParallelConfig) -> bool:
     detected = any(v in os.environ for v in _CLUSTER_ENV)
     if config.distributed == "auto" and not (explicit or detected):
         return False
-    kwargs = {k: v for k, v in (("coordinator_address", config.coordinator_address),
-                                ("num_processes", config.num_processes),
-                                ("process_id", config.process_id)) if v is not None}
+    kwargs = {
+        k: v
+        for k, v in (
+            ("coordinator_address", config.coordinator_address),
+            ("num_processes", config.num_processes),
+            ("process_id", config.process_id),
+        )
+        if v is not None
+    }
     jax.distributed.initialize(**kwargs)
-    log.info("jax.distributed initialised: process %d of %d, %d local / %d global devices",
-             jax.process_index(), jax.process_count(), jax.local_device_count(), jax.device_count())
+    log.info(
+        "jax.distributed initialised: process %d of %d, %d local / %d global devices",
+        jax.process_index(),
+        jax.process_count(),
+        jax.local_device_count(),
+        jax.device_count(),
+    )
     return True
 
 
@@ -154,12 +171,15 @@ def shard_batch(mesh: Mesh, batch: Any) -> Any:
     Single process: ``batch`` is the global batch. Multi-host: each process passes its own rows (as the data
     loader splits them) and the result is one global array.
     """
+
     def put(x: Any) -> jax.Array:
         x = np.asarray(x)
         sharding = batch_sharding(mesh, x.ndim)
         if x.ndim and jax.process_count() == 1 and x.shape[0] % sharding.num_devices:
-            raise ValueError(f"batch dimension {x.shape[0]} is not divisible by the {sharding.num_devices} "
-                             f"devices of the mesh {dict(mesh.shape)}")
+            raise ValueError(
+                f"batch dimension {x.shape[0]} is not divisible by the {sharding.num_devices} "
+                f"devices of the mesh {dict(mesh.shape)}"
+            )
         return jax.make_array_from_process_local_data(sharding, x)
 
     return jax.tree.map(put, batch)
@@ -169,8 +189,12 @@ def jit_step(step: Callable, mesh: Mesh, state: Any, donate: bool = True, min_si
     """``jax.jit(step)`` with the state's shardings pinned on input and output (so a step never silently
     changes layouts) and the state buffers donated. ``step(state, batch, key) -> (state, metrics)``."""
     state_sh = state_shardings(mesh, state, min_size)
-    return jax.jit(step, in_shardings=(state_sh, None, replicated(mesh)),
-                   out_shardings=(state_sh, replicated(mesh)), donate_argnums=(0,) if donate else ())
+    return jax.jit(
+        step,
+        in_shardings=(state_sh, None, replicated(mesh)),
+        out_shardings=(state_sh, replicated(mesh)),
+        donate_argnums=(0,) if donate else (),
+    )
 
 
 def place_state(mesh: Mesh, state: Any, min_size: int = 4096) -> Any:

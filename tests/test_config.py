@@ -35,8 +35,9 @@ def write(tmp_path, text):
 def test_yaml_and_overrides(tmp_path):
     path = write(tmp_path, "steps: 5\ninner:\n  lr: 3.0e-4\n  stop_ids: [2, 7]\n")
     cfg = load_config(Outer, path, ["inner.schedule=constant", "clip=0.2", "flag=true", "name=x"])
-    assert cfg == Outer(name="x", steps=5, clip=0.2, flag=True,
-                        inner=Inner(lr=3e-4, schedule="constant", stop_ids=(2, 7)))
+    assert cfg == Outer(
+        name="x", steps=5, clip=0.2, flag=True, inner=Inner(lr=3e-4, schedule="constant", stop_ids=(2, 7))
+    )
     assert to_dict(cfg)["inner"]["stop_ids"] == [2, 7]
     assert load_config(Outer) == Outer()
     # Ints are accepted where floats are expected; None where Optional.

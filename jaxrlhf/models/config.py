@@ -31,7 +31,7 @@ class RopeScaling:
 
 @dataclasses.dataclass(frozen=True)
 class ModelConfig:
-    """Hyper-parameters of a decoder-only transformer. Frozen and hashable: usable as a static jit argument."""
+    """Hyper-parameters of a decoder-only transformer. Frozen and hashable: a valid static jit argument."""
 
     model_type: Literal["gpt2", "llama", "mistral", "qwen2"] = "gpt2"
     vocab_size: int = 8192
@@ -93,8 +93,17 @@ class ModelConfig:
 
 def gpt2_config(**overrides: Any) -> ModelConfig:
     """A GPT-2-style config (learned positions, LayerNorm, GELU, biases, tied embeddings)."""
-    base = dict(model_type="gpt2", position_encoding="learned", norm="layernorm", mlp="gelu",
-                qkv_bias=True, attn_out_bias=True, mlp_bias=True, tie_word_embeddings=True, norm_eps=1e-5)
+    base = dict(
+        model_type="gpt2",
+        position_encoding="learned",
+        norm="layernorm",
+        mlp="gelu",
+        qkv_bias=True,
+        attn_out_bias=True,
+        mlp_bias=True,
+        tie_word_embeddings=True,
+        norm_eps=1e-5,
+    )
     base.update(overrides)
     if "head_dim" not in overrides:
         base["head_dim"] = base.get("hidden_size", 384) // base.get("num_heads", 6)
@@ -105,8 +114,17 @@ def gpt2_config(**overrides: Any) -> ModelConfig:
 
 def llama_config(**overrides: Any) -> ModelConfig:
     """A Llama-style config (RoPE, RMSNorm, SwiGLU, no biases, untied embeddings by default)."""
-    base = dict(model_type="llama", position_encoding="rope", norm="rmsnorm", mlp="swiglu", qkv_bias=False,
-                attn_out_bias=False, mlp_bias=False, tie_word_embeddings=False, norm_eps=1e-6)
+    base = dict(
+        model_type="llama",
+        position_encoding="rope",
+        norm="rmsnorm",
+        mlp="swiglu",
+        qkv_bias=False,
+        attn_out_bias=False,
+        mlp_bias=False,
+        tie_word_embeddings=False,
+        norm_eps=1e-6,
+    )
     base.update(overrides)
     if "head_dim" not in overrides:
         base["head_dim"] = base.get("hidden_size", 384) // base.get("num_heads", 6)
@@ -138,7 +156,8 @@ def from_hf_config(hf: dict[str, Any], source: str = "config.json") -> ModelConf
     model_type = hf.get("model_type")
     if model_type not in SUPPORTED_MODEL_TYPES:
         raise UnsupportedModelError(
-            f"{source}: model_type {model_type!r} is not supported (supported: {', '.join(SUPPORTED_MODEL_TYPES)})"
+            f"{source}: model_type {model_type!r} is not supported "
+            f"(supported: {', '.join(SUPPORTED_MODEL_TYPES)})"
         )
     ids = dict(bos_token_id=_first_id(hf.get("bos_token_id")), pad_token_id=_first_id(hf.get("pad_token_id")))
     eos = hf.get("eos_token_id")
@@ -288,7 +307,9 @@ def to_hf_config(config: ModelConfig) -> dict[str, Any]:
         s = config.rope_scaling
         if s.kind == "llama3":
             out["rope_scaling"] = dict(
-                rope_type="llama3", factor=s.factor, low_freq_factor=s.low_freq_factor,
+                rope_type="llama3",
+                factor=s.factor,
+                low_freq_factor=s.low_freq_factor,
                 high_freq_factor=s.high_freq_factor,
                 original_max_position_embeddings=s.original_max_position_embeddings,
             )
@@ -298,7 +319,7 @@ def to_hf_config(config: ModelConfig) -> dict[str, Any]:
 
 
 def rope_inverse_frequencies(config: ModelConfig) -> list[float]:
-    """RoPE inverse frequencies θ^(−2i/d), rescaled per ``config.rope_scaling`` (host-side, exact in float64)."""
+    """RoPE inverse frequencies θ^(−2i/d), rescaled per ``config.rope_scaling`` (host-side, float64)."""
     d = config.head_dim
     inv = [1.0 / (config.rope_theta ** (2 * i / d)) for i in range(d // 2)]
     s = config.rope_scaling

@@ -1,4 +1,4 @@
-"""Scalar heads on a backbone's final hidden states: a value head (per token) and a reward head (per sequence).
+"""Scalar heads on a backbone's final hidden states: a value head (per token), a reward head (per sequence).
 
 Both are ``Dense(d_model → 1)`` NNX modules kept as their own params pytree, so a head can sit on a shared
 backbone (policy + value head) or on a separate model (a critic, a reward model) without changing the
@@ -52,7 +52,7 @@ def last_token_index(mask: jax.Array) -> jax.Array:
 
 
 def sequence_reward(head: HeadParams, hidden: jax.Array, mask: jax.Array) -> jax.Array:
-    """Reward of each sequence: the head read at its last non-pad token. hidden [B, S, d], mask [B, S] → [B]."""
+    """Reward of each sequence: the head read at its last non-pad token. hidden [B,S,d], mask [B,S] → [B]."""
     idx = last_token_index(mask)
     last = jnp.take_along_axis(hidden, idx[:, None, None], axis=1)[:, 0]
     return head_apply(head, last)

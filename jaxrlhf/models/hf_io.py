@@ -72,8 +72,12 @@ def _rules(cfg: ModelConfig) -> list[_Rule]:
             for ours, theirs in (("attn_norm", "ln_1"), ("mlp_norm", "ln_2")):
                 add((*L, ours, "scale"), [h + theirs + ".weight"], _one(False))
                 add((*L, ours, "bias"), [h + theirs + ".bias"], _one(False))
-            for mod, sub, theirs in (("attn", "qkv", "attn.c_attn"), ("attn", "out", "attn.c_proj"),
-                                     ("mlp", "up", "mlp.c_fc"), ("mlp", "down", "mlp.c_proj")):
+            for mod, sub, theirs in (
+                ("attn", "qkv", "attn.c_attn"),
+                ("attn", "out", "attn.c_proj"),
+                ("mlp", "up", "mlp.c_fc"),
+                ("mlp", "down", "mlp.c_proj"),
+            ):
                 add((*L, mod, sub, "kernel"), [h + theirs + ".weight"], _one(False))
                 add((*L, mod, sub, "bias"), [h + theirs + ".bias"], _one(False))
         add(("final_norm", "scale"), ["transformer.ln_f.weight"], _one(False))
@@ -97,8 +101,11 @@ def _rules(cfg: ModelConfig) -> list[_Rule]:
         if cfg.attn_out_bias:
             add((*L, "attn", "out", "bias"), [h + "self_attn.o_proj.bias"], _one(False))
         f = cfg.intermediate_size
-        add((*L, "mlp", "gate_up", "kernel"), [h + "mlp.gate_proj.weight", h + "mlp.up_proj.weight"],
-            _cat([f, f], True))
+        add(
+            (*L, "mlp", "gate_up", "kernel"),
+            [h + "mlp.gate_proj.weight", h + "mlp.up_proj.weight"],
+            _cat([f, f], True),
+        )
         add((*L, "mlp", "down", "kernel"), [h + "mlp.down_proj.weight"], _one(True))
     add(("final_norm", "scale"), ["model.norm.weight"], _one(False))
     if not cfg.tie_word_embeddings:
@@ -148,22 +155,30 @@ def _tensor_files(path: Path) -> Iterator[Path]:
         yield path / SINGLE_FILE
     else:
         pickles = [p.name for p in path.glob("*.bin")] + [p.name for p in path.glob("*.pt")]
-        hint = f" (found {', '.join(pickles)}: pickle checkpoints are not read, convert to safetensors)" if pickles else ""
+        hint = (
+            f" (found {', '.join(pickles)}: pickle checkpoints are not read, convert to safetensors)"
+            if pickles
+            else ""
+        )
         raise CheckpointFormatError(f"{path}: no {SINGLE_FILE} or {INDEX_FILE}{hint}")
 
 
 def read_safetensors(files: list[Path] | Iterator[Path]) -> dict[str, tuple[np.ndarray, str]]:
-    """All tensors of the given safetensors files as float32/int numpy arrays, with the file each came from."""
+    """All tensors of the given safetensors files as float32/int numpy arrays, with each one's file name."""
     from safetensors import safe_open
 
     out: dict[str, tuple[np.ndarray, str]] = {}
     for f in files:
         # The "flax" framework reads bfloat16 too; the result is converted to numpy float32 here.
         with safe_open(str(f), framework="flax") as st:
-            for name in st.keys():  # noqa: SIM118 - safe_open is not a mapping
+            for name in st.keys():
                 arr = st.get_tensor(name)
-                out[name] = (np.asarray(arr, dtype=np.float32) if arr.dtype.kind == "f" or
-                             str(arr.dtype) == "bfloat16" else np.asarray(arr), f.name)
+                out[name] = (
+                    np.asarray(arr, dtype=np.float32)
+                    if arr.dtype.kind == "f" or str(arr.dtype) == "bfloat16"
+                    else np.asarray(arr),
+                    f.name,
+                )
     return out
 
 
@@ -185,8 +200,9 @@ def load_config(path: str | os.PathLike, dtype: str | None = None) -> ModelConfi
     return cfg
 
 
-def params_from_hf_tensors(cfg: ModelConfig, tensors: dict[str, tuple[np.ndarray, str]],
-                           source: str = "checkpoint") -> Params:
+def params_from_hf_tensors(
+    cfg: ModelConfig, tensors: dict[str, tuple[np.ndarray, str]], source: str = "checkpoint"
+) -> Params:
     """Our params pytree from Hugging Face tensors (float32), checking names and shapes."""
     tensors = {_normalise_name(k, cfg): v for k, v in tensors.items() if not _IGNORED.search(k)}
     model = LanguageModel(cfg)
@@ -196,7 +212,9 @@ def params_from_hf_tensors(cfg: ModelConfig, tensors: dict[str, tuple[np.ndarray
     for path, names, join, _ in _rules(cfg):
         missing = [n for n in names if n not in tensors]
         if missing:
-            raise CheckpointFormatError(f"{source}: missing tensor {missing[0]!r} for a {cfg.model_type} model")
+            raise CheckpointFormatError(
+                f"{source}: missing tensor {missing[0]!r} for a {cfg.model_type} model"
+            )
         arr = join(*[tensors[n][0] for n in names])
         want = tuple(_get(abstract, path).shape)
         if arr.shape != want:
@@ -219,8 +237,11 @@ def params_from_hf_tensors(cfg: ModelConfig, tensors: dict[str, tuple[np.ndarray
     return params
 
 
-def load(path: str | os.PathLike, dtype: str | None = None, tokenizer: bool = True,
-         ) -> tuple[LanguageModel, Params, Any]:
+def load(
+    path: str | os.PathLike,
+    dtype: str | None = None,
+    tokenizer: bool = True,
+) -> tuple[LanguageModel, Params, Any]:
     """Load ``(model, params, tokenizer)`` from a local Hugging Face directory.
 
     ``dtype``: compute dtype override ("float32" or "bfloat16"); params are float32 either way.
@@ -237,7 +258,7 @@ def load(path: str | os.PathLike, dtype: str | None = None, tokenizer: bool = Tr
 
 
 def load_tokenizer(path: str | os.PathLike) -> Any:
-    """``AutoTokenizer`` from local files only (no download, no remote code); None if the directory has none."""
+    """``AutoTokenizer`` from local files only (no download, no remote code); None if there is none."""
     path = Path(path)
     if not any((path / f).is_file() for f in ("tokenizer.json", "tokenizer_config.json", "vocab.json")):
         return None
@@ -281,13 +302,20 @@ def _flatten(tree: dict, prefix: str = "") -> dict[str, np.ndarray]:
     return flat
 
 
-def save(path: str | os.PathLike, model: LanguageModel, params: Params, tokenizer: Any = None,
-         heads: dict[str, Any] | None = None, max_shard_bytes: int | None = None,
-         extra_files: dict[str, str] | None = None) -> Path:
+def save(
+    path: str | os.PathLike,
+    model: LanguageModel,
+    params: Params,
+    tokenizer: Any = None,
+    heads: dict[str, Any] | None = None,
+    max_shard_bytes: int | None = None,
+    extra_files: dict[str, str] | None = None,
+) -> Path:
     """Write a Hugging Face directory (config.json, safetensors, tokenizer) atomically.
 
     The directory is assembled under a temporary name and renamed into place, so an interrupted save never
-    leaves a half-written model at ``path``; an existing ``path`` is replaced only once the new one is complete.
+    leaves a half-written model at ``path``; an existing ``path`` is replaced only once the new one is
+    complete.
     ``max_shard_bytes`` splits the weights into shards with a ``model.safetensors.index.json``.
     """
     from safetensors.numpy import save_file
@@ -317,8 +345,9 @@ def save(path: str | os.PathLike, model: LanguageModel, params: Params, tokenize
                 save_file(shard, str(tmp / fname), metadata=meta)
                 weight_map.update(dict.fromkeys(shard, fname))
             total = sum(a.nbytes for a in tensors.values())
-            (tmp / INDEX_FILE).write_text(json.dumps(
-                {"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2) + "\n")
+            (tmp / INDEX_FILE).write_text(
+                json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2) + "\n"
+            )
         if heads:
             save_file(_flatten(jax_to_numpy(heads)), str(tmp / HEADS_FILE), metadata=meta)
         if tokenizer is not None:

@@ -169,11 +169,17 @@ class Transformer(nnx.Module):
 
     def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs):
         self.cfg = cfg
-        self.embed = nnx.Param(jax.nn.initializers.normal(_INIT_STD)(
-            rngs.params(), (cfg.vocab_size, cfg.hidden_size), jnp.float32))
+        self.embed = nnx.Param(
+            jax.nn.initializers.normal(_INIT_STD)(
+                rngs.params(), (cfg.vocab_size, cfg.hidden_size), jnp.float32
+            )
+        )
         if cfg.position_encoding == "learned":
-            self.pos_embed = nnx.Param(jax.nn.initializers.normal(0.01)(
-                rngs.params(), (cfg.max_position_embeddings, cfg.hidden_size), jnp.float32))
+            self.pos_embed = nnx.Param(
+                jax.nn.initializers.normal(0.01)(
+                    rngs.params(), (cfg.max_position_embeddings, cfg.hidden_size), jnp.float32
+                )
+            )
         self.layers = nnx.List([Block(cfg, rngs) for _ in range(cfg.num_layers)])
         self.final_norm = Norm(cfg.hidden_size, cfg.norm, cfg.norm_eps)
         if not cfg.tie_word_embeddings:
@@ -256,13 +262,20 @@ class LanguageModel:
         state = jax.tree.map(lambda x: x, abstract)
         dtype = jnp.dtype(self.config.dtype)
         if dtype != jnp.float32:
-            params = jax.tree.map(lambda p: p.astype(dtype) if jnp.issubdtype(p.dtype, jnp.floating) else p,
-                                  params)
+            params = jax.tree.map(
+                lambda p: p.astype(dtype) if jnp.issubdtype(p.dtype, jnp.floating) else p, params
+            )
         nnx.replace_by_pure_dict(state, params)
         return nnx.merge(graphdef, state)
 
-    def forward(self, params: Params, tokens: jax.Array, positions: jax.Array, mask: jax.Array,
-                cache: KVCache | None = None) -> tuple[jax.Array, KVCache | None]:
+    def forward(
+        self,
+        params: Params,
+        tokens: jax.Array,
+        positions: jax.Array,
+        mask: jax.Array,
+        cache: KVCache | None = None,
+    ) -> tuple[jax.Array, KVCache | None]:
         """Final-norm hidden states [B, T, d] and the updated cache.
 
         tokens, positions: [B, T] int32. mask: [B, S] with S = T without a cache, S = cache length with one.
@@ -273,8 +286,14 @@ class LanguageModel:
         """LM-head logits in float32, [..., vocab]."""
         return self.bind(params).logits(hidden)
 
-    def apply(self, params: Params, tokens: jax.Array, positions: jax.Array, mask: jax.Array,
-              cache: KVCache | None = None) -> tuple[jax.Array, jax.Array, KVCache | None]:
+    def apply(
+        self,
+        params: Params,
+        tokens: jax.Array,
+        positions: jax.Array,
+        mask: jax.Array,
+        cache: KVCache | None = None,
+    ) -> tuple[jax.Array, jax.Array, KVCache | None]:
         """``(logits [B,T,V] float32, hidden [B,T,d], cache)``."""
         module = self.bind(params)
         hidden, cache = module(tokens, positions, mask, cache)
@@ -286,6 +305,8 @@ class LanguageModel:
         dtype = jnp.dtype(dtype or cfg.dtype)
         k_shape = (batch, cfg.num_kv_heads, cfg.head_dim, length)
         v_shape = (batch, cfg.num_kv_heads, length, cfg.head_dim)
-        return KVCache(tuple(jnp.zeros(k_shape, dtype) for _ in range(cfg.num_layers)),
-                       tuple(jnp.zeros(v_shape, dtype) for _ in range(cfg.num_layers)),
-                       jnp.zeros((), jnp.int32))
+        return KVCache(
+            tuple(jnp.zeros(k_shape, dtype) for _ in range(cfg.num_layers)),
+            tuple(jnp.zeros(v_shape, dtype) for _ in range(cfg.num_layers)),
+            jnp.zeros((), jnp.int32),
+        )

@@ -78,8 +78,14 @@ class _Loop(NamedTuple):
 
 
 @functools.partial(jax.jit, static_argnames=("model", "config"))
-def generate(model: LanguageModel, params: Params, prompt_tokens: jax.Array, prompt_mask: jax.Array,
-             key: jax.Array, config: GenerationConfig) -> Rollout:
+def generate(
+    model: LanguageModel,
+    params: Params,
+    prompt_tokens: jax.Array,
+    prompt_mask: jax.Array,
+    key: jax.Array,
+    config: GenerationConfig,
+) -> Rollout:
     """Sample responses to a left-padded prompt batch ``prompt_tokens``/``prompt_mask`` [B, P].
 
     Compiles once per (B, P, config); new prompts and a new key reuse the compiled program.
@@ -107,9 +113,17 @@ def generate(model: LanguageModel, params: Params, prompt_tokens: jax.Array, pro
         return token, logprob, done | jnp.isin(token, stop_ids)
 
     def record(loop: _Loop, step, token, logprob, done) -> _Loop:
-        col = lambda arr, value: jax.lax.dynamic_update_slice(arr, value[:, None].astype(arr.dtype), (0, step))
-        return loop._replace(step=step, token=token, tokens=col(loop.tokens, token),
-                             mask=col(loop.mask, ~loop.done), logprobs=col(loop.logprobs, logprob), done=done)
+        col = lambda arr, value: jax.lax.dynamic_update_slice(
+            arr, value[:, None].astype(arr.dtype), (0, step)
+        )
+        return loop._replace(
+            step=step,
+            token=token,
+            tokens=col(loop.tokens, token),
+            mask=col(loop.mask, ~loop.done),
+            logprobs=col(loop.logprobs, logprob),
+            done=done,
+        )
 
     # PREFILL: the whole prompt in one pass; only the last column's logits are needed.
     cache = model.init_cache(batch, prompt_len + n)
@@ -117,8 +131,15 @@ def generate(model: LanguageModel, params: Params, prompt_tokens: jax.Array, pro
     logits = model.logits(params, hidden[:, -1])
     no = jnp.zeros((batch,), bool)
     token, logprob, done = choose(0, logits, key, no)
-    loop = _Loop(jnp.int32(0), token, no, cache, jnp.full((batch, n), config.pad_token_id, jnp.int32),
-                 jnp.zeros((batch, n), jnp.int32), jnp.zeros((batch, n), jnp.float32))
+    loop = _Loop(
+        jnp.int32(0),
+        token,
+        no,
+        cache,
+        jnp.full((batch, n), config.pad_token_id, jnp.int32),
+        jnp.zeros((batch, n), jnp.int32),
+        jnp.zeros((batch, n), jnp.float32),
+    )
     loop = record(loop, 0, token, logprob, done)
 
     # DECODE: feed the last token, sample the next, until every row stopped or N tokens exist.

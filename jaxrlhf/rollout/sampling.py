@@ -77,5 +77,5 @@ def sample_tokens(key: jax.Array, logits: jax.Array, config: SamplingConfig) -> 
         return jnp.argmax(logits, axis=-1).astype(jnp.int32)
     probs = jax.nn.softmax(sampling_logits(logits, config), axis=-1)
     cdf = jnp.cumsum(probs, axis=-1)
-    u = jax.random.uniform(key, cdf.shape[:-1] + (1,), dtype=cdf.dtype) * cdf[..., -1:]
+    u = jax.random.uniform(key, (*cdf.shape[:-1], 1), dtype=cdf.dtype) * cdf[..., -1:]
     return jnp.argmax(cdf > u, axis=-1).astype(jnp.int32)

@@ -20,8 +20,9 @@ from jaxrlhf.models.transformer import LanguageModel, Params, positions_from_mas
 from jaxrlhf.rl.policy_losses import token_logprobs
 
 
-def response_hidden(model: LanguageModel, params: Params, sequences: jax.Array, sequence_mask: jax.Array,
-                    prompt_length: int) -> jax.Array:
+def response_hidden(
+    model: LanguageModel, params: Params, sequences: jax.Array, sequence_mask: jax.Array, prompt_length: int
+) -> jax.Array:
     """Final hidden states at columns P−1 … P+N−1: the N states before each response token plus the final
     state. [B, N+1, d]."""
     hidden, _ = model.forward(params, sequences, positions_from_mask(sequence_mask), sequence_mask)
@@ -33,8 +34,14 @@ def response_logits(model: LanguageModel, params: Params, hidden: jax.Array) -> 
     return model.logits(params, hidden[:, :-1])
 
 
-def response_logprobs(model: LanguageModel, params: Params, sequences: jax.Array, sequence_mask: jax.Array,
-                      prompt_length: int, temperature: float = 1.0) -> jax.Array:
+def response_logprobs(
+    model: LanguageModel,
+    params: Params,
+    sequences: jax.Array,
+    sequence_mask: jax.Array,
+    prompt_length: int,
+    temperature: float = 1.0,
+) -> jax.Array:
     """``log softmax(logits/T)`` of each response token, 0 where the response is masked. [B, N]."""
     hidden = response_hidden(model, params, sequences, sequence_mask, prompt_length)
     logits = response_logits(model, params, hidden)
@@ -48,8 +55,13 @@ def response_values(value_head: HeadParams, hidden: jax.Array) -> tuple[jax.Arra
     return v[:, :-1], v[:, -1]
 
 
-def sequence_scores(model: LanguageModel, params: Params, reward_head: HeadParams, sequences: jax.Array,
-                    sequence_mask: jax.Array) -> jax.Array:
+def sequence_scores(
+    model: LanguageModel,
+    params: Params,
+    reward_head: HeadParams,
+    sequences: jax.Array,
+    sequence_mask: jax.Array,
+) -> jax.Array:
     """A reward model's score of each full sequence, read at its last real token. [B]."""
     hidden, _ = model.forward(params, sequences, positions_from_mask(sequence_mask), sequence_mask)
     return sequence_reward(reward_head, hidden, sequence_mask)

@@ -20,6 +20,7 @@ import jax.numpy as jnp
 import numpy as np
 import yaml
 
+from jaxrlhf import parallel
 from jaxrlhf.config import ConfigError, to_dict
 from jaxrlhf.train.checkpoint import CheckpointManager
 from jaxrlhf.train.metrics import MetricsLogger, format_postfix, progress, setup_logging
@@ -30,12 +31,22 @@ from jaxrlhf.train.timing import CompileWatcher, Timers, matmul_peak_flops
 log = logging.getLogger("jaxrlhf")
 
 
-def compile_step(fn: Callable[..., Any], donate: bool = True, static_argnums: tuple[int, ...] = ()) -> Any:
+def compile_step(
+    fn: Callable[..., Any],
+    donate: bool = True,
+    static_argnums: tuple[int, ...] = (),
+    state_shardings: Any = None,
+) -> Any:
     """``jax.jit`` of a step, donating its first argument (the state) when ``donate``.
 
-    The one place steps are compiled, so that device shardings (``jaxrlhf.parallel``) are added here.
+    The one place steps are compiled. Input shardings follow the (placed) arguments; for a
+    ``step(state, ...) -> (state, metrics)``, ``state_shardings`` pins the returned state to the layout it came
+    in with, so the next call neither recompiles nor loses the donation.
     """
-    return jax.jit(fn, donate_argnums=(0,) if donate else (), static_argnums=static_argnums)
+    out = None if state_shardings is None else (state_shardings, None)
+    return jax.jit(
+        fn, donate_argnums=(0,) if donate else (), static_argnums=static_argnums, out_shardings=out
+    )
 
 
 def total_steps(train: TrainSection, batches_per_epoch: int) -> int:
@@ -91,8 +102,24 @@ class RunResult:
 class Run:
     """Host-side services of one training run (use as a context manager; :meth:`close` waits for saves)."""
 
-    def __init__(self, command: str, config: Any, checkpoint: CheckpointSection, logging_: LoggingSection,
-                 train: TrainSection, peak_dtype: str = "float32", state_key: str = "train"):
+    def __init__(
+        self,
+        command: str,
+        config: Any,
+        checkpoint: CheckpointSection,
+        logging_: LoggingSection,
+        train: TrainSection,
+        peak_dtype: str = "float32",
+        state_key: str = "train",
+        parallel_cfg: parallel.ParallelConfig | None = None,
+    ):
+        # Multi-host start-up must precede every other JAX call (orbax and the FLOP probe below make some).
+        self.parallel_cfg = parallel_cfg or parallel.ParallelConfig()
+        parallel.initialize_distributed(self.parallel_cfg)
+        try:
+            self.mesh = parallel.make_mesh(self.parallel_cfg)
+        except ValueError as e:
+            raise ConfigError(f"parallel: {e}") from None
         self.command = command
         self.state_key = state_key  # checkpoints hold {state_key: training state, "rng": key}
         self.is_main = jax.process_index() == 0
@@ -103,8 +130,9 @@ class Run:
             self._write_config(config)
         ckpt_dir = checkpoint.dir or os.path.join(self.run_dir, "checkpoints")
         # The interval is applied in save(): orbax's own would also save the first step.
-        self.checkpoints = CheckpointManager(ckpt_dir, max_to_keep=checkpoint.keep,
-                                             async_save=checkpoint.async_save)
+        self.checkpoints = CheckpointManager(
+            ckpt_dir, max_to_keep=checkpoint.keep, async_save=checkpoint.async_save
+        )
         self.metrics = MetricsLogger(self.run_dir, tensorboard=logging_.tensorboard, enabled=self.is_main)
         self.nonfinite = NonFiniteTracker(train.max_consecutive_nonfinite)
         self.timers = Timers()
@@ -114,9 +142,51 @@ class Run:
         self.peak_flops = math.nan
         if logging_.mfu_matmul_size > 0:
             self.peak_flops = matmul_peak_flops(logging_.mfu_matmul_size, jnp.dtype(peak_dtype))
-            log.info("peak matmul throughput %.3g FLOP/s (%s, n=%d), the MFU denominator",
-                     self.peak_flops, peak_dtype, logging_.mfu_matmul_size)
+            log.info(
+                "peak matmul throughput %.3g FLOP/s (%s, n=%d), the MFU denominator",
+                self.peak_flops,
+                peak_dtype,
+                logging_.mfu_matmul_size,
+            )
         self.bar: Any = None
+        log.info(
+            "device mesh %s over %d device(s) in %d process(es)",
+            dict(self.mesh.shape),
+            self.mesh.size,
+            jax.process_count(),
+        )
+
+    # ------------------------------------------------------------------ devices
+    def place(self, state: Any, name: str = "state") -> Any:
+        """``state`` on the mesh: replicated, or FSDP-sharded by ``parallel.fsdp``; logs bytes per device."""
+        placed = parallel.place_state(self.mesh, state, self.parallel_cfg.fsdp_min_size)
+        log.info(
+            "%s: %.1f MiB per device (%.1f MiB in all)",
+            name,
+            parallel.per_device_bytes(placed) / 2**20,
+            sum(
+                np.asarray(x).nbytes if not isinstance(x, jax.Array) else x.nbytes
+                for x in jax.tree.leaves(state)
+            )
+            / 2**20,
+        )
+        return placed
+
+    def state_shardings(self, state: Any) -> Any:
+        """The shardings :meth:`place` gives ``state`` (for :func:`compile_step`)."""
+        return parallel.state_shardings(self.mesh, state, self.parallel_cfg.fsdp_min_size)
+
+    def shard(self, batch: Any) -> Any:
+        """A host batch on the mesh, rows split over every device (each process passes its own rows)."""
+        return parallel.shard_batch(self.mesh, batch)
+
+    def check_batch_size(self, key: str, size: int) -> None:
+        """Global batch sizes must split evenly over the mesh's devices."""
+        if size % self.mesh.size:
+            raise ConfigError(
+                f"{key}: {size} is not divisible by the {self.mesh.size} devices of the mesh "
+                f"{dict(self.mesh.shape)} (set parallel.data / parallel.fsdp or the batch size)"
+            )
 
     def _write_config(self, config: Any) -> None:
         os.makedirs(self.run_dir, exist_ok=True)
@@ -167,8 +237,9 @@ class Run:
         """Checkpoint on schedule and at the last step; True when ``train.stop_at_step`` ends this
         invocation here (after a checkpoint, so the next one resumes)."""
         stop = self.train_cfg.stop_at_step == step and step < total
-        self.save(step, {self.state_key: state, "rng": rng}, {"data": batches.state()},
-                  force=stop or step == total)
+        self.save(
+            step, {self.state_key: state, "rng": rng}, {"data": batches.state()}, force=stop or step == total
+        )
         if stop:
             log.info("stopping at step %d (train.stop_at_step); run again to resume", step)
         return stop
@@ -179,8 +250,12 @@ class Run:
             return False
         if step in self.checkpoints.all_steps():  # e.g. the final step of a run that already finished
             return False
-        meta = {"command": self.command, "step": step, "nonfinite_skips": self.nonfinite.total_skips,
-                **metadata}
+        meta = {
+            "command": self.command,
+            "step": step,
+            "nonfinite_skips": self.nonfinite.total_skips,
+            **metadata,
+        }
         return self.checkpoints.save(step, state, meta, force=True)
 
     # ------------------------------------------------------------------ per-step bookkeeping
@@ -221,8 +296,9 @@ class Run:
         log.info("step %d eval: %s", step, ", ".join(f"{k}={v:.4g}" for k, v in metrics.items()))
 
     def start_progress(self, total: int, initial: int) -> None:
-        self.bar = progress(total, desc=self.command, enabled=self.logging_cfg.progress_bar and self.is_main,
-                            initial=initial)
+        self.bar = progress(
+            total, desc=self.command, enabled=self.logging_cfg.progress_bar and self.is_main, initial=initial
+        )
 
     def close(self) -> None:
         if self.bar is not None:

@@ -17,6 +17,7 @@ from typing import Any, NamedTuple
 import jax
 import jax.numpy as jnp
 
+from jaxrlhf import parallel
 from jaxrlhf.config import ConfigError
 from jaxrlhf.data import make_char_tokenizer
 from jaxrlhf.models import hf_io
@@ -111,8 +112,9 @@ def _describe(section: ModelSection) -> str:
     return f"{section.architecture.family} from scratch"
 
 
-def check_length(config: ModelConfig, length: int, keys: str = "data.max_prompt_length + "
-                 "data.max_response_length") -> None:
+def check_length(
+    config: ModelConfig, length: int, keys: str = "data.max_prompt_length + data.max_response_length"
+) -> None:
     """Prompt + response lengths must fit the model's position table."""
     if length > config.max_position_embeddings:
         raise ConfigError(
@@ -167,7 +169,13 @@ def export_model(
     heads: dict[str, Any] | None = None,
     normalization: RewardNormalization | None = None,
 ) -> Path:
-    """Write a Hugging Face directory (LM, heads, tokenizer, reward normalisation) atomically."""
+    """Write a Hugging Face directory (LM, heads, tokenizer, reward normalisation) atomically.
+
+    Every process takes part in gathering sharded parameters; only process 0 writes.
+    """
+    lm_params, heads = parallel.to_host((lm_params, heads))
+    if not parallel.is_main_process():
+        return Path(path)
     bad = first_nonfinite_leaf({"lm": lm_params, "heads": heads or {}})
     if bad is not None:
         raise NonFiniteCheckpointError(f"refusing to export to {path}: parameter {bad} is not finite")

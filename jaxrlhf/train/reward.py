@@ -20,6 +20,7 @@ import numpy as np
 
 from jaxrlhf.data import Kind, SequenceExample
 from jaxrlhf.models.heads import init_reward_head
+from jaxrlhf.parallel import ParallelConfig
 from jaxrlhf.rl import RewardNormalization, fit_reward_normalization
 from jaxrlhf.steps import OptimizerConfig, create_train_state, make_optimizer
 from jaxrlhf.steps.reward_model import (
@@ -43,7 +44,6 @@ from jaxrlhf.train.run_config import (
     DataSection,
     LoggingSection,
     ModelSection,
-    ParallelSection,
     TrainSection,
     check_common,
 )
@@ -65,7 +65,7 @@ class RewardRunConfig:
     checkpoint: CheckpointSection = dataclasses.field(default_factory=CheckpointSection)
     logging: LoggingSection = dataclasses.field(default_factory=lambda: LoggingSection(run_dir="runs/reward"))
     train: TrainSection = dataclasses.field(default_factory=TrainSection)
-    parallel: ParallelSection = dataclasses.field(default_factory=ParallelSection)
+    parallel: ParallelConfig = dataclasses.field(default_factory=ParallelConfig)
 
 
 def evaluate_reward_model(evaluate: Any, params: Any, batches: Any) -> dict[str, float]:
@@ -92,8 +92,9 @@ def reference_responses(examples: Sequence[Any]) -> list[SequenceExample]:
     return out
 
 
-def fit_normalization(score: Any, params: Any, sample: Sequence[SequenceExample], batch_size: int,
-                      collate: Any) -> tuple[RewardNormalization, dict[str, float]]:
+def fit_normalization(
+    score: Any, params: Any, sample: Sequence[SequenceExample], batch_size: int, collate: Any
+) -> tuple[RewardNormalization, dict[str, float]]:
     """(gain, bias) making the sample's rewards mean 0 / std 1, and the raw rewards' mean and std."""
     rewards = []
     for batch in eval_batches(sample, batch_size, collate):
@@ -101,8 +102,12 @@ def fit_normalization(score: Any, params: Any, sample: Sequence[SequenceExample]
         rewards.append(scores[np.asarray(batch["row_mask"]) > 0])
     raw = np.concatenate(rewards)
     norm = fit_reward_normalization(jnp.asarray(raw))
-    stats = {"val/reward_mean_raw": float(raw.mean()), "val/reward_std_raw": float(raw.std()),
-             "val/normalization_gain": float(norm.gain), "val/normalization_bias": float(norm.bias)}
+    stats = {
+        "val/reward_mean_raw": float(raw.mean()),
+        "val/reward_std_raw": float(raw.std()),
+        "val/normalization_gain": float(norm.gain),
+        "val/normalization_bias": float(norm.bias),
+    }
     return norm, stats
 
 
@@ -110,7 +115,9 @@ def train_reward_model(cfg: RewardRunConfig) -> RunResult:
     """Run reward-model training, fit the normalisation, export; returns where the run and export are."""
     check_common(cfg.model, cfg.data, cfg.checkpoint, cfg.logging, cfg.train)
     kind = DATA_KIND[cfg.reward_model.loss]
-    with Run("reward", cfg, cfg.checkpoint, cfg.logging, cfg.train, cfg.model.dtype) as run:
+    with Run(
+        "reward", cfg, cfg.checkpoint, cfg.logging, cfg.train, cfg.model.dtype, parallel_cfg=cfg.parallel
+    ) as run:
         init_key, head_key, rng = jax.random.split(jax.random.key(cfg.train.seed), 3)
         model, lm, tokenizer, heads = load_model(cfg.model, init_key)
         check_length(model.config, cfg.data.max_prompt_length + cfg.data.max_response_length)
@@ -120,26 +127,41 @@ def train_reward_model(cfg: RewardRunConfig) -> RunResult:
         train_set = load_dataset(cfg.data.train_file, kind, tokenizer, cfg.data)
         items = ranking_items(train_set, cfg.data) if kind == "ranking" else None
         collate = make_collate(kind, cfg.data, tokenizer, items)
-        batches = train_iterator(train_set, cfg.data.batch_size, cfg.train.seed, collate, cfg.data.shuffle,
-                                 cfg.data.train_file)
+        batches = train_iterator(
+            train_set, cfg.data.batch_size, cfg.train.seed, collate, cfg.data.shuffle, cfg.data.train_file
+        )
         eval_set = load_dataset(cfg.data.eval_file, kind, tokenizer, cfg.data) if cfg.data.eval_file else None
         eval_size = cfg.data.eval_batch_size or cfg.data.batch_size
         eval_fn = None
         if eval_set is not None:
+            run.check_batch_size("data.eval_batch_size", eval_size)
             evaluate = compile_step(make_reward_model_eval(model, cfg.reward_model), donate=False)
+            evaluate_on_mesh = lambda params, batch: evaluate(params, run.shard(batch))
             eval_fn = lambda state: evaluate_reward_model(
-                evaluate, state.params, eval_batches(eval_set, eval_size, collate)
+                evaluate_on_mesh, state.params, eval_batches(eval_set, eval_size, collate)
             )
         else:
             log.warning("no data.eval_file: held-out accuracy is not measured")
 
         total = total_steps(cfg.train, batches.batches_per_epoch)
         optimizer = make_optimizer(cfg.optimizer, total)
-        step_fn = compile_step(make_reward_model_step(model, optimizer, cfg.reward_model))
+        run.check_batch_size("data.batch_size", cfg.data.batch_size)
+        state = run.place(create_train_state(params, optimizer), "reward model params + optimiser state")
+        step_fn = compile_step(
+            make_reward_model_step(model, optimizer, cfg.reward_model),
+            state_shardings=run.state_shardings(state),
+        )
         state, result = supervised_loop(
-            run, create_train_state(params, optimizer), rng, step_fn, batches, total, loss_name="reward",
+            run,
+            state,
+            rng,
+            step_fn,
+            batches,
+            total,
+            loss_name="reward",
             flops_per_token=flops_per_token(model.config, training=True, lm_head=False),
-            eval_fn=eval_fn, eval_every=cfg.train.eval_every,
+            eval_fn=eval_fn,
+            eval_every=cfg.train.eval_every,
             postfix=("loss/reward", "train/accuracy", "lr"),
         )
         if result.stopped_early:
@@ -147,12 +169,20 @@ def train_reward_model(cfg: RewardRunConfig) -> RunResult:
 
         # NORMALISE: rewards of the reference sample to mean 0, std 1.
         sample = reference_responses(eval_set if eval_set is not None else train_set)
-        score = compile_step(make_reward_scorer(model), donate=False)
-        norm, stats = fit_normalization(score, state.params, sample, eval_size,
-                                        make_collate("sft", cfg.data, tokenizer))
+        score_jit = compile_step(make_reward_scorer(model), donate=False)
+        score = lambda params, tokens, mask: score_jit(params, *run.shard((tokens, mask)))
+        norm, stats = fit_normalization(
+            score, state.params, sample, eval_size, make_collate("sft", cfg.data, tokenizer)
+        )
         run.log_eval(result.step, stats)
         result.metrics.update(stats)
-        export = export_model(os.path.join(run.run_dir, "export"), model, state.params["lm"], tokenizer,
-                              heads={"reward_head": state.params["reward_head"]}, normalization=norm)
+        export = export_model(
+            os.path.join(run.run_dir, "export"),
+            model,
+            state.params["lm"],
+            tokenizer,
+            heads={"reward_head": state.params["reward_head"]},
+            normalization=norm,
+        )
         result.export_dir = str(export)
         return result

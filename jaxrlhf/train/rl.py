@@ -27,6 +27,7 @@ import numpy as np
 from jaxrlhf.config import ConfigError
 from jaxrlhf.models.heads import init_value_head
 from jaxrlhf.models.transformer import LanguageModel
+from jaxrlhf.parallel import ParallelConfig
 from jaxrlhf.rollout.generate import GenerationConfig, generate
 from jaxrlhf.steps import (
     A2CConfig,
@@ -59,7 +60,6 @@ from jaxrlhf.train.run_config import (
     GenerationSection,
     LoggingSection,
     ModelSection,
-    ParallelSection,
     ReferenceSection,
     RewardSection,
     TrainSection,
@@ -88,7 +88,7 @@ class PPORunConfig:
     checkpoint: CheckpointSection = dataclasses.field(default_factory=CheckpointSection)
     logging: LoggingSection = dataclasses.field(default_factory=lambda: LoggingSection(run_dir="runs/ppo"))
     train: TrainSection = dataclasses.field(default_factory=TrainSection)
-    parallel: ParallelSection = dataclasses.field(default_factory=ParallelSection)
+    parallel: ParallelConfig = dataclasses.field(default_factory=ParallelConfig)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -106,7 +106,7 @@ class A2CRunConfig:
     checkpoint: CheckpointSection = dataclasses.field(default_factory=CheckpointSection)
     logging: LoggingSection = dataclasses.field(default_factory=lambda: LoggingSection(run_dir="runs/a2c"))
     train: TrainSection = dataclasses.field(default_factory=TrainSection)
-    parallel: ParallelSection = dataclasses.field(default_factory=ParallelSection)
+    parallel: ParallelConfig = dataclasses.field(default_factory=ParallelConfig)
 
 
 def _same_vocabulary(policy_tokenizer: Any, other: Any, key: str) -> None:
@@ -129,15 +129,22 @@ def generation_config(gen: GenerationSection, temperature: float, tokenizer: Any
     stop = gen.stop_token_ids if gen.stop_token_ids is not None else (tokenizer.eos_token_id,)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     try:
-        return GenerationConfig(max_new_tokens=gen.max_new_tokens, min_new_tokens=gen.min_new_tokens,
-                                temperature=temperature, top_k=gen.top_k, top_p=gen.top_p,
-                                stop_token_ids=tuple(int(s) for s in stop if s is not None),
-                                pad_token_id=int(pad))
+        return GenerationConfig(
+            max_new_tokens=gen.max_new_tokens,
+            min_new_tokens=gen.min_new_tokens,
+            temperature=temperature,
+            top_k=gen.top_k,
+            top_p=gen.top_p,
+            stop_token_ids=tuple(int(s) for s in stop if s is not None),
+            pad_token_id=int(pad),
+        )
     except ValueError as e:
         raise ConfigError(f"generation: {e}") from None
 
 
-def make_scorer(reward: RewardSection, policy_tokenizer: Any, dtype: str) -> Any:
+def make_scorer(
+    reward: RewardSection, policy_tokenizer: Any, dtype: str, place: Any = lambda t, name: t
+) -> Any:
     """``score(rollout) -> [B]``: the jitted reward model or jittable function, or a host function."""
     if reward.model_path is not None:
         rm, norm = load_reward_model(reward.model_path, dtype)
@@ -146,7 +153,8 @@ def make_scorer(reward: RewardSection, policy_tokenizer: Any, dtype: str) -> Any
             log.warning("%s has no reward normalisation; using raw rewards", reward.model_path)
         scorer = RewardModelScorer(rm.model, norm if reward.normalize else None)
         score = compile_step(lambda params, rollout: scorer(params, rollout), donate=False)
-        return lambda rollout: score(rm.params, rollout)
+        rm_params = place(rm.params, "reward model params")
+        return lambda rollout: score(rm_params, rollout)
     assert reward.function is not None
     try:
         fn = get_reward_fn(reward.function)
@@ -182,15 +190,19 @@ class RLSetup(NamedTuple):
     passes: int  # passes of the update over each token (PPO epochs)
 
 
-def build_rl(cfg: PPORunConfig | A2CRunConfig, run: Run, policy: LoadedModel, critic_key: jax.Array,
-             total: int) -> tuple[RLSetup, RLState, LanguageModel | None]:
+def build_rl(
+    cfg: PPORunConfig | A2CRunConfig, run: Run, policy: LoadedModel, critic_key: jax.Array, total: int
+) -> tuple[RLSetup, RLState, LanguageModel | None]:
     """Reference, critic, reward, optimisers, the initial state and the jitted phases."""
     is_ppo = isinstance(cfg, PPORunConfig)
     algo: Any = cfg.ppo if is_ppo else cfg.a2c
     dtype, model, tokenizer = cfg.model.dtype, policy.model, policy.tokenizer
     gen_cfg = generation_config(cfg.generation, algo.temperature, tokenizer)
-    check_length(model.config, cfg.data.max_prompt_length + gen_cfg.max_new_tokens,
-                 "data.max_prompt_length + generation.max_new_tokens")
+    check_length(
+        model.config,
+        cfg.data.max_prompt_length + gen_cfg.max_new_tokens,
+        "data.max_prompt_length + generation.max_new_tokens",
+    )
     if cfg.reference.path is None:
         ref_model, ref_params = model, _copy(policy.params)
     else:
@@ -205,13 +217,19 @@ def build_rl(cfg: PPORunConfig | A2CRunConfig, run: Run, policy: LoadedModel, cr
     else:
         policy_params = {"lm": policy.params}
         critic_model, critic_params = _critic(cfg, policy, dtype, critic_key)
-    score = make_scorer(cfg.reward, tokenizer, dtype)
+    score = make_scorer(cfg.reward, tokenizer, dtype, run.place)
+    run.check_batch_size("data.batch_size", cfg.data.batch_size)
+    ref_params = run.place(ref_params, "reference params")
 
     updates = total * (algo.epochs * algo.num_minibatches if is_ppo else 1)  # the schedule's length
     optimizer = make_optimizer(cfg.optimizer, updates)
     critic_optimizer = None if shared else make_optimizer(cfg.optimizer, updates)
-    state = create_rl_state(policy_params, optimizer, kl_controller(algo).init(), critic_params,
-                            critic_optimizer)
+    state = run.place(
+        create_rl_state(
+            policy_params, optimizer, kl_controller(algo).init(), critic_params, critic_optimizer
+        ),
+        "policy (+ critic) params + optimiser state",
+    )
 
     sample = lambda params, tokens, mask, key: generate(model, params, tokens, mask, key, gen_cfg)
     make_update = make_ppo_update if is_ppo else make_a2c_update
@@ -220,10 +238,16 @@ def build_rl(cfg: PPORunConfig | A2CRunConfig, run: Run, policy: LoadedModel, cr
     setup = RLSetup(
         generate=run.watch("generate", compile_step(sample, donate=False)),
         score=score,
-        experience=run.watch("experience", compile_step(
-            make_experience_fn(model, ref_model, critic_model, algo), donate=False)),
-        update=run.watch("update", compile_step(
-            make_update(model, critic_model, algo, optimizer, critic_optimizer))),
+        experience=run.watch(
+            "experience", compile_step(make_experience_fn(model, ref_model, critic_model, algo), donate=False)
+        ),
+        update=run.watch(
+            "update",
+            compile_step(
+                make_update(model, critic_model, algo, optimizer, critic_optimizer),
+                state_shardings=run.state_shardings(state),
+            ),
+        ),
         ref_params=ref_params,
         update_flops=lambda n: policy_flops(n) + (critic_flops(n) if critic_flops is not None else 0.0),
         passes=algo.epochs if is_ppo else 1,
@@ -240,8 +264,11 @@ def rl_iteration(run: Run, setup: RLSetup, state: RLState, batch: dict, rng: jax
     with run.timers("score") as t:
         scores = setup.score(rollout)
         critic_params = None if state.critic is None else state.critic.params
-        experience, exp_metrics = t.block(setup.experience(
-            state.policy.params, setup.ref_params, critic_params, rollout, scores, state.kl.kl_coef))
+        experience, exp_metrics = t.block(
+            setup.experience(
+                state.policy.params, setup.ref_params, critic_params, rollout, scores, state.kl.kl_coef
+            )
+        )
     with run.timers("update") as t:
         state, update_metrics = t.block(setup.update(state, experience, update_key))
     host = to_host({**update_metrics, **exp_metrics})  # the β used for the rewards wins
@@ -253,14 +280,28 @@ def train_rl(cfg: PPORunConfig | A2CRunConfig) -> RunResult:
     command = "ppo" if isinstance(cfg, PPORunConfig) else "a2c"
     check_common(cfg.model, cfg.data, cfg.checkpoint, cfg.logging, cfg.train)
     check_rl(cfg.reward)
-    with Run(command, cfg, cfg.checkpoint, cfg.logging, cfg.train, cfg.model.dtype, state_key="rl") as run:
+    with Run(
+        command,
+        cfg,
+        cfg.checkpoint,
+        cfg.logging,
+        cfg.train,
+        cfg.model.dtype,
+        state_key="rl",
+        parallel_cfg=cfg.parallel,
+    ) as run:
         init_key, critic_key, rng = jax.random.split(jax.random.key(cfg.train.seed), 3)
         policy = load_model(cfg.model, init_key)
         tokenizer = policy.tokenizer
         prompts = load_dataset(cfg.data.train_file, "prompt", tokenizer, cfg.data)
-        batches = train_iterator(prompts, cfg.data.batch_size, cfg.train.seed,
-                                 make_collate("prompt", cfg.data, tokenizer), cfg.data.shuffle,
-                                 cfg.data.train_file)
+        batches = train_iterator(
+            prompts,
+            cfg.data.batch_size,
+            cfg.train.seed,
+            make_collate("prompt", cfg.data, tokenizer),
+            cfg.data.shuffle,
+            cfg.data.train_file,
+        )
         total = total_steps(cfg.train, batches.batches_per_epoch)
         setup, state, critic_model = build_rl(cfg, run, policy, critic_key, total)
 
@@ -270,15 +311,17 @@ def train_rl(cfg: PPORunConfig | A2CRunConfig) -> RunResult:
         while step < total and not stopped:
             with run.timers("step_total"):
                 with run.timers("data"):
-                    batch = next(batches)
+                    batch = run.shard(next(batches))
                 state, rng, rollout, scores, host = rl_iteration(run, setup, state, batch, rng)
                 step += 1
                 tokens = float(np.asarray(rollout.sequence_mask).sum())
                 response_tokens = float(np.asarray(rollout.response_mask).sum())
             skips = host.pop("train/nonfinite_skips", 0.0)  # per iteration; the tracker logs the total
             if step == 1 and host.get("val/ratio_first_minibatch", 0.0) > 1e-3:
-                log.warning("first update: ratio off by %.3g from 1 (sampling and training log-probs differ)",
-                            host["val/ratio_first_minibatch"])
+                log.warning(
+                    "first update: ratio off by %.3g from 1 (sampling and training log-probs differ)",
+                    host["val/ratio_first_minibatch"],
+                )
             run.after_step(step, host, finite=skips == 0)
             run.window.tally(tokens=tokens, response_tokens=response_tokens)
             if run.should_log(step, total):
@@ -301,11 +344,17 @@ def export_policy(run_dir: str, policy: LoadedModel, state: RLState, critic_mode
     ``<run_dir>/export_critic``."""
     params = state.policy.params
     heads = {"value_head": params["value_head"]} if "value_head" in params else None
-    export = export_model(os.path.join(run_dir, "export"), policy.model, params["lm"], policy.tokenizer,
-                          heads=heads)
+    export = export_model(
+        os.path.join(run_dir, "export"), policy.model, params["lm"], policy.tokenizer, heads=heads
+    )
     if state.critic is not None:
-        export_model(os.path.join(run_dir, "export_critic"), critic_model, state.critic.params["lm"],
-                     policy.tokenizer, heads={"value_head": state.critic.params["value_head"]})
+        export_model(
+            os.path.join(run_dir, "export_critic"),
+            critic_model,
+            state.critic.params["lm"],
+            policy.tokenizer,
+            heads={"value_head": state.critic.params["value_head"]},
+        )
     return export
 
 

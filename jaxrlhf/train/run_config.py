@@ -137,14 +137,6 @@ class TrainSection:
     stop_at_step: int | None = None
 
 
-@dataclasses.dataclass(frozen=True)
-class ParallelSection:
-    """Device mesh axes (placeholder until ``jaxrlhf.parallel`` lands): -1 = all remaining devices."""
-
-    data: int = -1
-    fsdp: int = 1
-
-
 def _positive(key: str, value: int | None) -> None:
     if value is not None and value < 1:
         raise ConfigError(f"{key}: must be >= 1, got {value}")
@@ -158,8 +150,13 @@ def check_model(model: ModelSection, key: str = "model") -> None:
         raise ConfigError(f"{key}.tokenizer: required when training {key}.architecture from scratch")
 
 
-def check_common(model: ModelSection, data: DataSection, checkpoint: CheckpointSection,
-                 logging: LoggingSection, train: TrainSection) -> None:
+def check_common(
+    model: ModelSection,
+    data: DataSection,
+    checkpoint: CheckpointSection,
+    logging: LoggingSection,
+    train: TrainSection,
+) -> None:
     """The rules every command shares."""
     check_model(model)
     if not data.train_file:

@@ -15,6 +15,7 @@ import jax
 import jax.numpy as jnp
 
 from jaxrlhf.models.transformer import LanguageModel, positions_from_mask
+from jaxrlhf.parallel import ParallelConfig
 from jaxrlhf.steps import OptimizerConfig, SFTConfig, create_train_state, make_optimizer, make_sft_step
 from jaxrlhf.steps.sft import sft_loss, target_mask
 from jaxrlhf.train.common import Run, RunResult, compile_step, to_host, total_steps
@@ -26,7 +27,6 @@ from jaxrlhf.train.run_config import (
     DataSection,
     LoggingSection,
     ModelSection,
-    ParallelSection,
     TrainSection,
     check_common,
 )
@@ -45,7 +45,7 @@ class SFTRunConfig:
     checkpoint: CheckpointSection = dataclasses.field(default_factory=CheckpointSection)
     logging: LoggingSection = dataclasses.field(default_factory=lambda: LoggingSection(run_dir="runs/sft"))
     train: TrainSection = dataclasses.field(default_factory=TrainSection)
-    parallel: ParallelSection = dataclasses.field(default_factory=ParallelSection)
+    parallel: ParallelConfig = dataclasses.field(default_factory=ParallelConfig)
 
 
 def make_sft_eval(model: LanguageModel) -> Any:
@@ -77,28 +77,45 @@ def evaluate_sft(evaluate: Any, params: Any, batches: Any) -> dict[str, float]:
 def train_sft(cfg: SFTRunConfig) -> RunResult:
     """Run supervised fine-tuning end to end; returns where the run and its export are."""
     check_common(cfg.model, cfg.data, cfg.checkpoint, cfg.logging, cfg.train)
-    with Run("sft", cfg, cfg.checkpoint, cfg.logging, cfg.train, cfg.model.dtype) as run:
+    with Run(
+        "sft", cfg, cfg.checkpoint, cfg.logging, cfg.train, cfg.model.dtype, parallel_cfg=cfg.parallel
+    ) as run:
         init_key, rng = jax.random.split(jax.random.key(cfg.train.seed))
         model, params, tokenizer, _ = load_model(cfg.model, init_key)
         check_length(model.config, cfg.data.max_prompt_length + cfg.data.max_response_length)
         collate = make_collate("sft", cfg.data, tokenizer)
         train_set = load_dataset(cfg.data.train_file, "sft", tokenizer, cfg.data)
-        batches = train_iterator(train_set, cfg.data.batch_size, cfg.train.seed, collate, cfg.data.shuffle,
-                                 cfg.data.train_file)
+        batches = train_iterator(
+            train_set, cfg.data.batch_size, cfg.train.seed, collate, cfg.data.shuffle, cfg.data.train_file
+        )
         eval_fn = None
         if cfg.data.eval_file:
             eval_set = load_dataset(cfg.data.eval_file, "sft", tokenizer, cfg.data)
             evaluate = make_sft_eval(model)
             size = cfg.data.eval_batch_size or cfg.data.batch_size
-            eval_fn = lambda s: evaluate_sft(evaluate, s.params, eval_batches(eval_set, size, collate))
+            run.check_batch_size("data.eval_batch_size", size)
+            evaluate_on_mesh = lambda params, batch: evaluate(params, run.shard(batch))
+            eval_fn = lambda s: evaluate_sft(
+                evaluate_on_mesh, s.params, eval_batches(eval_set, size, collate)
+            )
         total = total_steps(cfg.train, batches.batches_per_epoch)
         optimizer = make_optimizer(cfg.optimizer, total)
-        step_fn = compile_step(make_sft_step(model, optimizer, cfg.sft))
-        state = create_train_state(params, optimizer)
+        run.check_batch_size("data.batch_size", cfg.data.batch_size)
+        state = run.place(create_train_state(params, optimizer), "SFT params + optimiser state")
+        step_fn = compile_step(
+            make_sft_step(model, optimizer, cfg.sft), state_shardings=run.state_shardings(state)
+        )
         state, result = supervised_loop(
-            run, state, rng, step_fn, batches, total, loss_name="sft",
+            run,
+            state,
+            rng,
+            step_fn,
+            batches,
+            total,
+            loss_name="sft",
             flops_per_token=flops_per_token(model.config, training=True),
-            eval_fn=eval_fn, eval_every=cfg.train.eval_every,
+            eval_fn=eval_fn,
+            eval_every=cfg.train.eval_every,
             postfix=("loss/sft", "train/accuracy", "lr"),
         )
         if not result.stopped_early:

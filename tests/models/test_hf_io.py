@@ -20,14 +20,45 @@ torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 
 OUR_CONFIGS = {
-    "gpt2": gpt2_config(vocab_size=48, hidden_size=32, num_layers=2, num_heads=4, max_position_embeddings=32,
-                        eos_token_id=2, pad_token_id=0),
-    "llama-gqa": llama_config(vocab_size=48, hidden_size=32, num_layers=2, num_heads=4, num_kv_heads=2,
-                              intermediate_size=40, max_position_embeddings=32),
-    "qwen2-tied": llama_config(model_type="qwen2", qkv_bias=True, tie_word_embeddings=True, vocab_size=48,
-                               hidden_size=32, num_layers=1, num_heads=4, num_kv_heads=1, intermediate_size=40),
-    "mistral-window": llama_config(model_type="mistral", sliding_window=4, vocab_size=48, hidden_size=32,
-                                   num_layers=1, num_heads=4, num_kv_heads=2, intermediate_size=40),
+    "gpt2": gpt2_config(
+        vocab_size=48,
+        hidden_size=32,
+        num_layers=2,
+        num_heads=4,
+        max_position_embeddings=32,
+        eos_token_id=2,
+        pad_token_id=0,
+    ),
+    "llama-gqa": llama_config(
+        vocab_size=48,
+        hidden_size=32,
+        num_layers=2,
+        num_heads=4,
+        num_kv_heads=2,
+        intermediate_size=40,
+        max_position_embeddings=32,
+    ),
+    "qwen2-tied": llama_config(
+        model_type="qwen2",
+        qkv_bias=True,
+        tie_word_embeddings=True,
+        vocab_size=48,
+        hidden_size=32,
+        num_layers=1,
+        num_heads=4,
+        num_kv_heads=1,
+        intermediate_size=40,
+    ),
+    "mistral-window": llama_config(
+        model_type="mistral",
+        sliding_window=4,
+        vocab_size=48,
+        hidden_size=32,
+        num_layers=1,
+        num_heads=4,
+        num_kv_heads=2,
+        intermediate_size=40,
+    ),
 }
 
 
@@ -48,8 +79,11 @@ def test_save_loads_in_transformers_with_same_logits(name, tmp_path):
     mask[1, :3] = 0
     pos = np.asarray(positions_from_mask(jnp.asarray(mask)))
     with torch.no_grad():
-        ref = hf_model(input_ids=torch.tensor(tokens, dtype=torch.long), attention_mask=torch.tensor(mask),
-                       position_ids=torch.tensor(pos, dtype=torch.long)).logits.numpy()
+        ref = hf_model(
+            input_ids=torch.tensor(tokens, dtype=torch.long),
+            attention_mask=torch.tensor(mask),
+            position_ids=torch.tensor(pos, dtype=torch.long),
+        ).logits.numpy()
     ours, _, _ = model.apply(params, tokens, pos, mask)
     assert np.abs(np.asarray(ours) - ref)[mask > 0].max() <= 1e-4
 
@@ -61,7 +95,7 @@ def test_save_loads_in_transformers_with_same_logits(name, tmp_path):
 
 
 def test_sharded_checkpoints_both_ways(hf_checkpoint, tmp_path):
-    name, path, hf_model = hf_checkpoint
+    _, path, hf_model = hf_checkpoint
     hf_model.save_pretrained(tmp_path / "hf-sharded", max_shard_size="20KB", safe_serialization=True)
     assert (tmp_path / "hf-sharded" / hf_io.INDEX_FILE).is_file()
     model, params, _ = hf_io.load(path)
@@ -120,21 +154,29 @@ def _edit_tensors(path, fn):
 
 def test_missing_tensor_is_named(saved):
     _edit_tensors(saved, lambda t: t.pop("model.layers.1.self_attn.k_proj.weight"))
-    with pytest.raises(hf_io.CheckpointFormatError, match=r"missing tensor 'model\.layers\.1\.self_attn\.k_proj"):
+    with pytest.raises(
+        hf_io.CheckpointFormatError, match=r"missing tensor 'model\.layers\.1\.self_attn\.k_proj"
+    ):
         hf_io.load(saved)
 
 
 def test_unexpected_tensor_is_named(saved):
     _edit_tensors(saved, lambda t: t.update({"model.layers.0.extra.weight": np.zeros(3, np.float32)}))
-    with pytest.raises(hf_io.CheckpointFormatError,
-                       match=r"unexpected tensor 'model\.layers\.0\.extra\.weight' in model\.safetensors"):
+    with pytest.raises(
+        hf_io.CheckpointFormatError,
+        match=r"unexpected tensor 'model\.layers\.0\.extra\.weight' in model\.safetensors",
+    ):
         hf_io.load(saved)
 
 
 def test_shape_mismatch_is_named(saved):
-    _edit_tensors(saved, lambda t: t.update({"model.layers.0.mlp.down_proj.weight": np.zeros((32, 41), np.float32)}))
-    with pytest.raises(hf_io.CheckpointFormatError,
-                       match=r"shape mismatch for model\.layers\.0\.mlp\.down_proj\.weight.*\(32, 41\)"):
+    _edit_tensors(
+        saved, lambda t: t.update({"model.layers.0.mlp.down_proj.weight": np.zeros((32, 41), np.float32)})
+    )
+    with pytest.raises(
+        hf_io.CheckpointFormatError,
+        match=r"shape mismatch for model\.layers\.0\.mlp\.down_proj\.weight.*\(32, 41\)",
+    ):
         hf_io.load(saved)
 
 
@@ -152,10 +194,12 @@ def test_missing_files_are_named(saved, tmp_path):
     with pytest.raises(FileNotFoundError, match="nowhere"):
         hf_io.load(tmp_path / "nowhere")
     (saved / "model.safetensors").rename(saved / "pytorch_model.bin")
-    with pytest.raises(hf_io.CheckpointFormatError, match=r"no model\.safetensors.*pytorch_model\.bin.*pickle"):
+    with pytest.raises(
+        hf_io.CheckpointFormatError, match=r"no model\.safetensors.*pytorch_model\.bin.*pickle"
+    ):
         hf_io.load(saved)
     (saved / "config.json").unlink()
-    with pytest.raises(hf_io.CheckpointFormatError, match="no config.json"):
+    with pytest.raises(hf_io.CheckpointFormatError, match=r"no config\.json"):
         hf_io.load(saved)
 
 

@@ -55,9 +55,13 @@ def test_greedy_generation_matches_transformers(hf_checkpoint, padded_batch):
     out = generate(model, params, tokens, mask, jax.random.key(0), config)
     with torch.no_grad():
         ref = hf_model.generate(
-            input_ids=torch.tensor(tokens, dtype=torch.long), attention_mask=torch.tensor(mask, dtype=torch.long),
-            max_new_tokens=n, do_sample=False, eos_token_id=2, pad_token_id=0,
-        )[:, tokens.shape[1]:].numpy()
+            input_ids=torch.tensor(tokens, dtype=torch.long),
+            attention_mask=torch.tensor(mask, dtype=torch.long),
+            max_new_tokens=n,
+            do_sample=False,
+            eos_token_id=2,
+            pad_token_id=0,
+        )[:, tokens.shape[1] :].numpy()
     ref = np.pad(ref, ((0, 0), (0, n - ref.shape[1])), constant_values=0)
     np.testing.assert_array_equal(np.asarray(out.response_tokens), ref, err_msg=name)
     # The response mask covers tokens up to and including the first eos.

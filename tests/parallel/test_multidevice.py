@@ -16,9 +16,21 @@ def test_multidevice_suite():
     env["JAXRLHF_MULTIDEVICE"] = "1"
     env["JAX_PLATFORMS"] = "cpu"
     proc = subprocess.run(
-        [sys.executable, "-m", "pytest", str(HERE / "multidevice"), "-q", "-p", "no:cacheprovider",
-         "--rootdir", str(HERE.parent.parent)],
-        env=env, capture_output=True, text=True, timeout=1200,
+        [
+            sys.executable,
+            "-m",
+            "pytest",
+            str(HERE / "multidevice"),
+            "-q",
+            "-p",
+            "no:cacheprovider",
+            "--rootdir",
+            str(HERE.parent.parent),
+        ],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=1200,
     )
     output = proc.stdout + proc.stderr
     print(output)

@@ -7,7 +7,14 @@ import numpy as np
 import pytest
 from jax.sharding import PartitionSpec as P
 
-from jaxrlhf.parallel import ParallelConfig, fsdp_spec, initialize_distributed, make_mesh, mesh_shape, shard_batch
+from jaxrlhf.parallel import (
+    ParallelConfig,
+    fsdp_spec,
+    initialize_distributed,
+    make_mesh,
+    mesh_shape,
+    shard_batch,
+)
 
 
 def test_fsdp_spec_picks_the_largest_divisible_dimension():
@@ -38,8 +45,13 @@ def test_single_device_mesh_and_batch():
 
 
 def test_distributed_is_not_started_without_a_coordinator(monkeypatch):
-    for var in ("JAX_COORDINATOR_ADDRESS", "SLURM_JOB_ID", "OMPI_COMM_WORLD_SIZE", "TPU_WORKER_HOSTNAMES",
-                "MEGASCALE_COORDINATOR_ADDRESS"):
+    for var in (
+        "JAX_COORDINATOR_ADDRESS",
+        "SLURM_JOB_ID",
+        "OMPI_COMM_WORLD_SIZE",
+        "TPU_WORKER_HOSTNAMES",
+        "MEGASCALE_COORDINATOR_ADDRESS",
+    ):
         monkeypatch.delenv(var, raising=False)
     assert initialize_distributed(ParallelConfig()) is False
     assert initialize_distributed(ParallelConfig(distributed="never")) is False

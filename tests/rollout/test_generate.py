@@ -14,10 +14,14 @@ from jaxrlhf.rollout.scoring import response_logprobs
 
 V = 40
 MODELS = {
-    "gpt2": LanguageModel(gpt2_config(vocab_size=V, hidden_size=32, num_layers=2, num_heads=4,
-                                      max_position_embeddings=64)),
-    "llama-gqa": LanguageModel(llama_config(vocab_size=V, hidden_size=32, num_layers=2, num_heads=4,
-                                            num_kv_heads=2, intermediate_size=48)),
+    "gpt2": LanguageModel(
+        gpt2_config(vocab_size=V, hidden_size=32, num_layers=2, num_heads=4, max_position_embeddings=64)
+    ),
+    "llama-gqa": LanguageModel(
+        llama_config(
+            vocab_size=V, hidden_size=32, num_layers=2, num_heads=4, num_kv_heads=2, intermediate_size=48
+        )
+    ),
 }
 
 
@@ -61,15 +65,19 @@ def test_cached_decode_equals_full_forward(model_and_params):
     np.testing.assert_allclose(got, np.asarray(ref)[:, p - 1 : p + n - 1], atol=1e-5, rtol=0)
 
 
-@pytest.mark.parametrize("sampling", [dict(temperature=0.7), dict(temperature=1.3, top_k=5),
-                                      dict(temperature=1.0, top_p=0.8)], ids=["t0.7", "t1.3-topk", "topp"])
+@pytest.mark.parametrize(
+    "sampling",
+    [dict(temperature=0.7), dict(temperature=1.3, top_k=5), dict(temperature=1.0, top_p=0.8)],
+    ids=["t0.7", "t1.3-topk", "topp"],
+)
 def test_sampled_logprobs_equal_fresh_forward(model_and_params, sampling):
     model, params = model_and_params
     tokens, mask = prompts()
     config = GenerationConfig(max_new_tokens=10, stop_token_ids=(2,), **sampling)
     out = generate(model, params, tokens, mask, jax.random.key(3), config)
-    fresh = response_logprobs(model, params, out.sequences, out.sequence_mask, tokens.shape[1],
-                              config.temperature)
+    fresh = response_logprobs(
+        model, params, out.sequences, out.sequence_mask, tokens.shape[1], config.temperature
+    )
     np.testing.assert_allclose(np.asarray(out.logprobs), np.asarray(fresh), atol=1e-5, rtol=0)
     assert np.all(np.asarray(out.logprobs)[np.asarray(out.response_mask) == 0] == 0)
 
@@ -78,8 +86,9 @@ def test_stopping_padding_and_masks(model_and_params):
     model, params = model_and_params
     tokens, mask = prompts(batch=4)
     # Several stop ids, common enough at this temperature that rows stop at different steps.
-    config = GenerationConfig(max_new_tokens=12, temperature=2.0, stop_token_ids=(5, 6, 7, 8, 9, 10),
-                              pad_token_id=0)
+    config = GenerationConfig(
+        max_new_tokens=12, temperature=2.0, stop_token_ids=(5, 6, 7, 8, 9, 10), pad_token_id=0
+    )
     out = jax.device_get(generate(model, params, tokens, mask, jax.random.key(11), config))
     stop = np.isin(out.response_tokens, config.stop_token_ids)
     for row in range(tokens.shape[0]):
@@ -128,8 +137,14 @@ def test_first_token_distribution_matches_tempered_softmax():
     n, temperature = 4000, 0.8
     tokens = np.tile(np.array([[4, 9, 13]], np.int32), (n, 1))
     mask = np.ones_like(tokens)
-    out = generate(model, params, tokens, mask, jax.random.key(5),
-                   GenerationConfig(max_new_tokens=1, temperature=temperature))
+    out = generate(
+        model,
+        params,
+        tokens,
+        mask,
+        jax.random.key(5),
+        GenerationConfig(max_new_tokens=1, temperature=temperature),
+    )
     logits, _, _ = model.apply(params, tokens[:1], positions_from_mask(jnp.asarray(mask[:1])), mask[:1])
     probs = np.asarray(jax.nn.softmax(logits[0, -1] / temperature))
     counts = np.bincount(np.asarray(out.response_tokens[:, 0]), minlength=V)
@@ -141,6 +156,6 @@ def test_first_token_distribution_matches_tempered_softmax():
     keep = exp > 0
     chi2 = float((((obs - exp) ** 2)[keep] / exp[keep]).sum())
     dof = int(keep.sum()) - 1
-    from scipy.stats import chi2 as chi2_dist  # noqa: PLC0415 - scipy ships with the test environment
+    from scipy.stats import chi2 as chi2_dist
 
     assert chi2 < chi2_dist.ppf(0.999, dof), (chi2, dof)

@@ -20,8 +20,9 @@ from jaxrlhf.parallel import (
 from jaxrlhf.rollout.generate import GenerationConfig, generate
 from jaxrlhf.train.checkpoint import CheckpointManager
 
-MODEL = LanguageModel(gpt2_config(vocab_size=64, hidden_size=64, num_layers=2, num_heads=4,
-                                  max_position_embeddings=64))
+MODEL = LanguageModel(
+    gpt2_config(vocab_size=64, hidden_size=64, num_layers=2, num_heads=4, max_position_embeddings=64)
+)
 
 
 def test_eight_devices():
@@ -49,8 +50,9 @@ def test_fsdp_really_shards_parameters_and_optimizer_state(params):
     assert mu.sharding == qkv.sharding  # Adam moments follow their parameters
 
 
-@pytest.mark.parametrize("mesh_cfg", [ParallelConfig(data=8), ParallelConfig(data=2, fsdp=4)],
-                         ids=["data8", "data2-fsdp4"])
+@pytest.mark.parametrize(
+    "mesh_cfg", [ParallelConfig(data=8), ParallelConfig(data=2, fsdp=4)], ids=["data8", "data2-fsdp4"]
+)
 def test_sharded_generation_gives_the_same_tokens(params, mesh_cfg):
     rng = np.random.RandomState(0)
     tokens = rng.randint(3, 64, size=(16, 6)).astype(np.int32)
@@ -58,7 +60,9 @@ def test_sharded_generation_gives_the_same_tokens(params, mesh_cfg):
     mask[::3, :2] = 0
     config = GenerationConfig(max_new_tokens=8, temperature=1.1, top_k=20, stop_token_ids=(2,))
     key = jax.random.key(7)
-    single = jax.device_get(generate(MODEL, jax.device_put(params, jax.devices()[0]), tokens, mask, key, config))
+    single = jax.device_get(
+        generate(MODEL, jax.device_put(params, jax.devices()[0]), tokens, mask, key, config)
+    )
 
     mesh = make_mesh(mesh_cfg)
     sharded_params = place_state(mesh, params, min_size=1024)
@@ -76,8 +80,11 @@ def _save_restore(tmp_path, params, save_mesh, restore_mesh):
     with CheckpointManager(tmp_path, max_to_keep=2) as ckpt:
         ckpt.save(3, placed, {"note": "x"}, force=True)
         ckpt.wait()
-    target = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(np.shape(x), np.asarray(x).dtype, sharding=s),
-                          state, state_shardings(restore_mesh, state, min_size=1024))
+    target = jax.tree.map(
+        lambda x, s: jax.ShapeDtypeStruct(np.shape(x), np.asarray(x).dtype, sharding=s),
+        state,
+        state_shardings(restore_mesh, state, min_size=1024),
+    )
     with CheckpointManager(tmp_path) as ckpt:
         restored, meta = ckpt.restore(target=target)
     assert meta["note"] == "x"
@@ -87,13 +94,21 @@ def _save_restore(tmp_path, params, save_mesh, restore_mesh):
 
 
 def test_checkpoint_saved_on_eight_restores_on_one(tmp_path, params):
-    restored = _save_restore(tmp_path, params, make_mesh(ParallelConfig(data=2, fsdp=4)),
-                             make_mesh(ParallelConfig(), devices=jax.devices()[:1]))
+    restored = _save_restore(
+        tmp_path,
+        params,
+        make_mesh(ParallelConfig(data=2, fsdp=4)),
+        make_mesh(ParallelConfig(), devices=jax.devices()[:1]),
+    )
     assert {len(x.sharding.device_set) for x in jax.tree.leaves(restored)} == {1}
 
 
 def test_checkpoint_saved_on_one_restores_on_eight(tmp_path, params):
-    restored = _save_restore(tmp_path, params, make_mesh(ParallelConfig(), devices=jax.devices()[:1]),
-                             make_mesh(ParallelConfig(data=2, fsdp=4)))
+    restored = _save_restore(
+        tmp_path,
+        params,
+        make_mesh(ParallelConfig(), devices=jax.devices()[:1]),
+        make_mesh(ParallelConfig(data=2, fsdp=4)),
+    )
     qkv = restored["params"]["layers"][0]["attn"]["qkv"]["kernel"]
     assert len(qkv.sharding.device_set) == 8 and qkv.sharding.spec == jax.sharding.PartitionSpec(None, "fsdp")
