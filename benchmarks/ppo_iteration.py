@@ -1,0 +1,204 @@
+"""One full PPO iteration, phase by phase: generation, scoring (reward model + reference + values +
+advantages) and the update (epochs × minibatches), on random weights.
+
+Default shape: a tiny GPT-2 (6 layers, d_model 384, 6 heads, vocab 8192), batch 32, prompt 64, response 64,
+4 epochs × 1 minibatch; the reward model and the reference have the policy's architecture, the critic is a
+value head on the policy. Every phase is jitted; compile time is reported apart from the timed iterations.
+MFU of the update is measured against a large matmul of the compute dtype timed in the same run (on a CPU
+that is the only meaningful "peak"; on accelerators pass ``--peak-tflops`` for the vendor number too).
+
+Runs on whatever devices JAX sees, data-parallel by default (``--data``/``--fsdp`` shape the mesh), so the same
+script reports tokens/s/device and MFU on a multi-GPU or TPU host (``--preset gpt2-medium --dtype bfloat16``);
+multi-host jobs start it on every host (``jax.distributed`` is initialised from the environment).
+
+    python benchmarks/ppo_iteration.py [--preset tiny|gpt2-small|gpt2-medium|llama-1b] [--iterations 3]
+
+Prints one JSON object (process 0 only).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import statistics
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jaxrlhf import parallel
+from jaxrlhf import steps as S
+from jaxrlhf.models.config import ModelConfig, gpt2_config, llama_config
+from jaxrlhf.models.heads import init_reward_head, init_value_head
+from jaxrlhf.models.transformer import LanguageModel
+from jaxrlhf.rollout.generate import GenerationConfig, generate
+from jaxrlhf.train.timing import matmul_peak_flops, transformer_flops_per_token
+
+PRESETS = {
+    "tiny": lambda v: gpt2_config(
+        vocab_size=v or 8192, hidden_size=384, num_layers=6, num_heads=6, max_position_embeddings=1024
+    ),
+    "gpt2-small": lambda v: gpt2_config(
+        vocab_size=v or 50257, hidden_size=768, num_layers=12, num_heads=12, max_position_embeddings=1024
+    ),
+    "gpt2-medium": lambda v: gpt2_config(
+        vocab_size=v or 50257, hidden_size=1024, num_layers=24, num_heads=16, max_position_embeddings=1024
+    ),
+    # Llama 3.2 1B's shape (GQA 32/8, SwiGLU 8192, tied embeddings).
+    "llama-1b": lambda v: llama_config(
+        vocab_size=v or 128256,
+        hidden_size=2048,
+        num_layers=16,
+        num_heads=32,
+        num_kv_heads=8,
+        intermediate_size=8192,
+        tie_word_embeddings=True,
+        max_position_embeddings=4096,
+        rope_theta=500000.0,
+    ),
+}
+
+
+def parse_args() -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--preset", default="tiny", choices=sorted(PRESETS))
+    p.add_argument("--vocab", type=int, default=None, help="override the preset's vocabulary size")
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    p.add_argument("--batch", type=int, default=32, help="global batch (sequences per iteration)")
+    p.add_argument("--prompt", type=int, default=64)
+    p.add_argument("--response", type=int, default=64)
+    p.add_argument("--epochs", type=int, default=4)
+    p.add_argument("--minibatches", type=int, default=1)
+    p.add_argument("--grad-accum", type=int, default=1)
+    p.add_argument("--iterations", type=int, default=3, help="timed iterations after the warm-up one")
+    p.add_argument("--data", type=int, default=-1)
+    p.add_argument("--fsdp", type=int, default=1)
+    p.add_argument("--peak-tflops", type=float, default=None, help="vendor peak per device, for a second MFU")
+    return p.parse_args()
+
+
+def update_flops(cfg: ModelConfig, tokens: int, seq_len: int, epochs: int) -> float:
+    """Training FLOPs of the update: 6·N + 12·L·d·T per token per epoch (policy with its value head)."""
+    per_token = transformer_flops_per_token(
+        cfg.num_params(), cfg.num_layers, cfg.hidden_size, seq_len, training=True
+    )
+    return float(per_token * tokens * epochs)
+
+
+def main() -> None:
+    args = parse_args()
+    pcfg = parallel.ParallelConfig(data=args.data, fsdp=args.fsdp)
+    parallel.initialize_distributed(pcfg)
+    mesh = parallel.make_mesh(pcfg)
+    cfg = dataclasses.replace(PRESETS[args.preset](args.vocab), dtype=args.dtype)
+    model = LanguageModel(cfg)
+    d = cfg.hidden_size
+    B, P, N = args.batch, args.prompt, args.response
+    ppo = S.PPOConfig(epochs=args.epochs, num_minibatches=args.minibatches, grad_accum_steps=args.grad_accum)
+    gen_cfg = GenerationConfig(max_new_tokens=N, temperature=ppo.temperature)  # no stop: full length
+    optimizer = S.make_optimizer(S.OptimizerConfig(learning_rate=1e-6), 1000)
+
+    # SETUP: policy (+ value head), reference and reward model, all placed on the mesh.
+    init = jax.jit(
+        model.init, out_shardings=parallel.state_shardings(mesh, model.abstract_params(), pcfg.fsdp_min_size)
+    )
+    keys = jax.random.split(jax.random.key(0), 4)
+    policy = {"lm": init(keys[0]), "value_head": init_value_head(d)}
+    state = parallel.place_state(
+        mesh, S.create_rl_state(policy, optimizer, S.kl_controller(ppo).init()), pcfg.fsdp_min_size
+    )
+    ref = parallel.place_state(mesh, {"lm": init(keys[1])}, pcfg.fsdp_min_size)
+    rm = parallel.place_state(
+        mesh, {"lm": init(keys[2]), "reward_head": init_reward_head(keys[3], d)}, pcfg.fsdp_min_size
+    )
+    state_bytes = parallel.per_device_bytes(state)
+
+    scorer = S.RewardModelScorer(model)
+    gen = jax.jit(lambda p, t, m, k: generate(model, p, t, m, k, gen_cfg))
+    score = jax.jit(lambda rm_params, rollout: scorer(rm_params, rollout))
+    experience = jax.jit(S.make_experience_fn(model, model, None, ppo))
+    update = parallel.jit_step(
+        S.make_ppo_update(model, None, ppo, optimizer), mesh, state, min_size=pcfg.fsdp_min_size
+    )
+
+    rng = np.random.RandomState(0)
+
+    def iteration(i: int, state):
+        prompts = parallel.shard_batch(
+            mesh,
+            {
+                "tokens": rng.randint(3, cfg.vocab_size, (B, P)).astype(np.int32),
+                "mask": np.ones((B, P), np.int32),
+            },
+        )
+        key = jax.random.fold_in(jax.random.key(1), i)
+        times = {}
+        t0 = time.perf_counter()
+        rollout = jax.block_until_ready(
+            gen(state.policy.params["lm"], prompts["tokens"], prompts["mask"], jax.random.fold_in(key, 0))
+        )
+        t1 = time.perf_counter()
+        scores = score(rm, rollout)
+        batch, _ = jax.block_until_ready(
+            experience(state.policy.params, ref, None, rollout, scores, state.kl.kl_coef)
+        )
+        t2 = time.perf_counter()
+        state, metrics = jax.block_until_ready(update(state, batch, jax.random.fold_in(key, 1)))
+        t3 = time.perf_counter()
+        times.update(generation=t1 - t0, score=t2 - t1, update=t3 - t2, total=t3 - t0)
+        return state, times, metrics
+
+    state, first, _ = iteration(0, state)  # compiles every phase
+    timed = []
+    for i in range(args.iterations):
+        state, times, metrics = iteration(i + 1, state)
+        timed.append(times)
+    med = {k: statistics.median(t[k] for t in timed) for k in timed[0]}
+    compile_s = {k: max(first[k] - med[k], 0.0) for k in med}
+
+    devices = mesh.size
+    seq_tokens = B * (P + N)
+    peak = matmul_peak_flops(4096 if jax.default_backend() != "cpu" else 2048, jnp.dtype(args.dtype))
+    flops = update_flops(cfg, seq_tokens, P + N, args.epochs)
+    result = {
+        "benchmark": "ppo_iteration",
+        "backend": jax.default_backend(),
+        "device_kind": jax.devices()[0].device_kind,
+        "devices": devices,
+        "processes": jax.process_count(),
+        "mesh": dict(mesh.shape),
+        "preset": args.preset,
+        "params": cfg.num_params(),
+        "dtype": args.dtype,
+        "shape": {
+            "batch": B,
+            "prompt": P,
+            "response": N,
+            "epochs": args.epochs,
+            "minibatches": args.minibatches,
+            "grad_accum": args.grad_accum,
+        },
+        "state_bytes_per_device": state_bytes,
+        "compile_s": compile_s,
+        "wall_s": med,
+        "tokens_per_s": {
+            "generation": B * N / med["generation"],
+            "score": seq_tokens / med["score"],
+            "update": seq_tokens * args.epochs / med["update"],
+            "iteration": seq_tokens / med["total"],
+        },
+        "iteration_tokens_per_s_per_device": seq_tokens / med["total"] / devices,
+        "matmul_peak_tflops_per_device": peak / 1e12,
+        "update_mfu": flops / med["update"] / (peak * devices),
+        "first_minibatch_ratio_error": float(metrics["val/ratio_first_minibatch"]),
+    }
+    if args.peak_tflops:
+        result["update_mfu_vs_vendor_peak"] = flops / med["update"] / (args.peak_tflops * 1e12 * devices)
+    if parallel.is_main_process():
+        print(json.dumps(result, indent=2))
+
+
+if __name__ == "__main__":
+    main()
