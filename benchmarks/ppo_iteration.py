@@ -7,9 +7,10 @@ value head on the policy. Every phase is jitted; compile time is reported apart 
 MFU of the update is measured against a large matmul of the compute dtype timed in the same run (on a CPU
 that is the only meaningful "peak"; on accelerators pass ``--peak-tflops`` for the vendor number too).
 
-Runs on whatever devices JAX sees, data-parallel by default (``--data``/``--fsdp`` shape the mesh), so the same
-script reports tokens/s/device and MFU on a multi-GPU or TPU host (``--preset gpt2-medium --dtype bfloat16``);
-multi-host jobs start it on every host (``jax.distributed`` is initialised from the environment).
+Runs on whatever devices JAX sees, data-parallel by default (``--data``/``--fsdp`` shape the mesh), so
+the same script reports tokens/s/device and MFU on a multi-GPU or TPU host
+(``--preset gpt2-medium --dtype bfloat16``); multi-host jobs start it on every host
+(``jax.distributed`` is initialised from the environment).
 
     python benchmarks/ppo_iteration.py [--preset tiny|gpt2-small|gpt2-medium|llama-1b] [--iterations 3]
 
