@@ -24,6 +24,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jaxrlhf import parallel
 from jaxrlhf.config import ConfigError
 from jaxrlhf.models.heads import init_value_head
 from jaxrlhf.models.transformer import LanguageModel
@@ -151,7 +152,7 @@ def make_scorer(
         _same_vocabulary(policy_tokenizer, rm.tokenizer, "reward.model_path")
         if norm is None and reward.normalize:
             log.warning("%s has no reward normalisation; using raw rewards", reward.model_path)
-        scorer = RewardModelScorer(rm.model, norm if reward.normalize else None)
+        scorer = RewardModelScorer(rm.model, norm if reward.normalize else None, reward.micro_batch_size)
         score = compile_step(lambda params, rollout: scorer(params, rollout), donate=False)
         rm_params = place(rm.params, "reward model params")
         return lambda rollout: score(rm_params, rollout)
@@ -219,7 +220,11 @@ def build_rl(
         critic_model, critic_params = _critic(cfg, policy, dtype, critic_key)
     score = make_scorer(cfg.reward, tokenizer, dtype, run.place)
     run.check_batch_size("data.batch_size", cfg.data.batch_size)
-    ref_params = run.place(ref_params, "reference params")
+    if cfg.reference.offload:
+        ref_params = parallel.to_host(ref_params)  # numpy: copied to the devices by each experience call
+        log.info("reference params kept in host memory (reference.offload)")
+    else:
+        ref_params = run.place(ref_params, "reference params")
 
     updates = total * (algo.epochs * algo.num_minibatches if is_ppo else 1)  # the schedule's length
     optimizer = make_optimizer(cfg.optimizer, updates)

@@ -82,13 +82,20 @@ class RewardSection:
     model_path: str | None = None
     function: str | None = None
     normalize: bool = True  # apply the reward model's saved (gain, bias)
+    # Score the batch in sequential chunks of this many sequences (bounds the reward model's activations).
+    micro_batch_size: int | None = None
 
 
 @dataclasses.dataclass(frozen=True)
 class ReferenceSection:
-    """The KL reference policy: a Hugging Face directory; default: the policy's initial weights."""
+    """The KL reference policy: a Hugging Face directory; default: the policy's initial weights.
+
+    ``offload``: keep the reference's weights in host memory and stream them to the devices for each scoring
+    pass, trading a host-to-device copy per iteration for the accelerator memory of a fourth model.
+    """
 
     path: str | None = None
+    offload: bool = False
 
 
 @dataclasses.dataclass(frozen=True)
@@ -177,3 +184,4 @@ def check_rl(reward: RewardSection) -> None:
     """Exactly one reward source."""
     if (reward.model_path is None) == (reward.function is None):
         raise ConfigError("reward: give exactly one of reward.model_path or reward.function")
+    _positive("reward.micro_batch_size", reward.micro_batch_size)

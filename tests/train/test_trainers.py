@@ -230,6 +230,15 @@ def test_ppo_resume_reaches_the_same_parameters_and_kl_coefficient(workdir, sft_
     assert kl[0] == kl[1] and kl[0] != 0.2  # the adaptive controller moved and was restored
 
 
+def test_memory_options_give_the_same_run(workdir, sft_run, reward_run, ppo_run):
+    """A host-offloaded reference and a micro-batched reward model move memory, not the result."""
+    config = ppo_config(workdir, sft_run, reward_run, "ppo-memory")
+    assert run_command("ppo", config, workdir, "reference.offload=true", "reward.micro_batch_size=2") == 0
+    want, got = _tensors(ppo_run / "export"), _tensors(workdir / "ppo-memory" / "export")
+    for name in want:
+        np.testing.assert_allclose(got[name], want[name], atol=1e-5, rtol=0, err_msg=name)
+
+
 def test_nonfinite_rewards_stop_the_run_and_keep_the_last_good_checkpoint(workdir, sft_run, reward_run,
                                                                           capsys):
     calls = []
