@@ -19,17 +19,37 @@ class Command(NamedTuple):
     config: str  # "module:ConfigClass"
     run: str  # "module:function", called with the loaded config; may return an object with run_dir
     help: str
+    quick: str | None = None  # "module:OVERRIDES": a --quick flag applies these before the --set ones
 
 
 COMMANDS: dict[str, Command] = {
-    "sft": Command("jaxrlhf.train.sft:SFTRunConfig", "jaxrlhf.train.sft:train_sft",
-                   "supervised fine-tuning on prompt/completion pairs"),
-    "reward": Command("jaxrlhf.train.reward:RewardRunConfig", "jaxrlhf.train.reward:train_reward_model",
-                      "train a reward model on preferences, rankings or ratings"),
-    "ppo": Command("jaxrlhf.train.rl:PPORunConfig", "jaxrlhf.train.rl:train_ppo",
-                   "PPO fine-tuning against a reward model or reward function"),
-    "a2c": Command("jaxrlhf.train.rl:A2CRunConfig", "jaxrlhf.train.rl:train_a2c",
-                   "A2C fine-tuning against a reward model or reward function"),
+    "sft": Command(
+        "jaxrlhf.train.sft:SFTRunConfig",
+        "jaxrlhf.train.sft:train_sft",
+        "supervised fine-tuning on prompt/completion pairs",
+    ),
+    "reward": Command(
+        "jaxrlhf.train.reward:RewardRunConfig",
+        "jaxrlhf.train.reward:train_reward_model",
+        "train a reward model on preferences, rankings or ratings",
+    ),
+    "ppo": Command(
+        "jaxrlhf.train.rl:PPORunConfig",
+        "jaxrlhf.train.rl:train_ppo",
+        "PPO fine-tuning against a reward model or reward function",
+    ),
+    "a2c": Command(
+        "jaxrlhf.train.rl:A2CRunConfig",
+        "jaxrlhf.train.rl:train_a2c",
+        "A2C fine-tuning against a reward model or reward function",
+    ),
+    "demo": Command(
+        "jaxrlhf.train.demo_config:DemoConfig",
+        "jaxrlhf.train.demo:demo",
+        "the whole RLHF pipeline on a synthetic task with a known gold reward: SFT, reward model "
+        "from simulated feedback, PPO and A2C, best-of-n; writes a report with plots",
+        quick="jaxrlhf.train.demo_config:QUICK_OVERRIDES",
+    ),
 }
 
 EXIT_OK, EXIT_ERROR, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
@@ -49,9 +69,18 @@ def _expected_errors() -> tuple[type[BaseException], ...]:
     from jaxrlhf.train.checkpoint import CheckpointMismatchError, NonFiniteCheckpointError
     from jaxrlhf.train.nonfinite import NonFiniteError
 
-    return (ConfigError, DataError, CheckpointFormatError, UnsupportedModelError, FileNotFoundError,
-            NotADirectoryError, PermissionError, NonFiniteError, NonFiniteCheckpointError,
-            CheckpointMismatchError)
+    return (
+        ConfigError,
+        DataError,
+        CheckpointFormatError,
+        UnsupportedModelError,
+        FileNotFoundError,
+        NotADirectoryError,
+        PermissionError,
+        NonFiniteError,
+        NonFiniteCheckpointError,
+        CheckpointMismatchError,
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -64,9 +93,17 @@ def build_parser() -> argparse.ArgumentParser:
     for name, command in COMMANDS.items():
         p = sub.add_parser(name, help=command.help, description=command.help)
         p.add_argument("--config", metavar="YAML", help="config file (see configs/); defaults when omitted")
-        p.add_argument("--set", dest="overrides", metavar="KEY=VALUE", action="append", default=[],
-                       help="override a config value, e.g. --set train.steps=100 (repeatable; values are "
-                            "YAML: 3, 1e-5, true, [1,2], null)")
+        p.add_argument(
+            "--set",
+            dest="overrides",
+            metavar="KEY=VALUE",
+            action="append",
+            default=[],
+            help="override a config value, e.g. --set train.steps=100 (repeatable; values are "
+            "YAML: 3, 1e-5, true, [1,2], null)",
+        )
+        if command.quick is not None:
+            p.add_argument("--quick", action="store_true", help="small sizes for a smoke run (≤ 2 minutes)")
         p.add_argument("--debug", action="store_true", help="show the full traceback on an error")
     return parser
 
@@ -88,7 +125,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     expected = _expected_errors()
     try:
-        config = load_command_config(args.command, args.config, args.overrides)
+        overrides = list(args.overrides)
+        if getattr(args, "quick", False):
+            overrides = [*_resolve(COMMANDS[args.command].quick), *overrides]
+        config = load_command_config(args.command, args.config, overrides)
         result = _resolve(COMMANDS[args.command].run)(config)
     except KeyboardInterrupt:
         print("jaxrlhf: interrupted", file=sys.stderr)

@@ -10,6 +10,7 @@ float, got str 'wide'``.
 from __future__ import annotations
 
 import dataclasses
+import re
 import types
 import typing
 from collections.abc import Iterable, Mapping
@@ -23,6 +24,10 @@ T = TypeVar("T")
 
 class ConfigError(ValueError):
     """A configuration value is missing, unknown or of the wrong type."""
+
+
+# Scientific notation without a dot ("1e-4"), which YAML 1.1 leaves a string.
+_FLOAT = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?")
 
 
 def _describe(value: Any) -> str:
@@ -84,6 +89,9 @@ def _convert(hint: Any, value: Any, key: str) -> Any:
             raise ConfigError(f"{key}: expected int, got {_describe(value)}")
         return value
     if hint is float:
+        if isinstance(value, str) and _FLOAT.fullmatch(value.strip()):
+            # YAML 1.1 (PyYAML) reads "1e-4" as a string; a float field means the number.
+            return float(value)
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ConfigError(f"{key}: expected float, got {_describe(value)}")
         return float(value)

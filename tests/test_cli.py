@@ -155,9 +155,19 @@ def test_batch_larger_than_the_dataset_is_a_data_error(tmp_path, capsys):
     assert "data.batch_size=2 exceeds the file's 1 examples" in error_line(capsys)
 
 
-@pytest.mark.parametrize("command", sorted(cli.COMMANDS))
+@pytest.mark.parametrize("command", sorted(set(cli.COMMANDS) - {"demo"}))
 def test_shipped_configs_are_valid(command):
     config = cli.load_command_config(command, str(CONFIGS / f"{command}.yaml"), [])
     assert config.train.steps or config.train.epochs
     with pytest.raises(ConfigError, match="unknown key"):
         cli.load_command_config(command, str(CONFIGS / f"{command}.yaml"), ["data.nope=1"])
+
+
+def test_demo_config_and_quick_flag():
+    """configs/demo.yaml loads; --quick applies the smoke-run preset before any --set."""
+    config = cli.load_command_config("demo", str(CONFIGS / "demo.yaml"), [])
+    assert config.ppo.iterations > 6 and not config.run.quick
+    args = cli.build_parser().parse_args(["demo", "--quick", "--set", "ppo.iterations=7"])
+    assert args.quick and args.overrides == ["ppo.iterations=7"]
+    with pytest.raises(SystemExit):  # only the demo has a --quick flag
+        cli.build_parser().parse_args(["sft", "--quick"])

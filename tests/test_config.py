@@ -40,8 +40,12 @@ def test_yaml_and_overrides(tmp_path):
     )
     assert to_dict(cfg)["inner"]["stop_ids"] == [2, 7]
     assert load_config(Outer) == Outer()
-    # Ints are accepted where floats are expected; None where Optional.
+    # Ints are accepted where floats are expected; None where Optional; "1e-4" (a string to YAML 1.1) too.
     assert load_config(Outer, overrides=["inner.lr=1", "clip=null"]).inner.lr == 1.0
+    assert load_config(Outer, overrides=["inner.lr=1e-4", "clip=2E3"]) == Outer(
+        clip=2000.0, inner=Inner(lr=1e-4)
+    )
+    assert load_config(Outer, write(tmp_path, "inner: {lr: 3e-6}\n")).inner.lr == 3e-6
 
 
 @pytest.mark.parametrize(
@@ -52,6 +56,7 @@ def test_yaml_and_overrides(tmp_path):
         ("steps=abc", r"steps: expected int, got str 'abc'"),
         ("steps=1.5", r"steps: expected int, got float 1\.5"),
         ("flag=1", r"flag: expected bool, got int 1"),
+        ("clip=1e-4x", r"clip: expected float \| None, got str '1e-4x'"),
         ("inner.schedule=cosine", r"inner\.schedule: expected one of \['linear', 'constant'\]"),
         ("inner.stop_ids=[1, x]", r"inner\.stop_ids\[1\]: expected int"),
         ("inner=3", r"inner: expected a mapping of Inner fields"),

@@ -40,8 +40,8 @@ def compile_step(
     """``jax.jit`` of a step, donating its first argument (the state) when ``donate``.
 
     The one place steps are compiled. Input shardings follow the (placed) arguments; for a
-    ``step(state, ...) -> (state, metrics)``, ``state_shardings`` pins the returned state to the layout it came
-    in with, so the next call neither recompiles nor loses the donation.
+    ``step(state, ...) -> (state, metrics)``, ``state_shardings`` pins the returned state to the layout it
+    came in with, so the next call neither recompiles nor loses the donation.
     """
     out = None if state_shardings is None else (state_shardings, None)
     return jax.jit(
@@ -172,6 +172,11 @@ class Run:
         )
         return placed
 
+    @property
+    def peak_known(self) -> bool:
+        """Whether the FLOP/s probe ran (``logging.mfu_matmul_size`` > 0), so MFU can be reported."""
+        return math.isfinite(self.peak_flops)
+
     def state_shardings(self, state: Any) -> Any:
         """The shardings :meth:`place` gives ``state`` (for :func:`compile_step`)."""
         return parallel.state_shardings(self.mesh, state, self.parallel_cfg.fsdp_min_size)
@@ -191,7 +196,9 @@ class Run:
     def _write_config(self, config: Any) -> None:
         os.makedirs(self.run_dir, exist_ok=True)
         path = Path(self.run_dir) / "config.yaml"
-        text = yaml.safe_dump({"command": self.command, **to_dict(config)}, sort_keys=False)
+        # Reloadable as is: `jaxrlhf <command> --config <run_dir>/config.yaml` repeats the run.
+        header = f"# jaxrlhf {self.command} --config {path}\n"
+        text = header + yaml.safe_dump(to_dict(config), sort_keys=False)
         if path.is_file() and path.read_text() != text:
             log.warning("%s differs from this run's config; replacing it (old one: config.yaml.prev)", path)
             os.replace(path, path.with_suffix(".yaml.prev"))

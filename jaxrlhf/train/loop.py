@@ -83,10 +83,9 @@ def supervised_loop(
         run.after_step(step, rename_step_metrics(host, loss_name), finite=host.get("nonfinite", 0.0) == 0.0)
         if run.should_log(step, total):
             seconds, tokens = run.timers.totals.get("update", 0.0), run.window.tallies["tokens"]
-            perf = {
-                "perf/tokens_per_s": throughput(tokens, seconds),
-                "perf/mfu": mfu(flops_per_token(seq_len), tokens, seconds, run.peak_flops),
-            }
+            perf = {"perf/tokens_per_s": throughput(tokens, seconds)}
+            if run.peak_known:
+                perf["perf/mfu"] = mfu(flops_per_token(seq_len), tokens, seconds, run.peak_flops)
             run.flush_window(step, perf, postfix)
         if eval_fn is not None and eval_every and step % eval_every == 0 and step < total:
             run.log_eval(step, eval_fn(state))

@@ -369,13 +369,15 @@ def _perf(run: Run, seq_len: int, update_flops: Any, passes: int) -> dict[str, f
     totals = {k: run.timers.totals.get(k, 0.0) for k in ("generation", "score", "update", "step_total")}
     trained = tokens * passes
     flops = update_flops(seq_len)
-    return {
+    perf = {
         "perf/tokens_per_s": throughput(tokens, totals["step_total"]),
         "perf/generation_tokens_per_s": throughput(response, totals["generation"]),
         "perf/score_tokens_per_s": throughput(tokens, totals["score"]),
         "perf/update_tokens_per_s": throughput(trained, totals["update"]),
-        "perf/mfu": mfu(flops, trained, totals["update"], run.peak_flops),
     }
+    if run.peak_known:
+        perf["perf/mfu"] = mfu(flops, trained, totals["update"], run.peak_flops)
+    return perf
 
 
 def _sample_text(tokenizer: Any, rollout: Any, score: float) -> str:

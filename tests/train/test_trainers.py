@@ -25,8 +25,13 @@ from jaxrlhf.train.checkpoint import CheckpointManager, first_nonfinite_leaf
 from jaxrlhf.train.metrics import read_metrics_jsonl
 
 ALPHABET = "abcdef"
-SHAPES = {"batch_size": 4, "max_prompt_length": 8, "max_response_length": 8,
-          "prompt_buckets": [8], "response_buckets": [8]}
+SHAPES = {
+    "batch_size": 4,
+    "max_prompt_length": 8,
+    "max_response_length": 8,
+    "prompt_buckets": [8],
+    "response_buckets": [8],
+}
 QUIET = {"log_every": 1, "mfu_matmul_size": 64, "tensorboard": False, "progress_bar": False}
 
 
@@ -55,9 +60,16 @@ def workdir(tmp_path_factory):
 
 def sft_config(workdir: Path, run_dir: str) -> dict:
     return {
-        "model": {"architecture": {"family": "gpt2", "hidden_size": 32, "num_layers": 1, "num_heads": 4,
-                                   "max_position_embeddings": 32},
-                  "tokenizer": f"char:{ALPHABET}"},
+        "model": {
+            "architecture": {
+                "family": "gpt2",
+                "hidden_size": 32,
+                "num_layers": 1,
+                "num_heads": 4,
+                "max_position_embeddings": 32,
+            },
+            "tokenizer": f"char:{ALPHABET}",
+        },
         "data": {"train_file": str(workdir / "sft.jsonl"), "eval_file": str(workdir / "sft.jsonl"), **SHAPES},
         "optimizer": {"learning_rate": 3e-3, "warmup_steps": 1},
         "train": {"steps": 4, "seed": 1},
@@ -75,8 +87,11 @@ def sft_run(workdir):
 def reward_config(workdir: Path, policy: Path) -> dict:
     return {
         "model": {"path": str(policy / "export")},
-        "data": {"train_file": str(workdir / "prefs.jsonl"), "eval_file": str(workdir / "prefs.jsonl"),
-                 **SHAPES},
+        "data": {
+            "train_file": str(workdir / "prefs.jsonl"),
+            "eval_file": str(workdir / "prefs.jsonl"),
+            **SHAPES,
+        },
         "optimizer": {"learning_rate": 3e-3},
         "train": {"steps": 4},
         "checkpoint": {"every": 2},
@@ -130,14 +145,27 @@ def assert_export_loads_in_transformers(export: Path) -> None:
 def test_sft_writes_metrics_checkpoints_and_a_transformers_export(sft_run):
     record = last_record_with(sft_run, "loss/sft")
     assert record["step"] == 4
-    for name in ("loss/sft", "train/accuracy", "train/grad_norm", "lr", "timing/update", "timing/step_total",
-                 "perf/tokens_per_s", "perf/mfu", "train/nonfinite_skips"):
+    for name in (
+        "loss/sft",
+        "train/accuracy",
+        "train/grad_norm",
+        "lr",
+        "timing/update",
+        "timing/step_total",
+        "perf/tokens_per_s",
+        "perf/mfu",
+        "train/nonfinite_skips",
+    ):
         assert np.isfinite(record[name]), name
     evaluation = last_record_with(sft_run, "eval/loss")
     assert 0 < evaluation["eval/loss"] < np.log(len(ALPHABET) + 8) + 1
     assert CheckpointManager(sft_run / "checkpoints").all_steps() == [2, 4]
     assert list(sft_run.glob("events.out.tfevents.*"))
     assert (sft_run / "config.yaml").is_file()
+    from jaxrlhf.config import load_config
+    from jaxrlhf.train.sft import SFTRunConfig
+
+    assert load_config(SFTRunConfig, sft_run / "config.yaml").train.steps == 4  # reloadable as a config
     assert_export_loads_in_transformers(sft_run / "export")
 
 
@@ -158,11 +186,31 @@ def test_reward_model_export_holds_head_and_unit_normalisation(reward_run):
 def test_ppo_logs_reference_metric_names_and_exports_policy_with_value_head(ppo_run):
     record = last_record_with(ppo_run, "objective/kl")
     assert record["episode"] == 3 * 4
-    for name in ("objective/kl", "objective/entropy", "objective/non_score_reward", "objective/rlhf_reward",
-                 "objective/scores", "objective/kl_coef", "policy/approxkl_avg", "policy/clipfrac_avg",
-                 "loss/policy_avg", "loss/value_avg", "val/clipfrac_avg", "policy/entropy_avg", "val/ratio",
-                 "val/ratio_var", "val/num_eos_tokens", "val/var_explained", "lr", "timing/generation",
-                 "timing/score", "timing/update", "timing/step_total", "perf/tokens_per_s", "perf/mfu"):
+    for name in (
+        "objective/kl",
+        "objective/entropy",
+        "objective/non_score_reward",
+        "objective/rlhf_reward",
+        "objective/scores",
+        "objective/kl_coef",
+        "policy/approxkl_avg",
+        "policy/clipfrac_avg",
+        "loss/policy_avg",
+        "loss/value_avg",
+        "val/clipfrac_avg",
+        "policy/entropy_avg",
+        "val/ratio",
+        "val/ratio_var",
+        "val/num_eos_tokens",
+        "val/var_explained",
+        "lr",
+        "timing/generation",
+        "timing/score",
+        "timing/update",
+        "timing/step_total",
+        "perf/tokens_per_s",
+        "perf/mfu",
+    ):
         assert np.isfinite(record[name]), name
     first = read_metrics_jsonl(ppo_run / "metrics.jsonl")[0]
     assert first["val/ratio_first_minibatch"] < 1e-5  # sampling and training log-probs agree
@@ -225,8 +273,10 @@ def test_ppo_resume_reaches_the_same_parameters_and_kl_coefficient(workdir, sft_
     want, got = _tensors(ppo_run / "export"), _tensors(workdir / "ppo-resumed" / "export")
     for name in want:
         np.testing.assert_allclose(got[name], want[name], atol=1e-6, rtol=0, err_msg=name)
-    kl = [last_record_with(d, "objective/kl_coef")["objective/kl_coef"]
-          for d in (ppo_run, workdir / "ppo-resumed")]
+    kl = [
+        last_record_with(d, "objective/kl_coef")["objective/kl_coef"]
+        for d in (ppo_run, workdir / "ppo-resumed")
+    ]
     assert kl[0] == kl[1] and kl[0] != 0.2  # the adaptive controller moved and was restored
 
 
@@ -239,8 +289,9 @@ def test_memory_options_give_the_same_run(workdir, sft_run, reward_run, ppo_run)
         np.testing.assert_allclose(got[name], want[name], atol=1e-5, rtol=0, err_msg=name)
 
 
-def test_nonfinite_rewards_stop_the_run_and_keep_the_last_good_checkpoint(workdir, sft_run, reward_run,
-                                                                          capsys):
+def test_nonfinite_rewards_stop_the_run_and_keep_the_last_good_checkpoint(
+    workdir, sft_run, reward_run, capsys
+):
     calls = []
 
     def nan_after_two_batches(prompt_tokens, prompt_mask, response_tokens, response_mask):

@@ -92,7 +92,7 @@ def test_ppo_on_an_fsdp_mesh_checkpoints_and_exports(workdir):
     assert run("ppo", config, workdir, *FSDP) == 0
     with CheckpointManager(workdir / "ppo-fsdp" / "checkpoints") as ckpt:
         assert ckpt.latest_step() == 2
-    model, params, tokenizer = hf_io.load(workdir / "ppo-fsdp" / "export")
+    _, params, tokenizer = hf_io.load(workdir / "ppo-fsdp" / "export")
     assert tokenizer is not None and np.isfinite(params["embed"]).all()
     records = [json.loads(line) for line in (workdir / "ppo-fsdp" / "metrics.jsonl").read_text().splitlines()]
     assert records[-1]["step"] == 2 and "objective/kl" in records[-1]

@@ -1,0 +1,256 @@
+"""The demo's building blocks: its data files, the trainer configs of each stage, and policies read back
+from what the trainers wrote (Hugging Face exports, RL checkpoints).
+
+Every stage hands the ordinary trainer ordinary JSONL files, so the same commands run on a user's own data:
+``<run>/configs/<stage>.yaml`` is the stage's trainer config, loadable by ``jaxrlhf <stage> --config``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from pathlib import Path
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import yaml
+
+from jaxrlhf.config import to_dict
+from jaxrlhf.data import (
+    LengthBuckets,
+    PromptExample,
+    TokenizeConfig,
+    encode_prompt,
+    pad_token_id,
+    prompt_batch,
+)
+from jaxrlhf.models.transformer import LanguageModel, Params
+from jaxrlhf.oracle import Oracle, Task, decode_batch, get_oracle, get_task
+from jaxrlhf.rollout.generate import GenerationConfig
+from jaxrlhf.steps.rewards import rollout_reward_inputs
+from jaxrlhf.train.checkpoint import CheckpointManager
+from jaxrlhf.train.demo_config import DemoConfig, TaskSection
+from jaxrlhf.train.policy_eval import sample_rollouts
+from jaxrlhf.train.reward import RewardRunConfig
+from jaxrlhf.train.rl import A2CRunConfig, PPORunConfig
+from jaxrlhf.train.run_config import (
+    CheckpointSection,
+    DataSection,
+    GenerationSection,
+    LoggingSection,
+    ModelSection,
+    RewardSection,
+    TrainSection,
+)
+from jaxrlhf.train.sft import SFTRunConfig
+
+FEEDBACK_FILES = {"preference": "preferences", "ranking": "rankings", "rating": "ratings"}
+REWARD_LOSS = {"preference": "pairwise", "ranking": "ranking", "rating": "rating"}
+
+
+@dataclasses.dataclass(frozen=True)
+class DemoPaths:
+    """The layout of a demo run directory."""
+
+    root: Path
+
+    @property
+    def data(self) -> Path:
+        return self.root / "data"
+
+    @property
+    def tokenizer(self) -> Path:
+        return self.root / "tokenizer"
+
+    @property
+    def configs(self) -> Path:
+        return self.root / "configs"
+
+    @property
+    def plots(self) -> Path:
+        return self.root / "plots"
+
+    def stage(self, name: str) -> Path:
+        return self.root / name
+
+    def export(self, name: str) -> Path:
+        return self.root / name / "export"
+
+    def make(self) -> None:
+        for d in (self.data, self.tokenizer, self.configs, self.plots):
+            d.mkdir(parents=True, exist_ok=True)
+
+
+# ----------------------------------------------------------------------------------------- task, oracle
+def build_task(section: TaskSection) -> tuple[Task, Oracle]:
+    """The task and the gold reward: the task's own, or the user's ``task.oracle`` function."""
+    task = get_task(section.name, seed=section.seed, **section.options)
+    oracle = task.oracle if section.oracle is None else get_oracle(section.oracle, tokenizer=task.tokenizer)
+    return task, oracle
+
+
+def lengths(task: Task, add_bos: bool) -> tuple[int, int]:
+    """(P, N): the prompt length (bos included) and the response length (eos included) of every batch."""
+    return task.max_prompt_tokens + int(add_bos), task.max_response_tokens
+
+
+def prompt_arrays(prompts: list[str], tokenizer: Any, prompt_length: int,
+                  add_bos: bool) -> tuple[np.ndarray, np.ndarray]:
+    """Left-padded [len(prompts), P] tokens and mask, encoded exactly as the trainers' data layer does."""
+    config = TokenizeConfig(max_prompt_length=prompt_length, max_length=prompt_length + 1, add_bos=add_bos)
+    rows = [PromptExample(encode_prompt(tokenizer, p, config)[0]) for p in prompts]
+    batch = prompt_batch(rows, buckets=LengthBuckets((prompt_length,), (1,)), pad_id=pad_token_id(tokenizer))
+    return batch["tokens"], batch["mask"]
+
+
+def generation_config(tokenizer: Any, max_new_tokens: int, temperature: float) -> GenerationConfig:
+    return GenerationConfig(max_new_tokens=max_new_tokens, temperature=temperature,
+                            stop_token_ids=(tokenizer.eos_token_id,), pad_token_id=pad_token_id(tokenizer))
+
+
+# ----------------------------------------------------------------------------------------- data files
+def feedback_pool(
+    model: LanguageModel, params: Params, tokenizer: Any, task: Task, oracle: Oracle, cfg: DemoConfig,
+    key: jax.Array,
+) -> tuple[list[str], list[list[str]], list[list[float]], int]:
+    """K responses of the SFT policy to each of ``feedback.prompts`` fresh prompts, with gold scores.
+
+    Responses that never emitted eos are dropped (a record has no way to say "unfinished"; the data layer
+    would append eos). Returns (prompts, responses [P][≤K], gold [P][≤K], number dropped).
+    """
+    fb = cfg.feedback
+    p_len, n_len = lengths(task, cfg.task.add_bos)
+    prompts = task.sample_prompts(np.random.default_rng([cfg.run.seed, 2]), fb.prompts)
+    tokens, mask = prompt_arrays(prompts, tokenizer, p_len, cfg.task.add_bos)
+    tokens, mask = np.repeat(tokens, fb.responses_per_prompt, 0), np.repeat(mask, fb.responses_per_prompt, 0)
+    gen = generation_config(tokenizer, n_len, fb.temperature)
+    texts, finished = [], []
+    for rows, rollout in sample_rollouts(model, params, tokens, mask, key, gen, cfg.evaluation.chunk_size):
+        arrays = (np.asarray(x)[rows] for x in rollout_reward_inputs(rollout))
+        _, responses, done = decode_batch(tokenizer, *arrays)
+        texts += responses
+        finished += done
+    k = fb.responses_per_prompt
+    responses, gold, dropped = [], [], 0
+    for i, prompt in enumerate(prompts):
+        kept = [t for t, f in zip(texts[i * k : (i + 1) * k], finished[i * k : (i + 1) * k]) if f]
+        dropped += k - len(kept)
+        responses.append(kept)
+        gold.append(oracle.score_texts([prompt] * len(kept), kept).tolist() if kept else [])
+    return prompts, responses, gold, dropped
+
+
+def split_feedback(records: list[dict], eval_fraction: float, seed: int) -> tuple[list[dict], list[dict]]:
+    """A random (train, eval) split of the records, at least one in each."""
+    if len(records) < 2:
+        raise ValueError(f"the annotator produced {len(records)} records; raise feedback.prompts or "
+                         "feedback.responses_per_prompt (identical responses give no comparison)")
+    order = np.random.default_rng([seed, 3]).permutation(len(records))
+    n_eval = min(max(1, round(eval_fraction * len(records))), len(records) - 1)
+    return [records[i] for i in order[n_eval:]], [records[i] for i in order[:n_eval]]
+
+
+# ----------------------------------------------------------------------------------------- trainer configs
+def _data(cfg: DemoConfig, task: Task, train_file: str, eval_file: str | None,
+          batch_size: int) -> DataSection:
+    p_len, n_len = lengths(task, cfg.task.add_bos)
+    return DataSection(train_file=train_file, eval_file=eval_file, batch_size=batch_size,
+                       max_prompt_length=p_len, max_response_length=n_len, add_bos=cfg.task.add_bos,
+                       prompt_buckets=(p_len,), response_buckets=(n_len,))
+
+
+def _logging(cfg: DemoConfig, paths: DemoPaths, stage: str) -> LoggingSection:
+    r = cfg.run
+    return LoggingSection(run_dir=str(paths.stage(stage)), tensorboard=r.tensorboard, log_every=r.log_every,
+                          progress_bar=r.progress_bar, level=r.log_level, mfu_matmul_size=r.mfu_matmul_size)
+
+
+def sft_config(cfg: DemoConfig, task: Task, paths: DemoPaths, train_file: str,
+               eval_file: str) -> SFTRunConfig:
+    s = cfg.sft
+    return SFTRunConfig(
+        model=ModelSection(architecture=cfg.model, tokenizer=str(paths.tokenizer)),
+        data=_data(cfg, task, train_file, eval_file, s.batch_size), optimizer=s.optimizer,
+        checkpoint=CheckpointSection(every=s.steps, keep=1),
+        logging=_logging(cfg, paths, "sft"), train=TrainSection(steps=s.steps, seed=cfg.run.seed),
+    )
+
+
+def reward_config(cfg: DemoConfig, task: Task, paths: DemoPaths, train_file: str,
+                  eval_file: str) -> RewardRunConfig:
+    r = cfg.reward
+    loss = REWARD_LOSS[cfg.feedback.annotator.kind]
+    return RewardRunConfig(
+        model=ModelSection(path=str(paths.export("sft"))),
+        data=_data(cfg, task, train_file, eval_file, r.batch_size), optimizer=r.optimizer,
+        reward_model=dataclasses.replace(r.reward_model, loss=loss),
+        checkpoint=CheckpointSection(every=r.steps, keep=1),
+        logging=_logging(cfg, paths, "reward"), train=TrainSection(steps=r.steps, seed=cfg.run.seed),
+    )
+
+
+def rl_config(cfg: DemoConfig, task: Task, paths: DemoPaths, algo: str, prompts_file: str):
+    """The PPO or A2C trainer config: checkpoints every ``iterations / rl_points`` steps, all kept, so the
+    evaluation can follow the policy along training."""
+    stage = cfg.ppo if algo == "ppo" else cfg.a2c
+    every = max(1, stage.iterations // cfg.evaluation.rl_points)
+    common = dict(
+        model=ModelSection(path=str(paths.export("sft"))),
+        data=_data(cfg, task, prompts_file, None, stage.batch_size), optimizer=stage.optimizer,
+        generation=GenerationSection(max_new_tokens=lengths(task, cfg.task.add_bos)[1]),
+        reward=RewardSection(model_path=str(paths.export("reward"))),
+        checkpoint=CheckpointSection(every=every, keep=stage.iterations // every + 2),
+        logging=_logging(cfg, paths, algo), train=TrainSection(steps=stage.iterations, seed=cfg.run.seed),
+    )
+    if algo == "ppo":
+        return PPORunConfig(ppo=stage.algorithm, **common)
+    return A2CRunConfig(a2c=stage.algorithm, **common)
+
+
+def write_stage_config(paths: DemoPaths, name: str, config: Any) -> str:
+    """``<run>/configs/<name>.yaml``: the trainer config as YAML, runnable as ``jaxrlhf <name> --config``."""
+    path = paths.configs / f"{name}.yaml"
+    path.write_text(yaml.safe_dump(to_dict(config), sort_keys=False))
+    return str(path)
+
+
+# ----------------------------------------------------------------------------------------- policies back
+def rl_checkpoint_steps(run_dir: Path) -> list[int]:
+    """The committed checkpoint steps of an RL run, ascending."""
+    return CheckpointManager(run_dir / "checkpoints", max_to_keep=None, async_save=False).all_steps()
+
+
+def lm_params_from_checkpoint(run_dir: Path, step: int, model: LanguageModel) -> Params:
+    """The policy's LM params at ``step`` of an RL run's checkpoints (``{"rl": RLState, "rng"}``).
+
+    Restored without a target (which would need the optimiser's state layout) and rebuilt in the model's
+    params structure by path; a missing leaf or a wrong shape is an error naming both.
+    """
+    manager = CheckpointManager(run_dir / "checkpoints", max_to_keep=None, async_save=False)
+    state, _ = manager.restore(step)
+    manager.close()
+    try:
+        saved = state["rl"]["policy"]["params"]["lm"]
+    except (KeyError, TypeError) as e:
+        raise ValueError(f"{run_dir}/checkpoints step {step}: no policy params at rl.policy.params.lm") from e
+
+    def leaf(path: tuple, abstract: jax.ShapeDtypeStruct) -> jax.Array:
+        node = saved
+        for k in path:
+            name = str(getattr(k, "key", getattr(k, "idx", getattr(k, "name", k))))
+            if not isinstance(node, dict) or name not in node:
+                raise ValueError(f"{run_dir}/checkpoints step {step}: no leaf {jax.tree_util.keystr(path)}")
+            node = node[name]
+        if tuple(np.shape(node)) != tuple(abstract.shape):
+            raise ValueError(f"{run_dir}/checkpoints step {step}: {jax.tree_util.keystr(path)} has shape "
+                             f"{np.shape(node)}, the model expects {abstract.shape}")
+        return jnp.asarray(node, abstract.dtype)
+
+    return jax.tree_util.tree_map_with_path(leaf, model.abstract_params())
+
+
+def relative(path: str | os.PathLike, root: Path) -> str:
+    """``path`` relative to the run directory (for links in the report)."""
+    return os.path.relpath(os.fspath(path), os.fspath(root))

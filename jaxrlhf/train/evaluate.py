@@ -1,0 +1,176 @@
+"""Evaluation numerics of the demo: confidence intervals, KL to the reference, best-of-n curves, the
+proxy's agreement with the oracle and the over-optimisation verdict.
+
+Pure functions on NumPy arrays (``sequence_kl`` also on jax arrays, inside ``jit``). Samples come in a
+[M prompts, K samples] grid. Confidence intervals are taken over the M per-prompt means: the prompts are
+drawn independently, the K samples of one prompt are not independent of each other (they share its
+difficulty), so the per-prompt means are the i.i.d. unit.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jaxrlhf.rl import best_of_n_curve, best_of_n_kl
+
+Z_95 = 1.959963984540054  # two-sided 95% normal quantile
+
+
+def mean_ci(values: np.ndarray, z: float = Z_95) -> tuple[float, float]:
+    """(mean, half-width) of the normal-approximation interval mean ± z·s/√n, s the sample std (ddof 1).
+
+    The half-width is NaN for fewer than two values.
+    """
+    v = np.asarray(values, np.float64).reshape(-1)
+    if v.size == 0:
+        raise ValueError("mean_ci: no values")
+    half = z * v.std(ddof=1) / math.sqrt(v.size) if v.size > 1 else math.nan
+    return float(v.mean()), float(half)
+
+
+def prompt_mean_ci(values: np.ndarray, z: float = Z_95) -> tuple[float, float]:
+    """Mean and 95% half-width of a [M, K] grid, the interval taken over the M per-prompt means."""
+    v = np.asarray(values, np.float64)
+    if v.ndim != 2:
+        raise ValueError(f"prompt_mean_ci: expected a [prompts, samples] grid, got shape {v.shape}")
+    return mean_ci(v.mean(axis=1), z)
+
+
+def sequence_kl(logprobs, ref_logprobs, mask):
+    """Per-sequence KL estimate Σ_t m_t·(log π(y_t) − log π_ref(y_t)) over the sampled tokens y ~ π. [B].
+
+    Its mean over sequences sampled from π is an unbiased estimate of KL(π ‖ π_ref) on whole responses
+    (the k1 estimator summed over time). Works on NumPy or jax arrays (jittable).
+    """
+    xp = jnp if any(isinstance(x, jax.Array) for x in (logprobs, ref_logprobs, mask)) else np
+    m = xp.asarray(mask).astype(xp.float32)
+    return xp.sum((xp.asarray(logprobs) - xp.asarray(ref_logprobs)) * m, axis=-1)
+
+
+def best_of_n_by_prompt(proxy: np.ndarray, gold: np.ndarray, ns: Sequence[int]) -> np.ndarray:
+    """Unbiased best-of-n gold estimate of each prompt: [M, N] proxy and gold grids → [M, len(ns)].
+
+    Row m is ``rl.best_of_n_curve(proxy[m], gold[m], ns)``: the expected gold of the highest-proxy of n
+    samples, estimated from all N ≥ n samples of that prompt.
+    """
+    proxy, gold = np.asarray(proxy, np.float64), np.asarray(gold, np.float64)
+    if proxy.shape != gold.shape or proxy.ndim != 2:
+        raise ValueError(f"best_of_n_by_prompt: proxy {proxy.shape} and gold {gold.shape} must be one [M, N]")
+    if max(ns) > proxy.shape[1]:
+        raise ValueError(f"best_of_n_by_prompt: n = {max(ns)} needs at least that many samples per prompt, "
+                         f"got {proxy.shape[1]}")
+    ns_arr = np.asarray(ns)
+    return np.stack([best_of_n_curve(p, g, ns_arr) for p, g in zip(proxy, gold)])
+
+
+@dataclasses.dataclass(frozen=True)
+class CurvePoint:
+    """One policy on a reward-vs-distance curve: an RL checkpoint (``x`` = step) or best-of-n (``x`` = n)."""
+
+    x: int
+    kl: float
+    gold: float
+    gold_ci: float
+    proxy: float
+    proxy_ci: float = math.nan
+    optimal: float = math.nan
+
+    @property
+    def sqrt_kl(self) -> float:
+        return math.sqrt(max(self.kl, 0.0))
+
+
+def best_of_n_points(proxy: np.ndarray, gold: np.ndarray, optimal: np.ndarray | None,
+                     ns: Sequence[int]) -> list[CurvePoint]:
+    """Best-of-n from [M, N] samples of the base policy: for each n, gold (mean ± 95% CI over prompts),
+    proxy (the expected best proxy score), fraction optimal, and KL = log n − (n − 1)/n."""
+    golds = best_of_n_by_prompt(proxy, gold, ns)
+    proxies = best_of_n_by_prompt(proxy, proxy, ns)
+    optimals = None if optimal is None else best_of_n_by_prompt(proxy, np.asarray(optimal, np.float64), ns)
+    points = []
+    for j, n in enumerate(ns):
+        g, g_ci = mean_ci(golds[:, j])
+        p, p_ci = mean_ci(proxies[:, j])
+        opt = math.nan if optimals is None else float(optimals[:, j].mean())
+        points.append(CurvePoint(int(n), float(best_of_n_kl(n)), g, g_ci, p, p_ci, opt))
+    return points
+
+
+def pair_agreement(proxy: np.ndarray, gold: np.ndarray) -> tuple[float, int]:
+    """How often the proxy orders a pair like the oracle: [P, 2] scores of P response pairs → (fraction, the
+    number of pairs compared). Pairs the oracle ties are left out; a proxy tie counts as half."""
+    proxy, gold = np.asarray(proxy, np.float64), np.asarray(gold, np.float64)
+    if proxy.shape != gold.shape or proxy.ndim != 2 or proxy.shape[1] != 2:
+        raise ValueError(f"pair_agreement: expected two [pairs, 2] arrays, got {proxy.shape} and "
+                         f"{gold.shape}")
+    gold_sign = np.sign(gold[:, 0] - gold[:, 1])
+    proxy_sign = np.sign(proxy[:, 0] - proxy[:, 1])
+    keep = gold_sign != 0
+    if not keep.any():
+        return math.nan, 0
+    agree = np.where(proxy_sign[keep] == 0, 0.5, (proxy_sign[keep] == gold_sign[keep]).astype(np.float64))
+    return float(agree.mean()), int(keep.sum())
+
+
+@dataclasses.dataclass(frozen=True)
+class Verdict:
+    """Whether a curve shows over-optimisation, and the two points that decide it."""
+
+    overoptimized: bool
+    peak: CurvePoint
+    worst: CurvePoint  # the point after the peak with the largest gold drop (the peak itself if none)
+    text: str
+
+
+OVEROPTIMIZATION_RULE = (
+    "over-optimised when, after the point of highest gold reward, some later point has a higher proxy "
+    "reward but a gold reward whose 95% interval lies entirely below the peak's "
+    "(peak gold − later gold > the sum of the two half-widths)"
+)
+
+
+def overoptimization_verdict(points: Sequence[CurvePoint], unit: str = "step") -> Verdict:
+    """Apply :data:`OVEROPTIMIZATION_RULE` to ``points`` in the order of optimisation (steps or n)."""
+    if not points:
+        raise ValueError("overoptimization_verdict: no points")
+    i_peak = int(np.argmax([p.gold for p in points]))
+    peak = points[i_peak]
+
+    def drop(p: CurvePoint) -> float:
+        return peak.gold - p.gold
+
+    later = points[i_peak + 1 :]
+    worst = max(later, key=drop) if later else peak
+    significant = [
+        p for p in later if p.proxy > peak.proxy and drop(p) > _finite(peak.gold_ci) + _finite(p.gold_ci)
+    ]
+    if significant:
+        bad = max(significant, key=drop)
+        text = (f"yes: gold fell from {peak.gold:.3f} ± {peak.gold_ci:.3f} ({unit} {peak.x}, √KL "
+                f"{peak.sqrt_kl:.2f}) to {bad.gold:.3f} ± {bad.gold_ci:.3f} ({unit} {bad.x}, √KL "
+                f"{bad.sqrt_kl:.2f}) while the proxy rose from {peak.proxy:.3f} to {bad.proxy:.3f}")
+        return Verdict(True, peak, bad, text)
+    if worst is peak:
+        text = (f"no: gold is highest at the last point ({unit} {peak.x}: {peak.gold:.3f} ± "
+                f"{peak.gold_ci:.3f})")
+    else:
+        text = (f"no: gold peaks at {peak.gold:.3f} ± {peak.gold_ci:.3f} ({unit} {peak.x}); the lowest "
+                f"later point, {worst.gold:.3f} ± {worst.gold_ci:.3f} ({unit} {worst.x}, proxy "
+                f"{worst.proxy:.3f} vs {peak.proxy:.3f} at the peak), is not a significant drop with a "
+                "rising proxy")
+    return Verdict(False, peak, worst, text)
+
+
+def _finite(x: float) -> float:
+    return x if math.isfinite(x) else 0.0
+
+
+def intervals_separated(a_mean: float, a_half: float, b_mean: float, b_half: float) -> bool:
+    """Whether a's 95% interval lies entirely above b's: a − a_half > b + b_half."""
+    return a_mean - a_half > b_mean + b_half

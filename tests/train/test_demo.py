@@ -1,0 +1,153 @@
+"""``jaxrlhf demo``: its config (file, quick preset, errors), a user's oracle, and one end-to-end ``--quick``
+run that writes every artefact the issue lists."""
+
+import contextlib
+import io
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from jaxrlhf.config import ConfigError
+from jaxrlhf.oracle import FunctionOracle, register_oracle
+from jaxrlhf.train.demo_config import QUICK_OVERRIDES, DemoConfig, load_demo_config
+from jaxrlhf.train.demo_stages import build_task, split_feedback
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+# ------------------------------------------------------------------------------------------ config
+
+
+def test_configs_demo_yaml_writes_down_the_defaults():
+    assert load_demo_config(str(REPO / "configs" / "demo.yaml")) == DemoConfig()
+
+
+def test_quick_preset_sits_between_the_file_and_the_overrides():
+    quick = load_demo_config(str(REPO / "configs" / "demo.yaml"), ["sft.steps=7"], quick=True)
+    assert quick.sft.steps == 7  # --set wins over the preset
+    assert quick.ppo.iterations == 6 and quick.evaluation.rl_points == 2  # the preset wins over the file
+    assert all(o.split("=")[0].count(".") >= 1 for o in QUICK_OVERRIDES)
+
+
+@pytest.mark.parametrize("override, key", [
+    ("evaluation.best_of_n=[1,2,500]", "evaluation.best_of_n"),
+    ("feedback.responses_per_prompt=1", "feedback.responses_per_prompt"),
+    ("ppo.batch_size=2048", "ppo.prompts"),
+    ("sft.stepz=3", "sft.stepz"),
+    ("ppo.optimizer.learning_rate=fast", "ppo.optimizer.learning_rate"),
+])
+def test_bad_config_names_the_key(override, key):
+    with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
+        load_demo_config(None, [override])
+
+
+def test_users_oracle_replaces_the_gold_reward():
+    def prefers_short(prompt: str, response: str) -> float:
+        return -float(len(response.split()))
+
+    register_oracle("test_demo_prefers_short", prefers_short, overwrite=True)
+    cfg = load_demo_config(None, ["task.oracle=test_demo_prefers_short", "task.name=digit_sort"])
+    task, oracle = build_task(cfg.task)
+    assert task.name == "digit_sort" and isinstance(oracle, FunctionOracle)
+    assert oracle.tokenizer is task.tokenizer
+    np.testing.assert_array_equal(oracle.score_texts(["3 1 2", "5 4"], ["1 2 3", "4"]), [-3.0, -1.0])
+    with pytest.raises(ValueError, match="unknown oracle"):
+        build_task(load_demo_config(None, ["task.oracle=no_such_oracle"]).task)
+
+
+def test_split_feedback_keeps_every_record_once():
+    records = [{"i": i} for i in range(20)]
+    train, held_out = split_feedback(records, 0.1, seed=0)
+    assert len(held_out) == 2 and sorted(r["i"] for r in train + held_out) == list(range(20))
+    with pytest.raises(ValueError, match="1 records"):
+        split_feedback(records[:1], 0.1, seed=0)
+
+
+# ------------------------------------------------------------------------------------------ end to end
+
+
+@pytest.fixture(scope="module")
+def quick_run(tmp_path_factory):
+    """``jaxrlhf demo --quick`` through the command line, as a user (and CI) runs it."""
+    from types import SimpleNamespace
+
+    from jaxrlhf import cli
+
+    run_dir = tmp_path_factory.mktemp("demo") / "run"
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        code = cli.main(["demo", "--quick", "--set", f"run.dir={run_dir}", "--set", "run.progress_bar=false"])
+    assert code == 0
+    results = json.loads((run_dir / "results.json").read_text())
+    return SimpleNamespace(run_dir=str(run_dir), report=str(run_dir / "report.md"), results=results,
+                           summary=out.getvalue())
+
+
+def test_quick_demo_writes_run_directory(quick_run):
+    root = Path(quick_run.run_dir)
+    assert (root / "config.yaml").is_file()
+    assert load_demo_config(str(root / "config.yaml")).sft.steps == 60  # the quick preset, reloadable
+    for name in ("demonstrations", "demonstrations_eval", "preferences", "preferences_eval", "prompts",
+                 "eval_prompts", "best_of_n_prompts"):
+        assert (root / "data" / f"{name}.jsonl").stat().st_size > 0, name
+    # Metrics JSONL and TensorBoard events: the demo's evaluation and every trainer's.
+    for d in (root, root / "sft", root / "reward", root / "ppo", root / "a2c"):
+        records = [json.loads(line) for line in (d / "metrics.jsonl").read_text().splitlines()]
+        assert records and all("step" in r for r in records), d
+        assert any(f.startswith("events.out.tfevents") for f in os.listdir(d)), d
+    evaluated = [json.loads(line) for line in (root / "metrics.jsonl").read_text().splitlines()]
+    assert {"sft/eval/gold", "ppo/eval/gold", "a2c/eval/kl", "best_of_n/eval/gold"} <= set().union(*evaluated)
+    # Checkpoints: the RL runs keep every evaluated step.
+    for stage in ("sft", "reward"):
+        assert any((root / stage / "checkpoints").iterdir()), stage
+    for stage in ("ppo", "a2c"):
+        steps = sorted(int(p.name) for p in (root / stage / "checkpoints").iterdir() if p.name.isdigit())
+        assert steps == [3, 6], stage
+    # The stages' trainer configs load back as the trainers' own configs (jaxrlhf <stage> --config ...).
+    from jaxrlhf.config import load_config
+    from jaxrlhf.train import A2CRunConfig, PPORunConfig, RewardRunConfig, SFTRunConfig
+
+    classes = {"sft": SFTRunConfig, "reward": RewardRunConfig, "ppo": PPORunConfig, "a2c": A2CRunConfig}
+    for stage, cls in classes.items():
+        cfg = load_config(cls, root / "configs" / f"{stage}.yaml")
+        assert cfg.logging.run_dir == str(root / stage)
+
+
+def test_quick_demo_exports_load_in_transformers(quick_run):
+    torch = pytest.importorskip("torch")
+    import transformers
+
+    root = Path(quick_run.run_dir)
+    for stage in ("sft", "ppo", "a2c", "reward"):
+        export = root / stage / "export"
+        tokenizer = transformers.AutoTokenizer.from_pretrained(export)
+        model = transformers.AutoModelForCausalLM.from_pretrained(export).eval()
+        ids = tokenizer("A", add_special_tokens=False, return_tensors="pt")["input_ids"]
+        with torch.no_grad():
+            logits = model(ids).logits
+        assert logits.shape[-1] == len(tokenizer) and torch.isfinite(logits).all(), stage
+    assert (root / "reward" / "export" / "reward_normalization.json").is_file()
+
+
+def test_quick_demo_report_table_plots_and_summary(quick_run):
+    root = Path(quick_run.run_dir)
+    report = (root / "report.md").read_text()
+    lines = report.splitlines()
+    header = "| policy | gold reward (95% CI) | proxy reward | KL to SFT (nats) | √KL | optimal answers |"
+    start = lines.index(header)
+    rows = [line.split(" | ")[0].lstrip("| ") for line in lines[start + 2 : start + 8]]
+    assert rows == ["SFT", "best-of-4", "best-of-16", "best-of-64", "PPO", "A2C"]
+    for metric in ("gold", "proxy"):
+        link = f"plots/{metric}_vs_sqrt_kl.png"
+        assert f"]({link})" in report
+        assert (root / link).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert "PPO beats SFT on gold reward with non-overlapping 95% intervals:" in report
+    assert "## Over-optimisation" in report and "Rule: over-optimised when" in report
+    results = json.loads((root / "results.json").read_text(), parse_constant=pytest.fail)  # strict JSON
+    assert set(results["policies"]) == {"SFT", "PPO", "A2C"}
+    assert [p["x"] for p in results["curves"]["PPO"]] == [0, 3, 6]
+    assert results["policies"]["SFT"]["kl"] == 0.0
+    assert f"run directory: {root}" in quick_run.summary.splitlines()

@@ -1,0 +1,226 @@
+"""Evaluation numerics of the demo against hand-worked values and brute-force sampling, and the jitted
+policy evaluator's plumbing on a tiny random model."""
+
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from jaxrlhf.oracle import FunctionOracle, get_task
+from jaxrlhf.train.evaluate import (
+    Z_95,
+    CurvePoint,
+    best_of_n_by_prompt,
+    best_of_n_points,
+    intervals_separated,
+    mean_ci,
+    overoptimization_verdict,
+    pair_agreement,
+    prompt_mean_ci,
+    sequence_kl,
+)
+from jaxrlhf.train.policy_eval import summarize
+
+# ------------------------------------------------------------------------------------------ intervals
+
+
+def test_mean_ci_hand_values():
+    # mean 2.5, s = sqrt(5/3) = 1.2910, half = 1.96·1.2910/2
+    mean, half = mean_ci(np.array([1.0, 2.0, 3.0, 4.0]))
+    assert mean == pytest.approx(2.5)
+    assert half == pytest.approx(Z_95 * math.sqrt(5 / 3) / 2)
+    assert half == pytest.approx(1.2652, abs=1e-4)
+    assert math.isnan(mean_ci(np.array([3.0]))[1])
+    with pytest.raises(ValueError, match="no values"):
+        mean_ci(np.array([]))
+
+
+def test_prompt_mean_ci_uses_per_prompt_means():
+    # Per-prompt means are all 2: no spread between prompts, whatever the spread within them.
+    assert prompt_mean_ci(np.array([[1.0, 3.0], [2.0, 2.0], [0.0, 4.0]])) == (2.0, 0.0)
+    mean, half = prompt_mean_ci(np.array([[0.0, 0.0], [1.0, 1.0], [2.0, 2.0]]))
+    assert (mean, half) == pytest.approx((1.0, Z_95 * 1.0 / math.sqrt(3)))
+    with pytest.raises(ValueError, match=r"\[prompts, samples\]"):
+        prompt_mean_ci(np.zeros(4))
+
+
+def test_intervals_separated():
+    assert intervals_separated(1.0, 0.1, 0.5, 0.1)
+    assert not intervals_separated(1.0, 0.3, 0.5, 0.3)
+
+
+# ------------------------------------------------------------------------------------------ KL
+
+
+@pytest.mark.parametrize("jit", [False, True])
+def test_sequence_kl_hand_values(jit):
+    logp = np.array([[-1.0, -2.0, -0.5], [-0.1, -0.2, -0.3]], np.float32)
+    ref = np.array([[-1.5, -1.0, -9.0], [-0.1, -0.7, -0.3]], np.float32)
+    mask = np.array([[1, 1, 0], [1, 1, 1]], np.int32)
+    fn = jax.jit(sequence_kl) if jit else sequence_kl
+    args = tuple(map(jnp.asarray, (logp, ref, mask))) if jit else (logp, ref, mask)
+    np.testing.assert_allclose(np.asarray(fn(*args)), [0.5 - 1.0, 0.5], rtol=1e-6)
+
+
+def test_sequence_kl_estimates_the_known_kl():
+    # Two-token responses sampled from p, independent per token: KL(p^2 ‖ q^2) = 2·KL(p ‖ q).
+    p, q = np.array([0.6, 0.3, 0.1]), np.array([0.2, 0.5, 0.3])
+    exact = 2 * float(np.sum(p * np.log(p / q)))
+    tokens = np.random.default_rng(0).choice(3, size=(100_000, 2), p=p)
+    kl = sequence_kl(np.log(p)[tokens], np.log(q)[tokens], np.ones_like(tokens))
+    stderr = kl.std() / math.sqrt(kl.size)
+    assert abs(kl.mean() - exact) < 4 * stderr
+    assert exact == pytest.approx(2 * 0.6 * math.log(3) + 2 * 0.3 * math.log(0.6) + 2 * 0.1 * math.log(1 / 3))
+
+
+# ------------------------------------------------------------------------------------------ best-of-n
+
+# A toy policy with 5 responses: their probabilities, proxy and gold scores. The proxy ranks response 4
+# highest but the oracle likes it least: best-of-n gold first rises (response 3) then falls.
+PROBS = np.array([0.4, 0.3, 0.15, 0.1, 0.05])
+PROXY = np.array([0.0, 1.0, 2.0, 3.0, 4.0])
+GOLD = np.array([0.0, 0.5, 1.0, 1.5, -2.0])
+
+
+def exact_best_of_n(n: int, values: np.ndarray) -> float:
+    """E[value of the highest-proxy of n i.i.d. draws]: P(max index ≤ j) = F(j)^n (proxy increases)."""
+    cdf = np.cumsum(PROBS)
+    pmf_max = np.diff(np.concatenate([[0.0], cdf**n]))
+    return float(pmf_max @ values)
+
+
+def test_best_of_n_curve_matches_brute_force_sampling():
+    rng = np.random.default_rng(0)
+    ns = [1, 2, 4, 8, 16]
+    # The estimator: N = 64 samples per prompt, 400 prompts, averaged (as the demo does).
+    idx = rng.choice(5, size=(400, 64), p=PROBS)
+    points = best_of_n_points(PROXY[idx], GOLD[idx], (GOLD[idx] == 1.5).astype(float), ns)
+    # Brute force: for each n, 40 000 fresh groups of n samples, keep the highest-proxy one.
+    for point, n in zip(points, ns):
+        groups = rng.choice(5, size=(40_000, n), p=PROBS)
+        brute = GOLD[groups.max(axis=1)]  # index order = proxy order
+        brute_stderr = brute.std() / math.sqrt(brute.size)
+        assert point.x == n
+        # Both agree with the exact value: the estimate within its 95% interval, brute force within 4 s.e.
+        assert abs(brute.mean() - exact_best_of_n(n, GOLD)) < 4 * brute_stderr
+        assert abs(point.gold - exact_best_of_n(n, GOLD)) < point.gold_ci
+        assert abs(point.gold - brute.mean()) < point.gold_ci + 4 * brute_stderr
+        assert point.proxy == pytest.approx(exact_best_of_n(n, PROXY), abs=max(point.proxy_ci, 0.02))
+        assert point.optimal == pytest.approx(exact_best_of_n(n, (GOLD == 1.5).astype(float)), abs=0.03)
+        assert point.kl == pytest.approx(math.log(n) - (n - 1) / n)
+        assert point.gold_ci > 0
+    assert points[0].kl == 0.0
+
+
+def test_best_of_n_by_prompt_is_row_wise_and_checks_n():
+    proxy = np.array([[0.0, 1.0, 2.0], [2.0, 1.0, 0.0]])
+    gold = np.array([[1.0, 2.0, 3.0], [1.0, 2.0, 3.0]])
+    # n = 1: the mean; n = 3: the gold of the highest proxy; n = 2: (1·g_(2) + 2·g_(3))/3 in proxy order.
+    np.testing.assert_allclose(best_of_n_by_prompt(proxy, gold, [1, 2, 3]),
+                               [[2.0, (2 + 2 * 3) / 3, 3.0], [2.0, (2 + 2 * 1) / 3, 1.0]])
+    with pytest.raises(ValueError, match="n = 4"):
+        best_of_n_by_prompt(proxy, gold, [4])
+
+
+# ------------------------------------------------------------------------------------------ agreement
+
+
+def test_pair_agreement():
+    proxy = np.array([[1.0, 0.0], [0.0, 1.0], [2.0, 2.0], [5.0, 1.0]])
+    gold = np.array([[1.0, 0.0], [1.0, 0.0], [1.0, 0.0], [3.0, 3.0]])  # the last pair is a gold tie
+    assert pair_agreement(proxy, gold) == (pytest.approx((1 + 0 + 0.5) / 3), 3)
+    assert math.isnan(pair_agreement(proxy[3:], gold[3:])[0])
+    with pytest.raises(ValueError, match=r"\[pairs, 2\]"):
+        pair_agreement(np.zeros((2, 3)), np.zeros((2, 3)))
+
+
+# ------------------------------------------------------------------------------------------ verdict
+
+
+def _curve(golds, proxies, ci=0.05):
+    return [CurvePoint(10 * i, 0.1 * i, g, ci, p) for i, (g, p) in enumerate(zip(golds, proxies))]
+
+
+def test_verdict_rising_gold_is_not_overoptimised():
+    v = overoptimization_verdict(_curve([0.1, 0.3, 0.5], [0.0, 0.5, 1.0]))
+    assert not v.overoptimized and v.peak.x == 20
+    assert v.text.startswith("no: gold is highest at the last point (step 20")
+
+
+def test_verdict_significant_drop_with_rising_proxy():
+    v = overoptimization_verdict(_curve([0.1, 0.6, 0.4, 0.3], [0.0, 0.5, 1.0, 1.5]))
+    assert v.overoptimized and (v.peak.x, v.worst.x) == (10, 30)
+    assert v.text.startswith(
+        "yes: gold fell from 0.600 ± 0.050 (step 10, √KL 0.32) to 0.300 ± 0.050 (step 30")
+
+
+def test_verdict_needs_a_significant_drop_and_a_rising_proxy():
+    within_ci = overoptimization_verdict(_curve([0.1, 0.6, 0.55], [0.0, 0.5, 1.0]))
+    assert not within_ci.overoptimized and within_ci.worst.x == 20
+    proxy_falls_too = overoptimization_verdict(_curve([0.1, 0.6, 0.2], [0.0, 0.5, 0.4]))
+    assert not proxy_falls_too.overoptimized
+    assert overoptimization_verdict(_curve([0.5], [0.0]), unit="n").text.startswith("no: gold is highest")
+
+
+# ------------------------------------------------------------------------------------------ policies
+
+
+def test_summarize_grid():
+    scores = {"gold": np.array([1.0, 0.0, 0.0, 0.0]), "proxy": np.array([2.0, 2.0, 0.0, 0.0]),
+              "kl": np.array([0.5, 0.5, 0.5, 0.5]), "optimal": np.array([1.0, 0.0, 0.0, 0.0]),
+              "finished": np.ones(4), "length": np.array([3.0, 4.0, 5.0, 6.0])}
+    e = summarize("SFT", scores, samples_per_prompt=2)  # prompts: gold means 0.5, 0
+    assert (e.gold, e.proxy, e.kl, e.optimal, e.length, e.samples) == (0.25, 1.0, 0.5, 0.25, 4.5, 4)
+    assert e.gold_ci == pytest.approx(Z_95 * math.sqrt(0.125) / math.sqrt(2))
+    assert e.kl_ci == 0.0 and e.sqrt_kl == pytest.approx(math.sqrt(0.5))
+    assert e.metrics()["eval/gold"] == 0.25 and e.point(7).x == 7
+
+
+@pytest.fixture(scope="module")
+def tiny_evaluator_parts():
+    """A random tiny policy and reward model over the random_walk vocabulary."""
+    from jaxrlhf.models.config import gpt2_config
+    from jaxrlhf.models.heads import init_reward_head
+    from jaxrlhf.models.transformer import LanguageModel
+    from jaxrlhf.rollout.generate import GenerationConfig
+
+    task = get_task("random_walk", seed=0)
+    model = LanguageModel(gpt2_config(vocab_size=len(task.tokenizer), hidden_size=16, num_layers=1,
+                                      num_heads=2, intermediate_size=32, max_position_embeddings=16))
+    params = model.init(jax.random.key(0))
+    rm_params = {"lm": model.init(jax.random.key(1)), "reward_head": init_reward_head(jax.random.key(2), 16)}
+    gen = GenerationConfig(max_new_tokens=task.max_response_tokens, stop_token_ids=(2,), pad_token_id=0)
+    return task, model, params, rm_params, gen
+
+
+def test_policy_evaluator_jitted_and_host_oracles_agree(tiny_evaluator_parts):
+    from jaxrlhf.train.demo_stages import prompt_arrays
+    from jaxrlhf.train.policy_eval import PolicyEvaluator
+
+    task, model, params, rm_params, gen = tiny_evaluator_parts
+    tokens, mask = prompt_arrays(task.sample_prompts(0, 6), task.tokenizer, 1, add_bos=False)
+    key = jax.random.key(3)
+    jitted = PolicyEvaluator(model, params, model, rm_params, None, task.oracle, task, gen, chunk_size=4)
+    scores, rollouts = jitted.scores(params, tokens, mask, key, keep_rollouts=True)
+    assert all(v.shape == (6,) for v in scores.values())
+    assert sum(r.sequences.shape[0] for r in rollouts) == 6  # the wrapped-around rows are trimmed
+    # The policy is its own reference: KL exactly 0. Gold is the oracle's score of the very samples.
+    np.testing.assert_array_equal(scores["kl"], 0.0)
+    responses = np.concatenate([r.response_tokens for r in rollouts])
+    response_mask = np.concatenate([r.response_mask for r in rollouts])
+    expected = task.oracle.score_tokens(tokens, mask, responses, response_mask)
+    np.testing.assert_array_equal(scores["gold"], np.asarray(expected))
+    np.testing.assert_array_equal(scores["optimal"], np.asarray(expected) == task.optimal_score)
+
+    # A user's Python oracle runs on the host, once per chunk, and sees the same texts.
+    def host_gold(prompt: str, response: str) -> float:
+        return float(task.oracle.score_texts([prompt], [response])[0])
+
+    host = PolicyEvaluator(model, params, model, rm_params, None, FunctionOracle(host_gold, task.tokenizer),
+                           task, gen, chunk_size=4)
+    host_scores, _ = host.scores(params, tokens, mask, key)
+    finished = scores["finished"] > 0  # the text form cannot tell an unfinished walk from a finished one
+    np.testing.assert_allclose(host_scores["gold"][finished], scores["gold"][finished])
+    np.testing.assert_array_equal(host_scores["proxy"], scores["proxy"])
