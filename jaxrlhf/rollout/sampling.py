@@ -65,17 +65,35 @@ def sampling_logits(logits: jax.Array, config: SamplingConfig) -> jax.Array:
     return top_p_filter(top_k_filter(logits, config.top_k), config.top_p)
 
 
-def sample_tokens(key: jax.Array, logits: jax.Array, config: SamplingConfig) -> jax.Array:
-    """One token per row of ``logits`` [B, V] → [B] int32.
+_BLOCK = 128  # tokens per block of the two-level inverse CDF
 
-    Sampling is by inverse CDF: one uniform u per row and the first token whose cumulative probability
-    exceeds u·(total mass). That draws exactly from softmax(sampling_logits) with B random numbers instead of
-    the B·V Gumbel variates ``jax.random.categorical`` needs, which dominate a decode step on a CPU. A token
-    with probability 0 (filtered out) never increases the cumulative sum, so it can never be chosen.
+
+def inverse_cdf_sample(key: jax.Array, logits: jax.Array) -> jax.Array:
+    """Exact draws from softmax(logits) [B, V] (−inf allowed) with one uniform per row. → [B] int32.
+
+    Two-level inverse CDF: the cumulative mass over blocks of 128 tokens picks a block, a cumulative sum
+    inside that block picks the token. That is B random numbers and two short scans instead of the B·V
+    Gumbel variates of ``jax.random.categorical`` or a V-long scan, which dominate a decode step on a CPU. A
+    zero-probability token never increases a cumulative sum, so it can never be the first one to exceed u.
     """
+    b, v = logits.shape
+    blocks = -(-v // _BLOCK)
+    weights = jnp.exp(logits - jnp.max(logits, axis=-1, keepdims=True))
+    weights = jnp.pad(weights, ((0, 0), (0, blocks * _BLOCK - v))).reshape(b, blocks, _BLOCK)
+    block_cdf = jnp.cumsum(weights.sum(-1), axis=-1)  # [B, blocks]
+    u = jax.random.uniform(key, (b, 1), dtype=block_cdf.dtype) * block_cdf[:, -1:]
+    block = jnp.argmax(block_cdf > u, axis=-1)  # the first block whose cumulative mass exceeds u
+    before = jnp.where(block > 0, jnp.take_along_axis(block_cdf, (block - 1)[:, None], -1)[:, 0], 0.0)
+    inner_cdf = jnp.cumsum(jnp.take_along_axis(weights, block[:, None, None], 1)[:, 0], axis=-1)
+    # Block sums and in-block sums round differently: keep the remainder inside [0, block mass).
+    rest = jnp.clip(u[:, 0] - before, 0.0, inner_cdf[:, -1] * (1.0 - 2.0**-23))
+    token = jnp.argmax(inner_cdf > rest[:, None], axis=-1)
+    return (block * _BLOCK + token).astype(jnp.int32)
+
+
+def sample_tokens(key: jax.Array, logits: jax.Array, config: SamplingConfig) -> jax.Array:
+    """One token per row of ``logits`` [B, V] → [B] int32: the arg-max (greedy) or an exact draw from
+    softmax(:func:`sampling_logits`)."""
     if config.greedy:
         return jnp.argmax(logits, axis=-1).astype(jnp.int32)
-    probs = jax.nn.softmax(sampling_logits(logits, config), axis=-1)
-    cdf = jnp.cumsum(probs, axis=-1)
-    u = jax.random.uniform(key, (*cdf.shape[:-1], 1), dtype=cdf.dtype) * cdf[..., -1:]
-    return jnp.argmax(cdf > u, axis=-1).astype(jnp.int32)
+    return inverse_cdf_sample(key, sampling_logits(logits, config))
