@@ -62,3 +62,19 @@ def test_greedy_takes_the_argmax_and_configs_validate():
     for bad in (dict(temperature=0.0), dict(top_k=-1), dict(top_p=0.0), dict(top_p=1.5)):
         with pytest.raises(ValueError):
             SamplingConfig(**bad)
+
+
+def test_multi_block_sampling_matches_softmax_and_never_picks_excluded_tokens():
+    """V = 300 spans three 128-token blocks (the last one padded): frequencies match softmax within 4
+    standard errors, and −inf tokens (here every other token) are never drawn."""
+    v, n = 300, 40000
+    logits = jax.random.normal(jax.random.key(0), (v,)) * 1.5
+    logits = jnp.where(jnp.arange(v) % 2 == 0, logits, -jnp.inf)
+    from jaxrlhf.rollout.sampling import inverse_cdf_sample
+
+    samples = np.asarray(jax.jit(inverse_cdf_sample)(jax.random.key(1), jnp.broadcast_to(logits, (n, v))))
+    counts = np.bincount(samples, minlength=v)
+    assert counts[1::2].sum() == 0
+    p = np.asarray(jax.nn.softmax(logits))
+    se = np.sqrt(p * (1 - p) / n)
+    np.testing.assert_array_less(np.abs(counts / n - p), 4 * se + 1e-4)
