@@ -4,6 +4,8 @@ Both run the same random weights (a GPT-2 shape by default: 6 layers, d_model 38
 batch 32, prompt 64, 64 new tokens, multinomial sampling at temperature 1 with no top-k/top-p, every row
 forced to the full length. Compile time and warm-up are reported apart from the timed repeats. Model FLOP/s
 (prefill + decode, counted analytically) are compared with a float32 matmul peak measured in the same run.
+The two implementations alternate call by call, and the speed-up is the median of the per-pair ratios, so
+slow drifts of a shared machine affect both alike.
 
     python benchmarks/generation.py [--batch 32 --prompt 64 --new 64 --repeats 5 --no-torch]
 
@@ -13,9 +15,11 @@ Prints one JSON object.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import platform
+import statistics
 import tempfile
 import time
 
@@ -41,13 +45,52 @@ def generation_flops(cfg: ModelConfig, batch: int, prompt: int, new: int) -> flo
     return float(prefill + decode)
 
 
-def time_calls(fn, repeats: int) -> list[float]:
-    out = []
-    for i in range(repeats):
-        start = time.perf_counter()
-        fn(i)
-        out.append(time.perf_counter() - start)
-    return out
+def _summary(times: list[float], new_tokens: int, flops: float, peak: float) -> dict:
+    med = statistics.median(times)
+    return {
+        "times_s": times,
+        "median_s": med,
+        "tokens_per_s": new_tokens / med,
+        "model_gflops_per_s": flops / med / 1e9,
+        "fraction_of_matmul_peak": flops / med / peak,
+    }
+
+
+def _torch_generator(cfg: ModelConfig, params, prompts, args):
+    """Hugging Face ``generate`` on the same weights (saved and reloaded through our HF export)."""
+    import torch
+    import transformers
+
+    with tempfile.TemporaryDirectory() as tmp:
+        hf_io.save(f"{tmp}/model", LanguageModel(dataclasses.replace(cfg, dtype="float32")), params)
+        hf_model = transformers.AutoModelForCausalLM.from_pretrained(f"{tmp}/model").eval()
+    if args.dtype == "bfloat16":
+        hf_model = hf_model.to(torch.bfloat16)
+    attn_mask = torch.ones((args.batch, args.prompt), dtype=torch.long)
+
+    def run(i: int) -> None:
+        torch.manual_seed(i)
+        with torch.no_grad():
+            hf_model.generate(
+                input_ids=torch.from_numpy(prompts[i]).long(),
+                attention_mask=attn_mask,
+                max_new_tokens=args.new,
+                min_new_tokens=args.new,
+                do_sample=True,
+                temperature=1.0,
+                top_k=0,
+                top_p=1.0,
+                pad_token_id=0,
+            )
+
+    run(0)  # warm-up
+    return run
+
+
+def seconds(fn, *args) -> float:
+    start = time.perf_counter()
+    fn(*args)
+    return time.perf_counter() - start
 
 
 def main() -> None:
@@ -91,15 +134,20 @@ def main() -> None:
     start = time.perf_counter()
     compiled = generate.lower(model, params, prompts[0], mask, jax.random.key(0), gen_cfg).compile()
     compile_s = time.perf_counter() - start
-    jax.block_until_ready(generate(model, params, prompts[0], mask, jax.random.key(0), gen_cfg))  # warm-up
     del compiled
-    jax_times = time_calls(
-        lambda i: jax.block_until_ready(
-            generate(model, params, prompts[i + 1], mask, jax.random.key(i + 1), gen_cfg)
-        ),
-        args.repeats,
-    )
-    jax_best = min(jax_times)
+    jax.block_until_ready(generate(model, params, prompts[0], mask, jax.random.key(0), gen_cfg))  # warm-up
+
+    def jax_generate(i: int) -> None:
+        jax.block_until_ready(generate(model, params, prompts[i], mask, jax.random.key(i), gen_cfg))
+
+    torch_generate = None if args.no_torch else _torch_generator(cfg, params, prompts, args)
+    # Interleave the two implementations so that each pair of timings sees the same machine conditions
+    # (shared CPUs drift); the speed-up is the median of the per-pair ratios.
+    jax_times, torch_times = [], []
+    for i in range(1, args.repeats + 1):
+        jax_times.append(seconds(jax_generate, i))
+        if torch_generate is not None:
+            torch_times.append(seconds(torch_generate, i))
     result = {
         "benchmark": "generation",
         "device": str(jax.devices()[0].device_kind),
@@ -118,58 +166,18 @@ def main() -> None:
         },
         "matmul_peak_gflops": peak / 1e9,
         "model_gflop_per_call": flops / 1e9,
-        "jaxrlhf": {
-            "compile_s": compile_s,
-            "times_s": jax_times,
-            "tokens_per_s": new_tokens / jax_best,
-            "model_gflops_per_s": flops / jax_best / 1e9,
-            "fraction_of_matmul_peak": flops / jax_best / peak,
-        },
+        "jaxrlhf": _summary(jax_times, new_tokens, flops, peak) | {"compile_s": compile_s},
     }
-
-    if not args.no_torch:
+    if torch_generate is not None:
         import torch
-        import transformers
 
-        with tempfile.TemporaryDirectory() as tmp:
-            hf_io.save(
-                f"{tmp}/model", LanguageModel(gpt2_config(**{**cfg.__dict__, "dtype": "float32"})), params
-            )
-            hf_model = transformers.AutoModelForCausalLM.from_pretrained(f"{tmp}/model").eval()
-        if args.dtype == "bfloat16":
-            hf_model = hf_model.to(torch.bfloat16)
-        attn_mask = torch.ones((args.batch, args.prompt), dtype=torch.long)
-
-        def torch_generate(i: int) -> None:
-            torch.manual_seed(i)
-            with torch.no_grad():
-                hf_model.generate(
-                    input_ids=torch.from_numpy(prompts[i]).long(),
-                    attention_mask=attn_mask,
-                    max_new_tokens=args.new,
-                    min_new_tokens=args.new,
-                    do_sample=True,
-                    temperature=1.0,
-                    top_k=0,
-                    top_p=1.0,
-                    pad_token_id=0,
-                )
-
-        start = time.perf_counter()
-        torch_generate(0)  # warm-up
-        torch_warmup = time.perf_counter() - start
-        torch_times = time_calls(lambda i: torch_generate(i + 1), args.repeats)
-        torch_best = min(torch_times)
-        result["pytorch"] = {
+        result["pytorch"] = _summary(torch_times, new_tokens, flops, peak) | {
             "version": torch.__version__,
             "threads": torch.get_num_threads(),
-            "warmup_s": torch_warmup,
-            "times_s": torch_times,
-            "tokens_per_s": new_tokens / torch_best,
-            "model_gflops_per_s": flops / torch_best / 1e9,
-            "fraction_of_matmul_peak": flops / torch_best / peak,
         }
-        result["speedup_vs_pytorch"] = torch_best / jax_best
+        ratios = [t / j for j, t in zip(jax_times, torch_times)]
+        result["speedup_vs_pytorch"] = statistics.median(ratios)
+        result["speedup_per_pair"] = ratios
     print(json.dumps(result, indent=2))
 
 

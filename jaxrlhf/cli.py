@@ -139,7 +139,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"jaxrlhf {args.command}: error: {_one_line(e)}", file=sys.stderr)
         return EXIT_ERROR
     run_dir = getattr(result, "run_dir", None)
-    if run_dir is not None:
+    if run_dir is not None and getattr(result, "summary", None) is None:  # a summary already names it
         print(f"run directory: {run_dir}")
     return EXIT_OK
 
