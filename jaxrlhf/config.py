@@ -10,6 +10,7 @@ float, got str 'wide'``.
 from __future__ import annotations
 
 import dataclasses
+import importlib
 import re
 import types
 import typing
@@ -214,3 +215,24 @@ def replace(config: T, **changes: Any) -> T:
 
 def to_dict_values(values: Mapping[str, Any]) -> dict[str, Any]:
     return {k: to_dict(v) if dataclasses.is_dataclass(v) else v for k, v in values.items()}
+
+
+def import_object(spec: str, what: str = "object") -> Any:
+    """The object a config names by import path: ``"package.module:attr"`` (``attr`` may be dotted), or
+    ``"package.module.attr"``. Errors are ``ValueError``s that quote ``what`` and the spec."""
+    if ":" in spec:
+        module_name, _, attr_path = spec.partition(":")
+    else:
+        module_name, _, attr_path = spec.rpartition(".")
+    if not module_name or not attr_path or ":" in attr_path:
+        raise ValueError(f"{what} {spec!r}: an import path must look like 'package.module:function'")
+    try:
+        obj = importlib.import_module(module_name)
+    except ImportError as e:
+        raise ValueError(f"{what} {spec!r}: cannot import module {module_name!r} ({e})") from e
+    for attr in attr_path.split("."):
+        if not hasattr(obj, attr):
+            owner = getattr(obj, "__name__", module_name)
+            raise ValueError(f"{what} {spec!r}: {owner!r} has no attribute {attr!r}")
+        obj = getattr(obj, attr)
+    return obj

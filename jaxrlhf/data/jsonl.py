@@ -26,11 +26,12 @@ import dataclasses
 import json
 import math
 import os
-import tempfile
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
+
+from jaxrlhf.files import write_text_atomic
 
 Kind = Literal["sft", "preference", "ranking", "rating", "prompt"]
 KINDS: tuple[str, ...] = ("sft", "preference", "ranking", "rating", "prompt")
@@ -239,16 +240,5 @@ def write_jsonl(path: str | os.PathLike, records: Iterable[Record | Mapping[str,
 
     A reader never sees a half-written file, and a crash leaves any previous file intact.
     """
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            for record in records:
-                f.write(json.dumps(record_to_json(record), ensure_ascii=False) + "\n")
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    text = "".join(json.dumps(record_to_json(r), ensure_ascii=False) + "\n" for r in records)
+    write_text_atomic(path, text)

@@ -91,45 +91,27 @@ class ModelConfig:
         return total
 
 
-def gpt2_config(**overrides: Any) -> ModelConfig:
-    """A GPT-2-style config (learned positions, LayerNorm, GELU, biases, tied embeddings)."""
-    base = dict(
-        model_type="gpt2",
-        position_encoding="learned",
-        norm="layernorm",
-        mlp="gelu",
-        qkv_bias=True,
-        attn_out_bias=True,
-        mlp_bias=True,
-        tie_word_embeddings=True,
-        norm_eps=1e-5,
-    )
-    base.update(overrides)
-    if "head_dim" not in overrides:
-        base["head_dim"] = base.get("hidden_size", 384) // base.get("num_heads", 6)
+def _preset(family: dict[str, Any], overrides: dict[str, Any]) -> ModelConfig:
+    """``family``'s switches, then ``overrides``; head_dim and num_kv_heads follow the (overridden) shape."""
+    base = {**family, **overrides}
+    base.setdefault("head_dim", base.get("hidden_size", 384) // base.get("num_heads", 6))
     base.setdefault("num_kv_heads", base.get("num_heads", 6))
-    base.setdefault("intermediate_size", 4 * base.get("hidden_size", 384))
     return ModelConfig(**base)
+
+
+def gpt2_config(**overrides: Any) -> ModelConfig:
+    """A GPT-2-style config (learned positions, LayerNorm, GELU, biases, tied embeddings, MLP 4·d)."""
+    family = dict(model_type="gpt2", position_encoding="learned", norm="layernorm", mlp="gelu", qkv_bias=True,
+                  attn_out_bias=True, mlp_bias=True, tie_word_embeddings=True, norm_eps=1e-5)
+    family["intermediate_size"] = 4 * overrides.get("hidden_size", 384)
+    return _preset(family, overrides)
 
 
 def llama_config(**overrides: Any) -> ModelConfig:
     """A Llama-style config (RoPE, RMSNorm, SwiGLU, no biases, untied embeddings by default)."""
-    base = dict(
-        model_type="llama",
-        position_encoding="rope",
-        norm="rmsnorm",
-        mlp="swiglu",
-        qkv_bias=False,
-        attn_out_bias=False,
-        mlp_bias=False,
-        tie_word_embeddings=False,
-        norm_eps=1e-6,
-    )
-    base.update(overrides)
-    if "head_dim" not in overrides:
-        base["head_dim"] = base.get("hidden_size", 384) // base.get("num_heads", 6)
-    base.setdefault("num_kv_heads", base.get("num_heads", 6))
-    return ModelConfig(**base)
+    family = dict(model_type="llama", position_encoding="rope", norm="rmsnorm", mlp="swiglu", qkv_bias=False,
+                  attn_out_bias=False, mlp_bias=False, tie_word_embeddings=False, norm_eps=1e-6)
+    return _preset(family, overrides)
 
 
 # --------------------------------------------------------------------------------------------------------

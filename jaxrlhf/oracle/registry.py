@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-import importlib
 from collections.abc import Callable
 
+from jaxrlhf.config import import_object
 from jaxrlhf.oracle.base import FunctionOracle, Oracle
 
 
@@ -32,18 +32,10 @@ def registered_oracles() -> list[str]:
 
 
 def _import_object(spec: str):
-    module_name, _, attr_path = spec.partition(":")
-    if not module_name or not attr_path or ":" in attr_path:
-        raise OracleSpecError(f"oracle {spec!r}: an import path must look like 'package.module:function'")
     try:
-        obj = importlib.import_module(module_name)
-    except ImportError as e:
-        raise OracleSpecError(f"oracle {spec!r}: cannot import module {module_name!r} ({e})") from e
-    for attr in attr_path.split("."):
-        if not hasattr(obj, attr):
-            raise OracleSpecError(f"oracle {spec!r}: {obj.__name__!r} has no attribute {attr!r}")
-        obj = getattr(obj, attr)
-    return obj
+        return import_object(spec, "oracle")
+    except ValueError as e:
+        raise OracleSpecError(str(e)) from e.__cause__
 
 
 def get_oracle(spec: str, tokenizer=None) -> Oracle:

@@ -13,7 +13,6 @@ the function is a host function unless it has an attribute ``jittable = True``).
 from __future__ import annotations
 
 import dataclasses
-import importlib
 from collections.abc import Callable
 from typing import Any
 
@@ -21,6 +20,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jaxrlhf.config import import_object
 from jaxrlhf.models.transformer import LanguageModel
 from jaxrlhf.rl.reward_norm import RewardNormalization, normalize_rewards
 from jaxrlhf.rollout.generate import Rollout
@@ -102,21 +102,6 @@ def registered_reward_fns() -> list[str]:
     return sorted([*_REGISTRY, *(f"{n}:<arg>" for n in _FACTORIES)])
 
 
-def _import(path: str) -> Any:
-    module_name, sep, attr = path.partition(":") if ":" in path else path.rpartition(".")
-    if not module_name or not attr or not sep:
-        raise ValueError(f"reward function {path!r}: expected 'package.module:function'")
-    try:
-        obj = importlib.import_module(module_name)
-    except ImportError as e:
-        raise ValueError(f"reward function {path!r}: cannot import {module_name!r} ({e})") from e
-    for part in attr.split("."):
-        if not hasattr(obj, part):
-            raise ValueError(f"reward function {path!r}: {module_name!r} has no attribute {attr!r}")
-        obj = getattr(obj, part)
-    return obj
-
-
 def get_reward_fn(name_or_path: str) -> RewardFunction:
     """A :class:`RewardFunction` by registered name, ``builtin:<arg>``, or import path."""
     if name_or_path in _REGISTRY:
@@ -126,7 +111,7 @@ def get_reward_fn(name_or_path: str) -> RewardFunction:
         factory, jittable = _FACTORIES[prefix]
         return RewardFunction(name_or_path, factory(arg), jittable)
     if "." in name_or_path:
-        fn = _import(name_or_path)
+        fn = import_object(name_or_path, "reward function")
         if isinstance(fn, RewardFunction):
             return fn
         if not callable(fn):

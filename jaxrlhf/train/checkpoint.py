@@ -15,7 +15,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-import tempfile
 from collections.abc import Mapping
 from typing import Any
 
@@ -23,6 +22,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
+
+from jaxrlhf.files import write_text_atomic
 
 log = logging.getLogger(__name__)
 
@@ -52,19 +53,7 @@ def save_json_atomic(path: str | os.PathLike, obj: Any) -> None:
 
     Writes a temporary file in the same directory, fsyncs it, then ``os.replace``s it over ``path``.
     """
-    path = os.fspath(path)
-    text = json.dumps(obj, indent=2)
-    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(os.path.abspath(path)), prefix=".tmp-", suffix=".json")
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text + "\n")
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
+    write_text_atomic(path, json.dumps(obj, indent=2) + "\n")
 
 
 def _is_typed_key(x: Any) -> bool:
