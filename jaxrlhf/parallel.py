@@ -25,11 +25,11 @@ import jax
 import numpy as np
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
 
+from jaxrlhf.steps.sharding import BATCH_AXES
+
 log = logging.getLogger(__name__)
 
-DATA_AXIS = "data"
-FSDP_AXIS = "fsdp"
-BATCH_AXES = (DATA_AXIS, FSDP_AXIS)
+DATA_AXIS, FSDP_AXIS = BATCH_AXES  # defined beside the steps' row hints, which use the same names
 
 
 @dataclasses.dataclass(frozen=True)
@@ -185,16 +185,37 @@ def shard_batch(mesh: Mesh, batch: Any) -> Any:
     return jax.tree.map(put, batch)
 
 
-def jit_step(step: Callable, mesh: Mesh, state: Any, donate: bool = True, min_size: int = 4096) -> Callable:
-    """``jax.jit(step)`` with the state's shardings pinned on input and output (so a step never silently
-    changes layouts) and the state buffers donated. ``step(state, batch, key) -> (state, metrics)``."""
+class MeshJit:
+    """A jitted function traced and run inside ``jax.set_mesh(mesh)``, so that the steps' row hints
+    (:func:`jaxrlhf.steps.sharding.shard_rows`) see the mesh. ``lower`` and the cache size pass through."""
+
+    def __init__(self, jitted: Any, mesh: Mesh):
+        self.jitted, self.mesh = jitted, mesh
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        with jax.set_mesh(self.mesh):
+            return self.jitted(*args, **kwargs)
+
+    def lower(self, *args: Any, **kwargs: Any) -> Any:
+        with jax.set_mesh(self.mesh):
+            return self.jitted.lower(*args, **kwargs)
+
+    def _cache_size(self) -> int:
+        return self.jitted._cache_size()
+
+
+def jit_step(step: Callable, mesh: Mesh, state: Any, donate: bool = True, min_size: int = 4096) -> MeshJit:
+    """``jax.jit(step)`` over ``mesh``, with the state's shardings pinned on input and output (so a step
+    never silently changes layouts) and the state buffers donated. ``step(state, batch, key) -> (state,
+    metrics)``."""
     state_sh = state_shardings(mesh, state, min_size)
-    return jax.jit(
+    jitted = jax.jit(
         step,
         in_shardings=(state_sh, None, replicated(mesh)),
         out_shardings=(state_sh, replicated(mesh)),
         donate_argnums=(0,) if donate else (),
     )
+    return MeshJit(jitted, mesh)
 
 
 def place_state(mesh: Mesh, state: Any, min_size: int = 4096) -> Any:

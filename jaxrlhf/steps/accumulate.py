@@ -13,6 +13,8 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
+from jaxrlhf.steps.sharding import shard_rows
+
 # loss_fn(params, batch) -> (loss, (weight, metrics)): loss is a mean with total weight `weight`.
 WeightedLossFn = Callable[[Any, Any], tuple[jax.Array, tuple[jax.Array, dict[str, jax.Array]]]]
 
@@ -57,7 +59,7 @@ def accumulate_gradients(
         return jax.tree.map(lambda x: x * w.astype(x.dtype), tree)
 
     def body(carry, micro):
-        (loss, (w, metrics)), grads = grad_fn(params, micro)
+        (loss, (w, metrics)), grads = grad_fn(params, shard_rows(micro))
         w = jnp.asarray(w, jnp.float32)
         term = (loss * w, weighted(grads, w), weighted(metrics, w), w)
         return jax.tree.map(jnp.add, carry, term), None

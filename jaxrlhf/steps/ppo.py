@@ -36,6 +36,7 @@ from jaxrlhf.steps.actor_critic import (
 from jaxrlhf.steps.experience import Experience, RLConfig
 from jaxrlhf.steps.guard import all_finite
 from jaxrlhf.steps.optim import current_learning_rate
+from jaxrlhf.steps.sharding import shard_rows
 from jaxrlhf.steps.state import RLState, TrainState
 
 Metrics = dict[str, jax.Array]
@@ -151,7 +152,7 @@ def make_ppo_update(
             return ppo_loss(policy_model, critic_model, cfg, params, minibatch, kl_coef)
 
         def train_minibatch(carry: _Carry, indices: jax.Array) -> _Carry:
-            minibatch = jax.tree.map(lambda x: x[indices], batch)
+            minibatch = shard_rows(jax.tree.map(lambda x: x[indices], batch))  # rows stay split
             critic_params = None if carry.critic is None else carry.critic.params
             params = (carry.policy.params, critic_params)
             loss, grads, metrics = accumulate_gradients(loss_fn, params, minibatch, cfg.grad_accum_steps)

@@ -314,7 +314,13 @@ class Run:
         self.metrics.close()
 
     def __enter__(self) -> Run:
+        # Everything jitted inside the run is traced under the mesh, so the steps' row hints apply.
+        self._mesh_context = jax.set_mesh(self.mesh)
+        self._mesh_context.__enter__()
         return self
 
     def __exit__(self, *exc: object) -> None:
-        self.close()
+        try:
+            self.close()
+        finally:
+            self._mesh_context.__exit__(None, None, None)

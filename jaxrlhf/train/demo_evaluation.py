@@ -21,9 +21,7 @@ from jaxrlhf.train.demo_stages import (
     DemoPaths,
     generation_config,
     lengths,
-    lm_params_from_checkpoint,
     prompt_arrays,
-    rl_checkpoint_steps,
 )
 from jaxrlhf.train.evaluate import (
     CurvePoint,
@@ -35,6 +33,7 @@ from jaxrlhf.train.evaluate import (
 from jaxrlhf.train.metrics import MetricsLogger, progress
 from jaxrlhf.train.model_setup import load_model, load_reward_model
 from jaxrlhf.train.policy_eval import PolicyEval, PolicyEvaluator, summarize
+from jaxrlhf.train.rl import checkpoint_steps, policy_lm_params
 from jaxrlhf.train.run_config import ModelSection
 
 RL_NAMES = {"ppo": "PPO", "a2c": "A2C"}
@@ -74,7 +73,7 @@ def evaluate_policies(cfg: DemoConfig, task: Task, oracle: Oracle, paths: DemoPa
     tokens, mask = _repeat(*prompt_arrays(prompts, sft.tokenizer, p_len, cfg.task.add_bos), k)
     key = jax.random.key(seed + 7)
 
-    rl_steps = {algo: rl_checkpoint_steps(paths.stage(algo)) for algo in RL_NAMES}
+    rl_steps = {algo: checkpoint_steps(paths.stage(algo)) for algo in RL_NAMES}
     bar = progress(2 + sum(len(s) for s in rl_steps.values()), desc="evaluate",
                    enabled=cfg.run.progress_bar)
     logger = MetricsLogger(paths.root, tensorboard=cfg.run.tensorboard)
@@ -107,7 +106,7 @@ def evaluate_policies(cfg: DemoConfig, task: Task, oracle: Oracle, paths: DemoPa
             for step in rl_steps[algo]:
                 final = step == rl_steps[algo][-1]
                 params = (load_model(ModelSection(path=str(paths.export(algo))), key, f"{name} export").params
-                          if final else lm_params_from_checkpoint(paths.stage(algo), step, sft.model))
+                          if final else policy_lm_params(paths.stage(algo), step, sft.model))
                 result = evaluator.evaluate(name, params, tokens, mask, key, k)
                 logger.log(step, result.metrics(), prefix=f"{algo}/")
                 points.append(result.point(step))

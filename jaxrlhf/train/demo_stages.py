@@ -13,7 +13,6 @@ from pathlib import Path
 from typing import Any
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import yaml
 
@@ -30,7 +29,6 @@ from jaxrlhf.models.transformer import LanguageModel, Params
 from jaxrlhf.oracle import Oracle, Task, decode_batch, get_oracle, get_task
 from jaxrlhf.rollout.generate import GenerationConfig
 from jaxrlhf.steps.rewards import rollout_reward_inputs
-from jaxrlhf.train.checkpoint import CheckpointManager
 from jaxrlhf.train.demo_config import DemoConfig, TaskSection
 from jaxrlhf.train.policy_eval import sample_rollouts
 from jaxrlhf.train.reward import RewardRunConfig
@@ -217,40 +215,6 @@ def write_stage_config(paths: DemoPaths, name: str, config: Any) -> str:
 
 
 # ----------------------------------------------------------------------------------------- policies back
-def rl_checkpoint_steps(run_dir: Path) -> list[int]:
-    """The committed checkpoint steps of an RL run, ascending."""
-    return CheckpointManager(run_dir / "checkpoints", max_to_keep=None, async_save=False).all_steps()
-
-
-def lm_params_from_checkpoint(run_dir: Path, step: int, model: LanguageModel) -> Params:
-    """The policy's LM params at ``step`` of an RL run's checkpoints (``{"rl": RLState, "rng"}``).
-
-    Restored without a target (which would need the optimiser's state layout) and rebuilt in the model's
-    params structure by path; a missing leaf or a wrong shape is an error naming both.
-    """
-    manager = CheckpointManager(run_dir / "checkpoints", max_to_keep=None, async_save=False)
-    state, _ = manager.restore(step)
-    manager.close()
-    try:
-        saved = state["rl"]["policy"]["params"]["lm"]
-    except (KeyError, TypeError) as e:
-        raise ValueError(f"{run_dir}/checkpoints step {step}: no policy params at rl.policy.params.lm") from e
-
-    def leaf(path: tuple, abstract: jax.ShapeDtypeStruct) -> jax.Array:
-        node = saved
-        for k in path:
-            name = str(getattr(k, "key", getattr(k, "idx", getattr(k, "name", k))))
-            if not isinstance(node, dict) or name not in node:
-                raise ValueError(f"{run_dir}/checkpoints step {step}: no leaf {jax.tree_util.keystr(path)}")
-            node = node[name]
-        if tuple(np.shape(node)) != tuple(abstract.shape):
-            raise ValueError(f"{run_dir}/checkpoints step {step}: {jax.tree_util.keystr(path)} has shape "
-                             f"{np.shape(node)}, the model expects {abstract.shape}")
-        return jnp.asarray(node, abstract.dtype)
-
-    return jax.tree_util.tree_map_with_path(leaf, model.abstract_params())
-
-
 def relative(path: str | os.PathLike, root: Path) -> str:
     """``path`` relative to the run directory (for links in the report)."""
     return os.path.relpath(os.fspath(path), os.fspath(root))

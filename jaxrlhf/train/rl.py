@@ -18,6 +18,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import os
+from pathlib import Path
 from typing import Any, NamedTuple
 
 import jax
@@ -44,6 +45,7 @@ from jaxrlhf.steps import (
     make_optimizer,
     make_ppo_update,
 )
+from jaxrlhf.train.checkpoint import CheckpointManager
 from jaxrlhf.train.common import Run, RunResult, compile_step, to_host, total_steps
 from jaxrlhf.train.data_setup import load_dataset, make_collate, train_iterator
 from jaxrlhf.train.model_setup import (
@@ -396,3 +398,38 @@ def train_ppo(cfg: PPORunConfig) -> RunResult:
 def train_a2c(cfg: A2CRunConfig) -> RunResult:
     """``jaxrlhf a2c``."""
     return train_rl(cfg)
+
+
+def checkpoint_steps(run_dir: str | os.PathLike) -> list[int]:
+    """The committed checkpoint steps of an RL run, ascending."""
+    return CheckpointManager(Path(run_dir) / "checkpoints", max_to_keep=None, async_save=False).all_steps()
+
+
+def policy_lm_params(run_dir: str | os.PathLike, step: int, model: LanguageModel) -> Any:
+    """The policy's LM params at ``step`` of an RL run's checkpoints (as :func:`train_rl` writes them:
+    ``{"rl": RLState, "rng"}``), e.g. to evaluate a policy along training.
+
+    Restored without a target (which would need the optimiser's state layout) and rebuilt in the model's
+    params structure by path; a missing leaf or a wrong shape is an error naming both.
+    """
+    manager = CheckpointManager(Path(run_dir) / "checkpoints", max_to_keep=None, async_save=False)
+    state, _ = manager.restore(step)
+    manager.close()
+    try:
+        saved = state["rl"]["policy"]["params"]["lm"]
+    except (KeyError, TypeError) as e:
+        raise ValueError(f"{run_dir}/checkpoints step {step}: no policy params at rl.policy.params.lm") from e
+
+    def leaf(path: tuple, abstract: jax.ShapeDtypeStruct) -> jax.Array:
+        node = saved
+        for k in path:
+            name = str(getattr(k, "key", getattr(k, "idx", getattr(k, "name", k))))
+            if not isinstance(node, dict) or name not in node:
+                raise ValueError(f"{run_dir}/checkpoints step {step}: no leaf {jax.tree_util.keystr(path)}")
+            node = node[name]
+        if tuple(np.shape(node)) != tuple(abstract.shape):
+            raise ValueError(f"{run_dir}/checkpoints step {step}: {jax.tree_util.keystr(path)} has shape "
+                             f"{np.shape(node)}, the model expects {abstract.shape}")
+        return jnp.asarray(node, abstract.dtype)
+
+    return jax.tree_util.tree_map_with_path(leaf, model.abstract_params())
