@@ -192,7 +192,8 @@ def main() -> None:
         },
         "iteration_tokens_per_s_per_device": seq_tokens / med["total"] / devices,
         "matmul_peak_tflops_per_device": peak / 1e12,
-        "update_mfu": flops / med["update"] / (peak * devices),
+        # Simulated CPU devices share one processor, whose measured peak is already the whole machine's.
+        "update_mfu": flops / med["update"] / (peak if jax.default_backend() == "cpu" else peak * devices),
         "first_minibatch_ratio_error": float(metrics["val/ratio_first_minibatch"]),
     }
     if args.peak_tflops:
