@@ -161,7 +161,7 @@ def main() -> None:
 
     devices = mesh.size
     seq_tokens = B * (P + N)
-    peak = matmul_peak_flops(4096 if jax.default_backend() != "cpu" else 2048, jnp.dtype(args.dtype))
+    peak = matmul_peak_flops(8192 if jax.default_backend() != "cpu" else 2048, jnp.dtype(args.dtype))
     flops = update_flops(cfg, seq_tokens, P + N, args.epochs)
     result = {
         "benchmark": "ppo_iteration",

@@ -208,11 +208,10 @@ class Transformer(nnx.Module):
         return hidden, cache
 
     def logits(self, hidden: jax.Array) -> jax.Array:
-        if self.cfg.tie_word_embeddings:
-            out = hidden @ self.embed[...].astype(hidden.dtype).T
-        else:
-            out = self.lm_head(hidden)
-        return out.astype(jnp.float32)
+        # Inputs in the compute dtype, accumulation and output in float32: bfloat16 logits would quantise
+        # every log-prob by ~1e-2, enough to move the PPO ratio off 1 whenever two passes round differently.
+        kernel = self.embed[...].T if self.cfg.tie_word_embeddings else self.lm_head.kernel[...]
+        return jnp.matmul(hidden, kernel.astype(hidden.dtype), preferred_element_type=jnp.float32)
 
 
 def _rope_tables(cfg: ModelConfig, positions: jax.Array) -> tuple[jax.Array, jax.Array]:

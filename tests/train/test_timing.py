@@ -71,6 +71,8 @@ def test_transformer_flops_per_token_hand_values():
 def test_matmul_peak_flops_is_positive_and_finite():
     flops = matmul_peak_flops(n=64, repeats=2)
     assert math.isfinite(flops) and flops > 0
+    chained = matmul_peak_flops(n=64, dtype=jnp.bfloat16, repeats=2, chain=4)  # the accelerator form
+    assert math.isfinite(chained) and chained > 0
 
 
 def test_compile_watcher_warns_on_recompile_after_warmup(caplog):
