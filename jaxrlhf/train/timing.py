@@ -114,8 +114,8 @@ def matmul_peak_flops(
     """Achieved FLOP/s of n×n @ n×n matmuls (2·n³ FLOPs each) on the default device, best of ``repeats``.
 
     One jitted call runs ``chain`` dependent matmuls (a ``fori_loop``; default 8 on accelerators, 1 on a CPU),
-    so that dispatch and synchronisation, which rival one matmul on an accelerator, are amortised. The "peak" against which MFU
-    is measured; measure it in the same run as the workload (use n ≥ 8192 on a GPU/TPU).
+    so that dispatch and synchronisation, which rival one matmul on an accelerator, are amortised. The
+    "peak" against which MFU is measured; measure it in the same run as the workload (n ≥ 8192 on a GPU).
     """
     if chain is None:
         chain = 1 if jax.default_backend() == "cpu" else 8
