@@ -25,7 +25,6 @@ from jaxrlhf.steps.experience import (
     response_logprobs_and_values,
     sequence_kl,
 )
-from jaxrlhf.steps.guard import select_if_finite
 from jaxrlhf.steps.state import TrainState, apply_gradients
 
 # (policy params, critic params or None): what the actor-critic loss is differentiated against.
@@ -84,9 +83,16 @@ def apply_if(
     critic_optimizer: optax.GradientTransformation | None,
 ) -> tuple[TrainState, TrainState | None]:
     """Apply ``grads`` to the policy (and the critic, with its own optimiser) where ``ok``, else keep both."""
-    new_policy = apply_gradients(policy, policy_optimizer, grads[0])
-    new_critic = None if critic is None else apply_gradients(critic, critic_optimizer, grads[1])
-    return select_if_finite(ok, (new_policy, new_critic), (policy, critic))
+
+    def apply(states):
+        policy, critic = states
+        new_critic = None if critic is None else apply_gradients(critic, critic_optimizer, grads[1])
+        return apply_gradients(policy, policy_optimizer, grads[0]), new_critic
+
+    # One conditional, not a select per leaf: XLA copies a cheap scalar predicate into every consumer
+    # fusion, and with a per-leaf select the ~leaves-way AND behind ``ok`` was copied once per leaf
+    # (programs and compile time growing with leaves²). A skipped update is also not computed.
+    return jax.lax.cond(ok, apply, lambda states: states, (policy, critic))
 
 
 def update_kl_controller(

@@ -2,6 +2,7 @@
 
     ok = all_finite((loss, grads))
     state = select_if_finite(ok, new_state, state)   # a bad step leaves the state as it was
+    # (or, inside a step, apply_gradients_if_finite: one lax.cond instead of a select per leaf)
 
 The host-side counting of skips (and giving up after too many) lives in ``jaxrlhf.train.nonfinite``.
 """
@@ -66,4 +67,8 @@ def apply_gradients_if_finite(
     """One optimiser update, rolled back (params, optimiser state and step) when ``loss`` or ``grads``
     hold a NaN/inf. Returns (state, ok)."""
     ok = all_finite((loss, grads))
-    return select_if_finite(ok, apply_gradients(state, optimizer, grads), state), ok
+    # One conditional rather than select_if_finite: XLA copies a cheap scalar predicate into every
+    # consumer fusion, so a select per leaf would copy the ~leaves-way AND behind ``ok`` once per leaf
+    # (program size and compile time growing with leaves²). A skipped update is also not computed.
+    apply = lambda state: apply_gradients(state, optimizer, grads)
+    return jax.lax.cond(ok, apply, lambda state: state, state), ok

@@ -33,3 +33,24 @@ def test_update_is_rolled_back_when_not_finite(transform):
         bad, ok = step(good, grads, jnp.float32(loss))
         assert not bool(ok)
         jax.tree.map(np.testing.assert_array_equal, bad, good)  # params, Adam moments, count, step
+
+
+def _compiled_lines(num_layers: int) -> int:
+    from jaxrlhf.models.config import gpt2_config
+    from jaxrlhf.models.transformer import LanguageModel
+    from jaxrlhf.steps.sft import SFTConfig, make_sft_step
+
+    model = LanguageModel(gpt2_config(vocab_size=16, hidden_size=16, num_layers=num_layers, num_heads=2,
+                                      max_position_embeddings=16))
+    opt = optax.adam(1e-3)
+    state = create_train_state(jax.eval_shape(model.init, jax.random.key(0)), opt)
+    batch = {k: jax.ShapeDtypeStruct((2, 8), jnp.int32) for k in ("tokens", "mask", "loss_mask")}
+    step = jax.jit(make_sft_step(model, opt, SFTConfig()))
+    return len(step.lower(state, batch, jax.random.key(0)).compile().as_text().splitlines())
+
+
+def test_guarded_update_program_grows_linearly_with_the_number_of_leaves():
+    # Regression: a per-leaf select on the all-finite flag made XLA copy the leaves-way AND into every
+    # leaf's fusion, so the program grew with leaves² (4× the layers gave ~16× the AND chain).
+    small, large = _compiled_lines(1), _compiled_lines(4)
+    assert large < 4.5 * small, (small, large)
