@@ -67,7 +67,6 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--preset", default="tiny", choices=sorted(PRESETS))
     p.add_argument("--vocab", type=int, default=None, help="override the preset's vocabulary size")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
-    p.add_argument("--scan-layers", action="store_true", help="one lax.scan over the blocks (ModelConfig)")
     p.add_argument("--batch", type=int, default=32, help="global batch (sequences per iteration)")
     p.add_argument("--prompt", type=int, default=64)
     p.add_argument("--response", type=int, default=64)
@@ -94,8 +93,7 @@ def main() -> None:
     pcfg = parallel.ParallelConfig(data=args.data, fsdp=args.fsdp)
     parallel.initialize_distributed(pcfg)
     mesh = parallel.make_mesh(pcfg)
-    preset = PRESETS[args.preset](args.vocab)
-    cfg = dataclasses.replace(preset, dtype=args.dtype, scan_layers=args.scan_layers)
+    cfg = dataclasses.replace(PRESETS[args.preset](args.vocab), dtype=args.dtype)
     model = LanguageModel(cfg)
     d = cfg.hidden_size
     B, P, N = args.batch, args.prompt, args.response
@@ -175,7 +173,6 @@ def main() -> None:
         "preset": args.preset,
         "params": cfg.num_params(),
         "dtype": args.dtype,
-        "scan_layers": args.scan_layers,
         "shape": {
             "batch": B,
             "prompt": P,

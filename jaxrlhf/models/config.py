@@ -58,10 +58,6 @@ class ModelConfig:
     pad_token_id: int | None = None
     # Compute dtype; parameters are always stored in float32 (master weights).
     dtype: Literal["float32", "bfloat16"] = "float32"
-    # Run the blocks as one ``lax.scan`` over stacked layer weights instead of unrolled: compile time and
-    # program size stop growing with depth. Same params pytree and same numbers; the KV cache is then
-    # stored stacked, [num_layers, ...] per keys/values. A runtime choice, not saved with checkpoints.
-    scan_layers: bool = False
 
     def __post_init__(self) -> None:
         if self.num_heads % self.num_kv_heads:

@@ -34,8 +34,7 @@ _INIT_STD = 0.02
 
 class KVCache(NamedTuple):
     """Preallocated per-layer keys ``[batch, kv_heads, head_dim, max_len]`` (transposed, see
-    :func:`attention`) and values ``[batch, kv_heads, max_len, head_dim]``: tuples of one array per layer,
-    or, with ``ModelConfig.scan_layers``, one array each with a leading ``num_layers`` axis.
+    :func:`attention`) and values ``[batch, kv_heads, max_len, head_dim]``.
 
     ``index`` is the number of columns already written; all rows share it, which is what left padding buys.
     """
@@ -196,38 +195,17 @@ class Transformer(nnx.Module):
         rope = _rope_tables(cfg, positions) if cfg.position_encoding == "rope" else None
         index = jnp.zeros((), jnp.int32) if cache is None else cache.index
         bias = _attention_bias(cfg, mask, tokens.shape[1], index)
-        if cfg.scan_layers:
-            x, keys, values = self._scan_blocks(x, rope, bias, cache, index)
-        else:
-            keys, values = [], []
-            for i, layer in enumerate(self.layers):
-                layer_cache = None if cache is None else (cache.keys[i], cache.values[i])
-                x, layer_cache = layer(x, rope, bias, layer_cache, index)
-                if layer_cache is not None:
-                    keys.append(layer_cache[0])
-                    values.append(layer_cache[1])
-            keys, values = tuple(keys), tuple(values)
+        new_k, new_v = [], []
+        for i, layer in enumerate(self.layers):
+            layer_cache = None if cache is None else (cache.keys[i], cache.values[i])
+            x, layer_cache = layer(x, rope, bias, layer_cache, index)
+            if layer_cache is not None:
+                new_k.append(layer_cache[0])
+                new_v.append(layer_cache[1])
         hidden = self.final_norm(x)
         if cache is not None:
-            cache = KVCache(keys, values, cache.index + tokens.shape[1])
+            cache = KVCache(tuple(new_k), tuple(new_v), cache.index + tokens.shape[1])
         return hidden, cache
-
-    def _scan_blocks(self, x, rope, bias, cache: KVCache | None, index):
-        """The blocks as one ``lax.scan``: layer weights are stacked along a new leading axis (one copy,
-        fused with the compute-dtype cast) and the body is a single block, so XLA compiles one layer."""
-        graphdef, _ = nnx.split(self.layers[0])
-        stacked = jax.tree.map(lambda *ws: jnp.stack(ws), *[nnx.split(layer)[1] for layer in self.layers])
-
-        def body(h, xs):
-            state, layer_cache = xs
-            h, layer_cache = nnx.merge(graphdef, state)(h, rope, bias, layer_cache, index)
-            return h, layer_cache
-
-        layer_caches = None if cache is None else (cache.keys, cache.values)
-        x, new_caches = jax.lax.scan(body, x, (stacked, layer_caches))
-        if cache is None:
-            return x, None, None
-        return x, new_caches[0], new_caches[1]
 
     def logits(self, hidden: jax.Array) -> jax.Array:
         # Inputs in the compute dtype, accumulation and output in float32: bfloat16 logits would quantise
@@ -326,9 +304,6 @@ class LanguageModel:
         dtype = jnp.dtype(dtype or cfg.dtype)
         k_shape = (batch, cfg.num_kv_heads, cfg.head_dim, length)
         v_shape = (batch, cfg.num_kv_heads, length, cfg.head_dim)
-        if cfg.scan_layers:
-            stacked = lambda shape: jnp.zeros((cfg.num_layers, *shape), dtype)
-            return KVCache(stacked(k_shape), stacked(v_shape), jnp.zeros((), jnp.int32))
         return KVCache(
             tuple(jnp.zeros(k_shape, dtype) for _ in range(cfg.num_layers)),
             tuple(jnp.zeros(v_shape, dtype) for _ in range(cfg.num_layers)),

@@ -25,6 +25,7 @@ from jaxrlhf.steps.experience import (
     response_logprobs_and_values,
     sequence_kl,
 )
+from jaxrlhf.steps.guard import update_if
 from jaxrlhf.steps.state import TrainState, apply_gradients
 
 # (policy params, critic params or None): what the actor-critic loss is differentiated against.
@@ -89,10 +90,7 @@ def apply_if(
         new_critic = None if critic is None else apply_gradients(critic, critic_optimizer, grads[1])
         return apply_gradients(policy, policy_optimizer, grads[0]), new_critic
 
-    # One conditional, not a select per leaf: XLA copies a cheap scalar predicate into every consumer
-    # fusion, and with a per-leaf select the ~leaves-way AND behind ``ok`` was copied once per leaf
-    # (programs and compile time growing with leaves²). A skipped update is also not computed.
-    return jax.lax.cond(ok, apply, lambda states: states, (policy, critic))
+    return update_if(ok, apply, (policy, critic))
 
 
 def update_kl_controller(

@@ -2,7 +2,7 @@
 
     ok = all_finite((loss, grads))
     state = select_if_finite(ok, new_state, state)   # a bad step leaves the state as it was
-    # (or, inside a step, apply_gradients_if_finite: one lax.cond instead of a select per leaf)
+    # inside a jitted step, update_if / apply_gradients_if_finite: one lax.cond, not a select per leaf
 
 The host-side counting of skips (and giving up after too many) lives in ``jaxrlhf.train.nonfinite``.
 """
@@ -67,8 +67,14 @@ def apply_gradients_if_finite(
     """One optimiser update, rolled back (params, optimiser state and step) when ``loss`` or ``grads``
     hold a NaN/inf. Returns (state, ok)."""
     ok = all_finite((loss, grads))
-    # One conditional rather than select_if_finite: XLA copies a cheap scalar predicate into every
-    # consumer fusion, so a select per leaf would copy the ~leaves-way AND behind ``ok`` once per leaf
-    # (program size and compile time growing with leaves²). A skipped update is also not computed.
-    apply = lambda state: apply_gradients(state, optimizer, grads)
-    return jax.lax.cond(ok, apply, lambda state: state, state), ok
+    return update_if(ok, lambda state: apply_gradients(state, optimizer, grads), state), ok
+
+
+def update_if(ok: jax.Array, update: Any, state: Any) -> Any:
+    """``update(state)`` where ``ok`` (a boolean scalar), else ``state``: the guard inside a jitted step.
+
+    One ``lax.cond`` rather than :func:`select_if_finite`: XLA copies a cheap scalar predicate into every
+    consumer fusion, so a select per leaf copied the leaves-way AND behind ``ok`` once per leaf (program
+    size and compile time growing with leaves²). A skipped update is also not computed.
+    """
+    return jax.lax.cond(ok, update, lambda state: state, state)

@@ -7,7 +7,6 @@ normalisation (``r' = gain·r + bias``) goes to ``reward_normalization.json``.
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import logging
 import os
@@ -96,8 +95,6 @@ def load_model(section: ModelSection, key: jax.Array, what: str = "model") -> Lo
         tokenizer = load_tokenizer(section.tokenizer)
         model = LanguageModel(architecture_config(section.architecture, tokenizer, section.dtype))
         params, heads = model.init(key), {}
-    if section.scan_layers:
-        model = LanguageModel(dataclasses.replace(model.config, scan_layers=True))
     if len(tokenizer) > model.config.vocab_size:
         raise ConfigError(
             f"{what}: the tokenizer has {len(tokenizer)} tokens but the model's vocab_size is "
@@ -152,14 +149,10 @@ def read_normalization(path: str | os.PathLike) -> RewardNormalization | None:
         raise hf_io.CheckpointFormatError(f"{f}: expected {{'gain': number, 'bias': number}} ({e})") from None
 
 
-def load_reward_model(
-    path: str | ModelSection,
-) -> tuple[LoadedModel, RewardNormalization | None]:
-    """A reward model directory (or a :class:`ModelSection` naming one): backbone + ``reward_head`` (params
-    ``{"lm", "reward_head"}``) and its normalisation."""
-    section = path if isinstance(path, ModelSection) else ModelSection(path=path)
-    path = str(section.path)
-    loaded = load_model(section, jax.random.key(0), what="reward.model_path")
+def load_reward_model(path: str, dtype: str = "float32") -> tuple[LoadedModel, RewardNormalization | None]:
+    """A reward model directory: backbone + ``reward_head`` (params ``{"lm", "reward_head"}``) and its
+    normalisation."""
+    loaded = load_model(ModelSection(path=path, dtype=dtype), jax.random.key(0), what="reward.model_path")
     if "reward_head" not in loaded.heads:
         raise hf_io.CheckpointFormatError(
             f"{path}: no reward_head in {hf_io.HEADS_FILE} (is this a reward model export?)"

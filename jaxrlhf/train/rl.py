@@ -146,13 +146,11 @@ def generation_config(gen: GenerationSection, temperature: float, tokenizer: Any
 
 
 def make_scorer(
-    reward: RewardSection, policy_tokenizer: Any, model: ModelSection, place: Any = lambda t, name: t
+    reward: RewardSection, policy_tokenizer: Any, dtype: str, place: Any = lambda t, name: t
 ) -> Any:
-    """``score(rollout) -> [B]``: the jitted reward model or jittable function, or a host function.
-
-    ``model``: the policy's section, whose runtime options (dtype, layer scanning) the reward model takes."""
+    """``score(rollout) -> [B]``: the jitted reward model or jittable function, or a host function."""
     if reward.model_path is not None:
-        rm, norm = load_reward_model(model.runtime(reward.model_path))
+        rm, norm = load_reward_model(reward.model_path, dtype)
         _same_vocabulary(policy_tokenizer, rm.tokenizer, "reward.model_path")
         if norm is None and reward.normalize:
             log.warning("%s has no reward normalisation; using raw rewards", reward.model_path)
@@ -170,13 +168,13 @@ def make_scorer(
     return lambda rollout: jnp.asarray(fn.score_rollout(rollout))
 
 
-def _critic(cfg: Any, policy: LoadedModel, key: jax.Array) -> tuple[Any, Any]:
+def _critic(cfg: Any, policy: LoadedModel, dtype: str, key: jax.Array) -> tuple[Any, Any]:
     """A separate critic's (model, {"lm", "value_head"}): from ``critic.path`` (its reward or value head
     initialising the value head) or the policy's initial weights with a zero value head."""
     if cfg.critic.path is None:
         model, lm, heads = policy.model, _copy(policy.params), policy.heads
     else:
-        critic = load_model(cfg.model.runtime(cfg.critic.path), key, what="critic.path")
+        critic = load_model(ModelSection(path=cfg.critic.path, dtype=dtype), key, what="critic.path")
         _same_vocabulary(policy.tokenizer, critic.tokenizer, "critic.path")
         model, lm, heads = critic.model, critic.params, critic.heads
     head = heads.get("value_head") or heads.get("reward_head") or init_value_head(model.config.hidden_size)
@@ -201,7 +199,7 @@ def build_rl(
     """Reference, critic, reward, optimisers, the initial state and the jitted phases."""
     is_ppo = isinstance(cfg, PPORunConfig)
     algo: Any = cfg.ppo if is_ppo else cfg.a2c
-    model, tokenizer = policy.model, policy.tokenizer
+    dtype, model, tokenizer = cfg.model.dtype, policy.model, policy.tokenizer
     gen_cfg = generation_config(cfg.generation, algo.temperature, tokenizer)
     check_length(
         model.config,
@@ -211,7 +209,7 @@ def build_rl(
     if cfg.reference.path is None:
         ref_model, ref_params = model, _copy(policy.params)
     else:
-        ref = load_model(cfg.model.runtime(cfg.reference.path), critic_key, "reference.path")
+        ref = load_model(ModelSection(path=cfg.reference.path, dtype=dtype), critic_key, "reference.path")
         _same_vocabulary(tokenizer, ref.tokenizer, "reference.path")
         ref_model, ref_params = ref.model, ref.params
     shared = algo.critic == "shared"
@@ -221,8 +219,8 @@ def build_rl(
         policy_params = {"lm": policy.params, "value_head": jax.tree.map(jnp.asarray, head)}
     else:
         policy_params = {"lm": policy.params}
-        critic_model, critic_params = _critic(cfg, policy, critic_key)
-    score = make_scorer(cfg.reward, tokenizer, cfg.model, run.place)
+        critic_model, critic_params = _critic(cfg, policy, dtype, critic_key)
+    score = make_scorer(cfg.reward, tokenizer, dtype, run.place)
     run.check_batch_size("data.batch_size", cfg.data.batch_size)
     if cfg.reference.offload:
         ref_params = parallel.to_host(ref_params)  # numpy: copied to the devices by each experience call

@@ -32,20 +32,13 @@ class ModelSection:
     """Either ``path`` (a local Hugging Face directory) or ``architecture`` + ``tokenizer`` (from scratch).
 
     ``tokenizer`` is a directory holding a Hugging Face tokenizer, or ``char:<alphabet>`` for a
-    character-level toy tokenizer; with ``path`` it overrides the directory's own tokenizer. ``dtype`` and
-    ``scan_layers`` are runtime choices (:class:`jaxrlhf.models.config.ModelConfig`); the RL trainers apply
-    them to the reference, critic and reward models too.
+    character-level toy tokenizer; with ``path`` it overrides the directory's own tokenizer.
     """
-
-    def runtime(self, path: str) -> ModelSection:
-        """Another model directory, run with this section's dtype and layer scanning."""
-        return ModelSection(path=path, dtype=self.dtype, scan_layers=self.scan_layers)
 
     path: str | None = None
     architecture: ArchitectureConfig | None = None
     tokenizer: str | None = None
     dtype: Literal["float32", "bfloat16"] = "float32"
-    scan_layers: bool = False  # one lax.scan over the blocks: compile time independent of depth
 
 
 @dataclasses.dataclass(frozen=True)
