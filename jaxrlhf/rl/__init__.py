@@ -1,7 +1,8 @@
 """rl layer of jaxrlhf: pure numerics (arrays in, arrays out; jittable and vmappable).
 
 Losses and statistics take arrays of any shape with a same-shape mask and average over every
-masked-in element; time recursions work on one [T] stream and have `batched_*` [B, T] wrappers.
+masked-in element (policy losses take a named `loss_agg`); time recursions work on one [T] stream and
+have `batched_*` [B, T] wrappers; critic-free advantages work on groups of scores [num_prompts, n].
 """
 
 from jaxrlhf.rl.advantages import (

@@ -100,7 +100,9 @@ def reinforce_pp_advantages(
 
     r_{b,t} = −β·kl_{b,t} + 1[t = last token of b]·score_b; G_{b,t} = Σ_{t' ≥ t} γ^{t'−t}·r_{b,t'};
     A = (G − mean(G)) / √(Var(G) + eps), mean and (unbiased) Var over every masked-in token of the
-    batch. scores: [B]; kl, mask: [B, T] → [B, T], 0 on padding. β = 0 when the KL is in the loss.
+    batch. scores: [B]; kl, mask: [B, T] → [B, T], 0 on padding. kl is a per-token estimate of
+    KL(π_old ‖ π_ref) on the sampled tokens (k1 as usual in a reward, `kl.kl_estimate`); β = 0 when the
+    KL is in the loss instead.
     A missing-EOS penalty is the caller's to fold into `scores`.
     """
     chex.assert_rank([scores, kl, mask], [1, 2, 2])

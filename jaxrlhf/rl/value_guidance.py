@@ -53,17 +53,26 @@ def value_guided_kl(base_logits: chex.Array, q_values: chex.Array, beta: chex.Nu
 
 
 def blockwise_value_probs(
-    block_values: chex.Array, beta: chex.Numeric, mask: chex.Array | None = None
+    block_values: chex.Array,
+    beta: chex.Numeric,
+    mask: chex.Array | None = None,
+    proposal_log_ratio: chex.Array | None = None,
 ) -> chex.Array:
     """Controlled decoding, blockwise (Mudgal et al. 2024): selection probabilities over K candidates,
-    p_k = exp(β·V(x + z_k)) / Σ_j exp(β·V(x + z_j)), z_1..z_K drawn from π_base.
+    p_k = exp(β·V(x + z_k) + ρ_k) / Σ_j exp(β·V(x + z_j) + ρ_j), z_1..z_K drawn from a proposal q.
 
-    block_values: [..., K], the learned value of each extended prefix; mask [..., K] (False: candidate
-    absent, p = 0; at least one must be in). β must be finite: the limit β → ∞ is best-of-K (CD-b's
-    argmax of V), β = 0 a uniform draw, i.e. plain sampling from π_base. As K → ∞ the selected block is
-    distributed as π_base(z)·exp(β·V(x + z)) / Z (self-normalised importance resampling).
+    block_values: [..., K], the learned value of each extended prefix. proposal_log_ratio ρ: [..., K],
+    log π_base(z_k | x) − log q(z_k | x) from the blocks' base and proposal log-probs; None (ρ = 0) when
+    the candidates are drawn from π_base itself (then the base log-probs must not enter: the draw
+    already weights by them). mask [..., K] (False: candidate absent, p = 0; at least one must be in).
+    β must be finite: the limit β → ∞ is best-of-K (CD-b's argmax of V), β = 0 a uniform draw among
+    base samples, i.e. plain sampling from π_base. As K → ∞ the selected block is distributed as
+    π_base(z)·exp(β·V(x + z)) / Z (self-normalised importance resampling).
     """
     scaled = beta * _float(block_values)
+    if proposal_log_ratio is not None:
+        chex.assert_equal_shape([block_values, proposal_log_ratio])
+        scaled = scaled + _float(proposal_log_ratio)
     if mask is not None:
         chex.assert_equal_shape([block_values, mask])
         scaled = jnp.where(mask.astype(bool), scaled, -jnp.inf)
@@ -71,13 +80,17 @@ def blockwise_value_probs(
 
 
 def blockwise_value_select(
-    key: chex.PRNGKey, block_values: chex.Array, beta: chex.Numeric, mask: chex.Array | None = None
+    key: chex.PRNGKey,
+    block_values: chex.Array,
+    beta: chex.Numeric,
+    mask: chex.Array | None = None,
+    proposal_log_ratio: chex.Array | None = None,
 ) -> tuple[chex.Array, chex.Array]:
-    """Draw one candidate per prefix with probability `blockwise_value_probs(block_values, beta, mask)`.
+    """Draw one candidate per prefix with probability `blockwise_value_probs(...)` (same arguments).
 
     block_values: [..., K] → (index [...] int32, its selection probability [...]).
     """
-    probs = blockwise_value_probs(block_values, beta, mask)
+    probs = blockwise_value_probs(block_values, beta, mask, proposal_log_ratio)
     logits = jnp.log(probs)  # −inf for masked-out candidates, so they are never drawn
     index = jax.random.categorical(key, logits, axis=-1).astype(jnp.int32)
     return index, jnp.take_along_axis(probs, index[..., None], axis=-1)[..., 0]

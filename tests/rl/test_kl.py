@@ -130,7 +130,6 @@ def test_kl_loss_rejects_k1():
 
 
 def test_kl_loss_aggregation(maybe_jit):
-    # k2 per token: row 0 (2 tokens) = [1, 1]·½·(log 2)²... use log-ratios 1 and 2 for distinct values:
     # row 0: log r = [1, 1] → k2 = [½, ½]; row 1: log r = [2, pad] → k2 = [2]
     logp = jnp.zeros((2, 2))
     ref = jnp.array([[1.0, 1.0], [2.0, 9.0]])

@@ -1,6 +1,8 @@
 """Value-guided decoding: the tilted distribution against its analytic formula (exactly and by a χ² test
 on samples), its exact KL to the base policy, and blockwise controlled-decoding selection."""
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -109,20 +111,29 @@ def test_blockwise_probs_and_selection(maybe_jit):
 
 def test_blockwise_selection_approaches_the_tilted_block_distribution():
     """K candidates from π_base, selection ∝ exp(β·V): as K grows the chosen block's distribution
-    approaches π_base·exp(β·V)/Z (self-normalised importance resampling; bias O(1/K))."""
+    approaches π_base·exp(β·V)/Z (self-normalised importance resampling; bias O(1/K)). The same with
+    candidates from a uniform proposal q and ρ = log π_base − log q."""
     base_logits = jnp.array([0.5, 0.0, -0.5, 1.0, -1.0])  # π_base over 5 possible blocks
+    base_logp = jax.nn.log_softmax(base_logits)
     block_value = jnp.array([1.0, -0.5, 2.0, 0.0, 0.5])
     beta, prefixes, k = 1.0, 20_000, 64
     target = tilted(np.asarray(base_logits), np.asarray(block_value), beta)
 
-    @jax.jit
-    def chosen_blocks(key):
+    @functools.partial(jax.jit, static_argnums=2)
+    def chosen_blocks(key, proposal_logits, correct):
         draw_key, select_key = jax.random.split(key)
-        blocks = jax.random.categorical(draw_key, base_logits, shape=(prefixes, k))  # [prefixes, K]
-        index, _ = blockwise_value_select(select_key, block_value[blocks], beta)
+        blocks = jax.random.categorical(draw_key, proposal_logits, shape=(prefixes, k))  # [prefixes, K]
+        rho = (base_logp - jax.nn.log_softmax(proposal_logits))[blocks] if correct else None
+        index, _ = blockwise_value_select(select_key, block_value[blocks], beta, None, rho)
         return jnp.take_along_axis(blocks, index[:, None], axis=1)[:, 0]
 
-    freq = np.bincount(np.asarray(chosen_blocks(jax.random.PRNGKey(2))), minlength=5) / prefixes
+    def frequencies(*args):
+        return np.bincount(np.asarray(chosen_blocks(*args)), minlength=5) / prefixes
+
+    freq = frequencies(jax.random.PRNGKey(2), base_logits, False)
     np.testing.assert_allclose(freq, target, atol=0.015)
     base = tilted(np.asarray(base_logits), np.asarray(block_value), 0.0)
     assert np.abs(freq - base).max() > 0.1  # far from the base distribution: the selection did tilt it
+    uniform = jnp.zeros(5)
+    freq = frequencies(jax.random.PRNGKey(3), uniform, True)
+    np.testing.assert_allclose(freq, target, atol=0.015)
