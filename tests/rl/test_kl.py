@@ -108,12 +108,101 @@ def test_kl_loss(maybe_jit):
     logp = jnp.log(jnp.array([[0.5, 0.5, 0.1]]))
     ref = jnp.log(jnp.array([[0.25, 0.5, 0.9]]))
     mask = jnp.array([[1.0, 1.0, 0.0]])
-    # k1 over the two masked-in tokens: (log 2 + 0)/2
-    loss = maybe_jit(kl_loss, static_argnames="estimator")(logp, ref, mask, estimator="k1")
-    assert loss == pytest.approx(np.log(2) / 2, rel=1e-5)
+    # k2 (the default) over the two masked-in tokens: (½(log 2)² + 0)/2
+    assert maybe_jit(kl_loss)(logp, ref, mask) == pytest.approx(0.25 * np.log(2) ** 2, rel=1e-5)
     # k3: (log 2 − ½ + 0)/2
-    assert jax.jit(kl_loss)(logp, ref, mask) == pytest.approx((np.log(2) - 0.5) / 2, rel=1e-5)
+    loss = maybe_jit(kl_loss, static_argnames="estimator")(logp, ref, mask, estimator="k3")
+    assert loss == pytest.approx((np.log(2) - 0.5) / 2, rel=1e-5)
     g_logp, g_ref = jax.jit(jax.grad(lambda a, b: kl_loss(a, b, mask, "k3"), argnums=(0, 1)))(logp, ref)
     # d k3 / d logp = 1 − r = 1 − 0.5 on token 0, 0 on token 1; over 2 tokens → 0.25
     np.testing.assert_allclose(g_logp, [[0.25, 0.0, 0.0]], atol=1e-6)
     np.testing.assert_array_equal(g_ref, jnp.zeros_like(ref))
+    # d k2 / d logp = logp − ref = log 2 on token 0; over 2 tokens → ½·log 2
+    g_logp = jax.jit(jax.grad(lambda a: kl_loss(a, ref, mask)))(logp)
+    np.testing.assert_allclose(g_logp, [[0.5 * np.log(2), 0.0, 0.0]], rtol=1e-5, atol=1e-7)
+
+
+def test_kl_loss_rejects_k1():
+    with pytest.raises(ValueError, match="'k1' has zero expected gradient"):
+        kl_loss(jnp.zeros((1, 2)), jnp.zeros((1, 2)), jnp.ones((1, 2)), "k1")
+    with pytest.raises(ValueError, match="'k4'"):
+        kl_loss(jnp.zeros((1, 2)), jnp.zeros((1, 2)), jnp.ones((1, 2)), "k4")
+
+
+def test_kl_loss_aggregation(maybe_jit):
+    # row 0: log r = [1, 1] → k2 = [½, ½]; row 1: log r = [2, pad] → k2 = [2]
+    logp = jnp.zeros((2, 2))
+    ref = jnp.array([[1.0, 1.0], [2.0, 9.0]])
+    mask = jnp.array([[1, 1], [1, 0]])
+    agg = maybe_jit(kl_loss, static_argnames=("estimator", "loss_agg"))
+    assert agg(logp, ref, mask, loss_agg="token_mean") == pytest.approx(3.0 / 3)
+    assert agg(logp, ref, mask, loss_agg="sequence_mean") == pytest.approx((0.5 + 2.0) / 2)
+    assert agg(logp, ref, mask, loss_agg="token_sum_norm") == pytest.approx(3.0 / 4)
+    assert agg(logp, ref, mask, loss_agg="token_sum_norm", norm_constant=10.0) == pytest.approx(0.3)
+
+
+# --- Which divergence each estimator's gradient follows, on a small categorical -------------------------
+
+VOCAB = 5
+THETA = jnp.array([0.3, -0.8, 1.2, 0.0, -0.4])  # π = softmax(θ)
+REF_LOGP = jax.nn.log_softmax(jnp.array([-0.5, 0.4, 0.9, -1.1, 0.2]))  # π_ref, fixed
+
+
+def kl_forward(theta):
+    """KL(π ‖ π_ref), exact."""
+    logp = jax.nn.log_softmax(theta)
+    return jnp.sum(jnp.exp(logp) * (logp - REF_LOGP))
+
+
+def kl_reverse(theta):
+    """KL(π_ref ‖ π), exact."""
+    logp = jax.nn.log_softmax(theta)
+    return jnp.sum(jnp.exp(REF_LOGP) * (REF_LOGP - logp))
+
+
+def expected_loss_gradient(estimator):
+    """E_{y~π}[∇_θ k(y)] by enumeration: the weights π(y) are constants (a sample average of the loss,
+    the sampling not differentiated)."""
+
+    def surrogate(theta):
+        logp = jax.nn.log_softmax(theta)
+        weights = jax.lax.stop_gradient(jnp.exp(logp))
+        return jnp.sum(weights * kl_estimate(logp, REF_LOGP, estimator))
+
+    return jax.jit(jax.grad(surrogate))(THETA)
+
+
+def test_expected_gradients_follow_the_stated_divergence():
+    g_forward = np.asarray(jax.grad(kl_forward)(THETA))
+    g_reverse = np.asarray(jax.grad(kl_reverse)(THETA))
+    assert np.linalg.norm(g_forward - g_reverse) > 0.1  # the two directions really differ here
+    np.testing.assert_allclose(expected_loss_gradient("k1"), np.zeros(VOCAB), atol=1e-6)
+    np.testing.assert_allclose(expected_loss_gradient("k2"), g_forward, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(expected_loss_gradient("k3"), g_reverse, rtol=1e-5, atol=1e-6)
+
+
+def test_sampled_gradients_follow_the_stated_divergence():
+    """Monte-Carlo: the gradient of the loss on M sampled tokens, mean over R repeats, within 4 standard
+    errors of the exact gradient (and k3's within them of ∇KL(π_ref‖π), not of ∇KL(π‖π_ref))."""
+    repeats, samples = 400, 500
+    keys = jax.random.split(jax.random.PRNGKey(0), repeats)
+    tokens = jax.vmap(lambda k: jax.random.categorical(k, THETA, shape=(samples,)))(keys)  # [R, M]
+    mask = jnp.ones((samples,))
+
+    def grads(estimator):
+        def loss(theta, toks):
+            logp = jax.nn.log_softmax(theta)[toks]
+            if estimator == "k1":  # kl_loss refuses k1; its sample average is the same thing
+                return jnp.mean(kl_estimate(logp, REF_LOGP[toks], "k1"))
+            return kl_loss(logp, REF_LOGP[toks], mask, estimator)
+
+        return np.asarray(jax.jit(jax.vmap(jax.grad(loss), in_axes=(None, 0)))(THETA, tokens))  # [R, V]
+
+    g_forward = np.asarray(jax.grad(kl_forward)(THETA))
+    g_reverse = np.asarray(jax.grad(kl_reverse)(THETA))
+    for estimator, exact, other in [("k1", np.zeros(VOCAB), g_forward), ("k2", g_forward, g_reverse),
+                                    ("k3", g_reverse, g_forward)]:
+        g = grads(estimator)
+        mean, stderr = g.mean(0), g.std(0) / np.sqrt(repeats) + 1e-7
+        assert np.all(np.abs(mean - exact) < 4 * stderr), (estimator, mean, exact, stderr)
+        assert np.any(np.abs(mean - other) > 8 * stderr), (estimator, "indistinguishable", mean, other)

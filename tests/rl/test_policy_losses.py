@@ -9,6 +9,7 @@ from jaxrlhf.rl.policy_losses import (
     a2c_policy_loss,
     a2c_value_loss,
     entropy_from_logits,
+    gspo_policy_loss,
     ppo_policy_loss,
     token_logprobs,
     value_loss,
@@ -116,6 +117,106 @@ def test_ppo_vmap_over_clip_eps():
     sweep = jax.jit(jax.vmap(lambda e: ppo_policy_loss(logp, jnp.zeros(1), jnp.ones(1), jnp.ones(1), e)[0]))
     losses = sweep(eps)
     np.testing.assert_allclose(losses, [-1.1, -1.2, -1.5], rtol=1e-5)  # −A·min(r, 1 + ε)
+
+
+def test_ppo_clip_higher_hand_case(maybe_jit):
+    # ε_low = 0.2, ε_high = 0.28 (DAPO):
+    # (r 1.25, A 1): inside [0.8, 1.28] → −1.25 (symmetric ε = 0.2 would clip it to −1.2)
+    # (r 1.3, A 1): clipped high → −1.28; (r 0.7, A −1): max(0.7, 0.8) = 0.8, clipped low
+    # (r 0.7, A 1): max(−0.7, −0.8) = −0.7; (r 1.5, A −1): max(1.5, 1.28) = 1.5
+    # loss = (−1.25 − 1.28 + 0.8 − 0.7 + 1.5)/5 = −0.186
+    ratio = jnp.array([1.25, 1.3, 0.7, 0.7, 1.5])
+    adv = jnp.array([1.0, 1.0, -1.0, 1.0, -1.0])
+    zeros, ones = jnp.zeros(5), jnp.ones(5)
+    loss, metrics = maybe_jit(ppo_policy_loss)(jnp.log(ratio), zeros, adv, ones, 0.2, clip_eps_high=0.28)
+    assert loss == pytest.approx(-0.186, rel=1e-5)
+    assert metrics["clip_ratio/high_mean"] == pytest.approx(0.2)  # token 1
+    assert metrics["clip_ratio/low_mean"] == pytest.approx(0.2)  # token 2
+    assert metrics["clip_ratio/region_mean"] == pytest.approx(0.4)
+    assert metrics["clipfrac"] == pytest.approx(0.4)
+    symmetric, metrics = ppo_policy_loss(jnp.log(ratio), zeros, adv, ones, 0.2)
+    assert symmetric == pytest.approx((-1.2 - 1.2 + 0.8 - 0.7 + 1.5) / 5, rel=1e-5)
+    assert metrics["clip_ratio/high_mean"] == pytest.approx(0.4)
+
+
+def test_ppo_clip_metrics_against_numpy():
+    rng = np.random.default_rng(5)
+    shape = (4, 7)
+    log_ratio = rng.normal(0.0, 0.3, shape).astype(np.float32)
+    adv = rng.normal(size=shape).astype(np.float32)
+    mask = rng.random(shape) < 0.7
+    _, metrics = jax.jit(ppo_policy_loss)(log_ratio, np.zeros(shape, np.float32), adv, mask, 0.1,
+                                          clip_eps_high=0.3)
+    ratio = np.exp(log_ratio.astype(np.float64))
+    low, high = (ratio < 0.9) & (adv < 0), (ratio > 1.3) & (adv > 0)
+    assert metrics["clip_ratio/low_mean"] == pytest.approx(low[mask].mean())
+    assert metrics["clip_ratio/high_mean"] == pytest.approx(high[mask].mean())
+    assert metrics["clip_ratio/region_mean"] == pytest.approx((low | high)[mask].mean())
+
+
+def reference_gspo(logp, old, adv, mask, eps_low, eps_high):
+    """GSPO in float64 NumPy: loss, per-sequence ratios."""
+    mask = mask.astype(np.float64)
+    lengths = mask.sum(1)
+    rows = lengths > 0
+    s = np.exp(((logp - old) * mask).sum(1) / np.maximum(lengths, 1))
+    per_seq = np.maximum(-adv * s, -adv * np.clip(s, 1 - eps_low, 1 + eps_high))
+    return per_seq[rows].mean(), s
+
+
+def gspo_batch(seed=6):
+    rng = np.random.default_rng(seed)
+    batch, time = 6, 5
+    lengths = np.array([5, 3, 1, 0, 4, 2])
+    mask = np.arange(time)[None] < lengths[:, None]
+    old = rng.normal(-1.5, 0.5, (batch, time))
+    logp = old + rng.normal(0.0, 0.2, (batch, time))
+    adv = np.array([1.0, -1.0, 0.5, 2.0, -0.7, 1.3])
+    return logp, old, adv, mask
+
+
+def test_gspo_against_numpy(maybe_jit):
+    logp, old, adv, mask = gspo_batch()
+    eps_low, eps_high = 0.04, 0.06
+    ref_loss, s = reference_gspo(logp, old, adv, mask, eps_low, eps_high)
+    f32 = [np.asarray(a, np.float32) for a in (logp, old, adv)]
+    loss, metrics = maybe_jit(gspo_policy_loss)(*f32, mask, eps_low, eps_high)
+    np.testing.assert_allclose(loss, ref_loss, rtol=1e-5)
+    rows = mask.sum(1) > 0
+    np.testing.assert_allclose(metrics["ratio"], s[rows].mean(), rtol=1e-5)
+    low, high = (s < 1 - eps_low) & (adv < 0), (s > 1 + eps_high) & (adv > 0)
+    assert 0 < low[rows].sum() + high[rows].sum() < rows.sum()  # some sequences clipped, some not
+    assert metrics["clip_ratio/low_mean"] == pytest.approx(low[rows].mean())
+    assert metrics["clip_ratio/high_mean"] == pytest.approx(high[rows].mean())
+    # one token per row: GSPO is PPO on those tokens with a sequence mean
+    one = np.zeros_like(mask)
+    one[:, 0] = True
+    first = [np.asarray(a, np.float32) for a in (logp[:, :1], old[:, :1], adv[:, None])]
+    ppo, _ = ppo_policy_loss(*first, one[:, :1], eps_low, clip_eps_high=eps_high)
+    np.testing.assert_allclose(gspo_policy_loss(*f32, one, eps_low, eps_high)[0], ppo, rtol=1e-5)
+
+
+def test_gspo_gradient_matches_finite_differences():
+    logp, old, adv, mask = gspo_batch()
+    eps_low, eps_high = 0.04, 0.06
+    _, s = reference_gspo(logp, old, adv, mask, eps_low, eps_high)
+    # no sequence sits on a clip boundary (where the loss has a kink)
+    assert np.min(np.abs(np.concatenate([s - (1 - eps_low), s - (1 + eps_high)]))) > 1e-3
+    grad = jax.jit(jax.grad(lambda lp: gspo_policy_loss(lp, old.astype(np.float32), adv.astype(np.float32),
+                                                        mask, eps_low, eps_high)[0]))
+    got = np.asarray(grad(logp.astype(np.float32)))
+    h = 1e-6
+    numeric = np.zeros_like(logp)
+    for idx in np.ndindex(logp.shape):
+        up, down = logp.copy(), logp.copy()
+        up[idx] += h
+        down[idx] -= h
+        numeric[idx] = (reference_gspo(up, old, adv, mask, eps_low, eps_high)[0]
+                        - reference_gspo(down, old, adv, mask, eps_low, eps_high)[0]) / (2 * h)
+    np.testing.assert_allclose(got, numeric, rtol=1e-4, atol=1e-6)
+    assert np.all(got[~mask] == 0)  # padding gets no gradient
+    clipped = ((s < 1 - eps_low) & (adv < 0)) | ((s > 1 + eps_high) & (adv > 0))
+    assert clipped.any() and np.all(got[clipped] == 0)  # a clipped sequence gets none either
 
 
 def test_value_loss(maybe_jit):
