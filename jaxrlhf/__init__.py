@@ -4,4 +4,9 @@ Layers, bottom to top: ``rl`` (pure numerics), ``models``, ``rollout``, ``steps`
 ``oracle`` (gold rewards and simulated feedback), ``data`` and ``train`` (the run layer).
 """
 
+from jaxrlhf.transformers_logging import hide_missing_framework_advice
+
 __version__ = "0.1.0"
+
+# transformers (tokenizers, configs) works without PyTorch; its advice to install PyTorch is noise here.
+hide_missing_framework_advice()

@@ -50,6 +50,60 @@ def test_help_lists_every_command(capsys):
     assert "--set KEY=VALUE" in capsys.readouterr().out
 
 
+def _every_key(cls, prefix=""):
+    """(dotted key, type hint) of every field of a config class, nested sections included."""
+    import dataclasses
+    import typing
+
+    hints = typing.get_type_hints(cls)
+    for field in dataclasses.fields(cls):
+        hint = hints[field.name]
+        yield prefix + field.name, hint
+        for arg in (hint, *typing.get_args(hint)):
+            if dataclasses.is_dataclass(arg):
+                yield from _every_key(arg, prefix + field.name + ".")
+
+
+@pytest.mark.parametrize("command", sorted(cli.COMMANDS))
+def test_command_help_lists_every_config_key_with_type_and_default(command, capsys):
+    import typing
+
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main([command, "--help"])
+    assert exit_info.value.code == 0
+    out = capsys.readouterr().out
+    assert "--print-config" in out and "--set KEY=VALUE" in out
+    lines = out.splitlines()
+    keys = list(_every_key(cli._resolve(cli.COMMANDS[command].config)))
+    assert len(keys) > 20
+    for key, hint in keys:
+        line = next((ln for ln in lines if ln.split()[:1] in ([key], [key + ":"])), None)
+        assert line is not None, f"{key} is missing from `jaxrlhf {command} --help`"
+        if typing.get_origin(hint) is typing.Literal:  # choices are shown
+            assert "{" + ",".join(map(str, typing.get_args(hint))) + "}" in line, line
+    # A key's type and default: a float with its default value.
+    lr = "sft.optimizer.learning_rate" if command == "demo" else "optimizer.learning_rate"
+    assert any(ln.split()[:3] == [lr, "float", "="] for ln in lines)
+
+
+def test_print_config_prints_the_resolved_config_and_runs_nothing(tmp_path, capsys):
+    overrides = ["ppo.clip_eps=0.3", f"logging.run_dir={tmp_path / 'never'}"]
+    args = ["ppo", "--config", str(CONFIGS / "ppo.yaml"), *(f"--set={o}" for o in overrides)]
+    args.append("--print-config")
+    assert cli.main(args) == 0
+    out = capsys.readouterr().out
+    printed = yaml.safe_load(out)
+    assert printed["ppo"]["clip_eps"] == 0.3
+    assert not (tmp_path / "never").exists()
+    # The printed YAML is a config file giving the same config.
+    (tmp_path / "resolved.yaml").write_text(out)
+    expected = cli.load_command_config("ppo", str(CONFIGS / "ppo.yaml"), overrides)
+    assert cli.load_command_config("ppo", str(tmp_path / "resolved.yaml"), []) == expected
+    # --quick's preset is part of what the demo would run.
+    assert cli.main(["demo", "--quick", "--print-config"]) == 0
+    assert yaml.safe_load(capsys.readouterr().out)["run"]["quick"] is True
+
+
 def test_unknown_command_is_a_usage_error():
     with pytest.raises(SystemExit) as exit_info:
         cli.main(["dpo"])
