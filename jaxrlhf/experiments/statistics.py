@@ -18,8 +18,14 @@ each with the p-value that inverts it (p < α exactly when the one-sided (1 − 
 * ``"bca"``: bias-corrected and accelerated (Efron 1987): quantile levels
   Φ(z₀ + (z₀ + z_q)/(1 − a(z₀ + z_q))), z₀ = Φ⁻¹(#{θ* < θ̂}/B), a from the jackknife.
 * ``"studentized"`` (bootstrap-t, the default): t*_b = (θ*_b − θ̂)/se*_b, bound(q) = θ̂ − t*_(1−q)·se.
-  Second-order accurate for a mean, and the one whose false-positive rate held at 5% with 32 prompts in
-  ``tests/experiments/test_statistics.py`` (percentile and BCa reach 6–7% there).
+  Second-order accurate for a mean. Where many resamples are constant (a handful of non-zero binary
+  values) their t* is infinite and the interval stays open on that side rather than pretending.
+
+Measured on simulated data (the tests hold the smaller versions): coverage of nominal 95% intervals of a
+mean of 16 exponential values: studentized 0.948, BCa 0.907, percentile 0.894, t 0.914; of 64 skewed,
+bounded scores: 0.962, 0.950, 0.937 (1000 and 600 replications). False-positive rate of
+:func:`overoptimization_test` on flat curves (8 points, 32 + 32 prompts, 3000 replications, s.e. 0.4%,
+counting curves whose peak is not the last point): studentized 4.9%, BCa 5.3%, percentile 5.4%.
 """
 
 from __future__ import annotations
