@@ -37,6 +37,8 @@ def test_splits_are_disjoint(name):
     assert report.max_overlap == report.overlap("demonstrations", "sft") > 0  # same split, shared prompts
     assert report.counts["eval"] == 600 and report.distinct["eval"] <= 600
     assert "overlap sft/eval: 0 prompts" in report.lines()
+    # a larger request extends a smaller one
+    assert task.sample_prompts(1, 700, split="eval")[:50] == task.sample_prompts(1, 50, split="eval")
     # the whole space: the same draws as before splits existed (the demo's default keeps its numbers)
     assert task.sample_prompts(5, 50) == task.draw_prompts(np.random.default_rng(5), 50)
 

@@ -10,7 +10,7 @@ import jax
 import numpy as np
 
 from jaxrlhf.oracle.base import Oracle
-from jaxrlhf.oracle.tasks.splits import SPLIT_FRACTIONS, check_split, prompt_split
+from jaxrlhf.oracle.tasks.splits import check_split, prompt_split
 
 
 def as_generator(rng: np.random.Generator | int) -> np.random.Generator:
@@ -74,12 +74,11 @@ class Task(abc.ABC):
             check_split(split)
         if split is None or not self.disjoint_splits:
             return self.draw_prompts(rng, n)
+        # Rounds of a fixed size: the n prompts drawn are the first n of any larger request.
         prompts: list[str] = []
-        draws, budget = 0, 1000 + 100 * n
+        draws, budget, size = 0, 1000 + 100 * n, 256
         while len(prompts) < n:
-            size = max(16, int(2 * (n - len(prompts)) / SPLIT_FRACTIONS[split]))
-            batch = self.draw_prompts(rng, size)
-            prompts += [p for p in batch if prompt_split(p) == split]
+            prompts += [p for p in self.draw_prompts(rng, size) if prompt_split(p) == split]
             draws += size
             if draws > budget and len(prompts) < n:
                 raise ValueError(
