@@ -84,14 +84,14 @@ class GaoFit:
         return d, self.predict(d, absolute)
 
     def describe(self, digits: int = 3) -> str:
-        """``"R_RL(d) = d(0.512 − 0.103·log d), R² = 0.97 over 8 points"`` (± standard errors if finite)."""
+        """``"R_RL(d) = d(α − β·log d): α = 0.512 ± 0.020, β = 0.103 ± 0.011 (± 1 s.e.), R² = 0.970 over 8
+        points with d > 0"``."""
         def value(x: float, se: float) -> str:
             return f"{x:.{digits}f}" + (f" ± {se:.{digits}f}" if math.isfinite(se) else "")
 
-        body = "d" if self.form == "bon" else "log d"
-        name = "R_bon" if self.form == "bon" else "R_RL"
-        return (f"{name}(d) = d({value(self.alpha, self.alpha_se)} − {value(self.beta, self.beta_se)}·"
-                f"{body}) (α, β ± 1 s.e.), R² = {self.r2:.3f} over {self.n_points} points with d > 0")
+        alpha, beta = value(self.alpha, self.alpha_se), value(self.beta, self.beta_se)
+        return (f"{self.formula}: α = {alpha}, β = {beta} (± 1 s.e.), R² = {self.r2:.3f} over "
+                f"{self.n_points} points with d > 0")
 
     def as_dict(self) -> dict:
         return {**dataclasses.asdict(self), "formula": self.formula, "peak_d": self.peak_d}

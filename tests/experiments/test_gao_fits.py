@@ -65,8 +65,8 @@ def test_zero_points_set_the_baseline_and_are_not_fitted():
     # an explicit baseline, with no d = 0 point at all
     fit = fit_gao(kl[1:], gold[1:], "rl", gold_at_zero=0.3)
     assert fit.alpha == pytest.approx(0.5) and fit.n_points == 7
-    assert fit.describe().startswith("R_RL(d) = d(0.500 ± 0.000 − 0.300 ± 0.000·log d)")
-    assert "R² = 1.000 over 7 points with d > 0" in fit.describe()
+    assert fit.describe() == ("R_RL(d) = d(α − β·log d): α = 0.500 ± 0.000, β = 0.300 ± 0.000 (± 1 s.e.), "
+                              "R² = 1.000 over 7 points with d > 0")
 
 
 def test_weights_and_r2_meaning():
