@@ -1,0 +1,1 @@
+"""Experiments: the oracle study's statistics, fits, evaluation and reports (host side)."""
