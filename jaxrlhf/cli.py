@@ -44,11 +44,11 @@ COMMANDS: dict[str, Command] = {
         "A2C fine-tuning against a reward model or reward function",
     ),
     "demo": Command(
-        "jaxrlhf.train.demo_config:DemoConfig",
-        "jaxrlhf.train.demo:demo",
+        "jaxrlhf.experiments.demo_config:DemoConfig",
+        "jaxrlhf.experiments.demo:demo",
         "the whole RLHF pipeline on a synthetic task with a known gold reward: SFT, reward model "
         "from simulated feedback, PPO and A2C, best-of-n; writes a report with plots",
-        quick="jaxrlhf.train.demo_config:QUICK_OVERRIDES",
+        quick="jaxrlhf.experiments.demo_config:QUICK_OVERRIDES",
     ),
 }
 

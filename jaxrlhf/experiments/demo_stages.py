@@ -25,12 +25,12 @@ from jaxrlhf.data import (
     pad_token_id,
     prompt_batch,
 )
+from jaxrlhf.experiments.demo_config import DemoConfig, TaskSection
+from jaxrlhf.experiments.policy_scoring import sample_rollouts
 from jaxrlhf.models.transformer import LanguageModel, Params
 from jaxrlhf.oracle import Oracle, Task, decode_batch, get_oracle, get_task
 from jaxrlhf.rollout.generate import GenerationConfig
 from jaxrlhf.steps.rewards import rollout_reward_inputs
-from jaxrlhf.train.demo_config import DemoConfig, TaskSection
-from jaxrlhf.train.policy_eval import sample_rollouts
 from jaxrlhf.train.reward import RewardRunConfig
 from jaxrlhf.train.rl import A2CRunConfig, PPORunConfig
 from jaxrlhf.train.run_config import (

@@ -11,9 +11,9 @@ import numpy as np
 import pytest
 
 from jaxrlhf.config import ConfigError
+from jaxrlhf.experiments.demo_config import QUICK_OVERRIDES, DemoConfig, load_demo_config
+from jaxrlhf.experiments.demo_stages import build_task, split_feedback
 from jaxrlhf.oracle import FunctionOracle, register_oracle
-from jaxrlhf.train.demo_config import QUICK_OVERRIDES, DemoConfig, load_demo_config
-from jaxrlhf.train.demo_stages import build_task, split_feedback
 
 REPO = Path(__file__).resolve().parents[2]
 

@@ -2,7 +2,7 @@
 
 The defaults are the demo (≤ 10 minutes on 2 CPU cores); :data:`QUICK_OVERRIDES` shrinks every stage for a
 smoke run (``--quick``, ≤ 2 minutes). Each stage's trainer config (``SFTRunConfig``, ``RewardRunConfig``,
-``PPORunConfig``, ``A2CRunConfig``) is built from these sections by :mod:`jaxrlhf.train.demo`.
+``PPORunConfig``, ``A2CRunConfig``) is built from these sections by :mod:`jaxrlhf.experiments.demo`.
 """
 
 from __future__ import annotations

@@ -31,10 +31,9 @@ import yaml
 
 from jaxrlhf.config import to_dict
 from jaxrlhf.data import write_jsonl
-from jaxrlhf.oracle import annotate_pool, coverage_report
-from jaxrlhf.train.demo_config import DemoConfig, load_demo_config
-from jaxrlhf.train.demo_evaluation import EvaluationResults, evaluate_policies
-from jaxrlhf.train.demo_stages import (
+from jaxrlhf.experiments.curves import OVEROPTIMIZATION_RULE, intervals_separated
+from jaxrlhf.experiments.demo_config import DemoConfig, load_demo_config
+from jaxrlhf.experiments.demo_stages import (
     FEEDBACK_FILES,
     DemoPaths,
     build_task,
@@ -46,11 +45,12 @@ from jaxrlhf.train.demo_stages import (
     split_feedback,
     write_stage_config,
 )
-from jaxrlhf.train.evaluate import OVEROPTIMIZATION_RULE, intervals_separated
+from jaxrlhf.experiments.plots import plot_reward_vs_sqrt_kl
+from jaxrlhf.experiments.policy_evaluation import EvaluationResults, evaluate_policies
+from jaxrlhf.experiments.report import render_report, render_summary
+from jaxrlhf.oracle import annotate_pool, coverage_report
 from jaxrlhf.train.metrics import setup_logging
 from jaxrlhf.train.model_setup import load_model
-from jaxrlhf.train.plots import plot_reward_vs_sqrt_kl
-from jaxrlhf.train.report import render_report, render_summary
 from jaxrlhf.train.reward import train_reward_model
 from jaxrlhf.train.rl import train_a2c, train_ppo
 from jaxrlhf.train.run_config import ModelSection

@@ -1,0 +1,5 @@
+"""The experiments layer (above ``jaxrlhf.train``): the oracle demo and its evaluation, reports and plots.
+
+Modules are imported where they are used (nothing is imported eagerly here), so importing one experiment
+does not load the others.
+"""
