@@ -35,12 +35,12 @@ COMMANDS: dict[str, Command] = {
     ),
     "ppo": Command(
         "jaxrlhf.train.rl:PPORunConfig",
-        "jaxrlhf.train.rl:train_ppo",
+        "jaxrlhf.train.rl:train_rl",
         "PPO fine-tuning against a reward model or reward function",
     ),
     "a2c": Command(
         "jaxrlhf.train.rl:A2CRunConfig",
-        "jaxrlhf.train.rl:train_a2c",
+        "jaxrlhf.train.rl:train_rl",
         "A2C fine-tuning against a reward model or reward function",
     ),
     "demo": Command(

@@ -3,8 +3,6 @@ hand-worked values and brute-force sampling."""
 
 import math
 
-import jax
-import jax.numpy as jnp
 import numpy as np
 import pytest
 
@@ -18,7 +16,6 @@ from jaxrlhf.experiments.curves import (
     overoptimization_verdict,
     pair_agreement,
     prompt_mean_ci,
-    sequence_kl,
 )
 
 # ------------------------------------------------------------------------------------------ intervals
@@ -47,30 +44,6 @@ def test_prompt_mean_ci_uses_per_prompt_means():
 def test_intervals_separated():
     assert intervals_separated(1.0, 0.1, 0.5, 0.1)
     assert not intervals_separated(1.0, 0.3, 0.5, 0.3)
-
-
-# ------------------------------------------------------------------------------------------ KL
-
-
-@pytest.mark.parametrize("jit", [False, True])
-def test_sequence_kl_hand_values(jit):
-    logp = np.array([[-1.0, -2.0, -0.5], [-0.1, -0.2, -0.3]], np.float32)
-    ref = np.array([[-1.5, -1.0, -9.0], [-0.1, -0.7, -0.3]], np.float32)
-    mask = np.array([[1, 1, 0], [1, 1, 1]], np.int32)
-    fn = jax.jit(sequence_kl) if jit else sequence_kl
-    args = tuple(map(jnp.asarray, (logp, ref, mask))) if jit else (logp, ref, mask)
-    np.testing.assert_allclose(np.asarray(fn(*args)), [0.5 - 1.0, 0.5], rtol=1e-6)
-
-
-def test_sequence_kl_estimates_the_known_kl():
-    # Two-token responses sampled from p, independent per token: KL(p^2 ‖ q^2) = 2·KL(p ‖ q).
-    p, q = np.array([0.6, 0.3, 0.1]), np.array([0.2, 0.5, 0.3])
-    exact = 2 * float(np.sum(p * np.log(p / q)))
-    tokens = np.random.default_rng(0).choice(3, size=(100_000, 2), p=p)
-    kl = sequence_kl(np.log(p)[tokens], np.log(q)[tokens], np.ones_like(tokens))
-    stderr = kl.std() / math.sqrt(kl.size)
-    assert abs(kl.mean() - exact) < 4 * stderr
-    assert exact == pytest.approx(2 * 0.6 * math.log(3) + 2 * 0.3 * math.log(0.6) + 2 * 0.1 * math.log(1 / 3))
 
 
 # ------------------------------------------------------------------------------------------ best-of-n

@@ -10,6 +10,7 @@ import pytest
 from jaxrlhf.experiments.curves import Z_95
 from jaxrlhf.experiments.policy_scoring import summarize
 from jaxrlhf.oracle import FunctionOracle, get_task
+from jaxrlhf.steps.params import RewardModelParams
 
 
 def test_summarize_grid():
@@ -35,7 +36,7 @@ def tiny_evaluator_parts():
     model = LanguageModel(gpt2_config(vocab_size=len(task.tokenizer), hidden_size=16, num_layers=1,
                                       num_heads=2, intermediate_size=32, max_position_embeddings=16))
     params = model.init(jax.random.key(0))
-    rm_params = {"lm": model.init(jax.random.key(1)), "reward_head": init_reward_head(jax.random.key(2), 16)}
+    rm_params = RewardModelParams(model.init(jax.random.key(1)), init_reward_head(jax.random.key(2), 16))
     gen = GenerationConfig(max_new_tokens=task.max_response_tokens, stop_token_ids=(2,), pad_token_id=0)
     return task, model, params, rm_params, gen
 
