@@ -37,20 +37,20 @@ COMMANDS: dict[str, Command] = {
     ),
     "ppo": Command(
         "jaxrlhf.train.rl:PPORunConfig",
-        "jaxrlhf.train.rl:train_ppo",
+        "jaxrlhf.train.rl:train_rl",
         "PPO fine-tuning against a reward model or reward function",
     ),
     "a2c": Command(
         "jaxrlhf.train.rl:A2CRunConfig",
-        "jaxrlhf.train.rl:train_a2c",
+        "jaxrlhf.train.rl:train_rl",
         "A2C fine-tuning against a reward model or reward function",
     ),
     "demo": Command(
-        "jaxrlhf.train.demo_config:DemoConfig",
-        "jaxrlhf.train.demo:demo",
+        "jaxrlhf.experiments.demo_config:DemoConfig",
+        "jaxrlhf.experiments.demo:demo",
         "the whole RLHF pipeline on a synthetic task with a known gold reward: SFT, reward model "
         "from simulated feedback, PPO and A2C, best-of-n; writes a report with plots",
-        quick="jaxrlhf.train.demo_config:QUICK_OVERRIDES",
+        quick="jaxrlhf.experiments.demo_config:QUICK_OVERRIDES",
     ),
 }
 

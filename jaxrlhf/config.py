@@ -41,7 +41,8 @@ def _describe(value: Any) -> str:
 
 
 def _type_name(hint: Any) -> str:
-    return getattr(hint, "__name__", None) or str(hint).replace("typing.", "")
+    # A class by its name; anything else (Optional[Literal[...]], int | None) spelled out in full.
+    return hint.__name__ if isinstance(hint, type) else str(hint).replace("typing.", "")
 
 
 def _convert(hint: Any, value: Any, key: str) -> Any:

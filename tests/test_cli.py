@@ -115,7 +115,7 @@ def test_unknown_command_is_a_usage_error():
     [
         ("optimizer.learning_rte=1e-5", "optimizer.learning_rte: unknown key for OptimizerConfig"),
         ("train.steps=many", "train.steps: expected int | None, got str 'many'"),
-        ("ppo.kl_estimator=k9", "ppo.kl_estimator: expected one of ['k1', 'k2', 'k3']"),
+        ("ppo.kl_estimator=k9", "ppo.kl_estimator: expected Optional[Literal['k1', 'k2', 'k3']], got"),
         ("optimizer.warmup_steps=-1", "warmup_steps must be >= 0"),
         ("notakey", "expected key=value"),
     ],
@@ -126,6 +126,14 @@ def test_config_errors_name_the_key(tmp_path, capsys, override, message):
     line = error_line(capsys)
     assert line.startswith("jaxrlhf ppo: error: ") and message in line
     assert "Traceback" not in capsys.readouterr().err
+
+
+def test_kl_in_the_loss_defaults_to_k2_and_refuses_k1():
+    assert cli.load_command_config("ppo", None, []).ppo.effective_kl_estimator == "k1"
+    in_loss = cli.load_command_config("a2c", None, ["a2c.kl_in_reward=false"]).a2c
+    assert in_loss.kl_estimator is None and in_loss.effective_kl_estimator == "k2"
+    with pytest.raises(ConfigError, match=r"kl_estimator: k1 cannot be the KL in the loss .* gradient is 0"):
+        cli.load_command_config("ppo", None, ["ppo.kl_in_reward=false", "ppo.kl_estimator=k1"])
 
 
 def test_config_file_errors_name_the_file(tmp_path, capsys):
@@ -170,7 +178,21 @@ def test_rl_needs_exactly_one_reward_source(tmp_path, capsys):
     assert "generation.temperature: 0.7 differs from the algorithm's temperature 1.0" in error_line(capsys)
     config["generation"] = {"max_new_tokens": 4}
     assert run(tmp_path, config, command="a2c") == 1
-    assert "reward.function: unknown reward function 'no_such_reward'" in error_line(capsys)
+    assert "reward.function: unknown reward 'no_such_reward'" in error_line(capsys)
+
+
+@pytest.mark.parametrize(("override", "value"), [("top_k", 5), ("top_p", 0.9), ("min_new_tokens", 1)])
+def test_on_policy_rl_refuses_filtered_sampling(tmp_path, capsys, override, value):
+    """Top-k, top-p and a minimum length sample from another distribution than the log-probs' softmax."""
+    config = sft_config(tmp_path, str(tmp_path / "prompts.jsonl"))
+    (tmp_path / "prompts.jsonl").write_text('{"prompt": "ab"}\n{"prompt": "ba"}\n')
+    config["reward"] = {"function": "length"}
+    config["generation"] = {"max_new_tokens": 4, override: value}
+    assert run(tmp_path, config, command="ppo") == 1
+    line = error_line(capsys)
+    assert f"generation.{override}: {value} is not supported by on-policy RL" in line
+    assert "the first PPO ratio would read 1 while the update is off-policy" in line
+    assert not (tmp_path / "run").exists()  # refused before anything was written
 
 
 @pytest.mark.parametrize(

@@ -67,10 +67,11 @@ def experience_batch():
         jnp.asarray(response_mask[:, -1] == 0),
     )
     cfg = S.PPOConfig(temperature=0.7)
-    policy = {"lm": MODEL.init(jax.random.key(0)), "value_head": init_value_head(D)}
-    ref = {"lm": MODEL.init(jax.random.key(1))}
+    policy = S.PolicyParams(MODEL.init(jax.random.key(0)), init_value_head(D))
+    ref = S.PolicyParams(MODEL.init(jax.random.key(1)))
     experience = jax.jit(S.make_experience_fn(MODEL, MODEL, None, cfg))
-    batch, _ = experience(policy, ref, None, rollout, jnp.asarray(rng.randn(B), jnp.float32), 0.05)
+    scores = jnp.asarray(rng.randn(B), jnp.float32)
+    batch, _ = experience(policy, ref, None, rollout, scores, S.kl_controller(cfg).init())
     return policy, jax.device_get(batch)
 
 
@@ -93,9 +94,10 @@ def test_a2c_update_with_separate_critic_matches_one_device(experience_batch, me
     policy, batch = experience_batch
     cfg = S.A2CConfig(critic="separate", temperature=0.7)
     opt = S.make_optimizer(S.OptimizerConfig(learning_rate=1e-3), 10)
-    critic = {"lm": MODEL.init(jax.random.key(5)), "value_head": init_value_head(D)}
+    critic = S.CriticParams(MODEL.init(jax.random.key(5)), init_value_head(D))
     step = S.make_a2c_update(MODEL, MODEL, cfg, opt, opt)
-    state = lambda: S.create_rl_state({"lm": policy["lm"]}, opt, S.kl_controller(cfg).init(), critic, opt)
+    kl_state = S.kl_controller(cfg).init()
+    state = lambda: S.create_rl_state(S.PolicyParams(policy.lm), opt, kl_state, critic, opt)
     assert_same(
         run_step(step, state(), batch, one_device()),
         run_step(step, state(), batch, make_mesh(MESHES[mesh_name])),
@@ -129,12 +131,12 @@ def test_reward_model_step_matches_one_device(mesh_name):
     }
     opt = S.make_optimizer(S.OptimizerConfig(learning_rate=1e-3), 10)
     step = S.make_reward_model_step(MODEL, opt, S.RewardModelConfig(loss="pairwise", center_coef=0.01))
-    params = {"lm": MODEL.init(jax.random.key(0)), "reward_head": init_reward_head(jax.random.key(2), D)}
+    params = S.RewardModelParams(MODEL.init(jax.random.key(0)), init_reward_head(jax.random.key(2), D))
     state = lambda: S.create_train_state(params, opt)
     one = run_step(step, state(), batch, one_device())
     many = run_step(step, state(), batch, make_mesh(MESHES[mesh_name]))
     assert_same(one, many, f"reward model {mesh_name}")
-    assert float(one[1]["loss"]) > 0
+    assert float(one[1]["loss/reward"]) > 0
 
 
 def _flops_per_device(step_fn, state, batch, mesh) -> float:
