@@ -57,6 +57,8 @@ class DPOConfig:
     The step reads loss, beta, label_smoothing and grad_accum_steps; the trainer reads the rest.
     """
 
+    # sigmoid: DPO, −log σ(β·h) (conservative DPO with label_smoothing); ipo: (h − 1/(2β))²; hinge: SLiC,
+    # relu(1 − β·h); h = (log π − log π_ref)(chosen) − (log π − log π_ref)(rejected).
     loss: Literal["sigmoid", "ipo", "hinge"] = "sigmoid"
     beta: float = 0.1  # β: the strength of the tie to the reference (the implicit reward is β·log π/π_ref)
     label_smoothing: float = 0.0  # ε of conservative DPO: the share of labels assumed flipped (sigmoid only)
