@@ -45,6 +45,11 @@ COMMANDS: dict[str, Command] = {
         "jaxrlhf.train.rl:train_rl",
         "A2C fine-tuning against a reward model or reward function",
     ),
+    "dpo": Command(
+        "jaxrlhf.train.dpo:DPORunConfig",
+        "jaxrlhf.train.dpo:train_dpo",
+        "direct preference optimisation (DPO, IPO, cDPO, hinge) of a policy on preference pairs",
+    ),
     "demo": Command(
         "jaxrlhf.experiments.demo_config:DemoConfig",
         "jaxrlhf.experiments.demo:demo",

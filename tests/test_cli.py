@@ -106,7 +106,7 @@ def test_print_config_prints_the_resolved_config_and_runs_nothing(tmp_path, caps
 
 def test_unknown_command_is_a_usage_error():
     with pytest.raises(SystemExit) as exit_info:
-        cli.main(["dpo"])
+        cli.main(["kto"])
     assert exit_info.value.code == 2
 
 

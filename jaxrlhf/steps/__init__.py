@@ -7,6 +7,14 @@ hyper-parameters come from the frozen config dataclasses, models are static clos
 from jaxrlhf.steps.a2c import a2c_loss, make_a2c_update
 from jaxrlhf.steps.accumulate import accumulate_gradients, merge_microbatches, split_microbatches
 from jaxrlhf.steps.actor_critic import ActorCriticParams, kl_controller
+from jaxrlhf.steps.dpo import (
+    DPOConfig,
+    dpo_batch_loss,
+    make_dpo_eval,
+    make_dpo_step,
+    make_reference_logps,
+    pair_logps,
+)
 from jaxrlhf.steps.experience import (
     Experience,
     ResponseOutputs,
@@ -51,6 +59,7 @@ __all__ = [
     "A2CConfig",
     "ActorCriticParams",
     "CriticParams",
+    "DPOConfig",
     "Experience",
     "ExperienceFn",
     "GenerateFn",
@@ -78,12 +87,16 @@ __all__ = [
     "create_train_state",
     "critic_values",
     "current_learning_rate",
+    "dpo_batch_loss",
     "kl_controller",
     "learning_rate_at",
     "make_a2c_update",
+    "make_dpo_eval",
+    "make_dpo_step",
     "make_experience_fn",
     "make_optimizer",
     "make_ppo_update",
+    "make_reference_logps",
     "make_reward_model_eval",
     "make_reward_model_step",
     "make_reward_scorer",
@@ -91,6 +104,7 @@ __all__ = [
     "make_rl_phases",
     "make_sft_step",
     "merge_microbatches",
+    "pair_logps",
     "ppo_loss",
     "response_logprobs_and_values",
     "reward_model_loss",
