@@ -169,6 +169,12 @@ def _is_real(value: Any) -> bool:
         value)
 
 
+def is_import_path(spec: str) -> bool:
+    """Whether :func:`get_reward` reads ``spec`` as an import path (not a registered name or built-in)."""
+    prefix, colon, _ = spec.partition(":")
+    return spec not in _REGISTRY and not (colon and prefix in _FACTORIES) and (bool(colon) or "." in spec)
+
+
 def get_reward(spec: str, tokenizer: Any = None) -> Oracle:
     """The reward named by ``spec`` (see the module docstring) as an :class:`Oracle`; ``tokenizer`` is what
     a function's other form decodes or encodes with (the policy's, or the task's)."""

@@ -20,6 +20,9 @@ import json
 import logging
 import os
 import shutil
+import sys
+import threading
+import time
 from collections.abc import Mapping
 from typing import Any, NoReturn
 
@@ -167,6 +170,7 @@ class CheckpointManager:
         # Naming the item handlers lets a fresh manager read metadata of steps it did not write.
         handlers = {"state": ocp.PyTreeCheckpointHandler(), "metadata": ocp.JsonCheckpointHandler()}
         self._manager = ocp.CheckpointManager(self.directory, options=options, item_handlers=handlers)
+        self._failure: CheckpointWriteError | None = None
 
     def save(
         self, step: int, state: Any, metadata: Mapping[str, Any] | None = None, force: bool = False
@@ -285,7 +289,8 @@ class CheckpointManager:
     def close(self) -> None:
         """Wait for pending saves and release orbax's resources (a failed save raises, once)."""
         try:
-            self.wait()
+            if self._failure is None:
+                self.wait()
         finally:
             try:
                 self._manager.close()
@@ -293,18 +298,29 @@ class CheckpointManager:
                 log.debug("closing the checkpoint manager of %s", self.directory, exc_info=True)
 
     def _failed(self, error: Exception) -> NoReturn:
-        """Remove what the failed save left and raise one :class:`CheckpointWriteError`."""
+        """Let orbax's background writes of the failed save end, remove what they left, and raise one
+        :class:`CheckpointWriteError` (their own late errors go to the log file, not the terminal)."""
         if isinstance(error, CheckpointWriteError):
             raise error
+        if self._failure is not None:
+            raise self._failure from error
+        _quiet_background_errors()
+        _settle_orbax_threads()
+        try:
+            self._manager.close()
+        except Exception:
+            log.debug("closing the checkpoint manager of %s after a failed save", self.directory,
+                      exc_info=True)
         self.remove_incomplete()
         cause = " ".join(str(error).split()) or type(error).__name__
         if not isinstance(error, OSError):
             cause = f"{type(error).__name__}: {cause}"
         kept = self.all_steps()
-        raise CheckpointWriteError(
+        self._failure = CheckpointWriteError(
             f"cannot write a checkpoint to {self.directory}: {cause} (the checkpoints there, steps "
             f"{kept or 'none'}, are intact; a rerun resumes from the last one)"
-        ) from error
+        )
+        raise self._failure from error
 
     def remove_incomplete(self) -> None:
         """Delete the temporary directories of saves that never committed (the main process only)."""
@@ -319,3 +335,37 @@ class CheckpointManager:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def _is_orbax_thread(thread: threading.Thread) -> bool:
+    """A thread orbax runs a save in: its own thread classes, and its event loops' executor threads."""
+    return type(thread).__module__.startswith("orbax") or thread.name.startswith("asyncio_")
+
+
+def _settle_orbax_threads(timeout: float = 30.0) -> None:
+    """Wait (up to ``timeout`` seconds) until the background threads of a failed save have ended, so
+    that nothing writes into its temporary directory after it is removed."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline and any(_is_orbax_thread(t) for t in threading.enumerate()
+                                              if t is not threading.current_thread()):
+        time.sleep(0.02)
+
+
+def _quiet_background_errors() -> None:
+    """After a failed save, the writes still in flight fail too, in threads and closed event loops: their
+    reports go to the log file (``run.log``), one line each on the terminal is already one too many."""
+    from jaxrlhf.train.metrics import FILE_ONLY
+
+    def to_log_file(unraisable: sys.UnraisableHookArgs) -> None:
+        log.warning("after the failed checkpoint save: %s", unraisable.exc_value, extra={FILE_ONLY: True},
+                    exc_info=(unraisable.exc_type, unraisable.exc_value, unraisable.exc_traceback))
+
+    sys.unraisablehook = to_log_file
+    logging.getLogger("asyncio").addFilter(_file_only_records)
+
+
+def _file_only_records(record: logging.LogRecord) -> bool:
+    from jaxrlhf.train.metrics import FILE_ONLY
+
+    setattr(record, FILE_ONLY, True)
+    return True

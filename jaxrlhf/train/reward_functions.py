@@ -4,7 +4,7 @@ the weighted sum of the functions' scores, each function's logged as ``rewards/<
 
     score = RewardFunctions.from_section(cfg.reward, tokenizer, compile_step)
     batch = take_columns(score, batch)   # hands the prompt batch's host columns to TRL-style functions
-    scores = score(rollout)               # [B] = Σ_i w_i·r_i, skipping None (NaN) parts, as TRL's nansum
+    scores = score(rollout)               # [B] = Σ_i w_i·r_i (a TRL function's None counts 0, as in TRL)
     metrics = reward_metrics(score)       # {"rewards/<name>/mean": …, "rewards/<name>/std": …}
 
 A function of any form :func:`jaxrlhf.oracle.get_reward` accepts may be one of them: a jittable token
@@ -12,6 +12,9 @@ function runs jitted on the devices; a host one (text, token or TRL form) runs o
 TRL-form functions get the prompts as the data wrote them and every other column of the prompt records as
 keyword arguments (see :mod:`jaxrlhf.oracle.batch_rewards`). When a rollout holds several samples per
 prompt (``k·B`` rows for ``B`` prompt rows) the columns repeat, each prompt's samples being consecutive rows.
+
+Only a TRL-form function's ``None`` ("does not apply") is skipped in the sum; a NaN from any other function
+stays NaN, so the trainer's non-finite policy sees it (never a silent 0).
 """
 
 from __future__ import annotations
@@ -26,6 +29,7 @@ import numpy as np
 
 from jaxrlhf.config import ConfigError
 from jaxrlhf.oracle import BatchFunctionOracle, Oracle, get_reward
+from jaxrlhf.oracle.registry import is_import_path
 from jaxrlhf.rollout.generate import Rollout
 from jaxrlhf.train.data_setup import COLUMNS
 from jaxrlhf.train.run import compile_step
@@ -41,10 +45,11 @@ class Component(NamedTuple):
 
 
 def component_name(spec: str, oracle: Oracle) -> str:
-    """A function's metric name: its ``__name__`` (as TRL logs it), else the spec."""
+    """A function's metric name: for an import path its ``__name__`` (as TRL logs it), else the spec (a
+    registered name, a built-in such as ``token_count:7``)."""
     fn = getattr(oracle, "fn", None)
     name = getattr(getattr(fn, "__wrapped__", fn), "__name__", "")
-    return name if name and name.isidentifier() else spec
+    return name if is_import_path(spec) and name.isidentifier() else spec
 
 
 class RewardFunctions:
@@ -111,14 +116,19 @@ class RewardFunctions:
                 parts[c.name] = c.oracle.score_batch(*texts)
             else:
                 parts[c.name] = np.asarray(c.oracle.score_rollout(rollout), np.float32)
-        stacked = np.stack([c.weight * parts[c.name] for c in self.components])
+        total = np.zeros(rollout.response_tokens.shape[0], np.float32)
         self._metrics = {}
         for c in self.components:
             values = parts[c.name]
-            real = values[np.isfinite(values)]
-            self._metrics[f"rewards/{c.name}/mean"] = float(real.mean()) if real.size else float("nan")
-            self._metrics[f"rewards/{c.name}/std"] = float(real.std()) if real.size else float("nan")
-        return jnp.asarray(np.nansum(stacked, axis=0), jnp.float32)
+            if isinstance(c.oracle, BatchFunctionOracle):  # None ("does not apply") → NaN → left out
+                given = values[~np.isnan(values)]
+                values = np.nan_to_num(values, nan=0.0)
+            else:
+                given = values
+            total = total + c.weight * values
+            self._metrics[f"rewards/{c.name}/mean"] = float(given.mean()) if given.size else float("nan")
+            self._metrics[f"rewards/{c.name}/std"] = float(given.std()) if given.size else float("nan")
+        return jnp.asarray(total, jnp.float32)
 
     def _texts(self, rollout: Rollout) -> tuple[list[Any], list[str], dict[str, list[Any]], list[list[int]]]:
         """(prompts as written, completions, the other columns, completion ids) of a rollout's rows."""
@@ -148,13 +158,13 @@ class RewardFunctions:
 
 
 def _device_parts(components: Sequence[Component], rollout: Rollout) -> tuple[jax.Array, dict, dict]:
-    """The jittable functions' weighted sum, their scores and their (NaN-skipping) mean and std."""
+    """The jittable functions' weighted sum, their scores and their mean and std."""
     parts = {c.name: jnp.asarray(c.oracle.score_rollout(rollout), jnp.float32) for c in components}
-    total = jnp.nansum(jnp.stack([c.weight * parts[c.name] for c in components]), axis=0)
+    total = sum(c.weight * parts[c.name] for c in components)
     stats = {}
     for name, values in parts.items():
-        stats[f"rewards/{name}/mean"] = jnp.nanmean(values)
-        stats[f"rewards/{name}/std"] = jnp.nanstd(values)
+        stats[f"rewards/{name}/mean"] = jnp.mean(values)
+        stats[f"rewards/{name}/std"] = jnp.std(values)
     return total, parts, stats
 
 

@@ -25,8 +25,13 @@ def disk_full_at(monkeypatch):
     metadata writer, in orbax's background thread when saving asynchronously) with ENOSPC, as a full disk
     would; every other save goes through."""
     import errno
+    import sys
 
     from orbax.checkpoint._src.handlers import json_checkpoint_handler
+
+    # A failed save routes the late errors of its background writes to the log file; give pytest its own
+    # hook back afterwards.
+    monkeypatch.setattr(sys, "unraisablehook", sys.unraisablehook)
 
     def arm(n: int) -> list[int]:
         calls = [0]
