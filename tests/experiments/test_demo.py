@@ -190,3 +190,27 @@ def test_the_reports_reuse_commands_start_a_new_run_and_leave_the_demo_alone(qui
     again = root.with_name(root.name + "-again")
     for stage in ("sft", "reward", "ppo", "a2c"):
         assert (again / stage / "export" / "config.json").is_file(), stage
+
+
+@pytest.mark.parametrize("source, message", [
+    ("def score(prompt, response):\n    return (\n", r"task\.oracle: reward 'user_gold_{i}:score': importing "
+     r"'user_gold_{i}' raised SyntaxError: .*user_gold_{i}\.py:2\)"),
+    ("def score(prompt, response):\n    return {{}}['missing']\n", r"reward 'user_gold_{i}:score' raised "
+     r"KeyError: 'missing' \(.*user_gold_{i}\.py:2\) on prompt "),
+], ids=["cannot-import", "raises"])
+def test_a_failing_user_oracle_is_one_line(tmp_path, monkeypatch, capsys, source, message):
+    """`jaxrlhf demo --set task.oracle=module:function` with a module in the working directory that does
+    not import, or whose function raises when the demo first scores with it: one line, naming it."""
+    import re
+
+    from jaxrlhf import cli
+
+    i = len(source)  # a fresh module name per case
+    (tmp_path / f"user_gold_{i}.py").write_text(source.format())
+    monkeypatch.chdir(tmp_path)
+    code = cli.main(["demo", "--quick", "--set", f"task.oracle=user_gold_{i}:score", "--set", "sft.steps=2",
+                     "--set", f"run.dir={tmp_path / 'run'}", "--set", "run.progress_bar=false"])
+    err = capsys.readouterr().err
+    assert code == 1 and "Traceback" not in err
+    line = err.strip().splitlines()[-1]
+    assert line.startswith("jaxrlhf demo: error: ") and re.search(message.format(i=i), line), line
