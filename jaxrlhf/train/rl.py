@@ -46,6 +46,7 @@ from jaxrlhf.train.data_setup import load_dataset, make_collate, train_iterator
 from jaxrlhf.train.loop import LoopHooks, StepOutcome, training_loop
 from jaxrlhf.train.model_setup import LoadedModel, check_length, export_model, flops_per_token, load_model
 from jaxrlhf.train.reporting import Reporting, host_scalars
+from jaxrlhf.train.reward_functions import reward_metrics, take_columns
 from jaxrlhf.train.rl_setup import (
     build_rl_phases,
     load_critic,
@@ -67,6 +68,7 @@ from jaxrlhf.train.run_config import (
     TrainSection,
     check_common,
     check_rl,
+    critic_init_path,
 )
 from jaxrlhf.train.timing import mfu, throughput
 
@@ -138,7 +140,8 @@ def build_rl(cfg: PPORunConfig | A2CRunConfig, run: Run, policy: LoadedModel, cr
     ref_model, ref_params = load_reference(cfg.reference.path, policy, dtype, critic_key)
     shared = algo.critic == "shared"
     policy_params = policy_with_value_head(policy, shared)
-    critic_model, critic_params = (None, None) if shared else load_critic(cfg.critic.path, policy, dtype,
+    critic_path = critic_init_path(cfg.critic, cfg.reward)  # default: the reward model, if there is one
+    critic_model, critic_params = (None, None) if shared else load_critic(critic_path, policy, dtype,
                                                                            critic_key)
     score = make_score_fn(cfg.reward, tokenizer, dtype, run.place)
     run.check_batch_size("data.batch_size", cfg.data.batch_size)
@@ -180,11 +183,13 @@ def rl_hooks(cfg: PPORunConfig | A2CRunConfig, run: Run, setup: RLSetup, tokeniz
     last: list[IterationOutput] = []  # the latest rollout and scores, for the sample text
 
     def step(state: RLState, batch: dict, key: jax.Array) -> tuple[RLState, StepOutcome]:
+        batch = take_columns(setup.phases.score, batch)  # host columns for reward functions (TRL's form)
         state, out = iteration(state, run.shard(batch), key)
         last[:] = [out]
         tallies = {"tokens": float(np.asarray(out.rollout.sequence_mask).sum()),
                    "response_tokens": float(np.asarray(out.rollout.response_mask).sum())}
-        return state, StepOutcome(host_scalars(out.metrics), tallies, int(out.rollout.sequences.shape[1]))
+        metrics = {**host_scalars(out.metrics), **reward_metrics(setup.phases.score)}
+        return state, StepOutcome(metrics, tallies, int(out.rollout.sequences.shape[1]))
 
     def window_metrics(step_number: int, outcome: StepOutcome) -> dict[str, float]:
         record = rl_perf(report, outcome.seq_len, setup.update_flops, setup.passes)
@@ -228,7 +233,7 @@ def train_rl(cfg: PPORunConfig | A2CRunConfig) -> RunResult:
             prompts,
             cfg.data.batch_size,
             cfg.train.seed,
-            make_collate("prompt", cfg.data, tokenizer),
+            make_collate("prompt", cfg.data, tokenizer, columns=True),
             cfg.data.shuffle,
             cfg.data.train_file,
         )
@@ -255,6 +260,7 @@ def export_policy(run_dir: str, policy: LoadedModel, state: RLState, critic_mode
             state.critic.params.lm,
             policy.tokenizer,
             heads={"value_head": state.critic.params.value_head},
+            score_head="value_head",  # a *ForSequenceClassification checkpoint, as a reward model's
         )
     return export
 
