@@ -321,8 +321,9 @@ def train_rl(cfg: PPORunConfig | A2CRunConfig) -> RunResult:
                     batch = run.shard(next(batches))
                 state, rng, rollout, scores, host = rl_iteration(run, setup, state, batch, rng)
                 step += 1
-                tokens = float(np.asarray(rollout.sequence_mask).sum())
-                response_tokens = float(np.asarray(rollout.response_mask).sum())
+                # Reduced on the devices: a multi-host rollout has rows no single process holds.
+                tokens = float(jnp.sum(rollout.sequence_mask))
+                response_tokens = float(jnp.sum(rollout.response_mask))
             skips = host.pop("train/nonfinite_skips", 0.0)  # per iteration; the tracker logs the total
             if step == 1 and host.get("val/ratio_first_minibatch", 0.0) > 1e-3:
                 log.warning(
@@ -336,7 +337,7 @@ def train_rl(cfg: PPORunConfig | A2CRunConfig) -> RunResult:
                 record["episode"] = step * cfg.data.batch_size
                 run.flush_window(step, record, POSTFIX)
             if cfg.logging.sample_every and step % cfg.logging.sample_every == 0:
-                text = _sample_text(tokenizer, rollout, float(np.asarray(scores)[0]))
+                text = _sample_text(tokenizer, rollout, float(parallel.to_host(scores[0])))
                 run.metrics.log_text("samples", text, step)
             stopped = run.end_step(step, total, state, rng, batches)
 
@@ -384,7 +385,7 @@ def _perf(run: Run, seq_len: int, update_flops: Any, passes: int) -> dict[str, f
 
 def _sample_text(tokenizer: Any, rollout: Any, score: float) -> str:
     p = rollout.sequences.shape[1] - rollout.response_mask.shape[1]
-    seq, mask = np.asarray(rollout.sequences[0]), np.asarray(rollout.sequence_mask[0])
+    seq, mask = parallel.to_host((rollout.sequences[0], rollout.sequence_mask[0]))  # row 0 on every process
     prompt = tokenizer.decode(seq[:p][mask[:p] > 0])
     response = tokenizer.decode(seq[p:][mask[p:] > 0])
     return f"prompt: {prompt!r}\nresponse: {response!r}\nscore: {score:.4g}"
