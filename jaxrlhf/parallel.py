@@ -220,6 +220,25 @@ def shard_batch(mesh: Mesh, batch: Any) -> Any:
     return jax.tree.map(put, batch)
 
 
+def process_rows(mesh: Mesh, tree: Any) -> Any:
+    """This process's rows of row-split global arrays, as NumPy, in global row order: the inverse of
+    :func:`shard_batch` (e.g. for a host function that must see real values, then ``shard_batch`` of its
+    per-row output). A leaf split differently is first resharded by rows; a scalar comes back whole."""
+
+    def leaf(x: Any) -> np.ndarray:
+        if not isinstance(x, jax.Array):
+            return np.asarray(x)
+        if x.ndim == 0:
+            return np.asarray(x.addressable_data(0))
+        x = jax.device_put(x, batch_sharding(mesh, x.ndim))  # no copy when already split by rows
+        starts = {}
+        for shard in x.addressable_shards:
+            starts.setdefault(shard.index[0].start or 0, shard.data)  # one copy of each row block
+        return np.concatenate([np.asarray(starts[s]) for s in sorted(starts)])
+
+    return jax.tree.map(leaf, tree)
+
+
 class MeshJit:
     """A jitted function traced and run inside ``jax.set_mesh(mesh)``, so that the steps' row hints
     (:func:`jaxrlhf.steps.sharding.shard_rows`) see the mesh. ``lower`` and the cache size pass through."""

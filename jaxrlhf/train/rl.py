@@ -146,9 +146,14 @@ def generation_config(gen: GenerationSection, temperature: float, tokenizer: Any
 
 
 def make_scorer(
-    reward: RewardSection, policy_tokenizer: Any, dtype: str, place: Any = lambda t, name: t
+    reward: RewardSection,
+    policy_tokenizer: Any,
+    dtype: str,
+    place: Any = lambda t, name: t,
+    mesh: Any = None,
 ) -> Any:
-    """``score(rollout) -> [B]``: the jitted reward model or jittable function, or a host function."""
+    """``score(rollout) -> [B]``: the jitted reward model or jittable function, or a host function (given
+    ``mesh``, on each process's own rows of a multi-host rollout)."""
     if reward.model_path is not None:
         rm, norm = load_reward_model(reward.model_path, dtype)
         _same_vocabulary(policy_tokenizer, rm.tokenizer, "reward.model_path")
@@ -165,6 +170,8 @@ def make_scorer(
         raise ConfigError(f"reward.function: {e}") from None
     if fn.jittable:
         return compile_step(fn.score_rollout, donate=False)
+    if mesh is not None:  # each process scores the rows it holds; the scores form one global array
+        return lambda r: parallel.shard_batch(mesh, fn.score_rollout(parallel.process_rows(mesh, r)))
     return lambda rollout: jnp.asarray(fn.score_rollout(rollout))
 
 
@@ -220,7 +227,7 @@ def build_rl(
     else:
         policy_params = {"lm": policy.params}
         critic_model, critic_params = _critic(cfg, policy, dtype, critic_key)
-    score = make_scorer(cfg.reward, tokenizer, dtype, run.place)
+    score = make_scorer(cfg.reward, tokenizer, dtype, run.place, run.mesh)
     run.check_batch_size("data.batch_size", cfg.data.batch_size)
     if cfg.reference.offload:
         ref_params = parallel.to_host(ref_params)  # numpy: copied to the devices by each experience call

@@ -28,17 +28,23 @@ def main() -> None:
         shuffle=True,
         collate=lambda rows, **_: {"id": np.asarray(rows, np.int32)},
     )
-    local, assembled = [], []
+    local, assembled, back = [], [], []
     for _ in range(num_batches):
         batch = next(batches)
         local.append(batch["id"].tolist())
-        assembled.append(parallel.to_host(parallel.shard_batch(mesh, batch))["id"].tolist())
+        placed = parallel.shard_batch(mesh, batch)
+        assembled.append(parallel.to_host(placed)["id"].tolist())
+        # Back to this process's rows, from the row-split array and from a replicated copy of it.
+        replicated = jax.device_put(placed["id"], parallel.replicated(mesh))
+        rows = [parallel.process_rows(mesh, x).tolist() for x in (placed["id"], replicated)]
+        back.append(rows)
     record = {
         "process": jax.process_index(),
         "processes": jax.process_count(),
         "devices": jax.device_count(),
         "local": local,
         "global": assembled,
+        "process_rows": back,
         # A process-local value comes back as it is, not concatenated with the other processes' copies.
         "local_to_host": parallel.to_host(np.arange(3) + jax.process_index()).tolist(),
     }

@@ -151,6 +151,7 @@ def test_data_is_split_by_process_without_overlap(tmp_path):
         assert shares[0] + shares[1] == expected  # process p holds the p-th slice of the global batch
         for r in records:  # the mesh assembles the 1-process batch, in its order, on every process
             assert r["global"][b] == expected
+            assert r["process_rows"][b] == [r["local"][b]] * 2  # and gives each process its rows back
     assert [r["local_to_host"] for r in records] == [[0, 1, 2], [1, 2, 3]]
 
 
