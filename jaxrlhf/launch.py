@@ -127,12 +127,15 @@ class _Process:
 
     def _copy(self) -> None:
         assert self.popen.stdout is not None
-        for line in self.popen.stdout:
-            self.log.write(line)
-            self.tail.append(line.rstrip("\n"))
-            if self.echo:
-                print(line, end="", file=sys.stderr, flush=True)
-        self.log.flush()
+        try:
+            for line in self.popen.stdout:
+                self.log.write(line)
+                self.tail.append(line.rstrip("\n"))
+                if self.echo:
+                    print(line, end="", file=sys.stderr, flush=True)
+            self.log.flush()
+        except ValueError:  # the log was closed by finish() after its timeout: nothing more to keep
+            pass
 
     def stop(self, grace: float = 5.0) -> None:
         """SIGTERM its process group, then SIGKILL after ``grace`` seconds."""
@@ -149,8 +152,10 @@ class _Process:
                 continue
 
     def finish(self) -> str:
+        """Wait for the output to be copied; the whole log."""
         self.reader.join(timeout=10)
-        self.log.close()
+        if not self.log.closed:
+            self.log.close()
         return self.log_path.read_text(errors="replace")
 
     def describe(self) -> str:
@@ -212,9 +217,11 @@ def _launch_once(
             penv = process_env(i, num_processes, coordinator, local_devices, env)
             procs.append(_Process(i, args, penv, log_root / f"process_{i}.log", echo=echo and i == 0))
         deadline = time.monotonic() + timeout
+        exited: list[_Process] = []  # in the order they were seen to end: the first failure is the cause
         while True:
             codes = [p.popen.poll() for p in procs]
-            failed = [p for p, c in zip(procs, codes) if c not in (None, 0)]
+            exited += [p for p, c in zip(procs, codes) if c is not None and p not in exited]
+            failed = [p for p in exited if p.popen.returncode != 0]
             if failed:
                 time.sleep(0.5)  # let a crash's last lines reach the reader thread
                 first = failed[0]
@@ -248,6 +255,8 @@ def _launch_once(
     except BaseException:
         for p in procs:  # e.g. KeyboardInterrupt, or a later process that could not start
             p.stop()
+        for p in procs:
+            p.finish()
         raise
 
 
