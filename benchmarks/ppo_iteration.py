@@ -1,6 +1,9 @@
 """One full PPO iteration, phase by phase: generation, scoring (reward model + reference + values +
 advantages) and the update (epochs × minibatches), on random weights.
 
+The iteration is the trainer's: its phases come from ``jaxrlhf.train.rl_setup.build_rl_phases`` and run in
+``jaxrlhf.steps.rl_iteration.make_rl_iteration``, each timed (blocking on its outputs) as in ``jaxrlhf ppo``.
+
 Default shape: a tiny GPT-2 (6 layers, d_model 384, 6 heads, vocab 8192), batch 32, prompt 64, response 64,
 4 epochs × 1 minibatch; the reward model and the reference have the policy's architecture, the critic is a
 value head on the policy. Every phase is jitted; compile time is reported apart from the timed iterations.
@@ -23,7 +26,6 @@ import argparse
 import dataclasses
 import json
 import statistics
-import time
 
 import jax
 import jax.numpy as jnp
@@ -34,8 +36,10 @@ from jaxrlhf import steps as S
 from jaxrlhf.models.config import ModelConfig, gpt2_config, llama_config
 from jaxrlhf.models.heads import init_reward_head, init_value_head
 from jaxrlhf.models.transformer import LanguageModel
-from jaxrlhf.rollout.generate import GenerationConfig, generate
-from jaxrlhf.train.timing import matmul_peak_flops, transformer_flops_per_token
+from jaxrlhf.rollout.generate import GenerationConfig
+from jaxrlhf.steps.rl_iteration import make_rl_iteration
+from jaxrlhf.train.rl_setup import build_rl_phases, reward_model_score_fn
+from jaxrlhf.train.timing import Timers, matmul_peak_flops, transformer_flops_per_token
 
 PRESETS = {
     "tiny": lambda v: gpt2_config(
@@ -100,66 +104,52 @@ def main() -> None:
     ppo = S.PPOConfig(epochs=args.epochs, num_minibatches=args.minibatches, grad_accum_steps=args.grad_accum)
     gen_cfg = GenerationConfig(max_new_tokens=N, temperature=ppo.temperature)  # no stop: full length
     optimizer = S.make_optimizer(S.OptimizerConfig(learning_rate=1e-6), 1000)
+    place = lambda tree: parallel.place_state(mesh, tree, pcfg.fsdp_min_size)
 
-    # SETUP: policy (+ value head), reference and reward model, all placed on the mesh.
-    init = jax.jit(
-        model.init, out_shardings=parallel.state_shardings(mesh, model.abstract_params(), pcfg.fsdp_min_size)
-    )
-    keys = jax.random.split(jax.random.key(0), 4)
-    policy = {"lm": init(keys[0]), "value_head": init_value_head(d)}
-    state = parallel.place_state(
-        mesh, S.create_rl_state(policy, optimizer, S.kl_controller(ppo).init()), pcfg.fsdp_min_size
-    )
-    ref = parallel.place_state(mesh, {"lm": init(keys[1])}, pcfg.fsdp_min_size)
-    rm = parallel.place_state(
-        mesh, {"lm": init(keys[2]), "reward_head": init_reward_head(keys[3], d)}, pcfg.fsdp_min_size
-    )
-    state_bytes = parallel.per_device_bytes(state)
-
-    scorer = S.RewardModelScorer(model)
-    gen = jax.jit(lambda p, t, m, k: generate(model, p, t, m, k, gen_cfg))
-    score = jax.jit(lambda rm_params, rollout: scorer(rm_params, rollout))
-    experience = jax.jit(S.make_experience_fn(model, model, None, ppo))
-    update = parallel.jit_step(
-        S.make_ppo_update(model, None, ppo, optimizer), mesh, state, min_size=pcfg.fsdp_min_size
-    )
-
-    rng = np.random.RandomState(0)
-    # Every process draws the same global batch and passes its own rows (as the data loader splits them).
-    rows = B // jax.process_count()
-    local = slice(jax.process_index() * rows, (jax.process_index() + 1) * rows)
-
-    def iteration(i: int, state):
-        prompts = parallel.shard_batch(
-            mesh,
-            {
-                "tokens": rng.randint(3, cfg.vocab_size, (B, P)).astype(np.int32)[local],
-                "mask": np.ones((B, P), np.int32)[local],
-            },
+    with jax.set_mesh(mesh):  # as the trainer: everything traced under the mesh
+        # SETUP: policy (+ value head), reference and reward model, all placed on the mesh.
+        init = jax.jit(
+            model.init,
+            out_shardings=parallel.state_shardings(mesh, model.abstract_params(), pcfg.fsdp_min_size),
         )
-        key = jax.random.fold_in(jax.random.key(1), i)
-        times = {}
-        t0 = time.perf_counter()
-        rollout = jax.block_until_ready(
-            gen(state.policy.params["lm"], prompts["tokens"], prompts["mask"], jax.random.fold_in(key, 0))
-        )
-        t1 = time.perf_counter()
-        scores = score(rm, rollout)
-        batch, _ = jax.block_until_ready(
-            experience(state.policy.params, ref, None, rollout, scores, state.kl.kl_coef)
-        )
-        t2 = time.perf_counter()
-        state, metrics = jax.block_until_ready(update(state, batch, jax.random.fold_in(key, 1)))
-        t3 = time.perf_counter()
-        times.update(generation=t1 - t0, score=t2 - t1, update=t3 - t2, total=t3 - t0)
-        return state, times, metrics
+        keys = jax.random.split(jax.random.key(0), 4)
+        policy = S.PolicyParams(init(keys[0]), init_value_head(d))
+        state = place(S.create_rl_state(policy, optimizer, S.kl_controller(ppo).init()))
+        ref = place(S.PolicyParams(init(keys[1])))
+        rm = place(S.RewardModelParams(init(keys[2]), init_reward_head(keys[3], d)))
+        state_bytes = parallel.per_device_bytes(state)
 
-    state, first, _ = iteration(0, state)  # compiles every phase
-    timed = []
-    for i in range(args.iterations):
-        state, times, metrics = iteration(i + 1, state)
-        timed.append(times)
-    med = {k: statistics.median(t[k] for t in timed) for k in timed[0]}
+        # The trainer's phases, built by the trainer's builder, run by the one RL iteration.
+        score = reward_model_score_fn(model, rm)
+        phases = build_rl_phases(model, model, None, ppo, gen_cfg, score, optimizer, None,
+                                 parallel.state_shardings(mesh, state, pcfg.fsdp_min_size))
+        timers = Timers()
+        iteration = make_rl_iteration(phases, ref, around=timers)
+
+        rng = np.random.RandomState(0)
+        # Every process draws the same global batch and passes its own rows (as the data loader splits them).
+        rows = B // jax.process_count()
+        local = slice(jax.process_index() * rows, (jax.process_index() + 1) * rows)
+
+        def timed_iteration(i: int, state):
+            prompts = parallel.shard_batch(
+                mesh,
+                {
+                    "tokens": rng.randint(3, cfg.vocab_size, (B, P)).astype(np.int32)[local],
+                    "mask": np.ones((B, P), np.int32)[local],
+                },
+            )
+            timers.reset()
+            with timers("total"):
+                state, out = iteration(state, prompts, jax.random.fold_in(jax.random.key(1), i))
+            return state, dict(timers.totals), out.metrics
+
+        state, first, _ = timed_iteration(0, state)  # compiles every phase
+        timed = []
+        for i in range(args.iterations):
+            state, times, metrics = timed_iteration(i + 1, state)
+            timed.append(times)
+    med = {k: statistics.median(t[k] for t in timed) for k in ("generation", "score", "update", "total")}
     compile_s = {k: max(first[k] - med[k], 0.0) for k in med}
 
     devices = mesh.size
@@ -197,7 +187,7 @@ def main() -> None:
         "matmul_peak_tflops_per_device": peak / 1e12,
         # Simulated CPU devices share one processor, whose measured peak is already the whole machine's.
         "update_mfu": flops / med["update"] / (peak if jax.default_backend() == "cpu" else peak * devices),
-        "first_minibatch_ratio_error": float(metrics["val/ratio_first_minibatch"]),
+        "first_minibatch_ratio_error": float(metrics["val/ratio_abs_dev_first_minibatch"]),
     }
     if args.peak_tflops:
         result["update_mfu_vs_vendor_peak"] = flops / med["update"] / (args.peak_tflops * 1e12 * devices)

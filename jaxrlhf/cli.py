@@ -1,9 +1,11 @@
 """The ``jaxrlhf`` command line: ``jaxrlhf <command> --config configs/<x>.yaml --set key=value …``.
 
 A command is a config class plus a function that runs it (given as ``"module:name"`` strings, imported
-only when the command runs, so ``--help`` is instant). Adding one is one function and one line in
-:data:`COMMANDS`. Expected failures (bad config, bad data, bad checkpoint, too many non-finite steps) print
-one line to stderr and exit 1; ``--debug`` shows the traceback instead.
+only when needed, so ``jaxrlhf --help`` is instant). Adding one is one function and one line in
+:data:`COMMANDS`. ``jaxrlhf <command> --help`` lists every config key with its type, default and comment
+(generated from the config classes); ``--print-config`` prints the resolved config as YAML (reusable with
+``--config``) and runs nothing. Expected failures (bad config, bad data, bad checkpoint, too many
+non-finite steps) print one line to stderr and exit 1; ``--debug`` shows the traceback instead.
 """
 
 from __future__ import annotations
@@ -35,20 +37,25 @@ COMMANDS: dict[str, Command] = {
     ),
     "ppo": Command(
         "jaxrlhf.train.rl:PPORunConfig",
-        "jaxrlhf.train.rl:train_ppo",
+        "jaxrlhf.train.rl:train_rl",
         "PPO fine-tuning against a reward model or reward function",
     ),
     "a2c": Command(
         "jaxrlhf.train.rl:A2CRunConfig",
-        "jaxrlhf.train.rl:train_a2c",
+        "jaxrlhf.train.rl:train_rl",
         "A2C fine-tuning against a reward model or reward function",
     ),
+    "dpo": Command(
+        "jaxrlhf.train.dpo:DPORunConfig",
+        "jaxrlhf.train.dpo:train_dpo",
+        "direct preference optimisation (DPO, IPO, cDPO, hinge) of a policy on preference pairs",
+    ),
     "demo": Command(
-        "jaxrlhf.train.demo_config:DemoConfig",
-        "jaxrlhf.train.demo:demo",
+        "jaxrlhf.experiments.demo_config:DemoConfig",
+        "jaxrlhf.experiments.demo:demo",
         "the whole RLHF pipeline on a synthetic task with a known gold reward: SFT, reward model "
         "from simulated feedback, PPO and A2C, best-of-n; writes a report with plots",
-        quick="jaxrlhf.train.demo_config:QUICK_OVERRIDES",
+        quick="jaxrlhf.experiments.demo_config:QUICK_OVERRIDES",
     ),
 }
 
@@ -83,15 +90,40 @@ def _expected_errors() -> tuple[type[BaseException], ...]:
     )
 
 
+class _HelpWithConfigKeys(argparse.Action):
+    """``-h/--help`` of a command: the usual help, then every config key (importing the config class)."""
+
+    def __init__(self, option_strings, dest=argparse.SUPPRESS, default=argparse.SUPPRESS, help=None):
+        super().__init__(option_strings, dest=dest, default=default, nargs=0, help=help)
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        import shutil
+
+        from jaxrlhf.config import format_config_help
+
+        config_class = _resolve(COMMANDS[parser.prog.split()[-1]].config)
+        width = max(60, min(shutil.get_terminal_size((100, 24)).columns, 100) - 2)
+        keys = format_config_help(config_class, width=width)
+        print(parser.format_help())
+        print(f"config keys of {config_class.__name__} (set with --set KEY=VALUE or in the YAML file; "
+              "values are YAML):\n")
+        print(keys, end="")
+        parser.exit()
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="jaxrlhf",
         description="RLHF in JAX: supervised fine-tuning, reward models, PPO and A2C.",
-        epilog="Example: jaxrlhf ppo --config configs/ppo.yaml --set optimizer.learning_rate=3e-6",
+        epilog="Example: jaxrlhf ppo --config configs/ppo.yaml --set optimizer.learning_rate=3e-6. "
+        "Every config key, its type and default: jaxrlhf COMMAND --help.",
     )
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     for name, command in COMMANDS.items():
-        p = sub.add_parser(name, help=command.help, description=command.help)
+        p = sub.add_parser(name, help=command.help, description=command.help, add_help=False)
+        p.add_argument(
+            "-h", "--help", action=_HelpWithConfigKeys, help="show this help and every config key, then exit"
+        )
         p.add_argument("--config", metavar="YAML", help="config file (see configs/); defaults when omitted")
         p.add_argument(
             "--set",
@@ -104,8 +136,31 @@ def build_parser() -> argparse.ArgumentParser:
         )
         if command.quick is not None:
             p.add_argument("--quick", action="store_true", help="small sizes for a smoke run (≤ 2 minutes)")
+        p.add_argument(
+            "--print-config",
+            action="store_true",
+            help="print the resolved config (YAML, after --config and --set) and exit without running",
+        )
         p.add_argument("--debug", action="store_true", help="show the full traceback on an error")
     return parser
+
+
+def config_yaml(config: Any) -> str:
+    """A config as YAML that ``--config`` reads back to the same config."""
+    import yaml
+
+    from jaxrlhf.config import to_dict
+
+    class Dumper(yaml.SafeDumper):
+        pass
+
+    def sequence(dumper: yaml.SafeDumper, items: list) -> Any:
+        # Lists of numbers and strings on one line ([16, 32]), as one writes them in configs/.
+        flow = all(not isinstance(v, (dict, list)) for v in items)
+        return dumper.represent_sequence("tag:yaml.org,2002:seq", items, flow_style=flow)
+
+    Dumper.add_representer(list, sequence)
+    return yaml.dump(to_dict(config), Dumper=Dumper, sort_keys=False, default_flow_style=False, width=100)
 
 
 def load_command_config(name: str, path: str | None, overrides: Sequence[str]) -> Any:
@@ -129,6 +184,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         if getattr(args, "quick", False):
             overrides = [*_resolve(COMMANDS[args.command].quick), *overrides]
         config = load_command_config(args.command, args.config, overrides)
+        if args.print_config:
+            print(config_yaml(config), end="")
+            return EXIT_OK
         result = _resolve(COMMANDS[args.command].run)(config)
     except KeyboardInterrupt:
         print("jaxrlhf: interrupted", file=sys.stderr)

@@ -9,9 +9,14 @@ float, got str 'wide'``.
 
 from __future__ import annotations
 
+import ast
 import dataclasses
 import importlib
+import inspect
+import io
 import re
+import textwrap
+import tokenize
 import types
 import typing
 from collections.abc import Iterable, Mapping
@@ -36,7 +41,8 @@ def _describe(value: Any) -> str:
 
 
 def _type_name(hint: Any) -> str:
-    return getattr(hint, "__name__", None) or str(hint).replace("typing.", "")
+    # A class by its name; anything else (Optional[Literal[...]], int | None) spelled out in full.
+    return hint.__name__ if isinstance(hint, type) else str(hint).replace("typing.", "")
 
 
 def _convert(hint: Any, value: Any, key: str) -> Any:
@@ -236,3 +242,152 @@ def import_object(spec: str, what: str = "object") -> Any:
             raise ValueError(f"{what} {spec!r}: {owner!r} has no attribute {attr!r}")
         obj = getattr(obj, attr)
     return obj
+
+
+# ------------------------------------------------------------------------------------------ description
+
+
+@dataclasses.dataclass(frozen=True)
+class KeyDoc:
+    """One config key as ``--help`` lists it: dotted key, type, default, and its comment in the source."""
+
+    key: str
+    type: str
+    default: str  # as YAML would write it; "(required)" when the key has no default
+    help: str = ""
+    section: bool = False  # a nested config (its keys follow)
+
+
+_REQUIRED = "(required)"
+
+
+def _plain_type(hint: Any) -> str:
+    """A type as a user writes the value: ``int``, ``float | null``, ``{k1,k2,k3}``, ``list of int``."""
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if hint is Any:
+        return "any"
+    if hint is type(None):
+        return "null"
+    if origin in (Union, types.UnionType):
+        parts = [_plain_type(a) for a in args if a is not type(None)]
+        return " | ".join(parts + (["null"] if type(None) in args else []))
+    if origin is Literal:
+        return "{" + ",".join(str(a) for a in args) + "}"
+    if origin in (tuple, list):
+        if origin is tuple and len(args) == 2 and args[1] is Ellipsis:
+            return f"list of {_plain_type(args[0])}"
+        return f"[{', '.join(_plain_type(a) for a in args)}]" if args else "list"
+    if origin is dict or hint is dict:
+        return "mapping"
+    if dataclasses.is_dataclass(hint):
+        return "section"
+    return getattr(hint, "__name__", str(hint))
+
+
+def _yaml_value(value: Any) -> str:
+    """A default as it would appear in a YAML config (``null``, ``true``, ``[1, 2]``, ``''``)."""
+    import yaml
+
+    text = yaml.safe_dump(to_dict(value), default_flow_style=True, width=10_000).strip()
+    return text[: -len("...")].strip() if text.endswith("...") else text
+
+
+def _comments(cls: type) -> dict[str, str]:
+    """Each field's comment in the class source: comment lines right above it, then a trailing one."""
+    try:
+        source = textwrap.dedent(inspect.getsource(cls))
+        tree = ast.parse(source)
+        tokens = list(tokenize.generate_tokens(io.StringIO(source).readline))
+    except (OSError, TypeError, SyntaxError, tokenize.TokenError):
+        return {}  # a class without source (built at run time): no help text
+    lines = source.splitlines()
+    comment = {t.start[0]: t.string.lstrip("#").strip() for t in tokens if t.type == tokenize.COMMENT}
+    body = next((n.body for n in tree.body if isinstance(n, ast.ClassDef)), [])
+    out = {}
+    for node in body:
+        if not isinstance(node, ast.AnnAssign) or not isinstance(node.target, ast.Name):
+            continue
+        above, k = [], node.lineno - 1
+        while k in comment and lines[k - 1].lstrip().startswith("#"):
+            above.insert(0, comment[k])
+            k -= 1
+        last = node.end_lineno or node.lineno
+        trailing = [comment[n] for n in range(node.lineno, last + 1) if n in comment]
+        text = " ".join(c for c in above + trailing if c and not re.match(r"(noqa|type:)", c))
+        if text:
+            out[node.target.id] = text
+    return out
+
+
+def _docstring_line(cls: type) -> str:
+    doc = inspect.getdoc(cls) or ""
+    first = doc.split("\n\n")[0]
+    return " ".join(first.split())
+
+
+def _section_class(hint: Any) -> type | None:
+    """The config dataclass a field holds (directly or as ``X | None``), else None."""
+    return next((a for a in (hint, *typing.get_args(hint)) if dataclasses.is_dataclass(a)), None)
+
+
+def describe_config(cls: type, default: Any = None, prefix: str = "") -> list[KeyDoc]:
+    """Every key of config class ``cls`` as dotted keys: its own keys in field order, then each nested
+    section's.
+
+    Defaults are those of ``default`` (an instance; a parent's default for this section may differ from
+    the class's own), else of the class; an optional section that defaults to null lists its keys with the
+    class's defaults, which apply once the section is given.
+    """
+    hints = typing.get_type_hints(cls)
+    comments = _comments(cls)
+    keys: list[KeyDoc] = []
+    sections: list[KeyDoc] = []
+    for field in dataclasses.fields(cls):
+        if not field.init:
+            continue
+        key, hint = prefix + field.name, hints[field.name]
+        if default is not None:
+            value, has_default = getattr(default, field.name), True
+        elif field.default is not dataclasses.MISSING:
+            value, has_default = field.default, True
+        elif field.default_factory is not dataclasses.MISSING:
+            value, has_default = field.default_factory(), True
+        else:
+            value, has_default = None, False
+        help_text = str(field.metadata.get("help", "")) or comments.get(field.name, "")
+        section = _section_class(hint)
+        if section is None:
+            shown = _yaml_value(value) if has_default else _REQUIRED
+            keys.append(KeyDoc(key, _plain_type(hint), shown, help_text))
+            continue
+        shown = _yaml_value(value) if value is None and has_default else ""
+        sections.append(KeyDoc(key, _plain_type(hint), shown, help_text or _docstring_line(section), True))
+        instance = value if dataclasses.is_dataclass(value) else None
+        sections += describe_config(section, instance, key + ".")
+    return keys + sections
+
+
+def _readable(text: str) -> str:
+    """Docstring markup off: ``code`` and :class:`Name` read as plain text in a terminal."""
+    return re.sub(r":\w+:`~?([^`]*)`", r"\1", text).replace("``", "")
+
+
+def format_config_help(cls: type, width: int = 100) -> str:
+    """The ``--help`` listing of ``cls``'s keys: ``key  type = default``, the key's comment below it;
+    each section headed by its name and the first paragraph of its docstring."""
+    docs = describe_config(cls)
+    key_width = min(max((len(d.key) for d in docs), default=0), 36)
+    out: list[str] = []
+    for d in docs:
+        if d.section:
+            optional = "optional section, " if "null" in d.type else ""
+            default = f" ({optional}default {d.default})" if d.default else ""
+            out += ["", f"{d.key}:{default}"]
+            indent = "  "
+        else:
+            value = d.default if d.default == _REQUIRED else f"= {d.default}"
+            out.append(f"  {d.key:<{key_width}}  {d.type} {value}")
+            indent = "      "
+        if d.help:
+            out += textwrap.wrap(_readable(d.help), width, initial_indent=indent, subsequent_indent=indent)
+    return "\n".join(out).lstrip("\n") + "\n"

@@ -50,9 +50,63 @@ def test_help_lists_every_command(capsys):
     assert "--set KEY=VALUE" in capsys.readouterr().out
 
 
+def _every_key(cls, prefix=""):
+    """(dotted key, type hint) of every field of a config class, nested sections included."""
+    import dataclasses
+    import typing
+
+    hints = typing.get_type_hints(cls)
+    for field in dataclasses.fields(cls):
+        hint = hints[field.name]
+        yield prefix + field.name, hint
+        for arg in (hint, *typing.get_args(hint)):
+            if dataclasses.is_dataclass(arg):
+                yield from _every_key(arg, prefix + field.name + ".")
+
+
+@pytest.mark.parametrize("command", sorted(cli.COMMANDS))
+def test_command_help_lists_every_config_key_with_type_and_default(command, capsys):
+    import typing
+
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main([command, "--help"])
+    assert exit_info.value.code == 0
+    out = capsys.readouterr().out
+    assert "--print-config" in out and "--set KEY=VALUE" in out
+    lines = out.splitlines()
+    keys = list(_every_key(cli._resolve(cli.COMMANDS[command].config)))
+    assert len(keys) > 20
+    for key, hint in keys:
+        line = next((ln for ln in lines if ln.split()[:1] in ([key], [key + ":"])), None)
+        assert line is not None, f"{key} is missing from `jaxrlhf {command} --help`"
+        if typing.get_origin(hint) is typing.Literal:  # choices are shown
+            assert "{" + ",".join(map(str, typing.get_args(hint))) + "}" in line, line
+    # A key's type and default: a float with its default value.
+    lr = "sft.optimizer.learning_rate" if command == "demo" else "optimizer.learning_rate"
+    assert any(ln.split()[:3] == [lr, "float", "="] for ln in lines)
+
+
+def test_print_config_prints_the_resolved_config_and_runs_nothing(tmp_path, capsys):
+    overrides = ["ppo.clip_eps=0.3", f"logging.run_dir={tmp_path / 'never'}"]
+    args = ["ppo", "--config", str(CONFIGS / "ppo.yaml"), *(f"--set={o}" for o in overrides)]
+    args.append("--print-config")
+    assert cli.main(args) == 0
+    out = capsys.readouterr().out
+    printed = yaml.safe_load(out)
+    assert printed["ppo"]["clip_eps"] == 0.3
+    assert not (tmp_path / "never").exists()
+    # The printed YAML is a config file giving the same config.
+    (tmp_path / "resolved.yaml").write_text(out)
+    expected = cli.load_command_config("ppo", str(CONFIGS / "ppo.yaml"), overrides)
+    assert cli.load_command_config("ppo", str(tmp_path / "resolved.yaml"), []) == expected
+    # --quick's preset is part of what the demo would run.
+    assert cli.main(["demo", "--quick", "--print-config"]) == 0
+    assert yaml.safe_load(capsys.readouterr().out)["run"]["quick"] is True
+
+
 def test_unknown_command_is_a_usage_error():
     with pytest.raises(SystemExit) as exit_info:
-        cli.main(["dpo"])
+        cli.main(["kto"])
     assert exit_info.value.code == 2
 
 
@@ -61,7 +115,7 @@ def test_unknown_command_is_a_usage_error():
     [
         ("optimizer.learning_rte=1e-5", "optimizer.learning_rte: unknown key for OptimizerConfig"),
         ("train.steps=many", "train.steps: expected int | None, got str 'many'"),
-        ("ppo.kl_estimator=k9", "ppo.kl_estimator: expected one of ['k1', 'k2', 'k3']"),
+        ("ppo.kl_estimator=k9", "ppo.kl_estimator: expected Optional[Literal['k1', 'k2', 'k3']], got"),
         ("optimizer.warmup_steps=-1", "warmup_steps must be >= 0"),
         ("notakey", "expected key=value"),
     ],
@@ -72,6 +126,14 @@ def test_config_errors_name_the_key(tmp_path, capsys, override, message):
     line = error_line(capsys)
     assert line.startswith("jaxrlhf ppo: error: ") and message in line
     assert "Traceback" not in capsys.readouterr().err
+
+
+def test_kl_in_the_loss_defaults_to_k2_and_refuses_k1():
+    assert cli.load_command_config("ppo", None, []).ppo.effective_kl_estimator == "k1"
+    in_loss = cli.load_command_config("a2c", None, ["a2c.kl_in_reward=false"]).a2c
+    assert in_loss.kl_estimator is None and in_loss.effective_kl_estimator == "k2"
+    with pytest.raises(ConfigError, match=r"kl_estimator: k1 cannot be the KL in the loss .* gradient is 0"):
+        cli.load_command_config("ppo", None, ["ppo.kl_in_reward=false", "ppo.kl_estimator=k1"])
 
 
 def test_config_file_errors_name_the_file(tmp_path, capsys):
@@ -116,7 +178,21 @@ def test_rl_needs_exactly_one_reward_source(tmp_path, capsys):
     assert "generation.temperature: 0.7 differs from the algorithm's temperature 1.0" in error_line(capsys)
     config["generation"] = {"max_new_tokens": 4}
     assert run(tmp_path, config, command="a2c") == 1
-    assert "reward.function: unknown reward function 'no_such_reward'" in error_line(capsys)
+    assert "reward.function: unknown reward 'no_such_reward'" in error_line(capsys)
+
+
+@pytest.mark.parametrize(("override", "value"), [("top_k", 5), ("top_p", 0.9), ("min_new_tokens", 1)])
+def test_on_policy_rl_refuses_filtered_sampling(tmp_path, capsys, override, value):
+    """Top-k, top-p and a minimum length sample from another distribution than the log-probs' softmax."""
+    config = sft_config(tmp_path, str(tmp_path / "prompts.jsonl"))
+    (tmp_path / "prompts.jsonl").write_text('{"prompt": "ab"}\n{"prompt": "ba"}\n')
+    config["reward"] = {"function": "length"}
+    config["generation"] = {"max_new_tokens": 4, override: value}
+    assert run(tmp_path, config, command="ppo") == 1
+    line = error_line(capsys)
+    assert f"generation.{override}: {value} is not supported by on-policy RL" in line
+    assert "the first PPO ratio would read 1 while the update is off-policy" in line
+    assert not (tmp_path / "run").exists()  # refused before anything was written
 
 
 @pytest.mark.parametrize(

@@ -7,7 +7,15 @@ from typing import Literal
 
 import pytest
 
-from jaxrlhf.config import ConfigError, load_config, parse_override, to_dict
+from jaxrlhf.config import (
+    ConfigError,
+    KeyDoc,
+    describe_config,
+    format_config_help,
+    load_config,
+    parse_override,
+    to_dict,
+)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -92,3 +100,59 @@ def test_parse_override_types():
 def test_configs_are_frozen():
     with pytest.raises(dataclasses.FrozenInstanceError):
         load_config(Outer).steps = 3  # type: ignore[misc]
+
+
+@dataclasses.dataclass(frozen=True)
+class Shape:
+    """Shape of a thing.
+
+    Second paragraph, not shown in --help.
+    """
+
+    width: int = 4
+    # How the thing is cut; a comment long enough that it has to wrap when the listing is narrow, so that a
+    # reader still sees all of it, indented under its key.
+    cut: Literal["even", "odd"] = "even"
+
+
+@dataclasses.dataclass(frozen=True)
+class Documented:
+    name: str  # required: no default
+    rate: float | None = 0.5  # per step
+    ids: tuple[int, ...] = (1, 2)
+    mode: Literal["a", "b"] | None = None
+    tag: str = dataclasses.field(default="", metadata={"help": "from field metadata"})
+    inner: Inner = dataclasses.field(default_factory=lambda: Inner(lr=0.25))
+    shape: Shape | None = None
+
+
+def test_describe_config_lists_every_key_with_type_default_and_comment():
+    docs = {d.key: d for d in describe_config(Documented)}
+    assert list(docs) == [
+        "name", "rate", "ids", "mode", "tag",  # own keys first, then each section's
+        "inner", "inner.lr", "inner.schedule", "inner.stop_ids",
+        "shape", "shape.width", "shape.cut",
+    ]  # fmt: skip
+    assert docs["name"] == KeyDoc("name", "str", "(required)", "required: no default")
+    assert docs["rate"] == KeyDoc("rate", "float | null", "0.5", "per step")
+    assert (docs["ids"].type, docs["ids"].default) == ("list of int", "[1, 2]")
+    assert (docs["mode"].type, docs["mode"].default) == ("{a,b} | null", "null")
+    assert docs["tag"] == KeyDoc("tag", "str", "''", "from field metadata")
+    # A section's defaults are the parent's default instance's, not the section class's.
+    assert docs["inner.lr"].default == "0.25" and docs["inner.schedule"].type == "{linear,constant}"
+    assert docs["shape"] == KeyDoc("shape", "section | null", "null", "Shape of a thing.", section=True)
+    assert docs["shape.width"].default == "4"
+    cut = docs["shape.cut"].help
+    assert cut.startswith("How the thing is cut; a comment") and cut.endswith("indented under its key.")
+
+
+def test_format_config_help_is_readable_at_any_width():
+    text = format_config_help(Documented, width=60)
+    assert "  name" in text and "str (required)" in text
+    assert "shape: (optional section, default null)\n  Shape of a thing.\n" in text
+    assert "Second paragraph" not in text
+    lines = text.splitlines()
+    cut = next(i for i, line in enumerate(lines) if line.strip().startswith("shape.cut"))
+    wrapped = lines[cut + 1 : cut + 4]
+    assert all(line.startswith("      ") and len(line) <= 60 for line in wrapped)
+    assert " ".join(w.strip() for w in wrapped).endswith("indented under its key.")

@@ -37,6 +37,7 @@ from jaxrlhf.data.jsonl import (
     SFTRecord,
     read_jsonl,
     record_to_json,
+    split_implicit_prompt,
     write_jsonl,
 )
 from jaxrlhf.data.loader import BatchIterator, epoch_permutation
@@ -98,6 +99,7 @@ __all__ = [
     "record_to_json",
     "render_prompt",
     "sequence_batch",
+    "split_implicit_prompt",
     "tokenize_records",
     "write_jsonl",
 ]

@@ -5,7 +5,7 @@ One JSON object per line; blank lines are skipped; keys other than the ones a ki
 | kind | fields |
 |---|---|
 | ``"sft"`` | ``prompt``, ``completion`` |
-| ``"preference"`` | ``prompt``, ``chosen``, ``rejected`` |
+| ``"preference"`` | ``prompt``, ``chosen``, ``rejected``; or ``chosen``, ``rejected`` (implicit prompt) |
 | ``"ranking"`` | ``prompt``, ``responses`` (a list, best first, at least 2) |
 | ``"rating"`` | ``prompt``, ``response``, ``rating`` (a number) |
 | ``"prompt"`` | ``prompt`` |
@@ -15,7 +15,17 @@ conversation may be given as ``messages`` instead of ``prompt``; ``completion``,
 ``response`` and each ranked response may be a list holding one assistant message, whose content is taken.
 For ``"sft"``, ``{"messages": [..., {"role": "assistant", ...}]}`` without ``completion`` means the final
 assistant turn is the completion and the turns before it are the prompt. Prompts stay as messages here;
-the tokenizer's chat template renders them later (:mod:`jaxrlhf.data.tokenize`).
+the tokenizer's chat template renders them later (:mod:`jaxrlhf.data.tokenize`), with the generation
+prompt added.
+
+Implicit prompt (TRL's preference format without ``prompt``): ``chosen`` and ``rejected`` are whole
+conversations (or whole texts) and their shared beginning is the prompt (:func:`split_implicit_prompt`):
+
+- conversations: the turns both share are the prompt; what follows must be one assistant turn on each
+  side, which is the response;
+- texts: the prompt ends at the last whitespace before the first character where the two differ (so
+  ``"The sky is blue."`` / ``"The sky is green."`` give the prompt ``"The sky is"`` and the responses
+  ``" blue."`` / ``" green."``, as in TRL's documentation); without whitespace, at that character.
 
 Every error is a :class:`DataError` whose message starts ``path:line:``.
 """
@@ -178,12 +188,76 @@ def _rating(obj: Mapping[str, Any], line: int, where: str) -> RatingRecord:
     return RatingRecord(prompt, response, float(value), line)
 
 
+def split_implicit_prompt(
+    chosen: str | tuple[ChatMessage, ...], rejected: str | tuple[ChatMessage, ...], where: str = ""
+) -> tuple[Prompt, str, str]:
+    """``(prompt, chosen response, rejected response)`` of a preference pair given as two whole
+    conversations (or two whole texts) that share their beginning; a :class:`DataError` otherwise."""
+    where = f"{where}: " if where else ""
+    if chosen == rejected:
+        raise DataError(f"{where}'chosen' and 'rejected' are identical, so nothing is preferred")
+    if isinstance(chosen, str) != isinstance(rejected, str):
+        raise DataError(f"{where}'chosen' and 'rejected' must both be texts or both be conversations")
+    shared = 0
+    for a, b in zip(chosen, rejected):
+        if a != b:
+            break
+        shared += 1
+    if isinstance(chosen, str):
+        assert isinstance(rejected, str)
+        # Cut before the differing word, its leading whitespace going with the responses (TRL's example).
+        spaces = [i for i in range(1, shared) if chosen[i].isspace()]
+        cut = spaces[-1] if spaces else shared
+        if cut == 0:
+            raise DataError(
+                f"{where}'chosen' and 'rejected' have no common prefix to take as the prompt "
+                f"(they differ from the first character); give 'prompt' explicitly"
+            )
+        return chosen[:cut], chosen[cut:], rejected[cut:]
+    assert not isinstance(rejected, str)
+    if shared == 0:
+        raise DataError(
+            f"{where}'chosen' and 'rejected' have no common prefix to take as the prompt "
+            f"(their first turns differ); give 'prompt' explicitly"
+        )
+    responses = []
+    for key, turns in (("chosen", chosen), ("rejected", rejected)):
+        rest = turns[shared:]
+        if len(rest) != 1 or rest[0].role != "assistant":
+            roles = [t.role for t in rest]
+            raise DataError(
+                f"{where}after the {shared} turn(s) 'chosen' and 'rejected' share, {key!r} must have "
+                f"exactly one assistant turn (the response), got roles {roles}"
+            )
+        responses.append(rest[0].content)
+    return chosen[:shared], responses[0], responses[1]
+
+
+def _whole(obj: Mapping[str, Any], key: str, where: str) -> str | tuple[ChatMessage, ...]:
+    """A whole conversation or text (the implicit-prompt preference form)."""
+    if key not in obj:
+        raise DataError(f"{where}: missing field {key!r}")
+    value = obj[key]
+    if isinstance(value, str):
+        return value
+    if isinstance(value, list):
+        return _messages(value, key, where)
+    raise DataError(f"{where}: {key!r} must be a string or a list of messages, got {_describe(value)}")
+
+
+def _preference(obj: Mapping[str, Any], line: int, where: str) -> PreferenceRecord:
+    if "prompt" in obj or "messages" in obj:
+        prompt = _prompt(obj, where)
+        return PreferenceRecord(prompt, _text(obj, "chosen", where), _text(obj, "rejected", where), line)
+    chosen, rejected = _whole(obj, "chosen", where), _whole(obj, "rejected", where)
+    return PreferenceRecord(*split_implicit_prompt(chosen, rejected, where), line)
+
+
 def _parse(kind: str, obj: Mapping[str, Any], line: int, where: str) -> Record:
     if kind == "sft":
         return _sft(obj, line, where)
     if kind == "preference":
-        prompt = _prompt(obj, where)
-        return PreferenceRecord(prompt, _text(obj, "chosen", where), _text(obj, "rejected", where), line)
+        return _preference(obj, line, where)
     if kind == "ranking":
         return _ranking(obj, line, where)
     if kind == "rating":
@@ -208,10 +282,14 @@ def read_jsonl(path: str | os.PathLike, kind: Kind) -> list[Record]:
                 raise DataError(f"{where}: not valid UTF-8 ({e.reason} at byte {e.start})") from None
             if not text.strip():
                 continue
+            # Without its line break: an object cut short is then reported at the end of this line, not
+            # at "column 1" of a line that does not exist.
+            text = text.rstrip("\r\n")
             try:
                 obj = json.loads(text)
             except json.JSONDecodeError as e:
-                raise DataError(f"{where}: malformed JSON: {e.msg} (column {e.colno})") from None
+                end = ", the end of the line" if e.pos >= len(text) else ""
+                raise DataError(f"{where}: malformed JSON: {e.msg} (column {e.colno}{end})") from None
             if not isinstance(obj, dict):
                 raise DataError(f"{where}: expected a JSON object, got {type(obj).__name__}")
             records.append(_parse(kind, obj, line, where))

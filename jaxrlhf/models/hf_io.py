@@ -3,33 +3,56 @@
 ``load(path)`` reads a local directory (single ``model.safetensors`` or a sharded
 ``model.safetensors.index.json``) and its tokenizer; ``save(path, ...)`` writes a directory that
 ``transformers.AutoModelForCausalLM.from_pretrained`` loads and that gives the same logits. Safetensors only:
-no pickle, never ``trust_remote_code``. Extra heads (value/reward) go to ``jaxrlhf_heads.safetensors`` beside
-the model, which ``transformers`` ignores.
+no pickle, never ``trust_remote_code``.
+
+Scalar heads. A model saved with a reward head (or, on request, a critic's value head) is written as
+Hugging Face's ``*ForSequenceClassification`` (``GPT2…``, ``Llama…``, ``Qwen2…``, ``Mistral…``): the backbone
+plus ``score.weight`` [1, d] (``num_labels`` 1, no LM head), so ``AutoModelForSequenceClassification`` — and
+TRL, and any tool built on it — loads it and reads the score at the last token that is not
+``config.pad_token_id``, the token jaxrlhf's head reads (:func:`classifier_pad_token`). HF's score layer
+has no bias: a head's bias ``b`` is kept in ``config.json`` (``jaxrlhf_score``) and restored when jaxrlhf
+loads the model, while ``transformers`` gives ``h·w``, i.e. jaxrlhf's score minus ``b`` (``b`` is 0 unless the
+head was trained to an absolute target: ratings, values). Checkpoints of that architecture written elsewhere
+(TRL's ``RewardTrainer``) load as reward models too. Other heads go to ``jaxrlhf_heads.safetensors`` beside
+the model, which ``transformers`` ignores (the layout of older reward-model exports, which still loads).
 """
 
 from __future__ import annotations
 
+import copy
+import dataclasses
 import json
+import logging
 import os
 import re
 import shutil
 import tempfile
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 
+from jaxrlhf.config import ConfigError
 from jaxrlhf.models.config import ModelConfig, UnsupportedModelError, from_hf_config, to_hf_config
 from jaxrlhf.models.transformer import LanguageModel, Params
+
+log = logging.getLogger(__name__)
 
 SINGLE_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
 HEADS_FILE = "jaxrlhf_heads.safetensors"
+SCORE_TENSOR = "score.weight"  # HF's sequence-classification head: Linear(d, num_labels, bias=False)
+SCORE_METADATA = "jaxrlhf_score"  # config.json: {"head": which of our heads, "bias": its bias}
+_CLASSIFIER_SUFFIX = "ForSequenceClassification"
 
 
 class CheckpointFormatError(ValueError):
     """A checkpoint directory is missing a file, a tensor, or holds one of the wrong shape or name."""
+
+
+class VocabularyMismatchError(ConfigError):
+    """A tokenizer can produce token ids that the model's embedding table does not have."""
 
 
 # --------------------------------------------------------------------------------------- name mapping
@@ -165,39 +188,91 @@ def _tensor_files(path: Path) -> Iterator[Path]:
 
 def read_safetensors(files: list[Path] | Iterator[Path]) -> dict[str, tuple[np.ndarray, str]]:
     """All tensors of the given safetensors files as float32/int numpy arrays, with each one's file name."""
-    from safetensors import safe_open
-
     out: dict[str, tuple[np.ndarray, str]] = {}
     for f in files:
-        # The "flax" framework reads bfloat16 too; the result is converted to numpy float32 here.
-        with safe_open(str(f), framework="flax") as st:
+        with _open_safetensors(f) as st:
             for name in st.keys():
-                arr = st.get_tensor(name)
-                out[name] = (
-                    np.asarray(arr, dtype=np.float32)
-                    if arr.dtype.kind == "f" or str(arr.dtype) == "bfloat16"
-                    else np.asarray(arr),
-                    f.name,
-                )
+                out[name] = (_get_tensor(st, name, f), f.name)
     return out
 
 
-def load_config(path: str | os.PathLike, dtype: str | None = None) -> ModelConfig:
-    """The :class:`ModelConfig` of a Hugging Face directory (``config.json``)."""
-    path = Path(path)
+def _open_safetensors(f: Path) -> Any:
+    """``safe_open``; a truncated or corrupt file is a one-line ``CheckpointFormatError`` naming it."""
+    from safetensors import SafetensorError, safe_open
+
+    try:
+        # The "flax" framework reads bfloat16 too; tensors are converted to numpy float32 by _get_tensor.
+        return safe_open(str(f), framework="flax")
+    except SafetensorError as e:
+        raise CheckpointFormatError(
+            f"{f}: not a readable safetensors file, truncated or corrupt ({e})"
+        ) from None
+
+
+def _get_tensor(st: Any, name: str, f: Path) -> np.ndarray:
+    from safetensors import SafetensorError
+
+    try:
+        arr = st.get_tensor(name)
+    except SafetensorError as e:
+        raise CheckpointFormatError(f"{f}: cannot read tensor {name!r}, truncated or corrupt ({e})") from None
+    if arr.dtype.kind == "f" or str(arr.dtype) == "bfloat16":
+        return np.asarray(arr, dtype=np.float32)
+    return np.asarray(arr)
+
+
+def _read_hf_config(path: Path) -> dict[str, Any]:
     cfg_file = path / "config.json"
     if not cfg_file.is_file():
         raise CheckpointFormatError(f"{path}: no config.json (is this a Hugging Face model directory?)")
     try:
         hf = json.loads(cfg_file.read_text())
-    except json.JSONDecodeError as e:
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise CheckpointFormatError(f"{cfg_file}: invalid JSON ({e})") from None
-    cfg = from_hf_config(hf, source=str(cfg_file))
-    if dtype is not None:
-        import dataclasses
+    if not isinstance(hf, dict):
+        raise CheckpointFormatError(f"{cfg_file}: expected a JSON object, got {type(hf).__name__}")
+    return hf
 
+
+def is_sequence_classifier(hf_config: dict[str, Any]) -> bool:
+    """Whether a ``config.json`` dict describes a ``*ForSequenceClassification`` model (a score head)."""
+    return any(str(a).endswith(_CLASSIFIER_SUFFIX) for a in hf_config.get("architectures") or ())
+
+
+def load_config(path: str | os.PathLike, dtype: str | None = None) -> ModelConfig:
+    """The :class:`ModelConfig` of a Hugging Face directory (``config.json``).
+
+    A sequence-classification checkpoint has no LM head; its config is read as tied (the LM head, which
+    reward and value scoring never use, is then the embedding table).
+    """
+    path = Path(path)
+    hf = _read_hf_config(path)
+    cfg = from_hf_config(hf, source=str(path / "config.json"))
+    if is_sequence_classifier(hf) and not cfg.tie_word_embeddings and not _has_tensor(path, "lm_head.weight"):
+        cfg = dataclasses.replace(cfg, tie_word_embeddings=True)
+    if dtype is not None:
         cfg = dataclasses.replace(cfg, dtype=dtype)
     return cfg
+
+
+def _tensor_file(path: Path, name: str) -> Path | None:
+    """The safetensors file of ``path`` that holds tensor ``name``, or None."""
+    index = path / INDEX_FILE
+    if index.is_file():
+        try:
+            shard = json.loads(index.read_text())["weight_map"].get(name)
+        except (json.JSONDecodeError, KeyError, AttributeError) as e:
+            raise CheckpointFormatError(f"{index}: not a valid safetensors index ({e})") from None
+        return None if shard is None else path / shard
+    single = path / SINGLE_FILE
+    if not single.is_file():
+        return None
+    with _open_safetensors(single) as st:
+        return single if name in st.keys() else None
+
+
+def _has_tensor(path: Path, name: str) -> bool:
+    return _tensor_file(path, name) is not None
 
 
 def params_from_hf_tensors(
@@ -252,6 +327,9 @@ def load(
         raise FileNotFoundError(f"{path}: model directory not found")
     cfg = load_config(path, dtype)
     tensors = read_safetensors(list(_tensor_files(path)))
+    if is_sequence_classifier(_read_hf_config(path)):
+        # The score head is read by load_heads; here only the backbone is.
+        tensors = {k: v for k, v in tensors.items() if not k.startswith("score.")}
     params = params_from_hf_tensors(cfg, tensors, source=str(path))
     tok = load_tokenizer(path) if tokenizer else None
     return LanguageModel(cfg), params, tok
@@ -268,14 +346,49 @@ def load_tokenizer(path: str | os.PathLike) -> Any:
 
 
 def load_heads(path: str | os.PathLike) -> dict[str, Any]:
-    """Heads saved beside a model (``{"value_head": {...}, "reward_head": {...}}``); {} when none."""
-    f = Path(path) / HEADS_FILE
-    if not f.is_file():
-        return {}
+    """Heads saved with a model (``{"value_head": {...}, "reward_head": {...}}``); {} when none.
+
+    A sequence-classification checkpoint's ``score.weight`` [1, d] is a head too: the one ``config.json``'s
+    ``jaxrlhf_score.head`` names (a jaxrlhf export), else ``reward_head`` (e.g. TRL's ``RewardTrainer``),
+    with the bias recorded there (else 0).
+    """
+    path = Path(path)
     heads: dict = {}
-    for name, (arr, _) in read_safetensors([f]).items():
-        _set(heads, tuple(name.split(".")), arr)
+    f = path / HEADS_FILE
+    if f.is_file():
+        for name, (arr, _) in read_safetensors([f]).items():
+            _set(heads, tuple(name.split(".")), arr)
+    if (path / "config.json").is_file():
+        hf = _read_hf_config(path)
+        if is_sequence_classifier(hf):
+            name, head = _score_head(path, hf)
+            heads[name] = head
     return heads
+
+
+def _score_head(path: Path, hf: dict[str, Any]) -> tuple[str, dict[str, Any]]:
+    """(head name, head params) of a sequence-classification checkpoint's score layer."""
+    f = _tensor_file(path, SCORE_TENSOR)
+    if f is None or not f.is_file():
+        raise CheckpointFormatError(
+            f"{path}: config.json says {hf['architectures'][0]} but the checkpoint has no {SCORE_TENSOR!r}"
+        )
+    with _open_safetensors(f) as st:
+        weight = _get_tensor(st, SCORE_TENSOR, f)
+        bias = _get_tensor(st, "score.bias", f) if "score.bias" in st.keys() else None
+    if weight.ndim != 2 or weight.shape[0] != 1:
+        raise CheckpointFormatError(
+            f"{f}: {SCORE_TENSOR} has shape {weight.shape}; a reward model or critic has one output "
+            "(num_labels 1, shape (1, hidden_size))"
+        )
+    meta = hf.get(SCORE_METADATA) or {}
+    if not isinstance(meta, dict):
+        raise CheckpointFormatError(f"{path / 'config.json'}: {SCORE_METADATA} must be an object")
+    name = meta.get("head", "reward_head")
+    if name not in ("reward_head", "value_head"):
+        raise CheckpointFormatError(f"{path / 'config.json'}: {SCORE_METADATA}.head {name!r} is not a head")
+    b = np.float32(meta.get("bias", 0.0)) + (np.float32(bias[0]) if bias is not None else np.float32(0))
+    return name, {"proj": {"kernel": np.ascontiguousarray(weight.T), "bias": np.asarray([b], np.float32)}}
 
 
 # ------------------------------------------------------------------------------------------------ save
@@ -302,6 +415,86 @@ def _flatten(tree: dict, prefix: str = "") -> dict[str, np.ndarray]:
     return flat
 
 
+class ClassifierPad(NamedTuple):
+    """The pad token of a sequence-classification export (``token`` None: the tokenizer already pads with
+    it) and whether Hugging Face then reads the token jaxrlhf's head reads (``exact``)."""
+
+    id: int | None
+    token: str | None
+    exact: bool
+
+
+def classifier_pad_token(tokenizer: Any, config: ModelConfig) -> ClassifierPad:
+    """The ``pad_token_id`` to write into a sequence-classification export.
+
+    HF's ``*ForSequenceClassification`` scores the rightmost token that is not ``config.pad_token_id``;
+    jaxrlhf's heads read the last token of the attention mask, which ends a response with eos. The two agree
+    when the pad id differs from eos (and is never the last real token). So: the tokenizer's pad if it is
+    not eos; else a special token named like a pad (``<|finetune_right_pad_id|>``…), ``unk`` or ``bos``,
+    which the exported tokenizer then pads with (its vocabulary is unchanged); else eos, which is not
+    ``exact`` (HF would score the token before a final eos).
+    """
+    if tokenizer is None:
+        eos = config.eos_token_id
+        for candidate in (config.pad_token_id, config.bos_token_id):
+            if candidate is not None and candidate != eos:
+                return ClassifierPad(candidate, None, True)
+        return ClassifierPad(eos if eos is not None else config.pad_token_id, None, False)
+    eos = tokenizer.eos_token_id
+    if tokenizer.pad_token_id is not None and tokenizer.pad_token_id != eos:
+        return ClassifierPad(int(tokenizer.pad_token_id), None, True)
+    added = getattr(tokenizer, "added_tokens_decoder", {}) or {}
+    named_pad = [(i, str(t)) for i, t in sorted(added.items()) if "pad" in str(t).lower() and i != eos]
+    candidates = [*named_pad, (tokenizer.unk_token_id, tokenizer.unk_token), (tokenizer.bos_token_id,
+                                                                               tokenizer.bos_token)]
+    for token_id, token in candidates:
+        if token_id is not None and token_id != eos and token_id < config.vocab_size:
+            return ClassifierPad(int(token_id), str(token), True)
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos
+    return ClassifierPad(None if pad is None else int(pad), None, False)
+
+
+def _classifier_layout(
+    cfg: ModelConfig,
+    hf_config: dict[str, Any],
+    tensors: dict[str, np.ndarray],
+    head_name: str,
+    head: Any,
+    tokenizer: Any,
+) -> Any:
+    """Turn a causal-LM export into ``*ForSequenceClassification`` with ``head`` as the score (in place);
+    returns the tokenizer to save (a copy padding with the export's pad token, when that changed)."""
+    kernel = np.asarray(head["proj"]["kernel"], np.float32)
+    if kernel.shape != (cfg.hidden_size, 1):
+        raise ValueError(f"{head_name}: kernel shape {kernel.shape}, expected ({cfg.hidden_size}, 1)")
+    bias = float(np.asarray(head["proj"]["bias"], np.float32).reshape(-1)[0])
+    causal = hf_config["architectures"][0].replace("LMHeadModel", "ForCausalLM")  # GPT2LMHeadModel, …
+    hf_config["architectures"] = [causal.replace("ForCausalLM", _CLASSIFIER_SUFFIX)]
+    hf_config["id2label"], hf_config["label2id"] = {"0": "LABEL_0"}, {"LABEL_0": 0}
+    hf_config[SCORE_METADATA] = {"head": head_name, "bias": bias}
+    tensors.pop("lm_head.weight", None)  # a classifier has no LM head
+    tensors[SCORE_TENSOR] = np.ascontiguousarray(kernel.T)
+    pad = classifier_pad_token(tokenizer, cfg)
+    hf_config["pad_token_id"] = pad.id
+    if not pad.exact:
+        log.warning(
+            "%s export: the tokenizer pads with eos and has no other special token to pad with, so "
+            "transformers will score the token before a final eos, not the eos jaxrlhf scores; give the "
+            "tokenizer a pad token distinct from eos for identical scores",
+            head_name,
+        )
+    if bias != 0.0:
+        log.info(
+            "%s export: transformers' score layer has no bias; its scores are jaxrlhf's minus %g "
+            "(kept in config.json as %s.bias, which jaxrlhf restores)",
+            head_name, bias, SCORE_METADATA,
+        )
+    if tokenizer is not None and pad.token is not None:
+        tokenizer = copy.deepcopy(tokenizer)
+        tokenizer.pad_token = pad.token
+    return tokenizer
+
+
 def save(
     path: str | os.PathLike,
     model: LanguageModel,
@@ -310,6 +503,7 @@ def save(
     heads: dict[str, Any] | None = None,
     max_shard_bytes: int | None = None,
     extra_files: dict[str, str] | None = None,
+    score_head: str | None = "auto",
 ) -> Path:
     """Write a Hugging Face directory (config.json, safetensors, tokenizer) atomically.
 
@@ -317,16 +511,28 @@ def save(
     leaves a half-written model at ``path``; an existing ``path`` is replaced only once the new one is
     complete.
     ``max_shard_bytes`` splits the weights into shards with a ``model.safetensors.index.json``.
+    ``score_head`` names the head written as the ``score`` of a ``*ForSequenceClassification`` checkpoint
+    (``"value_head"`` for a separate critic); ``"auto"``: the reward head when ``heads`` has one; None: a
+    causal LM with every head in ``jaxrlhf_heads.safetensors``.
     """
     from safetensors.numpy import save_file
 
+    heads = dict(heads or {})
+    if score_head == "auto":
+        score_head = "reward_head" if "reward_head" in heads else None
+    if score_head is not None and score_head not in heads:
+        raise ValueError(f"score_head={score_head!r} is not among the heads given ({sorted(heads)})")
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
     try:
         cfg = model.config
-        (tmp / "config.json").write_text(json.dumps(to_hf_config(cfg), indent=2) + "\n")
+        hf_config = to_hf_config(cfg)
         tensors = hf_tensors_from_params(cfg, jax_to_numpy(params))
+        if score_head is not None:
+            score = jax_to_numpy(heads.pop(score_head))
+            tokenizer = _classifier_layout(cfg, hf_config, tensors, score_head, score, tokenizer)
+        (tmp / "config.json").write_text(json.dumps(hf_config, indent=2) + "\n")
         meta = {"format": "pt"}
         if max_shard_bytes is None:
             save_file(tensors, str(tmp / SINGLE_FILE), metadata=meta)
@@ -367,6 +573,28 @@ def save(
     return path
 
 
+def check_vocabulary(
+    tokenizer: Any, config: ModelConfig, tokenizer_source: str = "", model_source: str = ""
+) -> None:
+    """Raise :class:`VocabularyMismatchError` (one line, both sizes) when ``tokenizer`` can produce a token
+    id ≥ ``config.vocab_size``, i.e. one the model's embedding table has no row for.
+
+    A tokenizer smaller than the embedding is fine (checkpoints often pad their vocabulary to a multiple
+    of 64 or 128); ``*_source`` name the two in the message (e.g. their directories).
+    """
+    vocab = tokenizer.get_vocab()
+    needed = max(vocab.values()) + 1 if vocab else 0
+    if needed <= config.vocab_size:
+        return
+    tok = f"the tokenizer {tokenizer_source}" if tokenizer_source else "the tokenizer"
+    mod = f"the model {model_source}" if model_source else "the model"
+    raise VocabularyMismatchError(
+        f"{tok} has {len(vocab)} tokens (ids up to {needed - 1}) but {mod} has vocab_size "
+        f"{config.vocab_size}: ids >= {config.vocab_size} have no embedding; use the model's own tokenizer "
+        f"or one whose ids stay below {config.vocab_size}"
+    )
+
+
 def jax_to_numpy(tree: Any) -> Any:
     """Fetch a (possibly sharded) pytree of arrays to host numpy, keeping its dict structure."""
     import jax
@@ -376,8 +604,13 @@ def jax_to_numpy(tree: Any) -> Any:
 
 __all__ = [
     "CheckpointFormatError",
+    "ClassifierPad",
     "UnsupportedModelError",
+    "VocabularyMismatchError",
+    "check_vocabulary",
+    "classifier_pad_token",
     "hf_tensors_from_params",
+    "is_sequence_classifier",
     "load",
     "load_config",
     "load_heads",

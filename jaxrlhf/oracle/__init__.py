@@ -1,9 +1,11 @@
-"""Feedback layer: oracle (gold) rewards, simulated annotators and built-in synthetic tasks.
+"""Feedback layer: rewards and oracle (gold) rewards, simulated annotators and built-in synthetic tasks.
 
-An :class:`Oracle` is a deterministic gold reward R*(prompt, response) with a host form
-(``score_texts``) and an array form (``score_tokens``, jittable for the built-in tasks). Simulated
-annotators turn gold rewards into pairwise preferences, Plackett–Luce rankings or quantised ratings, and
-:func:`annotate_pool` writes them as the records the trainers read.
+An :class:`Oracle` is a deterministic reward R*(prompt, response) with a host form (``score_texts``) and an
+array form (``score_tokens``, jittable for the built-in tasks and rewards). It is the one kind of reward
+function: :func:`get_reward` finds one by name or import path for the RL trainers (``reward.function``) and
+the demo (``task.oracle``), and :func:`register_reward` adds one. Simulated annotators turn gold rewards
+into pairwise preferences, Plackett–Luce rankings or quantised ratings, and :func:`annotate_pool` writes them
+as the records the trainers read.
 """
 
 from jaxrlhf.oracle.annotators import (
@@ -12,9 +14,16 @@ from jaxrlhf.oracle.annotators import (
     preference_probability,
     quantised_ratings,
 )
-from jaxrlhf.oracle.base import FunctionOracle, Oracle, decode_batch
+from jaxrlhf.oracle.base import FunctionOracle, Oracle, decode_batch, rollout_reward_inputs
 from jaxrlhf.oracle.feedback_records import AnnotatorConfig, annotate_pool, coverage_report
-from jaxrlhf.oracle.registry import OracleSpecError, get_oracle, register_oracle, registered_oracles
+from jaxrlhf.oracle.registry import (
+    RewardSpecError,
+    as_reward,
+    get_reward,
+    register_reward,
+    registered_rewards,
+    reward_form,
+)
 from jaxrlhf.oracle.task_tokenizer import BOS_ID, EOS_ID, PAD_ID, UNK_ID, build_task_tokenizer
 from jaxrlhf.oracle.tasks import (
     DigitSortOracle,
@@ -26,6 +35,7 @@ from jaxrlhf.oracle.tasks import (
     list_tasks,
     register_task,
 )
+from jaxrlhf.oracle.token_rewards import TokenFunctionOracle, length_reward, token_count_reward
 
 __all__ = [
     "BOS_ID",
@@ -37,22 +47,28 @@ __all__ = [
     "DigitSortTask",
     "FunctionOracle",
     "Oracle",
-    "OracleSpecError",
     "RandomWalkOracle",
     "RandomWalkTask",
+    "RewardSpecError",
     "Task",
+    "TokenFunctionOracle",
     "annotate_pool",
+    "as_reward",
     "build_task_tokenizer",
     "coverage_report",
     "decode_batch",
-    "get_oracle",
+    "get_reward",
     "get_task",
+    "length_reward",
     "list_tasks",
     "pairwise_preferences",
     "plackett_luce_rankings",
     "preference_probability",
     "quantised_ratings",
-    "register_oracle",
+    "register_reward",
     "register_task",
-    "registered_oracles",
+    "registered_rewards",
+    "reward_form",
+    "rollout_reward_inputs",
+    "token_count_reward",
 ]

@@ -1,6 +1,8 @@
 """Oracles: deterministic gold rewards R*(prompt, response), in a host form and an array form.
 
-An oracle has two forms:
+An oracle is the project's one kind of reward function: the RL trainers' ``reward.function``, the demo's gold
+reward and a built-in task's oracle are all :class:`Oracle` s (see ``jaxrlhf.oracle.registry``). It has two
+forms:
 
 * host form ``score_texts(prompts, responses, finished=None) -> np.ndarray[float32] [B]``. A response
   string is what the policy wrote *before* its end-of-sequence token; ``finished[b]`` says whether it
@@ -52,6 +54,33 @@ class Oracle(abc.ABC):
 
     def __call__(self, prompts: Sequence[str], responses: Sequence[str]) -> np.ndarray:
         return self.score_texts(prompts, responses)
+
+    def score_rollout(self, rollout) -> jax.Array | np.ndarray:
+        """[B] float32 scores of a rollout (``jaxrlhf.rollout.generate.Rollout``) by the array form.
+
+        Jittable oracle: jnp, traceable inside ``jax.jit``. Host oracle: the inputs are fetched to the host
+        here and the scores come back as NumPy, so call it outside jit, once per batch.
+        """
+        inputs = rollout_reward_inputs(rollout)
+        batch = rollout.sequences.shape[0]
+        if self.jittable:
+            scores = jnp.asarray(self.score_tokens(*inputs), jnp.float32)
+        elif any(isinstance(x, jax.core.Tracer) for x in inputs):
+            raise TypeError(f"reward {self.name!r} runs on the host and cannot be traced by jax.jit; call "
+                            "score_rollout outside jit (once per batch)")
+        else:
+            scores = np.asarray(self.score_tokens(*(np.asarray(x) for x in inputs)), np.float32)
+        if scores.shape != (batch,):
+            raise ValueError(f"reward {self.name!r} returned shape {scores.shape}, expected ({batch},)")
+        return scores
+
+
+def rollout_reward_inputs(rollout) -> tuple[jax.Array, jax.Array, jax.Array, jax.Array]:
+    """The array form's inputs of a rollout: (prompt_tokens, prompt_mask [B, P], response_tokens,
+    response_mask [B, N])."""
+    p = rollout.sequences.shape[1] - rollout.response_mask.shape[1]
+    return (rollout.sequences[:, :p], rollout.sequence_mask[:, :p], rollout.response_tokens,
+            rollout.response_mask)
 
 
 def check_text_batch(

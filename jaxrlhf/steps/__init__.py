@@ -4,35 +4,47 @@ Every step is side-effect free and jittable (the run layer jits it, with shardin
 hyper-parameters come from the frozen config dataclasses, models are static closures.
 """
 
-from jaxrlhf.steps.a2c import A2CConfig, a2c_loss, make_a2c_update
+from jaxrlhf.steps.a2c import a2c_loss, make_a2c_update
 from jaxrlhf.steps.accumulate import accumulate_gradients, merge_microbatches, split_microbatches
-from jaxrlhf.steps.actor_critic import kl_controller
+from jaxrlhf.steps.actor_critic import ActorCriticParams, kl_controller
+from jaxrlhf.steps.dpo import (
+    DPOConfig,
+    dpo_batch_loss,
+    make_dpo_eval,
+    make_dpo_step,
+    make_reference_logps,
+    pair_logps,
+)
 from jaxrlhf.steps.experience import (
     Experience,
     ResponseOutputs,
-    RLConfig,
     critic_values,
     make_experience_fn,
     response_logprobs_and_values,
     sequence_kl,
 )
-from jaxrlhf.steps.guard import all_finite, apply_gradients_if_finite, select_if_finite
+from jaxrlhf.steps.guard import all_finite, apply_gradients_if_finite, update_if
 from jaxrlhf.steps.optim import OptimizerConfig, current_learning_rate, learning_rate_at, make_optimizer
-from jaxrlhf.steps.ppo import PPOConfig, make_ppo_update, ppo_loss
+from jaxrlhf.steps.params import CriticParams, PolicyParams, RewardModelParams
+from jaxrlhf.steps.ppo import make_ppo_update, ppo_loss
 from jaxrlhf.steps.reward_model import (
     RewardModelConfig,
+    RewardModelScorer,
     make_reward_model_eval,
     make_reward_model_step,
     make_reward_scorer,
     reward_model_loss,
 )
-from jaxrlhf.steps.rewards import (
-    RewardFunction,
-    RewardModelScorer,
-    get_reward_fn,
-    register_reward_fn,
-    registered_reward_fns,
-    rollout_reward_inputs,
+from jaxrlhf.steps.rl_config import A2CConfig, PPOConfig, RLConfig
+from jaxrlhf.steps.rl_iteration import (
+    ExperienceFn,
+    GenerateFn,
+    IterationOutput,
+    RLPhases,
+    ScoreFn,
+    UpdateFn,
+    make_rl_iteration,
+    make_rl_phases,
 )
 from jaxrlhf.steps.sft import SFTConfig, make_sft_step, sft_loss
 from jaxrlhf.steps.state import (
@@ -41,22 +53,31 @@ from jaxrlhf.steps.state import (
     apply_gradients,
     create_rl_state,
     create_train_state,
-    lm_params,
 )
 
 __all__ = [
     "A2CConfig",
+    "ActorCriticParams",
+    "CriticParams",
+    "DPOConfig",
     "Experience",
+    "ExperienceFn",
+    "GenerateFn",
+    "IterationOutput",
     "OptimizerConfig",
     "PPOConfig",
+    "PolicyParams",
     "RLConfig",
+    "RLPhases",
     "RLState",
     "ResponseOutputs",
-    "RewardFunction",
     "RewardModelConfig",
+    "RewardModelParams",
     "RewardModelScorer",
     "SFTConfig",
+    "ScoreFn",
     "TrainState",
+    "UpdateFn",
     "a2c_loss",
     "accumulate_gradients",
     "all_finite",
@@ -66,27 +87,29 @@ __all__ = [
     "create_train_state",
     "critic_values",
     "current_learning_rate",
-    "get_reward_fn",
+    "dpo_batch_loss",
     "kl_controller",
     "learning_rate_at",
-    "lm_params",
     "make_a2c_update",
+    "make_dpo_eval",
+    "make_dpo_step",
     "make_experience_fn",
     "make_optimizer",
     "make_ppo_update",
+    "make_reference_logps",
     "make_reward_model_eval",
     "make_reward_model_step",
     "make_reward_scorer",
+    "make_rl_iteration",
+    "make_rl_phases",
     "make_sft_step",
     "merge_microbatches",
+    "pair_logps",
     "ppo_loss",
-    "register_reward_fn",
-    "registered_reward_fns",
     "response_logprobs_and_values",
     "reward_model_loss",
-    "rollout_reward_inputs",
-    "select_if_finite",
     "sequence_kl",
     "sft_loss",
     "split_microbatches",
+    "update_if",
 ]

@@ -7,8 +7,7 @@ Advantages come from the same experience pipeline as PPO, by default with λ = 1
 
 from __future__ import annotations
 
-import dataclasses
-from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 import jax
 import jax.numpy as jnp
@@ -28,21 +27,16 @@ from jaxrlhf.steps.actor_critic import (
     kl_loss_term,
     update_kl_controller,
 )
-from jaxrlhf.steps.experience import Experience, RLConfig
+from jaxrlhf.steps.experience import Experience
 from jaxrlhf.steps.guard import all_finite
 from jaxrlhf.steps.optim import current_learning_rate
+from jaxrlhf.steps.rl_config import A2CConfig
 from jaxrlhf.steps.state import RLState
 
+if TYPE_CHECKING:
+    from jaxrlhf.steps.rl_iteration import UpdateFn
+
 Metrics = dict[str, jax.Array]
-
-
-@dataclasses.dataclass(frozen=True)
-class A2CConfig(RLConfig):
-    """A2C hyper-parameters: :class:`RLConfig` with vf_coef 0.5 and λ = 1."""
-
-    vf_coef: float = 0.5
-    entropy_coef: float = 0.0
-    lam: float = 1.0
 
 
 def a2c_loss(
@@ -72,7 +66,7 @@ def a2c_loss(
         "policy/entropy_avg": entropy,
         "policy/approxkl_avg": 0.5 * masked_mean(jnp.square(log_ratio), mask),
         "val/ratio": masked_mean(jnp.exp(log_ratio), mask),
-        "val/ratio_first_minibatch": masked_mean(jnp.abs(jnp.exp(log_ratio) - 1.0), mask),
+        "val/ratio_abs_dev_first_minibatch": masked_mean(jnp.abs(jnp.exp(log_ratio) - 1.0), mask),
     }
     return loss, (masked_count(mask), jax.lax.stop_gradient(metrics))
 
@@ -83,12 +77,13 @@ def make_a2c_update(
     cfg: A2CConfig,
     policy_optimizer: optax.GradientTransformation,
     critic_optimizer: optax.GradientTransformation | None = None,
-) -> Callable[[RLState, Experience, jax.Array], tuple[RLState, Metrics]]:
+) -> UpdateFn:
     """``update(state, batch, key) -> (state, metrics)``: one guarded gradient step; pure and jittable.
 
     Metrics: loss/policy_avg, loss/value_avg, loss/kl_avg, policy/entropy_avg, policy/approxkl_avg,
-    val/ratio, val/ratio_first_minibatch (all before the step), train/grad_norm, train/nonfinite_skips,
-    train/updates, lr, objective/kl_coef (after the controller update).
+    val/ratio, val/ratio_abs_dev_first_minibatch (mean |r − 1|; all before the step), train/grad_norm,
+    train/skipped_updates (1 when the step was not finite), train/updates, lr, objective/kl_coef (after the
+    controller update).
     """
     check_critic("make_a2c_update", cfg, critic_model, critic_optimizer)
     controller = kl_controller(cfg)
@@ -102,7 +97,7 @@ def make_a2c_update(
 
         critic_params = None if state.critic is None else state.critic.params
         loss, grads, metrics = accumulate_gradients(
-            loss_fn, (state.policy.params, critic_params), batch, cfg.grad_accum_steps)
+            loss_fn, ActorCriticParams(state.policy.params, critic_params), batch, cfg.grad_accum_steps)
         finite = all_finite((loss, grads))
         policy, critic = apply_if(
             finite, state.policy, state.critic, grads, policy_optimizer, critic_optimizer)
@@ -110,7 +105,7 @@ def make_a2c_update(
         metrics = {
             **metrics,
             "train/grad_norm": optax.tree.norm(grads),
-            "train/nonfinite_skips": ~finite,
+            "train/skipped_updates": ~finite,
             "train/updates": finite,
             "lr": current_learning_rate(policy.opt_state),
             "objective/kl_coef": kl.kl_coef,

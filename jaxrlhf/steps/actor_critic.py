@@ -3,7 +3,7 @@ guarded update of policy and critic, the KL term of the loss and the KL-controll
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -20,16 +20,21 @@ from jaxrlhf.rl.kl_control import (
 from jaxrlhf.steps.experience import (
     Experience,
     ResponseOutputs,
-    RLConfig,
     critic_values,
     response_logprobs_and_values,
     sequence_kl,
 )
 from jaxrlhf.steps.guard import update_if
+from jaxrlhf.steps.params import CriticParams, PolicyParams
+from jaxrlhf.steps.rl_config import RLConfig
 from jaxrlhf.steps.state import TrainState, apply_gradients
 
-# (policy params, critic params or None): what the actor-critic loss is differentiated against.
-ActorCriticParams = tuple[Any, Any | None]
+
+class ActorCriticParams(NamedTuple):
+    """What the actor-critic loss is differentiated against: the policy and, if separate, the critic."""
+
+    policy: PolicyParams
+    critic: CriticParams | None
 
 
 def kl_controller(cfg: RLConfig) -> KLController:
@@ -57,12 +62,10 @@ def actor_critic_outputs(
 ) -> ResponseOutputs:
     """New log-probs, entropies and values of the batch's responses (values from the shared value head
     or the separate critic), through the same forward pass as the experience."""
-    policy_params, critic_params = params
     p, sequences, mask = batch.prompt_length, batch.sequences, batch.sequence_mask
-    head = policy_params["value_head"] if critic_model is None else None
-    out = response_logprobs_and_values(policy_model, policy_params, sequences, mask, p, cfg.temperature, head)
+    out = response_logprobs_and_values(policy_model, params.policy, sequences, mask, p, cfg.temperature)
     if critic_model is not None:
-        values, bootstrap = critic_values(critic_model, critic_params, sequences, mask, p)
+        values, bootstrap = critic_values(critic_model, params.critic, sequences, mask, p)
         out = out._replace(values=values, bootstrap_values=bootstrap)
     return out
 
@@ -72,7 +75,7 @@ def kl_loss_term(cfg: RLConfig, logprobs: jax.Array, batch: Experience) -> jax.A
     by β: the caller does)."""
     if cfg.kl_in_reward:
         return jnp.zeros((), jnp.float32)
-    return kl_loss(logprobs, batch.ref_logprobs, batch.response_mask, cfg.kl_estimator)
+    return kl_loss(logprobs, batch.ref_logprobs, batch.response_mask, cfg.effective_kl_estimator)
 
 
 def apply_if(
@@ -87,8 +90,8 @@ def apply_if(
 
     def apply(states):
         policy, critic = states
-        new_critic = None if critic is None else apply_gradients(critic, critic_optimizer, grads[1])
-        return apply_gradients(policy, policy_optimizer, grads[0]), new_critic
+        new_critic = None if critic is None else apply_gradients(critic, critic_optimizer, grads.critic)
+        return apply_gradients(policy, policy_optimizer, grads.policy), new_critic
 
     return update_if(ok, apply, (policy, critic))
 
@@ -96,9 +99,9 @@ def apply_if(
 def update_kl_controller(
     controller: KLController, state: KLControllerState, cfg: RLConfig, batch: Experience
 ) -> KLControllerState:
-    """β update from the batch's mean sequence KL (cfg estimator), n_steps = batch size."""
+    """β update from the batch's mean sequence KL (the config's estimator), n_steps = batch size."""
     observed = jnp.mean(sequence_kl(batch.old_logprobs, batch.ref_logprobs, batch.response_mask,
-                                    cfg.kl_estimator))
+                                    cfg.effective_kl_estimator))
     return controller.update(state, observed, batch.sequences.shape[0])
 
 

@@ -11,9 +11,7 @@ before response token j.
 
 from __future__ import annotations
 
-import dataclasses
-from collections.abc import Callable
-from typing import Any, Literal, NamedTuple
+from typing import TYPE_CHECKING, NamedTuple
 
 import chex
 import jax
@@ -22,56 +20,18 @@ import jax.numpy as jnp
 from jaxrlhf.models.transformer import LanguageModel
 from jaxrlhf.rl.advantages import batched_gae_advantages
 from jaxrlhf.rl.kl import kl_estimate, kl_penalized_rewards
+from jaxrlhf.rl.kl_control import KLControllerState
 from jaxrlhf.rl.masked import explained_variance, masked_whiten
 from jaxrlhf.rl.policy_losses import entropy_from_logits, token_logprobs
 from jaxrlhf.rollout.generate import Rollout
 from jaxrlhf.rollout.scoring import response_hidden, response_logits, response_values
-from jaxrlhf.steps.state import lm_params
+from jaxrlhf.steps.params import CriticParams, PolicyParams
+from jaxrlhf.steps.rl_config import RLConfig
+
+if TYPE_CHECKING:
+    from jaxrlhf.steps.rl_iteration import ExperienceFn
 
 Metrics = dict[str, jax.Array]
-
-
-@dataclasses.dataclass(frozen=True)
-class RLConfig:
-    """Advantage, reward and KL hyper-parameters shared by PPO and A2C (defaults: RLHF_REFERENCE.md).
-
-    kl_in_reward: True puts −β·KL per token in the reward (classic); False puts β·KL in the loss (GRPO
-    style, estimator ``kl_estimator``: use "k3" there, since k1's expected gradient is 0; the reward is
-    then the score alone). The logged and controller KL use ``kl_estimator`` too. adaptive_kl: β follows the
-    proportional controller towards ``kl_target``. critic: "shared" (value head on the policy's backbone)
-    or "separate" (its own model and optimiser). bootstrap_truncated: a response cut at the length limit
-    bootstraps from the critic's value of its final state; off by default, since the score at its last
-    token already rates the whole (truncated) response and the final state's value is never trained.
-    """
-
-    gamma: float = 1.0
-    lam: float = 0.95
-    whiten_advantages: bool = True
-    whiten_rewards: bool = False
-    kl_estimator: Literal["k1", "k2", "k3"] = "k1"
-    kl_in_reward: bool = True
-    kl_coef: float = 0.05
-    adaptive_kl: bool = False
-    kl_target: float = 6.0
-    kl_horizon: int = 10000
-    missing_eos_penalty: float = 1.0
-    temperature: float = 1.0
-    vf_coef: float = 0.1
-    entropy_coef: float = 0.0
-    grad_accum_steps: int = 1
-    critic: Literal["shared", "separate"] = "shared"
-    bootstrap_truncated: bool = False
-
-    def __post_init__(self) -> None:
-        name = type(self).__name__
-        if self.kl_estimator not in ("k1", "k2", "k3"):
-            raise ValueError(f"{name}.kl_estimator: expected k1, k2 or k3, got {self.kl_estimator!r}")
-        if self.critic not in ("shared", "separate"):
-            raise ValueError(f"{name}.critic: expected 'shared' or 'separate', got {self.critic!r}")
-        if self.temperature <= 0:
-            raise ValueError(f"{name}.temperature must be > 0, got {self.temperature}")
-        if self.grad_accum_steps < 1:
-            raise ValueError(f"{name}.grad_accum_steps must be >= 1, got {self.grad_accum_steps}")
 
 
 class Experience(NamedTuple):
@@ -101,76 +61,93 @@ class ResponseOutputs(NamedTuple):
 
 def response_logprobs_and_values(
     model: LanguageModel,
-    params: Any,
+    params: PolicyParams,
     sequences: jax.Array,
     sequence_mask: jax.Array,
     prompt_length: int,
     temperature: float,
-    value_head: Any | None = None,
 ) -> ResponseOutputs:
     """The one forward pass behind every response log-prob, entropy and (shared-critic) value.
 
-    ``params``: LM params or ``{"lm": …}``. log π(y_j) = token_logprobs(logits_j, y_j, T), 0 where masked;
-    H_j = entropy of softmax(logits_j / T).
+    log π(y_j) = token_logprobs(logits_j, y_j, T), 0 where masked; H_j = entropy of softmax(logits_j / T);
+    values from ``params.value_head`` when the policy has one (else ``None``).
     """
-    hidden = response_hidden(model, lm_params(params), sequences, sequence_mask, prompt_length)
-    logits = response_logits(model, lm_params(params), hidden)
+    hidden = response_hidden(model, params.lm, sequences, sequence_mask, prompt_length)
+    logits = response_logits(model, params.lm, hidden)
     tokens = sequences[:, prompt_length:]
     real = sequence_mask[:, prompt_length:] > 0
     logprobs = jnp.where(real, token_logprobs(logits, tokens, temperature), 0.0)
     entropy = entropy_from_logits(logits / temperature)
     values = bootstrap = None
-    if value_head is not None:
-        values, bootstrap = response_values(value_head, hidden)
+    if params.value_head is not None:
+        values, bootstrap = response_values(params.value_head, hidden)
     return ResponseOutputs(logprobs, entropy, values, bootstrap)
 
 
 def critic_values(
-    model: LanguageModel, params: Any, sequences: jax.Array, sequence_mask: jax.Array, prompt_length: int
+    model: LanguageModel, params: CriticParams, sequences: jax.Array, sequence_mask: jax.Array,
+    prompt_length: int
 ) -> tuple[jax.Array, jax.Array]:
-    """A separate critic's values [B, N] and final-state values [B]; ``params`` = {"lm", "value_head"}."""
-    hidden = response_hidden(model, lm_params(params), sequences, sequence_mask, prompt_length)
-    return response_values(params["value_head"], hidden)
+    """A separate critic's values [B, N] and final-state values [B]."""
+    hidden = response_hidden(model, params.lm, sequences, sequence_mask, prompt_length)
+    return response_values(params.value_head, hidden)
 
 
 def sequence_kl(
-    old_logprobs: jax.Array, ref_logprobs: jax.Array, mask: jax.Array, estimator: str
+    logprobs: jax.Array, ref_logprobs: jax.Array, mask: jax.Array, estimator: str = "k1"
 ) -> jax.Array:
-    """Σ_t m_t·k(logπ_t, logπ_ref_t) per sequence: [B]."""
-    return jnp.sum(kl_estimate(old_logprobs, ref_logprobs, estimator) * mask, axis=1)
+    """Per-sequence KL estimate Σ_t m_t·k(log π_t, log π_ref_t) over sampled tokens y ~ π: [B].
+
+    With k1 (log π − log π_ref) its mean over sequences sampled from π is an unbiased estimate of
+    KL(π ‖ π_ref) over whole responses. Jittable; NumPy inputs give a jax array.
+    """
+    return jnp.sum(kl_estimate(jnp.asarray(logprobs), jnp.asarray(ref_logprobs), estimator)
+                   * jnp.asarray(mask, jnp.float32), axis=-1)
 
 
 def make_experience_fn(
     policy_model: LanguageModel, ref_model: LanguageModel, critic_model: LanguageModel | None, cfg: RLConfig
-) -> Callable[..., tuple[Experience, Metrics]]:
-    """``experience(policy_params, ref_params, critic_params, rollout, scores, kl_coef) -> (Experience,
+) -> ExperienceFn:
+    """``experience(policy_params, ref_params, critic_params, rollout, scores, kl_state) -> (Experience,
     metrics)``; pure and jittable.
 
-    policy_params: ``{"lm", "value_head"}`` (shared critic) or ``{"lm"}``; ref_params: ``{"lm"}`` or LM
-    params; critic_params: ``{"lm", "value_head"}`` or None. scores [B]; kl_coef: β (a scalar).
+    policy_params: the policy (with its value head when the critic is shared); ref_params: the reference
+    policy (no value head needed); critic_params: the separate critic, or None. scores [B]; kl_state: the
+    KL controller's state, whose β = ``kl_state.kl_coef`` weighs the KL.
     Token rewards r_t = −β·KL_t (KL in the reward only) + 1[t = last]·(score − penalty·1[no EOS]);
     advantages and returns by GAE(γ, λ); advantages whitened over the batch when configured.
+    Metrics: objective/kl, objective/entropy, objective/non_score_reward, objective/rlhf_reward,
+    objective/scores, val/num_eos_tokens, val/var_explained, objective/kl_coef (the β used).
     """
     shared = critic_model is None
     if shared != (cfg.critic == "shared"):
         raise ValueError(f"make_experience_fn: cfg.critic={cfg.critic!r} but critic_model is "
                          f"{'None' if shared else 'given'}")
+    estimator = cfg.effective_kl_estimator
 
-    def experience(policy_params, ref_params, critic_params, rollout: Rollout, scores, kl_coef):
+    def experience(
+        policy_params: PolicyParams,
+        ref_params: PolicyParams,
+        critic_params: CriticParams | None,
+        rollout: Rollout,
+        scores: jax.Array,
+        kl_state: KLControllerState,
+    ) -> tuple[Experience, Metrics]:
         sequences, sequence_mask = rollout.sequences, rollout.sequence_mask
         n = rollout.response_mask.shape[1]
         p = sequences.shape[1] - n
         mask = rollout.response_mask.astype(jnp.float32)
         scores = jnp.asarray(scores, jnp.float32)
         chex.assert_shape(scores, (sequences.shape[0],))
-        kl_coef = jnp.asarray(kl_coef, jnp.float32)
+        kl_coef = jnp.asarray(kl_state.kl_coef, jnp.float32)
+        if shared and policy_params.value_head is None:
+            raise ValueError("experience: a shared critic needs policy_params.value_head")
 
         # SCORE: policy, reference and critic passes over the finished sequences.
-        head = policy_params["value_head"] if shared else None
         policy = response_logprobs_and_values(
-            policy_model, policy_params, sequences, sequence_mask, p, cfg.temperature, head)
+            policy_model, policy_params, sequences, sequence_mask, p, cfg.temperature)
         ref = response_logprobs_and_values(
-            ref_model, ref_params, sequences, sequence_mask, p, cfg.temperature)
+            ref_model, ref_params._replace(value_head=None), sequences, sequence_mask, p, cfg.temperature)
         if shared:
             values, bootstrap = policy.values, policy.bootstrap_values
         else:
@@ -179,7 +156,7 @@ def make_experience_fn(
         values = jnp.where(mask > 0, values, 0.0)
 
         # REWARDS: score at the last response token, KL penalty per token (classic) or none (KL in loss).
-        kl = kl_estimate(old_logprobs, ref_logprobs, cfg.kl_estimator) * mask
+        kl = kl_estimate(old_logprobs, ref_logprobs, estimator) * mask
         eos = rollout.stopped.astype(bool)
         beta = kl_coef if cfg.kl_in_reward else jnp.zeros((), jnp.float32)
         rewards, non_score = kl_penalized_rewards(scores, kl, mask, beta, eos, cfg.missing_eos_penalty)

@@ -1,10 +1,11 @@
 """The non-finite guard inside a jitted step: skip an update whose loss or gradients hold a NaN/inf.
 
     ok = all_finite((loss, grads))
-    state = select_if_finite(ok, new_state, state)   # a bad step leaves the state as it was
-    # inside a jitted step, update_if / apply_gradients_if_finite: one lax.cond, not a select per leaf
+    state = update_if(ok, lambda s: apply_gradients(s, optimizer, grads), state)  # or:
+    state, ok = apply_gradients_if_finite(state, optimizer, grads, loss)
 
-The host-side counting of skips (and giving up after too many) lives in ``jaxrlhf.train.nonfinite``.
+A skipped update leaves the state as it was. The host-side counting of skips (and giving up after too many)
+lives in ``jaxrlhf.train.nonfinite``.
 """
 
 from __future__ import annotations
@@ -35,32 +36,6 @@ def all_finite(tree: Any) -> jax.Array:
     return jnp.all(jnp.stack(flags)) if flags else jnp.array(True)
 
 
-def select_if_finite(ok: jax.Array | bool, new_state: Any, old_state: Any) -> Any:
-    """``new_state`` where ``ok`` else ``old_state``, leaf by leaf (``jnp.where``); pure and jittable.
-
-    ``ok`` is a boolean scalar (e.g. from :func:`all_finite`). Both states must have the same structure
-    and leaf shapes; PRNG-key leaves are selected through their key data. Pass only what a skipped step
-    should roll back (e.g. params and optimiser state, not the step counter or the RNG).
-    """
-    ok = jnp.asarray(ok)
-    if ok.shape != ():
-        raise ValueError(f"select_if_finite: ok must be a scalar, got shape {ok.shape}")
-
-    def select(path, new, old):
-        new, old = jnp.asarray(new), jnp.asarray(old)
-        if new.shape != old.shape or new.dtype != old.dtype:
-            raise ValueError(
-                f"select_if_finite: leaf {jax.tree_util.keystr(path)} is {new.dtype}{list(new.shape)} in "
-                f"new_state but {old.dtype}{list(old.shape)} in old_state"
-            )
-        if _is_key(new):
-            data = jnp.where(ok, jax.random.key_data(new), jax.random.key_data(old))
-            return jax.random.wrap_key_data(data, dtype=new.dtype)
-        return jnp.where(ok, new, old)
-
-    return jax.tree_util.tree_map_with_path(select, new_state, old_state)
-
-
 def apply_gradients_if_finite(
     state: TrainState, optimizer: optax.GradientTransformation, grads: Any, loss: jax.Array
 ) -> tuple[TrainState, jax.Array]:
@@ -73,7 +48,7 @@ def apply_gradients_if_finite(
 def update_if(ok: jax.Array, update: Any, state: Any) -> Any:
     """``update(state)`` where ``ok`` (a boolean scalar), else ``state``: the guard inside a jitted step.
 
-    One ``lax.cond`` rather than :func:`select_if_finite`: XLA copies a cheap scalar predicate into every
+    One ``lax.cond`` rather than a ``jnp.where`` per leaf: XLA copies a cheap scalar predicate into every
     consumer fusion, so a select per leaf copied the leaves-way AND behind ``ok`` once per leaf (program
     size and compile time growing with leaves²). A skipped update is also not computed.
     """

@@ -10,10 +10,8 @@ finite is skipped (and counted); with ``target_kl_early_stop`` the first minibat
 
 from __future__ import annotations
 
-import dataclasses
 import math
-from collections.abc import Callable
-from typing import NamedTuple
+from typing import TYPE_CHECKING, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -33,38 +31,17 @@ from jaxrlhf.steps.actor_critic import (
     kl_loss_term,
     update_kl_controller,
 )
-from jaxrlhf.steps.experience import Experience, RLConfig
+from jaxrlhf.steps.experience import Experience
 from jaxrlhf.steps.guard import all_finite
 from jaxrlhf.steps.optim import current_learning_rate
+from jaxrlhf.steps.rl_config import PPOConfig
 from jaxrlhf.steps.sharding import shard_rows
 from jaxrlhf.steps.state import RLState, TrainState
 
+if TYPE_CHECKING:
+    from jaxrlhf.steps.rl_iteration import UpdateFn
+
 Metrics = dict[str, jax.Array]
-
-
-@dataclasses.dataclass(frozen=True)
-class PPOConfig(RLConfig):
-    """PPO hyper-parameters on top of :class:`RLConfig` (defaults: RLHF_REFERENCE.md).
-
-    vf_clip_eps None: unclipped value loss. dual_clip: c > 1 bounds the loss of negative advantages.
-    target_kl_early_stop: stop updating once a minibatch's approx-KL exceeds 1.5 × this value.
-    """
-
-    epochs: int = 4
-    num_minibatches: int = 1
-    clip_eps: float = 0.2
-    dual_clip: float | None = None
-    vf_clip_eps: float | None = 0.2
-    vf_coef: float = 0.1
-    entropy_coef: float = 0.0
-    lam: float = 0.95
-    target_kl_early_stop: float | None = None
-
-    def __post_init__(self) -> None:
-        super().__post_init__()
-        if self.epochs < 1 or self.num_minibatches < 1:
-            raise ValueError(f"PPOConfig: epochs ({self.epochs}) and num_minibatches "
-                             f"({self.num_minibatches}) must be >= 1")
 
 
 def ppo_loss(
@@ -77,8 +54,8 @@ def ppo_loss(
 ) -> tuple[jax.Array, tuple[jax.Array, Metrics]]:
     """L = L_clip + vf_coef·L_V − entropy_coef·H (+ β·KL when the KL is in the loss), token means.
 
-    Returns (loss, (response tokens, metrics)); metrics use the RLHF_REFERENCE names, plus "ratio_error"
-    (mean |r − 1|) and "loss/kl_avg".
+    Returns (loss, (response tokens, metrics)); metrics use the RLHF_REFERENCE names, plus "loss/kl_avg" and
+    "val/ratio_abs_dev" (mean |r − 1| over the response tokens).
     """
     out = actor_critic_outputs(policy_model, critic_model, cfg, params, batch)
     mask = batch.response_mask
@@ -99,7 +76,7 @@ def ppo_loss(
         "policy/entropy_avg": entropy,
         "val/ratio": pg_metrics["ratio"],
         "val/ratio_var": pg_metrics["ratio_var"],
-        "ratio_error": masked_mean(jnp.abs(ratio - 1.0), mask),
+        "val/ratio_abs_dev": masked_mean(jnp.abs(ratio - 1.0), mask),
     }
     return loss, (masked_count(mask), jax.lax.stop_gradient(metrics))
 
@@ -117,7 +94,7 @@ class _Carry(NamedTuple):
     sums: Metrics  # metric sums over applied minibatches
     applied: jax.Array  # float32: minibatch updates applied
     skips: jax.Array  # float32: non-finite updates skipped
-    first_ratio_error: jax.Array
+    first_ratio_abs_dev: jax.Array
     index: jax.Array  # int32: minibatches seen
 
 
@@ -127,15 +104,16 @@ def make_ppo_update(
     cfg: PPOConfig,
     policy_optimizer: optax.GradientTransformation,
     critic_optimizer: optax.GradientTransformation | None = None,
-) -> Callable[[RLState, Experience, jax.Array], tuple[RLState, Metrics]]:
+) -> UpdateFn:
     """``update(state, batch, key) -> (state, metrics)``; pure and jittable.
 
     B must split into ``num_minibatches`` minibatches, and each into ``grad_accum_steps`` micro-batches.
     Metrics (averages over the applied minibatches): policy/approxkl_avg, policy/clipfrac_avg,
     loss/policy_avg, loss/value_avg, loss/kl_avg, val/clipfrac_avg, policy/entropy_avg, val/ratio,
-    val/ratio_var, train/grad_norm (before clipping); and val/ratio_first_minibatch (mean |r − 1| of the
-    first minibatch, before any update), train/nonfinite_skips, train/early_stopped, train/updates, lr,
-    objective/kl_coef (after the controller update).
+    val/ratio_var, train/grad_norm (before clipping); and val/ratio_abs_dev_first_minibatch (mean |r − 1|
+    on the first minibatch, before any update: 0 when sampling and training log-probs agree),
+    train/skipped_updates (minibatch updates skipped as not finite), train/early_stopped, train/updates
+    (minibatch updates applied), lr, objective/kl_coef (after the controller update).
     """
     check_critic("make_ppo_update", cfg, critic_model, critic_optimizer)
     controller = kl_controller(cfg)
@@ -154,7 +132,7 @@ def make_ppo_update(
         def train_minibatch(carry: _Carry, indices: jax.Array) -> _Carry:
             minibatch = shard_rows(jax.tree.map(lambda x: x[indices], batch))  # rows stay split
             critic_params = None if carry.critic is None else carry.critic.params
-            params = (carry.policy.params, critic_params)
+            params = ActorCriticParams(carry.policy.params, critic_params)
             loss, grads, metrics = accumulate_gradients(loss_fn, params, minibatch, cfg.grad_accum_steps)
             metrics = {**metrics, "train/grad_norm": optax.tree.norm(grads)}
             finite = all_finite((loss, grads))
@@ -169,7 +147,7 @@ def make_ppo_update(
                 policy, critic, stopped, sums,
                 applied=carry.applied + apply,
                 skips=carry.skips + (~finite & ~stopped),
-                first_ratio_error=jnp.where(first, metrics["ratio_error"], carry.first_ratio_error),
+                first_ratio_abs_dev=jnp.where(first, metrics["val/ratio_abs_dev"], carry.first_ratio_abs_dev),
                 index=carry.index + 1,
             )
 
@@ -192,8 +170,8 @@ def make_ppo_update(
         applied = jnp.maximum(carry.applied, 1.0)
         metrics = {k: v / applied for k, v in carry.sums.items()}
         metrics |= {
-            "val/ratio_first_minibatch": carry.first_ratio_error,
-            "train/nonfinite_skips": carry.skips,
+            "val/ratio_abs_dev_first_minibatch": carry.first_ratio_abs_dev,
+            "train/skipped_updates": carry.skips,
             "train/early_stopped": carry.stopped,
             "train/updates": carry.applied,
             "lr": current_learning_rate(carry.policy.opt_state),

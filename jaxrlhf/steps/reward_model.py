@@ -1,4 +1,5 @@
-"""Reward-model training from pairwise, ranked or rated feedback, its evaluation, and a jittable scorer.
+"""Reward-model training from pairwise, ranked or rated feedback, its evaluation, and jittable scorers
+(:func:`make_reward_scorer` of token arrays; :class:`RewardModelScorer` of a rollout, as the RL reward).
 
 The reward is the reward head read at each sequence's last non-pad token. Batches (``jaxrlhf.data``):
 - pairwise: ``chosen_tokens, chosen_mask, rejected_tokens, rejected_mask`` [B, L]; both sides go through one
@@ -6,14 +7,14 @@ The reward is the reward head read at each sequence's last non-pad token. Batche
 - ranking: ``tokens, mask`` [B, k, L] (best first) and ``item_mask`` [B, k]; one forward pass of [B·k, L];
 - rating: ``tokens, mask`` [B, L] and ``ratings`` [B].
 All may carry ``row_mask`` [B] (0 on padded rows, which then weigh nothing in the loss and metrics).
-Params: ``{"lm": lm_params, "reward_head": head}``.
+Params: :class:`~jaxrlhf.steps.params.RewardModelParams` (backbone and reward head).
 """
 
 from __future__ import annotations
 
 import dataclasses
 from collections.abc import Callable
-from typing import Any, Literal
+from typing import Literal
 
 import jax
 import jax.numpy as jnp
@@ -22,11 +23,14 @@ import optax
 from jaxrlhf.models.transformer import LanguageModel
 from jaxrlhf.rl.masked import masked_mean, masked_var
 from jaxrlhf.rl.preference import bradley_terry_loss, plackett_luce_loss, rating_regression_loss
+from jaxrlhf.rl.reward_norm import RewardNormalization, normalize_rewards
+from jaxrlhf.rollout.generate import Rollout
 from jaxrlhf.rollout.scoring import sequence_scores
 from jaxrlhf.steps.accumulate import accumulate_gradients, merge_microbatches, split_microbatches
 from jaxrlhf.steps.guard import apply_gradients_if_finite
 from jaxrlhf.steps.optim import current_learning_rate
-from jaxrlhf.steps.state import TrainState, lm_params
+from jaxrlhf.steps.params import RewardModelParams
+from jaxrlhf.steps.state import TrainState
 
 Batch = dict[str, jax.Array]
 Metrics = dict[str, jax.Array]
@@ -86,7 +90,7 @@ def _reward_stats(rewards: jax.Array, weights: jax.Array) -> Metrics:
 
 
 def reward_model_loss(
-    model: LanguageModel, cfg: RewardModelConfig, params: Any, batch: Batch
+    model: LanguageModel, cfg: RewardModelConfig, params: RewardModelParams, batch: Batch
 ) -> tuple[jax.Array, tuple[jax.Array, Metrics]]:
     """(loss, (total row weight, metrics)) of one batch for ``cfg.loss``.
 
@@ -96,7 +100,7 @@ def reward_model_loss(
     reward_std (over every scored sequence), and "mae" for ratings.
     """
     _check_batch(batch, cfg.loss)
-    lm, head = lm_params(params), params["reward_head"]
+    lm, head = params.lm, params.reward_head
     if cfg.loss == "pairwise":
         b = batch["chosen_tokens"].shape[0]
         tokens = jnp.concatenate([batch["chosen_tokens"], batch["rejected_tokens"]], axis=0)
@@ -136,7 +140,9 @@ def make_reward_model_step(
 ) -> Callable[[TrainState, Batch, jax.Array], tuple[TrainState, Metrics]]:
     """``step(state, batch, key) -> (state, metrics)``: one guarded update on :func:`reward_model_loss`.
 
-    Metrics: loss, accuracy, margin, reward_mean, reward_std (mae for ratings), grad_norm, nonfinite, lr.
+    Metrics (their logged names): loss/reward, train/accuracy, train/margin, train/reward_mean,
+    train/reward_std (train/mae for ratings), train/grad_norm, train/skipped_updates (1 when the update was
+    not finite and skipped), lr.
     """
     loss_fn = lambda params, batch: reward_model_loss(model, cfg, params, batch)
 
@@ -145,10 +151,10 @@ def make_reward_model_step(
         loss, grads, metrics = accumulate_gradients(loss_fn, state.params, batch, cfg.grad_accum_steps)
         state, ok = apply_gradients_if_finite(state, optimizer, grads, loss)
         metrics = {
-            "loss": loss,
-            **metrics,
-            "grad_norm": optax.tree.norm(grads),
-            "nonfinite": 1.0 - ok.astype(jnp.float32),
+            "loss/reward": loss,
+            **{f"train/{k}": v for k, v in metrics.items()},
+            "train/grad_norm": optax.tree.norm(grads),
+            "train/skipped_updates": 1.0 - ok.astype(jnp.float32),
             "lr": current_learning_rate(state.opt_state),
         }
         return state, jax.tree.map(lambda x: jnp.asarray(x, jnp.float32), metrics)
@@ -156,10 +162,12 @@ def make_reward_model_step(
     return step
 
 
-def make_reward_model_eval(model: LanguageModel, cfg: RewardModelConfig) -> Callable[[Any, Batch], Metrics]:
+def make_reward_model_eval(
+    model: LanguageModel, cfg: RewardModelConfig
+) -> Callable[[RewardModelParams, Batch], Metrics]:
     """``eval(params, batch) -> metrics`` (loss, accuracy, margin, reward_mean, reward_std): no update."""
 
-    def evaluate(params: Any, batch: Batch) -> Metrics:
+    def evaluate(params: RewardModelParams, batch: Batch) -> Metrics:
         loss, (_, metrics) = reward_model_loss(model, cfg, params, batch)
         return jax.tree.map(lambda x: jnp.asarray(x, jnp.float32), {"loss": loss, **metrics})
 
@@ -168,17 +176,17 @@ def make_reward_model_eval(model: LanguageModel, cfg: RewardModelConfig) -> Call
 
 def make_reward_scorer(
     model: LanguageModel, micro_batch_size: int | None = None
-) -> Callable[[Any, jax.Array, jax.Array], jax.Array]:
+) -> Callable[[RewardModelParams, jax.Array, jax.Array], jax.Array]:
     """``score(params, tokens, mask) -> [B]``: the reward of each sequence (jittable).
 
     With ``micro_batch_size`` the batch is scored in ``B / micro_batch_size`` sequential chunks
     (``lax.map``), bounding activation memory; B must then be a multiple of it.
     """
 
-    def score_all(params: Any, tokens: jax.Array, mask: jax.Array) -> jax.Array:
-        return sequence_scores(model, lm_params(params), params["reward_head"], tokens, mask)
+    def score_all(params: RewardModelParams, tokens: jax.Array, mask: jax.Array) -> jax.Array:
+        return sequence_scores(model, params.lm, params.reward_head, tokens, mask)
 
-    def score(params: Any, tokens: jax.Array, mask: jax.Array) -> jax.Array:
+    def score(params: RewardModelParams, tokens: jax.Array, mask: jax.Array) -> jax.Array:
         b = tokens.shape[0]
         if micro_batch_size is None or micro_batch_size >= b:
             return score_all(params, tokens, mask)
@@ -189,3 +197,21 @@ def make_reward_scorer(
         return merge_microbatches(jax.lax.map(lambda c: score_all(params, *c), chunks))
 
     return score
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class RewardModelScorer:
+    """``scorer(params, rollout) -> [B]``: gain·r + bias of the reward model's score of each full sequence.
+
+    ``normalization`` None means gain 1, bias 0; ``micro_batch_size`` scores the batch in chunks (see
+    :func:`make_reward_scorer`). Jittable.
+    """
+
+    model: LanguageModel
+    normalization: RewardNormalization | None = None
+    micro_batch_size: int | None = None
+
+    def __call__(self, params: RewardModelParams, rollout: Rollout) -> jax.Array:
+        score = make_reward_scorer(self.model, self.micro_batch_size)
+        rewards = score(params, rollout.sequences, rollout.sequence_mask)
+        return rewards if self.normalization is None else normalize_rewards(self.normalization, rewards)

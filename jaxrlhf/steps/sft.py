@@ -21,7 +21,7 @@ from jaxrlhf.rl.policy_losses import token_logprobs
 from jaxrlhf.steps.accumulate import accumulate_gradients
 from jaxrlhf.steps.guard import apply_gradients_if_finite
 from jaxrlhf.steps.optim import current_learning_rate
-from jaxrlhf.steps.state import TrainState, lm_params
+from jaxrlhf.steps.state import TrainState
 
 Batch = dict[str, jax.Array]
 Metrics = dict[str, jax.Array]
@@ -66,13 +66,14 @@ def make_sft_step(
 ) -> Callable[[TrainState, Batch, jax.Array], tuple[TrainState, Metrics]]:
     """``step(state, batch, key) -> (state, metrics)``: one (guarded) update on the masked CE.
 
-    ``state.params`` are the LM params (or ``{"lm": …}``). Metrics: loss, accuracy, tokens (target tokens
-    in the batch), grad_norm (before clipping), nonfinite (1 when the update was skipped), lr.
+    ``state.params`` are the LM params. Metrics (their logged names): loss/sft, train/accuracy (of the
+    arg-max next-token prediction), train/grad_norm (before clipping), train/skipped_updates (1 when the
+    update was not finite and skipped), lr.
     """
 
     def loss_fn(params: Any, batch: Batch):
         tokens, mask = batch["tokens"], batch["mask"]
-        logits, _, _ = model.apply(lm_params(params), tokens, positions_from_mask(mask), mask)
+        logits, _, _ = model.apply(params, tokens, positions_from_mask(mask), mask)
         weights = target_mask(batch)
         loss, metrics = sft_loss(logits, tokens, weights)
         return loss, (masked_count(weights), metrics)
@@ -82,11 +83,10 @@ def make_sft_step(
         loss, grads, metrics = accumulate_gradients(loss_fn, state.params, batch, cfg.grad_accum_steps)
         state, ok = apply_gradients_if_finite(state, optimizer, grads, loss)
         metrics = {
-            "loss": loss,
-            "accuracy": metrics["accuracy"],
-            "tokens": masked_count(target_mask(batch)),
-            "grad_norm": optax.tree.norm(grads),
-            "nonfinite": 1.0 - ok.astype(jnp.float32),
+            "loss/sft": loss,
+            "train/accuracy": metrics["accuracy"],
+            "train/grad_norm": optax.tree.norm(grads),
+            "train/skipped_updates": 1.0 - ok.astype(jnp.float32),
             "lr": current_learning_rate(state.opt_state),
         }
         return state, jax.tree.map(lambda x: jnp.asarray(x, jnp.float32), metrics)

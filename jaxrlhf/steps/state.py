@@ -4,9 +4,8 @@
 - :class:`RLState` — the policy's TrainState, the critic's (``None`` when the critic shares the policy's
   backbone), and the KL-controller state.
 
-Param layouts: an RL policy is ``{"lm": lm_params, "value_head": head}`` with a shared critic and
-``{"lm": lm_params}`` otherwise, the separate critic being ``{"lm": critic_lm_params, "value_head": head}``;
-a reward model is ``{"lm": lm_params, "reward_head": head}``.
+Param layouts (``jaxrlhf.steps.params``): an RL policy's TrainState holds :class:`PolicyParams`, a separate
+critic's :class:`CriticParams`, a reward model's :class:`RewardModelParams`, an SFT model's bare LM params.
 """
 
 from __future__ import annotations
@@ -56,7 +55,3 @@ def apply_gradients(state: TrainState, optimizer: optax.GradientTransformation, 
     updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
     return TrainState(optax.apply_updates(state.params, updates), opt_state, state.step + 1)
 
-
-def lm_params(params: Any) -> Any:
-    """The backbone's params: ``params["lm"]`` of an ``{"lm": …, <head>: …}`` dict, else ``params``."""
-    return params["lm"] if isinstance(params, dict) and "lm" in params else params

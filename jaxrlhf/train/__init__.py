@@ -1,10 +1,11 @@
-"""The run layer (host side): trainers, checkpoints, metrics, timing and the non-finite policy.
+"""The run layer (host side): trainers, the training loop, checkpoints, metrics, timing and the run's
+services.
 
 Trainers (each ``train_*(config) -> RunResult``; the command line calls them):
 
     from jaxrlhf.config import load_config
-    from jaxrlhf.train import PPORunConfig, train_ppo
-    result = train_ppo(load_config(PPORunConfig, "configs/ppo.yaml", ["train.steps=10"]))
+    from jaxrlhf.train import PPORunConfig, train_rl
+    result = train_rl(load_config(PPORunConfig, "configs/ppo.yaml", ["train.steps=10"]))
 
 The trainer modules import the steps layer and are loaded on first use, so importing the infrastructure
 (checkpoints, metrics, timing) stays light.
@@ -22,14 +23,14 @@ from jaxrlhf.train.checkpoint import (
     save_json_atomic,
     unpack_rng,
 )
-from jaxrlhf.train.common import MetricsWindow, Run, RunResult, compile_step, to_host, total_steps
-from jaxrlhf.train.loop import supervised_loop
+from jaxrlhf.train.checkpointing import Checkpointing, Resumed
 from jaxrlhf.train.metrics import (
     MetricsLogger,
     format_postfix,
     progress,
     read_metrics_jsonl,
     setup_logging,
+    truncate_jsonl,
 )
 from jaxrlhf.train.model_setup import (
     LoadedModel,
@@ -41,6 +42,8 @@ from jaxrlhf.train.model_setup import (
     read_normalization,
 )
 from jaxrlhf.train.nonfinite import NonFiniteError, NonFiniteTracker
+from jaxrlhf.train.reporting import MetricsWindow, Reporting, host_scalars
+from jaxrlhf.train.run import Run, RunResult, compile_step, total_steps
 from jaxrlhf.train.run_config import (
     ArchitectureConfig,
     CheckpointSection,
@@ -53,6 +56,7 @@ from jaxrlhf.train.run_config import (
     RewardSection,
     TrainSection,
 )
+from jaxrlhf.train.run_dir import RunDirectory
 from jaxrlhf.train.timing import (
     CompileWatcher,
     PhaseTimer,
@@ -63,48 +67,58 @@ from jaxrlhf.train.timing import (
     transformer_flops_per_token,
 )
 
-_TRAINERS = {
+_LAZY = {
     "SFTRunConfig": "jaxrlhf.train.sft",
     "train_sft": "jaxrlhf.train.sft",
     "RewardRunConfig": "jaxrlhf.train.reward",
     "train_reward_model": "jaxrlhf.train.reward",
     "PPORunConfig": "jaxrlhf.train.rl",
     "A2CRunConfig": "jaxrlhf.train.rl",
-    "train_ppo": "jaxrlhf.train.rl",
-    "train_a2c": "jaxrlhf.train.rl",
     "train_rl": "jaxrlhf.train.rl",
+    "DPORunConfig": "jaxrlhf.train.dpo",
+    "train_dpo": "jaxrlhf.train.dpo",
     "build_rl": "jaxrlhf.train.rl",
-    "rl_iteration": "jaxrlhf.train.rl",
+    "build_rl_phases": "jaxrlhf.train.rl_setup",
+    "LoopHooks": "jaxrlhf.train.loop",
+    "StepOutcome": "jaxrlhf.train.loop",
+    "training_loop": "jaxrlhf.train.loop",
 }
 
 
 def __getattr__(name: str) -> Any:
-    if name in _TRAINERS:
-        return getattr(importlib.import_module(_TRAINERS[name]), name)
+    if name in _LAZY:
+        return getattr(importlib.import_module(_LAZY[name]), name)
     raise AttributeError(f"module 'jaxrlhf.train' has no attribute {name!r}")
 
 
 __all__ = [  # noqa: RUF022 - grouped by module
-    # trainers (loaded lazily)
+    # trainers and the loop (loaded lazily)
     "A2CRunConfig",
+    "DPORunConfig",
     "PPORunConfig",
     "RewardRunConfig",
     "SFTRunConfig",
     "build_rl",
-    "rl_iteration",
-    "train_a2c",
-    "train_ppo",
+    "build_rl_phases",
+    "train_dpo",
     "train_reward_model",
     "train_rl",
     "train_sft",
-    # run harness and config sections
-    "MetricsWindow",
+    "LoopHooks",
+    "StepOutcome",
+    "training_loop",
+    # the run and its services
     "Run",
     "RunResult",
     "compile_step",
-    "supervised_loop",
-    "to_host",
     "total_steps",
+    "RunDirectory",
+    "Checkpointing",
+    "Resumed",
+    "Reporting",
+    "MetricsWindow",
+    "host_scalars",
+    # config sections
     "ArchitectureConfig",
     "CheckpointSection",
     "CriticSection",
@@ -137,6 +151,7 @@ __all__ = [  # noqa: RUF022 - grouped by module
     "progress",
     "read_metrics_jsonl",
     "setup_logging",
+    "truncate_jsonl",
     # non-finite policy
     "NonFiniteError",
     "NonFiniteTracker",

@@ -1,100 +1,99 @@
-"""The supervised training loop shared by SFT and reward-model training: batch → jitted step → bookkeeping.
+"""The one training loop of every trainer (SFT, reward model, PPO, A2C): batch → step → bookkeeping.
 
-The checkpointed state is ``{"train": TrainState, "rng": key}`` plus metadata holding the data iterator's
-position, so a resumed run draws the same batches and keys as an uninterrupted one and reaches the same
-parameters. Step ``s`` in logs and checkpoints means "after ``s`` updates".
+    hooks = LoopHooks(step=..., window_metrics=..., evaluate=..., eval_every=..., postfix=(...))
+    state, result = training_loop(run, state, rng, batches, total, hooks)
+
+The loop resumes from the latest checkpoint (state, key and the data iterator's position, so a resumed run
+draws the same batches and keys as an uninterrupted one), then opens the run directory, and for each step:
+draws a host batch (``timing/data``), splits a key, runs ``hooks.step`` (which times its own phases), does
+the per-step bookkeeping (recompilation watch, non-finite policy, metrics window), logs the window every
+``logging.log_every`` steps (and before stopping) with ``hooks.window_metrics`` (perf/*, counters),
+evaluates every ``train.eval_every`` steps, and checkpoints on schedule, stopping after
+``train.stop_at_step``. What differs between trainers lives in the hooks.
+
+Steps return metrics under their final names (``loss/sft``, ``train/accuracy``, ``objective/kl``, …); the
+loop logs them as they are. A step whose ``train/skipped_updates`` is not 0 was not finite: the run gives up
+after ``train.max_consecutive_nonfinite`` of those in a row and logs the total as ``train/nonfinite_skips``.
 """
 
 from __future__ import annotations
 
-import logging
+import dataclasses
 from collections.abc import Callable, Mapping
-from typing import Any
+from typing import Any, NamedTuple
 
 import jax
-import numpy as np
 
 from jaxrlhf.data import Batch, BatchIterator
-from jaxrlhf.train.common import Run, RunResult, to_host
-from jaxrlhf.train.timing import mfu, throughput
+from jaxrlhf.train.run import Run, RunResult
 
-log = logging.getLogger("jaxrlhf")
-
-# A jitted step(state, batch, key) -> (state, metrics); an eval(state) -> metrics run on the host.
-StepFn = Callable[[Any, Batch, jax.Array], tuple[Any, Mapping[str, jax.Array]]]
-EvalFn = Callable[[Any], dict[str, float]]
-
-TOKEN_MASKS = ("mask", "chosen_mask", "rejected_mask")
+SKIPPED = "train/skipped_updates"
 
 
-def batch_tokens(batch: Batch) -> tuple[int, int]:
-    """(real tokens in the batch over all its sequences, padded sequence length)."""
-    masks = [np.asarray(batch[k]) for k in TOKEN_MASKS if k in batch]
-    return int(sum(m.sum() for m in masks)), int(masks[0].shape[-1])
+class StepOutcome(NamedTuple):
+    """What one step reports to the loop."""
+
+    metrics: Mapping[str, float]  # host floats under their final names
+    tallies: Mapping[str, float]  # amounts summed over the logging window (e.g. tokens)
+    seq_len: int  # padded sequence length of the step's batch (for the FLOPs behind MFU)
 
 
-def rename_step_metrics(metrics: Mapping[str, float], loss_name: str) -> dict[str, float]:
-    """Step metrics under logged names: ``loss`` → ``loss/<loss_name>``, ``lr`` kept, others ``train/*``.
+@dataclasses.dataclass(frozen=True)
+class LoopHooks:
+    """What differs between trainers.
 
-    ``nonfinite`` and ``tokens`` are dropped (the tracker logs ``train/nonfinite_skips``; tokens feed perf/*).
+    step(state, host_batch, key) -> (state, StepOutcome): one training step (the hook puts the batch on the
+    mesh and times its phases with ``run.report.timers``). window_metrics(step, last_outcome) -> extra
+    metrics of the logging window (perf/*, counters), read from ``run.report.window.tallies`` and the timers.
+    after_step(step, state, outcome): anything else per step (sample texts, warnings). evaluate(state) ->
+    ``eval/*`` metrics, every ``eval_every`` steps (0: only at the end) and after the last step. postfix:
+    metric names for the progress bar.
     """
-    out = {}
-    for k, v in metrics.items():
-        if k in ("nonfinite", "tokens"):
-            continue
-        out["loss/" + loss_name if k == "loss" else k if k == "lr" or "/" in k else "train/" + k] = v
-    return out
+
+    step: Callable[[Any, Batch, jax.Array], tuple[Any, StepOutcome]]
+    window_metrics: Callable[[int, StepOutcome], dict[str, float]] = lambda step, outcome: {}
+    after_step: Callable[[int, Any, StepOutcome], None] | None = None
+    evaluate: Callable[[Any], dict[str, float]] | None = None
+    eval_every: int = 0
+    postfix: tuple[str, ...] = ()
 
 
-def supervised_loop(
-    run: Run,
-    state: Any,
-    rng: jax.Array,
-    step_fn: StepFn,
-    batches: BatchIterator,
-    total: int,
-    *,
-    loss_name: str,
-    flops_per_token: Callable[[int], float],
-    eval_fn: EvalFn | None = None,
-    eval_every: int = 0,
-    postfix: tuple[str, ...] = (),
+def training_loop(
+    run: Run, state: Any, rng: jax.Array, batches: BatchIterator, total: int, hooks: LoopHooks
 ) -> tuple[Any, RunResult]:
     """Train ``state`` for ``total`` steps, resuming from the latest checkpoint when there is one.
 
-    ``flops_per_token(seq_len)`` gives the training FLOPs per token for MFU. Returns the final state and a
-    :class:`RunResult` (``export_dir`` left for the caller; ``stopped_early`` at ``train.stop_at_step``).
+    Returns the final state and a :class:`RunResult` (``export_dir`` left for the caller; ``stopped_early``
+    at ``train.stop_at_step``, in which case the final evaluation is skipped too).
     """
-    state, rng, step = run.resume_loop(state, rng, batches)
-    run.start_progress(total, step)
-    step_fn = run.watch("step", step_fn)
+    state, rng, step, metadata = run.checkpoints.resume(state, rng, batches)
+    report = run.report
+    report.nonfinite.total_skips = int(metadata.get("nonfinite_skips", 0))
+    run.open(step)
+    report.start_progress(total, step)
     stopped = False
     while step < total:
-        with run.timers("step_total"):
-            with run.timers("data"):
+        with report.timers("step_total"):
+            with report.timers("data"):
                 batch = next(batches)
             rng, key = jax.random.split(rng)
-            with run.timers("update") as t:
-                state, metrics = t.block(step_fn(state, run.shard(batch), key))
+            state, outcome = hooks.step(state, batch, key)
             step += 1
-            real, seq_len = batch_tokens(batch)
-            run.window.tally(tokens=real)
-            host = to_host(metrics)
-        run.after_step(step, rename_step_metrics(host, loss_name), finite=host.get("nonfinite", 0.0) == 0.0)
-        if run.should_log(step, total):
-            seconds, tokens = run.timers.totals.get("update", 0.0), run.window.tallies["tokens"]
-            perf = {"perf/tokens_per_s": throughput(tokens, seconds)}
-            if run.peak_known:
-                perf["perf/mfu"] = mfu(flops_per_token(seq_len), tokens, seconds, run.peak_flops)
-            run.flush_window(step, perf, postfix)
-        if eval_fn is not None and eval_every and step % eval_every == 0 and step < total:
-            run.log_eval(step, eval_fn(state))
-        if run.end_step(step, total, state, rng, batches):
+        report.after_step(step, outcome.metrics, finite=outcome.metrics.get(SKIPPED, 0.0) == 0.0)
+        report.window.tally(**outcome.tallies)
+        if report.should_log(step, total) or run.checkpoints.stops_at(step, total):
+            report.flush_window(step, hooks.window_metrics(step, outcome), hooks.postfix)
+        if hooks.after_step is not None:
+            hooks.after_step(step, state, outcome)
+        if hooks.evaluate is not None and hooks.eval_every and step % hooks.eval_every == 0 and step < total:
+            report.log_eval(step, hooks.evaluate(state))
+        skips = {"nonfinite_skips": report.nonfinite.total_skips}
+        if run.checkpoints.end_step(step, total, state, rng, batches, skips):
             stopped = True
             break
-    final = dict(run.last_logged)
-    if eval_fn is not None and not stopped:
-        evaluated = eval_fn(state)
-        run.log_eval(step, evaluated)
+    final = dict(report.last_logged)
+    if hooks.evaluate is not None and not stopped:
+        evaluated = hooks.evaluate(state)
+        report.log_eval(step, evaluated)
         final.update(evaluated)
     return state, RunResult(run.run_dir, step, None, final, stopped_early=stopped)

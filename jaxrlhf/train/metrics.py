@@ -7,6 +7,8 @@
 ``time`` is Unix time in seconds. Integer values stay integers; every other value becomes a float.
 JSON has no NaN or infinity, so a non-finite value is written as ``null``; :func:`read_metrics_jsonl`
 reads ``null`` back as ``nan``. TensorBoard gets the same scalars (NaN/inf included) under the same tags.
+A resumed run first cuts the file back to its checkpoint's step (:func:`truncate_jsonl`), so every step
+appears once.
 """
 
 from __future__ import annotations
@@ -18,10 +20,13 @@ import os
 import sys
 import time
 from collections.abc import Iterable, Mapping
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 from tqdm import tqdm
+
+from jaxrlhf.files import write_text_atomic
 
 LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 LOG_DATE_FORMAT = "%Y-%m-%d %H:%M:%S"
@@ -133,6 +138,34 @@ def read_metrics_jsonl(path: str | os.PathLike) -> list[dict[str, Any]]:
                 raise ValueError(f"{os.fspath(path)}:{lineno}: not a JSON record: {e}") from e
             records.append({k: math.nan if v is None else v for k, v in record.items()})
     return records
+
+
+def truncate_jsonl(path: str | os.PathLike, step: int) -> int:
+    """Drop the records of a JSONL log (``metrics.jsonl``, ``text.jsonl``) whose ``step`` is above ``step``;
+    returns how many were dropped. The file is rewritten atomically, and only when something is dropped.
+
+    A resumed run calls this before logging again: records past its checkpoint were written by the
+    interrupted invocation and are about to be written anew. A torn last line (a crash mid-write) goes too.
+    """
+    path = Path(path)
+    if not path.is_file():
+        return 0
+    kept, dropped = [], 0
+    for line in path.read_text().splitlines(keepends=True):
+        if not line.strip():
+            continue
+        try:
+            record_step = json.loads(line).get("step")
+        except (json.JSONDecodeError, AttributeError):
+            dropped += 1
+            continue
+        if record_step is not None and record_step > step:
+            dropped += 1
+            continue
+        kept.append(line if line.endswith("\n") else line + "\n")
+    if dropped:
+        write_text_atomic(path, "".join(kept))
+    return dropped
 
 
 def setup_logging(level: int | str = "INFO", run_dir: str | os.PathLike | None = None) -> logging.Logger:

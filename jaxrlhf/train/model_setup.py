@@ -24,6 +24,7 @@ from jaxrlhf.models import hf_io
 from jaxrlhf.models.config import ModelConfig, gpt2_config, llama_config
 from jaxrlhf.models.transformer import LanguageModel, Params
 from jaxrlhf.rl import RewardNormalization
+from jaxrlhf.steps.params import RewardModelParams
 from jaxrlhf.train.checkpoint import NonFiniteCheckpointError, first_nonfinite_leaf
 from jaxrlhf.train.run_config import ArchitectureConfig, ModelSection
 from jaxrlhf.train.timing import transformer_flops_per_token
@@ -35,10 +36,11 @@ CHAR_TOKENIZER_PREFIX = "char:"
 
 
 class LoadedModel(NamedTuple):
-    """A language model, its float32 params, its tokenizer and any heads saved beside it."""
+    """A language model, its params (LM params; :class:`RewardModelParams` from :func:`load_reward_model`),
+    its tokenizer and any heads saved beside it."""
 
     model: LanguageModel
-    params: Params
+    params: Params | RewardModelParams
     tokenizer: Any
     heads: dict[str, Any]
 
@@ -150,14 +152,14 @@ def read_normalization(path: str | os.PathLike) -> RewardNormalization | None:
 
 
 def load_reward_model(path: str, dtype: str = "float32") -> tuple[LoadedModel, RewardNormalization | None]:
-    """A reward model directory: backbone + ``reward_head`` (params ``{"lm", "reward_head"}``) and its
+    """A reward model directory: backbone + ``reward_head`` (params :class:`RewardModelParams`) and its
     normalisation."""
     loaded = load_model(ModelSection(path=path, dtype=dtype), jax.random.key(0), what="reward.model_path")
     if "reward_head" not in loaded.heads:
         raise hf_io.CheckpointFormatError(
             f"{path}: no reward_head in {hf_io.HEADS_FILE} (is this a reward model export?)"
         )
-    params = {"lm": loaded.params, "reward_head": jax.tree.map(jnp.asarray, loaded.heads["reward_head"])}
+    params = RewardModelParams(loaded.params, jax.tree.map(jnp.asarray, loaded.heads["reward_head"]))
     return loaded._replace(params=params), read_normalization(path)
 
 

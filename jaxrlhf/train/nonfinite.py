@@ -1,13 +1,7 @@
-"""The non-finite guard: skip an update whose loss or gradients hold a NaN/inf, and stop after too many.
+"""The host side of the non-finite policy: count the steps whose update was skipped (a NaN/inf loss or
+gradient, see ``jaxrlhf.steps.guard``) and stop after too many in a row. Once per step::
 
-Inside the jitted step::
-
-    ok = all_finite((loss, grads))
-    state = select_if_finite(ok, new_state, state)   # a bad step leaves the state as it was
-
-On the host, once per step::
-
-    tracker.update(step, metrics["train/finite"])   # logs each skip, raises after N in a row
+    tracker.update(step, metrics["train/skipped_updates"] == 0)   # logs each skip, raises after N in a row
 """
 
 from __future__ import annotations
@@ -15,11 +9,6 @@ from __future__ import annotations
 import logging
 
 import jax
-
-# The pure guard lives in the steps layer (steps must not import the run layer); re-exported here.
-from jaxrlhf.steps.guard import all_finite, select_if_finite
-
-__all__ = ["NonFiniteError", "NonFiniteTracker", "all_finite", "select_if_finite"]
 
 log = logging.getLogger(__name__)
 

@@ -22,14 +22,13 @@ from jaxrlhf.data import Kind, SequenceExample
 from jaxrlhf.models.heads import init_reward_head
 from jaxrlhf.parallel import ParallelConfig
 from jaxrlhf.rl import RewardNormalization, fit_reward_normalization
-from jaxrlhf.steps import OptimizerConfig, create_train_state, make_optimizer
+from jaxrlhf.steps import OptimizerConfig, RewardModelParams, create_train_state, make_optimizer
 from jaxrlhf.steps.reward_model import (
     RewardModelConfig,
     make_reward_model_eval,
     make_reward_model_step,
     make_reward_scorer,
 )
-from jaxrlhf.train.common import Run, RunResult, compile_step, to_host, total_steps
 from jaxrlhf.train.data_setup import (
     eval_batches,
     load_dataset,
@@ -37,8 +36,10 @@ from jaxrlhf.train.data_setup import (
     ranking_items,
     train_iterator,
 )
-from jaxrlhf.train.loop import supervised_loop
+from jaxrlhf.train.loop import training_loop
 from jaxrlhf.train.model_setup import check_length, export_model, flops_per_token, load_model
+from jaxrlhf.train.reporting import host_scalars
+from jaxrlhf.train.run import Run, RunResult, compile_step, total_steps
 from jaxrlhf.train.run_config import (
     CheckpointSection,
     DataSection,
@@ -47,6 +48,7 @@ from jaxrlhf.train.run_config import (
     TrainSection,
     check_common,
 )
+from jaxrlhf.train.supervised import supervised_hooks
 
 log = logging.getLogger("jaxrlhf")
 
@@ -74,7 +76,7 @@ def evaluate_reward_model(evaluate: Any, params: Any, batches: Any) -> dict[str,
     rows = 0.0
     for batch in batches:
         n = float(np.sum(batch["row_mask"]))
-        m = to_host(evaluate(params, batch))
+        m = host_scalars(evaluate(params, batch))
         for k in EVAL_KEYS:
             if k in m:
                 sums[k] = sums.get(k, 0.0) + m[k] * n
@@ -122,7 +124,7 @@ def train_reward_model(cfg: RewardRunConfig) -> RunResult:
         model, lm, tokenizer, heads = load_model(cfg.model, init_key)
         check_length(model.config, cfg.data.max_prompt_length + cfg.data.max_response_length)
         head = heads.get("reward_head") or init_reward_head(head_key, model.config.hidden_size)
-        params = {"lm": lm, "reward_head": jax.tree.map(jnp.asarray, head)}
+        params = RewardModelParams(lm, jax.tree.map(jnp.asarray, head))
 
         train_set = load_dataset(cfg.data.train_file, kind, tokenizer, cfg.data)
         items = ranking_items(train_set, cfg.data) if kind == "ranking" else None
@@ -132,12 +134,12 @@ def train_reward_model(cfg: RewardRunConfig) -> RunResult:
         )
         eval_set = load_dataset(cfg.data.eval_file, kind, tokenizer, cfg.data) if cfg.data.eval_file else None
         eval_size = cfg.data.eval_batch_size or cfg.data.batch_size
-        eval_fn = None
+        evaluate = None
         if eval_set is not None:
             run.check_batch_size("data.eval_batch_size", eval_size)
-            evaluate = compile_step(make_reward_model_eval(model, cfg.reward_model), donate=False)
-            evaluate_on_mesh = lambda params, batch: evaluate(params, run.shard(batch))
-            eval_fn = lambda state: evaluate_reward_model(
+            evaluate_batch = compile_step(make_reward_model_eval(model, cfg.reward_model), donate=False)
+            evaluate_on_mesh = lambda params, batch: evaluate_batch(params, run.shard(batch))
+            evaluate = lambda state: evaluate_reward_model(
                 evaluate_on_mesh, state.params, eval_batches(eval_set, eval_size, collate)
             )
         else:
@@ -151,19 +153,10 @@ def train_reward_model(cfg: RewardRunConfig) -> RunResult:
             make_reward_model_step(model, optimizer, cfg.reward_model),
             state_shardings=run.state_shardings(state),
         )
-        state, result = supervised_loop(
-            run,
-            state,
-            rng,
-            step_fn,
-            batches,
-            total,
-            loss_name="reward",
-            flops_per_token=flops_per_token(model.config, training=True, lm_head=False),
-            eval_fn=eval_fn,
-            eval_every=cfg.train.eval_every,
-            postfix=("loss/reward", "train/accuracy", "lr"),
-        )
+        flops = flops_per_token(model.config, training=True, lm_head=False)
+        hooks = supervised_hooks(run, step_fn, flops, evaluate, cfg.train.eval_every,
+                                 postfix=("loss/reward", "train/accuracy", "lr"))
+        state, result = training_loop(run, state, rng, batches, total, hooks)
         if result.stopped_early:
             return result
 
@@ -174,14 +167,14 @@ def train_reward_model(cfg: RewardRunConfig) -> RunResult:
         norm, stats = fit_normalization(
             score, state.params, sample, eval_size, make_collate("sft", cfg.data, tokenizer)
         )
-        run.log_eval(result.step, stats)
+        run.report.log_eval(result.step, stats)
         result.metrics.update(stats)
         export = export_model(
             os.path.join(run.run_dir, "export"),
             model,
-            state.params["lm"],
+            state.params.lm,
             tokenizer,
-            heads={"reward_head": state.params["reward_head"]},
+            heads={"reward_head": state.params.reward_head},
             normalization=norm,
         )
         result.export_dir = str(export)

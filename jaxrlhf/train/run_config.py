@@ -65,7 +65,9 @@ class DataSection:
 @dataclasses.dataclass(frozen=True)
 class GenerationSection:
     """Sampling of RL rollouts. The sampling temperature is the algorithm's ``temperature`` (every log-prob
-    uses it too); ``temperature`` here may only repeat that value."""
+    uses it too); ``temperature`` here may only repeat that value. On-policy RL (PPO, A2C) refuses filtered
+    sampling — ``top_k`` > 0, ``top_p`` < 1, ``min_new_tokens`` > 0 — since the update's log-probs are those
+    of the unfiltered tempered softmax."""
 
     max_new_tokens: int = 32
     min_new_tokens: int = 0

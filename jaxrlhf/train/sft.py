@@ -18,10 +18,11 @@ from jaxrlhf.models.transformer import LanguageModel, positions_from_mask
 from jaxrlhf.parallel import ParallelConfig
 from jaxrlhf.steps import OptimizerConfig, SFTConfig, create_train_state, make_optimizer, make_sft_step
 from jaxrlhf.steps.sft import sft_loss, target_mask
-from jaxrlhf.train.common import Run, RunResult, compile_step, to_host, total_steps
 from jaxrlhf.train.data_setup import eval_batches, load_dataset, make_collate, train_iterator
-from jaxrlhf.train.loop import supervised_loop
+from jaxrlhf.train.loop import training_loop
 from jaxrlhf.train.model_setup import check_length, export_model, flops_per_token, load_model
+from jaxrlhf.train.reporting import host_scalars
+from jaxrlhf.train.run import Run, RunResult, compile_step, total_steps
 from jaxrlhf.train.run_config import (
     CheckpointSection,
     DataSection,
@@ -30,6 +31,7 @@ from jaxrlhf.train.run_config import (
     TrainSection,
     check_common,
 )
+from jaxrlhf.train.supervised import supervised_hooks
 
 log = logging.getLogger("jaxrlhf")
 
@@ -66,7 +68,7 @@ def evaluate_sft(evaluate: Any, params: Any, batches: Any) -> dict[str, float]:
     sums = {"loss": 0.0, "accuracy": 0.0}
     tokens = 0.0
     for batch in batches:
-        m = to_host(evaluate(params, batch))
+        m = host_scalars(evaluate(params, batch))
         for k in sums:
             sums[k] += m[k] * m["tokens"]
         tokens += m["tokens"]
@@ -88,16 +90,15 @@ def train_sft(cfg: SFTRunConfig) -> RunResult:
         batches = train_iterator(
             train_set, cfg.data.batch_size, cfg.train.seed, collate, cfg.data.shuffle, cfg.data.train_file
         )
-        eval_fn = None
+        evaluate = None
         if cfg.data.eval_file:
             eval_set = load_dataset(cfg.data.eval_file, "sft", tokenizer, cfg.data)
-            evaluate = make_sft_eval(model)
+            evaluate_batch = make_sft_eval(model)
             size = cfg.data.eval_batch_size or cfg.data.batch_size
             run.check_batch_size("data.eval_batch_size", size)
-            evaluate_on_mesh = lambda params, batch: evaluate(params, run.shard(batch))
-            eval_fn = lambda s: evaluate_sft(
-                evaluate_on_mesh, s.params, eval_batches(eval_set, size, collate)
-            )
+            evaluate_on_mesh = lambda params, batch: evaluate_batch(params, run.shard(batch))
+            evaluate = lambda s: evaluate_sft(
+                evaluate_on_mesh, s.params, eval_batches(eval_set, size, collate))
         total = total_steps(cfg.train, batches.batches_per_epoch)
         optimizer = make_optimizer(cfg.optimizer, total)
         run.check_batch_size("data.batch_size", cfg.data.batch_size)
@@ -105,19 +106,9 @@ def train_sft(cfg: SFTRunConfig) -> RunResult:
         step_fn = compile_step(
             make_sft_step(model, optimizer, cfg.sft), state_shardings=run.state_shardings(state)
         )
-        state, result = supervised_loop(
-            run,
-            state,
-            rng,
-            step_fn,
-            batches,
-            total,
-            loss_name="sft",
-            flops_per_token=flops_per_token(model.config, training=True),
-            eval_fn=eval_fn,
-            eval_every=cfg.train.eval_every,
-            postfix=("loss/sft", "train/accuracy", "lr"),
-        )
+        hooks = supervised_hooks(run, step_fn, flops_per_token(model.config, training=True), evaluate,
+                                 cfg.train.eval_every, postfix=("loss/sft", "train/accuracy", "lr"))
+        state, result = training_loop(run, state, rng, batches, total, hooks)
         if not result.stopped_early:
             export = export_model(os.path.join(run.run_dir, "export"), model, state.params, tokenizer)
             result.export_dir = str(export)

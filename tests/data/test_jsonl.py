@@ -58,6 +58,50 @@ def test_conversational_records(jsonl):
     assert read_jsonl(path, "ranking") == [RankingRecord((ChatMessage("user", "hi"),), ("yo", "b"), 1)]
 
 
+def test_implicit_prompt_preferences_as_trl_documents_them(jsonl):
+    user = {"role": "user", "content": "What color is the sky?"}
+    system = {"role": "system", "content": "Be brief."}
+
+    def assistant(text):
+        return {"role": "assistant", "content": text}
+
+    path = jsonl(
+        [
+            {"chosen": "The sky is blue.", "rejected": "The sky is green."},
+            {"chosen": [user, assistant("It is blue.")], "rejected": [user, assistant("It is green.")]},
+            # A multi-turn conversation: everything before the differing assistant turn is the prompt.
+            {
+                "chosen": [system, user, assistant("Blue."), user, assistant("Yes.")],
+                "rejected": [system, user, assistant("Blue."), user, assistant("No.")],
+                "source": "ignored",
+            },
+            # Texts: the prompt ends before the differing word, mid-word differences included.
+            {"chosen": "Answer: yes", "rejected": "Answer: yo"},
+            {"chosen": "abc", "rejected": "abd"},  # no whitespace: cut at the first difference
+            {"chosen": "Q: a", "rejected": "Q: a b"},  # one text extends the other
+        ]
+    )
+    msgs = (ChatMessage("user", "What color is the sky?"),)
+    long = (ChatMessage("system", "Be brief."), *msgs, ChatMessage("assistant", "Blue."), *msgs)
+    assert read_jsonl(path, "preference") == [
+        PreferenceRecord("The sky is", " blue.", " green.", 1),
+        PreferenceRecord(msgs, "It is blue.", "It is green.", 2),
+        PreferenceRecord(long, "Yes.", "No.", 3),
+        PreferenceRecord("Answer:", " yes", " yo", 4),
+        PreferenceRecord("ab", "c", "d", 5),
+        PreferenceRecord("Q:", " a", " a b", 6),
+    ]
+
+
+def test_conversational_prompt_only_records(jsonl):
+    path = jsonl([{"prompt": [{"role": "user", "content": "hi"}]}, {"prompt": "plain"}])
+    records = [PromptRecord((ChatMessage("user", "hi"),), 1), PromptRecord("plain", 2)]
+    assert read_jsonl(path, "prompt") == records
+
+
+USER, OTHER = {"role": "user", "content": "q"}, {"role": "user", "content": "other"}
+A, B = {"role": "assistant", "content": "a"}, {"role": "assistant", "content": "b"}
+
 BAD_LINES = [
     ("sft", '{"prompt": "a", "completion": "b"', r"malformed JSON"),
     ("sft", '["prompt", "completion"]', r"expected a JSON object, got list"),
@@ -89,6 +133,24 @@ BAD_LINES = [
     ("ranking", {"prompt": "a", "responses": "xy"}, r"at least 2 responses"),
     ("ranking", {"prompt": "a", "responses": ["x", 5]}, r"'responses\[1\]' must be a string"),
     ("preference", {"prompt": "a", "chosen": "b"}, r"missing field 'rejected'"),
+    ("preference", {"chosen": "same", "rejected": "same"}, r"'chosen' and 'rejected' are identical"),
+    ("preference", {"chosen": [USER, A], "rejected": [USER, A]}, r"are identical"),
+    ("preference", {"chosen": "yes", "rejected": "no"}, r"no common prefix .*give 'prompt' explicitly"),
+    ("preference", {"chosen": [USER, A], "rejected": [OTHER, A]}, r"no common prefix .*first turns differ"),
+    ("preference", {"chosen": [USER, A], "rejected": "q a"}, r"both be texts or both be conversations"),
+    (
+        "preference",
+        {"chosen": [USER, A, USER], "rejected": [USER, B, USER]},
+        r"'chosen' must have exactly one assistant turn \(the response\), got roles \['assistant', 'user'\]",
+    ),
+    (
+        "preference",
+        {"chosen": [USER, A], "rejected": [USER, OTHER]},
+        r"'rejected' must have exactly one assistant turn.*got roles \['user'\]",
+    ),
+    ("preference", {"chosen": [USER, A], "rejected": [USER]}, r"'rejected' must have.*got roles \[\]"),
+    ("preference", {"chosen": "the sky", "rejected": 3}, r"'rejected' must be a string or a list of"),
+    ("preference", {"chosen": "the sky"}, r"missing field 'rejected'"),
 ]
 
 
@@ -99,6 +161,25 @@ def test_errors_name_file_and_line(jsonl, kind, bad, message):
     path = jsonl([good, "", bad, good])  # the bad record is on line 3
     with pytest.raises(DataError, match=re.escape(f"{path}:3: ") + ".*" + message):
         read_jsonl(path, kind)
+
+
+@pytest.mark.parametrize(
+    ("line", "column"),
+    [
+        ('{"prompt": "a"', r"Expecting ',' delimiter \(column 15, the end of the line\)"),
+        ('{"prompt": "a",}', r"Expecting property name enclosed in double quotes \(column 16\)"),
+        ('{"prompt": "é" x}', r"Expecting ',' delimiter \(column 16\)"),  # characters, not bytes
+        ('  {"prompt": nope}', r"Expecting value \(column 14\)"),
+        ('{"prompt": "a"} x', r"Extra data \(column 17\)"),
+        ('{"prompt": "a', r"Unterminated string starting at \(column 12\)"),
+    ],
+)
+@pytest.mark.parametrize("newline", ["\n", "\r\n"])
+def test_malformed_json_names_the_column(tmp_path, line, column, newline):
+    path = tmp_path / "bad.jsonl"
+    path.write_bytes(('{"prompt": "ok"}' + newline + line + newline).encode())
+    with pytest.raises(DataError, match=re.escape(f"{path}:2: malformed JSON: ") + column):
+        read_jsonl(path, "prompt")
 
 
 def test_empty_and_missing_files(jsonl, tmp_path):

@@ -134,3 +134,22 @@ def test_config_and_pad_id_checks(tokenizer):
     no_pad = make_char_tokenizer("ab")
     no_pad.pad_token = None
     assert pad_token_id(no_pad) == 2  # falls back to eos, as for GPT-2
+
+
+def test_trl_conversational_prompts_and_implicit_preferences_end_to_end(jsonl, tokenizer):
+    """TRL's conversational prompt-only and implicit-prompt preference records, through the chat template."""
+    user = {"role": "user", "content": "ab"}
+    path = jsonl([{"prompt": [user]}])
+    (example,), _ = load_examples(path, "prompt", tokenizer, TokenizeConfig(16, 20))
+    assert ids(example.prompt) == [5, 8, 9, 7, 6]  # <|user|>ab<|end|><|assistant|>: the generation prompt
+
+    path = jsonl(
+        [
+            {"chosen": [user, {"role": "assistant", "content": "c"}],
+             "rejected": [user, {"role": "assistant", "content": "dd"}]},
+            {"chosen": "ab c", "rejected": "ab d"},
+        ]
+    )
+    chat, text = load_examples(path, "preference", tokenizer, TokenizeConfig(16, 20))[0]
+    assert (ids(chat.prompt), ids(chat.chosen), ids(chat.rejected)) == ([5, 8, 9, 7, 6], [10, 2], [11, 11, 2])
+    assert (ids(text.prompt), ids(text.chosen), ids(text.rejected)) == ([8, 9], [34, 10, 2], [34, 11, 2])

@@ -1,4 +1,4 @@
-"""Oracle interface: decode_batch, FunctionOracle, the registry and import paths."""
+"""Oracle interface: decode_batch, FunctionOracle, the reward registry and import paths."""
 
 import textwrap
 
@@ -10,12 +10,12 @@ import pytest
 from jaxrlhf.oracle import (
     FunctionOracle,
     Oracle,
-    OracleSpecError,
+    RewardSpecError,
     build_task_tokenizer,
     decode_batch,
-    get_oracle,
-    register_oracle,
-    registered_oracles,
+    get_reward,
+    register_reward,
+    registered_rewards,
 )
 from jaxrlhf.oracle.base import check_token_batch, response_body
 
@@ -95,20 +95,20 @@ class ConstantOracle(Oracle):
 
 
 def test_registry():
-    register_oracle("test_count_b", count_b, overwrite=True)
-    assert "test_count_b" in registered_oracles()
-    oracle = get_oracle("test_count_b", tokenizer=TOK)
+    register_reward("test_count_b", count_b, overwrite=True)
+    assert "test_count_b" in registered_rewards()
+    oracle = get_reward("test_count_b", tokenizer=TOK)
     assert isinstance(oracle, FunctionOracle) and oracle.tokenizer is TOK
     np.testing.assert_array_equal(oracle(["a"], ["b b"]), [1.0])
     instance = ConstantOracle()
-    register_oracle("test_constant", instance, overwrite=True)
-    assert get_oracle("test_constant") is instance
+    register_reward("test_constant", instance, overwrite=True)
+    assert get_reward("test_constant") is instance
     with pytest.raises(ValueError, match="already registered"):
-        register_oracle("test_constant", instance)
+        register_reward("test_constant", instance)
     with pytest.raises(ValueError, match="contain no ':'"):
-        register_oracle("a:b", count_b)
+        register_reward("a:b", count_b)
     with pytest.raises(TypeError, match="expected an Oracle or a callable"):
-        register_oracle("test_bad", 3)
+        register_reward("test_bad", 3)
 
 
 @pytest.fixture
@@ -143,19 +143,19 @@ def user_module(tmp_path, monkeypatch):
 
 
 def test_import_path(user_module):
-    oracle = get_oracle(f"{user_module}:length_reward", tokenizer=TOK)
+    oracle = get_reward(f"{user_module}:length_reward", tokenizer=TOK)
     assert isinstance(oracle, FunctionOracle) and oracle.name == f"{user_module}:length_reward"
     np.testing.assert_array_equal(oracle.score_texts(["a", "a"], ["b c", ""]), [2.0, 0.0])
     np.testing.assert_array_equal(oracle.score_tokens(*hand_batch()), [2.0, 4.0])
-    np.testing.assert_array_equal(get_oracle(f"{user_module}:Holder.nested")(["a"], ["b"]), [7.0])
-    half = get_oracle(f"{user_module}:Half")
+    np.testing.assert_array_equal(get_reward(f"{user_module}:Holder.nested")(["a"], ["b"]), [7.0])
+    half = get_reward(f"{user_module}:Half")
     assert isinstance(half, Oracle) and half(["a"], ["b"])[0] == 0.5
 
 
 @pytest.mark.parametrize(
     "spec, message",
     [
-        ("no_such_oracle", "unknown oracle 'no_such_oracle'; registered: .*package.module:function"),
+        ("no_such_oracle", "unknown reward 'no_such_oracle'; registered: .*package.module:function"),
         ("my_gold_rewards:", "must look like 'package.module:function'"),
         (":length_reward", "must look like"),
         ("my_gold_rewards:a:b", "must look like"),
@@ -165,7 +165,7 @@ def test_import_path(user_module):
     ],
 )
 def test_bad_specs(user_module, spec, message):
-    with pytest.raises(OracleSpecError, match=message):
-        get_oracle(spec)
-    with pytest.raises(OracleSpecError):
-        get_oracle(3)
+    with pytest.raises(RewardSpecError, match=message):
+        get_reward(spec)
+    with pytest.raises(RewardSpecError):
+        get_reward(3)

@@ -7,7 +7,7 @@ from jaxrlhf.oracle import Task, get_task, list_tasks
 from jaxrlhf.oracle.tasks import as_generator
 
 
-@pytest.mark.parametrize("name", ["random_walk", "digit_sort"])
+@pytest.mark.parametrize("name", ["random_walk", "digit_sort", "arithmetic"])
 def test_tasks_are_reproducible_and_tiny(name):
     task = get_task(name, seed=3)
     assert isinstance(task, Task) and task.name == name and task.oracle.jittable
@@ -22,7 +22,7 @@ def test_tasks_are_reproducible_and_tiny(name):
 
 
 def test_registry_errors():
-    assert {"random_walk", "digit_sort"} <= set(list_tasks())
+    assert {"random_walk", "digit_sort", "arithmetic"} <= set(list_tasks())
     with pytest.raises(ValueError, match=r"unknown task 'maze'; available tasks: .*random_walk"):
         get_task("maze")
     with pytest.raises(

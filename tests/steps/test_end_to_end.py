@@ -1,5 +1,8 @@
-"""End to end on the CPU: generate → programmatic reward → experience → PPO / A2C update, all in one
-jitted iteration, raises the reward "share of response tokens equal to X" from ≈ 1/V to > 0.5."""
+"""End to end on the CPU: the one RL iteration (generate → programmatic reward → experience → PPO / A2C
+update), jitted as a whole, raises the reward "share of response tokens equal to X" from ≈ 1/V to > 0.5;
+and the same iteration with per-phase timing gives the same result."""
+
+import contextlib
 
 import jax
 import jax.numpy as jnp
@@ -7,52 +10,50 @@ import numpy as np
 import pytest
 
 from jaxrlhf.models.heads import init_value_head
-from jaxrlhf.rollout.generate import GenerationConfig, generate
+from jaxrlhf.oracle import get_reward
+from jaxrlhf.rollout.generate import GenerationConfig
 from jaxrlhf.steps import (
     A2CConfig,
     OptimizerConfig,
+    PolicyParams,
     PPOConfig,
     create_rl_state,
-    get_reward_fn,
     kl_controller,
-    make_a2c_update,
-    make_experience_fn,
     make_optimizer,
-    make_ppo_update,
 )
+from jaxrlhf.steps.rl_iteration import PHASE_TIMERS, make_rl_iteration, make_rl_phases
 
 V, X, B, P, N = 16, 5, 16, 4, 8
 
 
-def train(model, params, cfg, make_update, learning_rate, iterations=40):
-    """Mean score per iteration, with the initial policy as the reference."""
+def setup(model, params, cfg, learning_rate):
     optimizer = make_optimizer(OptimizerConfig(learning_rate=learning_rate, schedule="constant"), 1000)
-    state = create_rl_state({"lm": params, "value_head": init_value_head(32)}, optimizer,
-                            kl_controller(cfg).init())
+    state = create_rl_state(PolicyParams(params, init_value_head(32)), optimizer, kl_controller(cfg).init())
     generation = GenerationConfig(max_new_tokens=N, temperature=cfg.temperature)
-    reward = get_reward_fn(f"token_count:{X}")
-    experience_fn = make_experience_fn(model, model, None, cfg)
-    update = make_update(model, None, cfg, optimizer)
+    score = get_reward(f"token_count:{X}").score_rollout
+    phases = make_rl_phases(model, model, None, cfg, generation, score, optimizer)
+    return state, phases, PolicyParams(params)  # the initial policy is the reference
 
-    @jax.jit
-    def iteration(state, prompts, key):
-        generate_key, update_key = jax.random.split(key)
-        rollout = generate(model, state.policy.params["lm"], prompts, jnp.ones_like(prompts), generate_key,
-                           generation)
-        batch, metrics = experience_fn(state.policy.params, {"lm": params}, None, rollout,
-                                       reward.score_rollout(rollout), state.kl.kl_coef)
-        state, update_metrics = update(state, batch, update_key)
-        return state, {**metrics, **update_metrics}
 
+def prompts(rng):
+    tokens = jnp.asarray(rng.randint(3, V, (B, P)), jnp.int32)
+    return {"tokens": tokens, "mask": jnp.ones_like(tokens)}
+
+
+def train(model, params, cfg, learning_rate, iterations=40):
+    """Mean score per iteration."""
+    state, phases, ref = setup(model, params, cfg, learning_rate)
+    iteration = jax.jit(make_rl_iteration(phases, ref))
     rng = np.random.RandomState(0)
     key = jax.random.key(1)
     scores = []
     for _ in range(iterations):
         key, subkey = jax.random.split(key)
-        state, metrics = iteration(state, jnp.asarray(rng.randint(3, V, (B, P)), jnp.int32), subkey)
+        state, out = iteration(state, prompts(rng), subkey)
+        metrics = out.metrics
         scores.append(float(metrics["objective/scores"]))
-        assert float(metrics["val/ratio_first_minibatch"]) <= 1e-6
-        assert float(metrics["train/nonfinite_skips"]) == 0
+        assert float(metrics["val/ratio_abs_dev_first_minibatch"]) <= 1e-6
+        assert float(metrics["train/skipped_updates"]) == 0
     return scores
 
 
@@ -60,9 +61,33 @@ def train(model, params, cfg, make_update, learning_rate, iterations=40):
 def test_rl_raises_a_programmatic_reward(algorithm, tiny_model, tiny_params):
     if algorithm == "ppo":
         cfg = PPOConfig(epochs=2, num_minibatches=2, kl_coef=0.01, missing_eos_penalty=0.0)
-        scores = train(tiny_model, tiny_params, cfg, make_ppo_update, 1e-3)
+        scores = train(tiny_model, tiny_params, cfg, 1e-3)
     else:
         cfg = A2CConfig(kl_coef=0.01, missing_eos_penalty=0.0)
-        scores = train(tiny_model, tiny_params, cfg, make_a2c_update, 1e-2)
+        scores = train(tiny_model, tiny_params, cfg, 1e-2)
     assert np.mean(scores[:3]) < 0.2  # ≈ 1/V at the start
     assert np.mean(scores[-5:]) > 0.5, scores
+
+
+def test_timed_phases_run_the_same_iteration(tiny_model, tiny_params):
+    """``around`` times each phase (blocking inside it) and changes nothing else."""
+    cfg = A2CConfig(kl_coef=0.01)
+    state, phases, ref = setup(tiny_model, tiny_params, cfg, 1e-2)
+    jitted = phases._replace(generate=jax.jit(phases.generate), experience=jax.jit(phases.experience),
+                             update=jax.jit(phases.update), score=jax.jit(phases.score))
+    entered = []
+
+    @contextlib.contextmanager
+    def around(name):
+        entered.append(name)
+        yield
+
+    batch, key = prompts(np.random.RandomState(0)), jax.random.key(2)
+    whole, whole_out = jax.jit(make_rl_iteration(phases, ref))(state, batch, key)
+    timed, timed_out = make_rl_iteration(jitted, ref, around=around)(state, batch, key)
+    assert entered == list(PHASE_TIMERS)
+    np.testing.assert_array_equal(timed_out.rollout.sequences, whole_out.rollout.sequences)
+    np.testing.assert_allclose(timed_out.scores, whole_out.scores, rtol=1e-6)
+    for a, b in zip(jax.tree.leaves(timed), jax.tree.leaves(whole)):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+    assert set(timed_out.metrics) == set(whole_out.metrics)

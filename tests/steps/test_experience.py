@@ -2,17 +2,26 @@
 token, missing-EOS penalty, −β·KL), reward-to-go returns, GAE with a critic, whitening, KL = 0 when the
 policy is the reference."""
 
+import math
+
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
 from jaxrlhf.models.heads import init_reward_head, init_value_head
+from jaxrlhf.rl.kl_control import KLControllerState
 from jaxrlhf.rollout.scoring import response_hidden, response_logprobs, response_values
-from jaxrlhf.steps.experience import make_experience_fn
-from jaxrlhf.steps.ppo import PPOConfig
+from jaxrlhf.steps.experience import make_experience_fn, sequence_kl
+from jaxrlhf.steps.params import CriticParams, PolicyParams
+from jaxrlhf.steps.rl_config import PPOConfig
 
 B, P, N = 4, 4, 6
+
+
+def beta(value: float) -> KLControllerState:
+    """The KL controller state holding β = ``value``."""
+    return KLControllerState(jnp.float32(value))
 SCORES = np.array([1.0, -0.5, 2.0, 0.25], np.float32)
 
 
@@ -43,8 +52,9 @@ def experience_fn(tiny_model):
 def test_token_rewards_and_reward_to_go(experience_fn, make_rollout, tiny_model, tiny_params,
                                         other_params):
     rollout = make_rollout()
-    policy = {"lm": tiny_params, "value_head": init_value_head(32)}
-    batch, metrics = jax.jit(experience_fn)(policy, {"lm": other_params}, None, rollout, SCORES, 0.1)
+    policy = PolicyParams(tiny_params, init_value_head(32))
+    ref = PolicyParams(other_params)
+    batch, metrics = jax.jit(experience_fn)(policy, ref, None, rollout, SCORES, beta(0.1))
     mask = np.asarray(rollout.response_mask, np.float32)
 
     for name in ("old_logprobs", "ref_logprobs", "old_values", "advantages", "returns", "response_mask"):
@@ -79,8 +89,9 @@ def test_token_rewards_and_reward_to_go(experience_fn, make_rollout, tiny_model,
 
 
 def test_kl_is_zero_when_policy_is_reference(experience_fn, make_rollout, tiny_params):
-    policy = {"lm": tiny_params, "value_head": init_value_head(32)}
-    batch, metrics = jax.jit(experience_fn)(policy, {"lm": tiny_params}, None, make_rollout(1), SCORES, 0.1)
+    policy = PolicyParams(tiny_params, init_value_head(32))
+    batch, metrics = jax.jit(experience_fn)(policy, PolicyParams(tiny_params), None, make_rollout(1), SCORES,
+                                            beta(0.1))
     np.testing.assert_array_equal(batch.old_logprobs, batch.ref_logprobs)
     assert float(metrics["objective/kl"]) == 0.0 and float(metrics["objective/non_score_reward"]) == 0.0
 
@@ -91,13 +102,14 @@ def test_separate_critic_gae_bootstrap_whitening_and_kl_in_loss(tiny_model, make
                     critic="separate", bootstrap_truncated=True)
     fn = jax.jit(make_experience_fn(tiny_model, tiny_model, tiny_model, cfg))
     # A critic with a random (non-zero) head on another backbone.
-    critic = {"lm": other_params, "value_head": init_reward_head(jax.random.key(5), 32)}
+    critic = CriticParams(other_params, init_reward_head(jax.random.key(5), 32))
     rollout = make_rollout(2)
-    batch, metrics = fn({"lm": tiny_params}, other_params, critic, rollout, SCORES, 0.3)  # bare ref params
+    policy, ref = PolicyParams(tiny_params), PolicyParams(other_params)
+    batch, metrics = fn(policy, ref, critic, rollout, SCORES, beta(0.3))
 
     mask = np.asarray(rollout.response_mask, np.float32)
     hidden = response_hidden(tiny_model, other_params, rollout.sequences, rollout.sequence_mask, P)
-    values, final = map(np.asarray, response_values(critic["value_head"], hidden))
+    values, final = map(np.asarray, response_values(critic.value_head, hidden))
     np.testing.assert_allclose(batch.old_values, values * mask, atol=1e-5)
 
     # KL in the loss: the reward is the (penalised) score alone; truncated rows bootstrap from V(final).
@@ -123,3 +135,24 @@ def test_separate_critic_gae_bootstrap_whitening_and_kl_in_loss(tiny_model, make
 def test_critic_config_must_match(tiny_model):
     with pytest.raises(ValueError, match="critic"):
         make_experience_fn(tiny_model, tiny_model, None, PPOConfig(critic="separate"))
+
+
+@pytest.mark.parametrize("jit", [False, True])
+def test_sequence_kl_hand_values(jit):
+    logp = np.array([[-1.0, -2.0, -0.5], [-0.1, -0.2, -0.3]], np.float32)
+    ref = np.array([[-1.5, -1.0, -9.0], [-0.1, -0.7, -0.3]], np.float32)
+    mask = np.array([[1, 1, 0], [1, 1, 1]], np.int32)
+    fn = jax.jit(sequence_kl) if jit else sequence_kl
+    args = tuple(map(jnp.asarray, (logp, ref, mask))) if jit else (logp, ref, mask)
+    np.testing.assert_allclose(np.asarray(fn(*args)), [0.5 - 1.0, 0.5], rtol=1e-6)
+
+
+def test_sequence_kl_estimates_the_known_kl():
+    # Two-token responses sampled from p, independent per token: KL(p^2 ‖ q^2) = 2·KL(p ‖ q).
+    p, q = np.array([0.6, 0.3, 0.1]), np.array([0.2, 0.5, 0.3])
+    exact = 2 * float(np.sum(p * np.log(p / q)))
+    tokens = np.random.default_rng(0).choice(3, size=(100_000, 2), p=p)
+    kl = sequence_kl(np.log(p)[tokens], np.log(q)[tokens], np.ones_like(tokens))
+    stderr = kl.std() / math.sqrt(kl.size)
+    assert abs(kl.mean() - exact) < 4 * stderr
+    assert exact == pytest.approx(2 * 0.6 * math.log(3) + 2 * 0.3 * math.log(0.6) + 2 * 0.1 * math.log(1 / 3))

@@ -1,4 +1,5 @@
-"""The guard moved from the run layer: the same functions, and a rolled-back update on a NaN gradient."""
+"""The non-finite guard inside a jitted step: all_finite, and an update rolled back (one lax.cond) on a NaN
+gradient or loss."""
 
 import jax
 import jax.numpy as jnp
@@ -6,17 +7,20 @@ import numpy as np
 import optax
 import pytest
 
-from jaxrlhf.steps import guard
-from jaxrlhf.steps.guard import apply_gradients_if_finite
+from jaxrlhf.steps.guard import all_finite, apply_gradients_if_finite
 from jaxrlhf.steps.state import create_train_state
-from jaxrlhf.train import nonfinite
 
 WITH_AND_WITHOUT_JIT = pytest.mark.parametrize("transform", [lambda f: f, jax.jit], ids=["eager", "jit"])
 
 
-def test_run_layer_reexports_the_steps_guard():
-    assert nonfinite.all_finite is guard.all_finite
-    assert nonfinite.select_if_finite is guard.select_if_finite
+@WITH_AND_WITHOUT_JIT
+def test_all_finite_looks_only_at_floating_leaves(transform):
+    check = transform(all_finite)
+    tree = {"w": jnp.ones((2, 3)), "count": jnp.array(7, jnp.int32), "key": jax.random.key(0), "x": 1.5}
+    assert bool(check(tree)) is True
+    assert bool(check({**tree, "w": jnp.ones((2, 3)).at[1, 2].set(jnp.nan)})) is False
+    assert bool(check({**tree, "x": jnp.float32(-jnp.inf)})) is False
+    assert bool(check({"b": jnp.array([1, 2]), "e": ()})) is True  # no floating leaf at all
 
 
 @WITH_AND_WITHOUT_JIT

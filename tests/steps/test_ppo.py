@@ -12,10 +12,12 @@ from jaxrlhf import rl
 from jaxrlhf.models.heads import init_reward_head, init_value_head
 from jaxrlhf.rollout.scoring import response_hidden, response_logits, response_values
 from jaxrlhf.steps.accumulate import accumulate_gradients
-from jaxrlhf.steps.actor_critic import kl_controller
+from jaxrlhf.steps.actor_critic import ActorCriticParams, kl_controller
 from jaxrlhf.steps.experience import make_experience_fn
 from jaxrlhf.steps.optim import OptimizerConfig, make_optimizer
-from jaxrlhf.steps.ppo import PPOConfig, make_ppo_update, ppo_loss
+from jaxrlhf.steps.params import CriticParams, PolicyParams
+from jaxrlhf.steps.ppo import make_ppo_update, ppo_loss
+from jaxrlhf.steps.rl_config import PPOConfig
 from jaxrlhf.steps.state import create_rl_state
 
 P, T = 4, 0.7
@@ -32,13 +34,13 @@ def optimizer():
 @pytest.fixture(scope="module")
 def policy(tiny_params):
     # A non-zero value head, so the value loss and its clipping see varied values.
-    return {"lm": tiny_params, "value_head": init_reward_head(jax.random.key(7), 32)}
+    return PolicyParams(tiny_params, init_reward_head(jax.random.key(7), 32))
 
 
 @pytest.fixture(scope="module")
 def experience(tiny_model, policy, other_params, make_rollout):
     fn = jax.jit(make_experience_fn(tiny_model, tiny_model, None, CFG))
-    return fn(policy, {"lm": other_params}, None, make_rollout(0), SCORES, CFG.kl_coef)[0]
+    return fn(policy, PolicyParams(other_params), None, make_rollout(0), SCORES, kl_controller(CFG).init())[0]
 
 
 @pytest.fixture(scope="module")
@@ -54,10 +56,10 @@ def first_update(update, policy, optimizer, experience):
 
 def hand_ppo_loss(model, params, batch):
     """The PPO loss written out from the rl functions and the scoring passes."""
-    hidden = response_hidden(model, params["lm"], batch.sequences, batch.sequence_mask, P)
-    logits = response_logits(model, params["lm"], hidden)
+    hidden = response_hidden(model, params.lm, batch.sequences, batch.sequence_mask, P)
+    logits = response_logits(model, params.lm, hidden)
     logp = rl.token_logprobs(logits, batch.sequences[:, P:], T) * batch.response_mask
-    values, _ = response_values(params["value_head"], hidden)
+    values, _ = response_values(params.value_head, hidden)
     mask = batch.response_mask
     pg, _ = rl.ppo_policy_loss(logp, batch.old_logprobs, batch.advantages, mask, 0.2)
     vf, _ = rl.value_loss(values, batch.old_values, batch.returns, mask, 0.2)
@@ -67,7 +69,7 @@ def hand_ppo_loss(model, params, batch):
 
 def test_first_ratio_is_one_and_update_is_one_optax_step(first_update, tiny_model, optimizer, experience):
     state, (new_state, metrics) = first_update
-    assert float(metrics["val/ratio_first_minibatch"]) <= 1e-6
+    assert float(metrics["val/ratio_abs_dev_first_minibatch"]) <= 1e-6
     assert float(metrics["val/ratio"]) == pytest.approx(1.0, abs=1e-6)
     assert float(metrics["policy/approxkl_avg"]) <= 1e-12 and float(metrics["policy/clipfrac_avg"]) == 0.0
 
@@ -83,7 +85,7 @@ def test_first_ratio_is_one_and_update_is_one_optax_step(first_update, tiny_mode
     assert float(metrics["loss/policy_avg"]) == pytest.approx(float(pg), abs=1e-6)
     assert int(new_state.policy.step) == 1 and new_state.critic is None
     assert float(metrics["train/updates"]) == 1 and float(metrics["train/early_stopped"]) == 0
-    assert float(metrics["train/nonfinite_skips"]) == 0 and float(metrics["lr"]) == pytest.approx(1e-3)
+    assert float(metrics["train/skipped_updates"]) == 0 and float(metrics["lr"]) == pytest.approx(1e-3)
     assert float(metrics["objective/kl_coef"]) == pytest.approx(0.05)  # fixed controller
     assert all(m.dtype == jnp.float32 and m.shape == () for m in metrics.values())
 
@@ -93,7 +95,7 @@ def test_nan_in_batch_leaves_state_unchanged(first_update, update, experience):
     bad = experience._replace(advantages=experience.advantages.at[1, 2].set(jnp.nan))
     new_state, metrics = update(state, bad, jax.random.key(0))
     jax.tree.map(np.testing.assert_array_equal, new_state.policy, state.policy)
-    assert float(metrics["train/nonfinite_skips"]) == 1 and float(metrics["train/updates"]) == 0
+    assert float(metrics["train/skipped_updates"]) == 1 and float(metrics["train/updates"]) == 0
     assert np.isfinite(float(metrics["loss/policy_avg"]))
 
 
@@ -112,8 +114,8 @@ def test_early_stop_prevents_further_updates(first_update, tiny_model, optimizer
 def test_grad_accumulation_equals_one_pass(tiny_model, policy, experience):
     cfg = dataclasses.replace(CFG, kl_in_reward=False)  # include the KL-in-the-loss term as well
     loss_fn = lambda params, batch: ppo_loss(tiny_model, None, cfg, params, batch, jnp.float32(0.3))
-    grads = jax.jit(lambda n: accumulate_gradients(loss_fn, (policy, None), experience, n)[1],
-                    static_argnums=0)
+    params = ActorCriticParams(policy, None)
+    grads = jax.jit(lambda n: accumulate_gradients(loss_fn, params, experience, n)[1], static_argnums=0)
     one, two = grads(1), grads(2)
     jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6), one, two)
     assert max(float(jnp.max(jnp.abs(g))) for g in jax.tree.leaves(one)) > 1e-3
@@ -124,22 +126,22 @@ def test_separate_critic_minibatches_and_adaptive_kl(tiny_model, optimizer, tiny
     cfg = PPOConfig(epochs=2, num_minibatches=2, grad_accum_steps=2, critic="separate", dual_clip=3.0,
                     kl_in_reward=False, kl_estimator="k3", adaptive_kl=True, kl_coef=0.2, kl_target=0.01,
                     temperature=T)
-    critic = {"lm": other_params, "value_head": init_value_head(32)}
-    batch, _ = jax.jit(make_experience_fn(tiny_model, tiny_model, tiny_model, cfg))(
-        {"lm": tiny_params}, {"lm": other_params}, critic, make_rollout(3), SCORES, 0.2)
-    critic_optimizer = make_optimizer(OptimizerConfig(learning_rate=1e-2, schedule="constant"), 100)
+    critic = CriticParams(other_params, init_value_head(32))
     kl_state = kl_controller(cfg).init()
-    state = create_rl_state({"lm": tiny_params}, optimizer, kl_state, critic, critic_optimizer)
+    batch, _ = jax.jit(make_experience_fn(tiny_model, tiny_model, tiny_model, cfg))(
+        PolicyParams(tiny_params), PolicyParams(other_params), critic, make_rollout(3), SCORES, kl_state)
+    critic_optimizer = make_optimizer(OptimizerConfig(learning_rate=1e-2, schedule="constant"), 100)
+    state = create_rl_state(PolicyParams(tiny_params), optimizer, kl_state, critic, critic_optimizer)
     update = jax.jit(make_ppo_update(tiny_model, tiny_model, cfg, optimizer, critic_optimizer))
     new_state, metrics = update(state, batch, jax.random.key(1))
 
     assert int(new_state.policy.step) == 4 and int(new_state.critic.step) == 4
     assert float(metrics["train/updates"]) == 4
-    assert float(jnp.max(jnp.abs(new_state.critic.params["value_head"]["proj"]["bias"]))) > 0
+    assert float(jnp.max(jnp.abs(new_state.critic.params.value_head["proj"]["bias"]))) > 0
     moved = jax.tree.map(lambda a, b: float(jnp.max(jnp.abs(a - b))), new_state.policy.params,
                          state.policy.params)
     assert max(jax.tree.leaves(moved)) > 1e-4
-    assert float(metrics["val/ratio_first_minibatch"]) <= 1e-6 and float(metrics["loss/kl_avg"]) > 0
+    assert float(metrics["val/ratio_abs_dev_first_minibatch"]) <= 1e-6 and float(metrics["loss/kl_avg"]) > 0
     assert all(np.isfinite(float(v)) for v in metrics.values())
     # β ← β·(1 + clip((KL − target)/target, ±0.2)·B/horizon), KL = mean over sequences of the summed k3.
     log_r = np.asarray(batch.ref_logprobs - batch.old_logprobs, np.float64)

@@ -2,14 +2,19 @@
 nothing, and the scorer (whole or micro-batched) reads the reward at the last real token."""
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
 from jaxrlhf.models.heads import init_reward_head
+from jaxrlhf.rl.reward_norm import RewardNormalization
+from jaxrlhf.rollout.generate import Rollout
 from jaxrlhf.rollout.scoring import sequence_scores
 from jaxrlhf.steps.optim import OptimizerConfig, make_optimizer
+from jaxrlhf.steps.params import RewardModelParams
 from jaxrlhf.steps.reward_model import (
     RewardModelConfig,
+    RewardModelScorer,
     make_reward_model_eval,
     make_reward_model_step,
     make_reward_scorer,
@@ -45,7 +50,7 @@ def pair_batch(seed):
 
 @pytest.fixture(scope="module")
 def rm_params(tiny_params):
-    return {"lm": tiny_params, "reward_head": init_reward_head(jax.random.key(2), 32)}
+    return RewardModelParams(tiny_params, init_reward_head(jax.random.key(2), 32))
 
 
 @pytest.fixture(scope="module")
@@ -67,12 +72,14 @@ def test_separable_pairs_reach_high_heldout_accuracy(tiny_model, rm_params, opti
     losses = []
     for i in range(80):
         state, metrics = step(state, pair_batch(i), jax.random.key(0))
-        losses.append(float(metrics["loss"]))
+        losses.append(float(metrics["loss/reward"]))
         if i % 10 == 9 and accuracy(state.params) > 0.95:
             break
     assert accuracy(state.params) > 0.95 > start
-    assert losses[-1] < losses[0] and float(metrics["margin"]) > 0 and float(metrics["nonfinite"]) == 0
-    assert {"loss", "accuracy", "margin", "reward_mean", "reward_std", "grad_norm", "lr"} <= set(metrics)
+    assert losses[-1] < losses[0] and float(metrics["train/margin"]) > 0
+    assert float(metrics["train/skipped_updates"]) == 0
+    assert set(metrics) == {"loss/reward", "train/accuracy", "train/margin", "train/reward_mean",
+                            "train/reward_std", "train/grad_norm", "train/skipped_updates", "lr"}
 
 
 def test_padded_rows_do_not_change_the_loss(tiny_model, rm_params, pairwise_eval):
@@ -117,9 +124,9 @@ def test_ranking_and_rating_losses_decrease(loss, make_batch, tiny_model, rm_par
     losses = []
     for i in range(20):
         state, metrics = step(state, make_batch(i % 4), jax.random.key(0))
-        losses.append(float(metrics["loss"]))
+        losses.append(float(metrics["loss/reward"]))
     assert np.mean(losses[-4:]) < 0.7 * np.mean(losses[:4])
-    assert float(metrics["accuracy"]) > 0.5 and float(metrics["nonfinite"]) == 0
+    assert float(metrics["train/accuracy"]) > 0.5 and float(metrics["train/skipped_updates"]) == 0
 
 
 def test_scorer_reads_last_real_token_whole_or_in_chunks(tiny_model, rm_params):
@@ -135,7 +142,7 @@ def test_scorer_reads_last_real_token_whole_or_in_chunks(tiny_model, rm_params):
     changed[padded_row, -1] = 7
     changed_real = tokens.copy()
     changed_real[0, last[0]] = (tokens[0, last[0]] + 1) % V
-    score = jax.jit(lambda t: sequence_scores(tiny_model, rm_params["lm"], rm_params["reward_head"], t, mask))
+    score = jax.jit(lambda t: sequence_scores(tiny_model, rm_params.lm, rm_params.reward_head, t, mask))
     np.testing.assert_allclose(score(changed)[padded_row], whole[padded_row], rtol=1e-5)
     assert abs(float(score(changed_real)[0] - whole[0])) > 1e-4
     with pytest.raises(ValueError, match="multiple of micro_batch_size"):
@@ -145,3 +152,14 @@ def test_scorer_reads_last_real_token_whole_or_in_chunks(tiny_model, rm_params):
 def test_missing_batch_key_is_named(tiny_model, rm_params):
     with pytest.raises(KeyError, match="item_mask"):
         make_reward_model_eval(tiny_model, RewardModelConfig(loss="ranking"))(rm_params, rating_batch(0))
+
+
+def test_reward_model_scorer_of_a_rollout_normalises(tiny_model, rm_params):
+    batch = rating_batch(5)
+    tokens, mask = jnp.asarray(batch["tokens"]), jnp.asarray(batch["mask"])
+    rollout = Rollout(tokens, mask, tokens[:, 4:], mask[:, 4:], jnp.zeros(tokens[:, 4:].shape),
+                      jnp.ones(tokens.shape[0], bool))
+    raw = jax.jit(make_reward_scorer(tiny_model))(rm_params, tokens, mask)
+    scorer = RewardModelScorer(tiny_model, RewardNormalization(jnp.float32(2.0), jnp.float32(-1.0)))
+    np.testing.assert_allclose(jax.jit(scorer)(rm_params, rollout), 2.0 * raw - 1.0, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(jax.jit(RewardModelScorer(tiny_model))(rm_params, rollout), raw, rtol=1e-6)

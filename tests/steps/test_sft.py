@@ -65,10 +65,12 @@ def test_sft_step_memorises_a_batch(tiny_model, tiny_params):
         state, metrics = step(state, batch, jax.random.key(0))
         history.append({k: float(v) for k, v in metrics.items()})
     first, last = history[0], history[-1]
-    assert first["loss"] == pytest.approx(np.log(V), rel=0.1)  # near-uniform at init
-    assert last["loss"] < 0.25 * first["loss"] and last["accuracy"] > 0.9 > first["accuracy"]
-    assert first["tokens"] == target_mask(batch).sum() == sum(N - i % 3 for i in range(6))
-    assert all(h["nonfinite"] == 0.0 and h["lr"] == pytest.approx(1e-2) for h in history)
+    assert first["loss/sft"] == pytest.approx(np.log(V), rel=0.1)  # near-uniform at init
+    assert last["loss/sft"] < 0.25 * first["loss/sft"]
+    assert last["train/accuracy"] > 0.9 > first["train/accuracy"]
+    assert target_mask(batch).sum() == sum(N - i % 3 for i in range(6))
+    assert all(h["train/skipped_updates"] == 0.0 and h["lr"] == pytest.approx(1e-2) for h in history)
+    assert set(first) == {"loss/sft", "train/accuracy", "train/grad_norm", "train/skipped_updates", "lr"}
     assert int(state.step) == 25
 
 
@@ -81,11 +83,11 @@ def test_grad_accumulation_equals_one_pass(tiny_model, tiny_params):
     accumulated = jax.jit(make_sft_step(tiny_model, opt, SFTConfig(grad_accum_steps=2)))
     new_a, metrics_a = one_pass(state, batch, jax.random.key(0))
     new_b, metrics_b = accumulated(state, batch, jax.random.key(0))
-    for name in ("loss", "accuracy", "grad_norm", "tokens"):
+    for name in ("loss/sft", "train/accuracy", "train/grad_norm"):
         np.testing.assert_allclose(metrics_a[name], metrics_b[name], rtol=1e-5)
     delta = lambda new: jax.tree.map(jnp.subtract, new.params, tiny_params)
     jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-6), delta(new_a), delta(new_b))
-    assert float(metrics_a["grad_norm"]) > 0.1
+    assert float(metrics_a["train/grad_norm"]) > 0.1
 
 
 def test_mixed_precision_keeps_float32_params_and_optimizer_state(tiny_model, tiny_params):
@@ -96,4 +98,5 @@ def test_mixed_precision_keeps_float32_params_and_optimizer_state(tiny_model, ti
     leaves = jax.tree.leaves((state.params, state.opt_state))
     floats = [x for x in leaves if jnp.issubdtype(x.dtype, jnp.inexact)]
     assert floats and all(x.dtype == jnp.float32 for x in floats)
-    assert float(metrics["nonfinite"]) == 0 and float(metrics["loss"]) == pytest.approx(np.log(V), rel=0.1)
+    assert float(metrics["train/skipped_updates"]) == 0
+    assert float(metrics["loss/sft"]) == pytest.approx(np.log(V), rel=0.1)

@@ -19,6 +19,7 @@ from jaxrlhf.train.metrics import (
     progress,
     read_metrics_jsonl,
     setup_logging,
+    truncate_jsonl,
 )
 
 
@@ -118,17 +119,19 @@ def test_read_metrics_jsonl_names_bad_line(tmp_path):
         read_metrics_jsonl(path)
 
 
-@pytest.fixture
-def restore_root_logging():
-    root = logging.getLogger()
-    handlers, level = list(root.handlers), root.level
-    yield
-    for handler in list(root.handlers):
-        root.removeHandler(handler)
-        handler.close()
-    for handler in handlers:
-        root.addHandler(handler)
-    root.setLevel(level)
+def test_truncate_jsonl_drops_records_past_the_step(tmp_path):
+    path = tmp_path / "metrics.jsonl"
+    assert truncate_jsonl(path, 3) == 0 and not path.exists()  # nothing to cut
+    lines = [{"step": 1, "a": 1}, {"step": 2, "a": 2}, {"step": None, "tag": "t"}, {"step": 3}, {"step": 4}]
+    text = "".join(json.dumps(r) + "\n" for r in lines) + '{"step": 5, "a": '  # torn by a crash
+    path.write_text(text)
+    steps = lambda: [json.loads(line)["step"] for line in path.read_text().splitlines()]
+    assert truncate_jsonl(path, 3) == 2
+    assert steps() == [1, 2, None, 3]
+    before = path.read_text()
+    assert truncate_jsonl(path, 3) == 0 and path.read_text() == before
+    assert truncate_jsonl(path, 0) == 3
+    assert steps() == [None]
 
 
 def test_setup_logging_writes_run_log_once_per_message(tmp_path, restore_root_logging):

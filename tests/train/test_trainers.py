@@ -20,7 +20,7 @@ from safetensors.numpy import load_file
 
 from jaxrlhf import cli
 from jaxrlhf.models import hf_io
-from jaxrlhf.steps import register_reward_fn
+from jaxrlhf.oracle import register_reward
 from jaxrlhf.train.checkpoint import CheckpointManager, first_nonfinite_leaf
 from jaxrlhf.train.metrics import read_metrics_jsonl
 
@@ -213,7 +213,7 @@ def test_ppo_logs_reference_metric_names_and_exports_policy_with_value_head(ppo_
     ):
         assert np.isfinite(record[name]), name
     first = read_metrics_jsonl(ppo_run / "metrics.jsonl")[0]
-    assert first["val/ratio_first_minibatch"] < 1e-5  # sampling and training log-probs agree
+    assert first["val/ratio_abs_dev_first_minibatch"] < 1e-5  # sampling and training log-probs agree
     samples = [json.loads(line) for line in (ppo_run / "text.jsonl").read_text().splitlines()]
     assert len(samples) == 3 and samples[0]["text"].startswith("prompt: ")
     assert "value_head" in hf_io.load_heads(ppo_run / "export")
@@ -266,6 +266,43 @@ def test_sft_resume_reaches_the_same_parameters(workdir, sft_run, capsys):
     assert CheckpointManager(run_dir / "checkpoints").all_steps() == [2, 4]
 
 
+def test_a_failed_retry_leaves_the_run_directory_as_it_was(workdir, sft_run, capsys):
+    """A retry with bad input fails before writing: the config.yaml that produced the checkpoints stays."""
+    files = ("config.yaml", "metrics.jsonl", "run.log")
+    before = {name: (sft_run / name).read_bytes() for name in files}
+    bad = workdir / "bad.jsonl"
+    bad.write_text('{"prompt": "ab", "completion": "ba"}\n{"prompt": "ab", "completion": \n')
+    config = sft_config(workdir, "sft")
+    config["data"]["train_file"] = str(bad)
+    config["train"]["steps"] = 6  # a config that differs from the one on disk
+    assert run_command("sft", config, workdir) == 1
+    assert f"{bad}:2:" in capsys.readouterr().err.strip().splitlines()[-1]
+    assert {name: (sft_run / name).read_bytes() for name in files} == before
+    assert not (sft_run / "config.yaml.prev").exists()
+
+
+def test_resume_after_a_crash_logs_each_step_once(workdir, sft_run):
+    """Steps logged after the last checkpoint of a crashed run are logged again on resume, not twice."""
+    import shutil
+
+    config = sft_config(workdir, "sft-crashed")
+    config["logging"].update(tensorboard=False, log_every=1)
+    assert run_command("sft", config, workdir, "train.stop_at_step=3") == 0
+    run_dir = workdir / "sft-crashed"
+    # The crash: step 3 was logged, but its checkpoint never committed.
+    shutil.rmtree(run_dir / "checkpoints" / "3")
+    logged = [r["step"] for r in read_metrics_jsonl(run_dir / "metrics.jsonl") if "loss/sft" in r]
+    assert logged == [1, 2, 3]
+    assert run_command("sft", config, workdir) == 0
+    records = read_metrics_jsonl(run_dir / "metrics.jsonl")
+    assert [r["step"] for r in records if "loss/sft" in r] == [1, 2, 3, 4]
+    assert [r["step"] for r in records if "eval/loss" in r] == [4]
+    # The resumed run reaches the uninterrupted run's parameters.
+    want, got = _tensors(sft_run / "export"), _tensors(run_dir / "export")
+    for name in want:
+        np.testing.assert_array_equal(got[name], want[name], err_msg=name)
+
+
 def test_ppo_resume_reaches_the_same_parameters_and_kl_coefficient(workdir, sft_run, reward_run, ppo_run):
     config = ppo_config(workdir, sft_run, reward_run, "ppo-resumed")
     assert run_command("ppo", config, workdir, "train.stop_at_step=1") == 0
@@ -299,7 +336,7 @@ def test_nonfinite_rewards_stop_the_run_and_keep_the_last_good_checkpoint(
         value = 1.0 if len(calls) <= 2 else np.nan
         return np.full(len(response_tokens), value, np.float32)
 
-    register_reward_fn("test_nan_after_two", nan_after_two_batches, jittable=False, overwrite=True)
+    register_reward("test_nan_after_two", nan_after_two_batches, overwrite=True)
     config = a2c_config(workdir, sft_run, reward_run, "a2c-nan")  # the same compiled steps as above
     config["reward"] = {"function": "test_nan_after_two"}
     config["train"] = {"steps": 8, "max_consecutive_nonfinite": 2}

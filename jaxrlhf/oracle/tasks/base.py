@@ -10,6 +10,7 @@ import jax
 import numpy as np
 
 from jaxrlhf.oracle.base import Oracle
+from jaxrlhf.oracle.tasks.splits import check_split, prompt_split
 
 
 def as_generator(rng: np.random.Generator | int) -> np.random.Generator:
@@ -26,11 +27,20 @@ class Task(abc.ABC):
 
     Texts are space-separated symbols of the task's tokenizer. A demonstration's ``completion`` and a
     response passed to the oracle's host form carry no eos token: the data layer appends it.
+
+    Prompt splits: ``sample_prompts(rng, n, split)`` and ``demonstrations(rng, n, split)`` with a split in
+    :data:`SPLITS` (``"sft"``, ``"feedback"``, ``"rl"``, ``"eval"``) draw only prompts of that part of the
+    prompt space (a hash partition, see :mod:`jaxrlhf.oracle.tasks.splits`), so prompts drawn for
+    different splits never coincide; ``split=None`` draws from the whole space. A task whose prompt space
+    is too small to split (``disjoint_splits = False``, e.g. the random walk's handful of start nodes)
+    accepts a split name but draws from the whole space: check with :func:`prompt_overlap_report`.
     """
 
     name: str = "task"
     #: The gold reward of an optimal response.
     optimal_score: float = 1.0
+    #: Whether ``split`` restricts prompts to disjoint parts of the prompt space.
+    disjoint_splits: bool = True
 
     tokenizer: object
     max_prompt_tokens: int
@@ -42,12 +52,48 @@ class Task(abc.ABC):
         self.tokenizer.save_pretrained(str(directory))
 
     @abc.abstractmethod
-    def sample_prompts(self, rng: np.random.Generator | int, n: int) -> list[str]:
-        """``n`` prompts drawn from the task's prompt distribution."""
+    def draw_prompts(self, rng: np.random.Generator, n: int) -> list[str]:
+        """``n`` prompts from the task's prompt distribution over the whole prompt space."""
 
     @abc.abstractmethod
-    def demonstrations(self, rng: np.random.Generator | int, n: int) -> list[dict]:
-        """``n`` records ``{"prompt", "completion"}`` from the task's imperfect behaviour policy."""
+    def behaviour_response(self, rng: np.random.Generator, prompt: str) -> str:
+        """One response of the task's imperfect behaviour policy to ``prompt`` (no eos)."""
+
+    def prompt_space_size(self) -> int | None:
+        """The number of distinct prompts the task can draw (None if unknown)."""
+        return None
+
+    def prompt_split(self, prompt: str) -> str:
+        """The split ``prompt`` belongs to (by its hash; meaningful when ``disjoint_splits``)."""
+        return prompt_split(prompt)
+
+    def sample_prompts(self, rng: np.random.Generator | int, n: int, split: str | None = None) -> list[str]:
+        """``n`` prompts from the task's prompt distribution, restricted to ``split`` (None: all)."""
+        rng = as_generator(rng)
+        if split is not None:
+            check_split(split)
+        if split is None or not self.disjoint_splits:
+            return self.draw_prompts(rng, n)
+        # Rounds of a fixed size: the n prompts drawn are the first n of any larger request.
+        prompts: list[str] = []
+        draws, budget, size = 0, 1000 + 100 * n, 256
+        while len(prompts) < n:
+            prompts += [p for p in self.draw_prompts(rng, size) if prompt_split(p) == split]
+            draws += size
+            if draws > budget and len(prompts) < n:
+                raise ValueError(
+                    f"task {self.name!r}: only {len(prompts)} of {draws} prompts drawn fell in split "
+                    f"{split!r}; its prompt space ({self.prompt_space_size()} prompts) is too small for "
+                    "disjoint splits"
+                )
+        return prompts[:n]
+
+    def demonstrations(self, rng: np.random.Generator | int, n: int, split: str | None = None) -> list[dict]:
+        """``n`` records ``{"prompt", "completion"}`` from the task's imperfect behaviour policy, on
+        prompts of ``split`` (None: the whole prompt space)."""
+        rng = as_generator(rng)
+        prompts = self.sample_prompts(rng, n, split)
+        return [{"prompt": p, "completion": self.behaviour_response(rng, p)} for p in prompts]
 
     @abc.abstractmethod
     def optimal_response(self, prompt: str) -> str:

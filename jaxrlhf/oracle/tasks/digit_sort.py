@@ -157,10 +157,13 @@ class DigitSortTask(Task):
         self.max_prompt_tokens = max_digits
         self.max_response_tokens = max_response_tokens
 
-    def sample_prompts(self, rng, n: int) -> list[str]:
+    def draw_prompts(self, rng, n: int) -> list[str]:
         rng = as_generator(rng)
         sizes = rng.integers(self.min_digits, self.max_digits + 1, size=n)
         return [" ".join(str(d) for d in rng.integers(0, 10, size=k)) for k in sizes]
+
+    def prompt_space_size(self) -> int:
+        return sum(10**k for k in range(self.min_digits, self.max_digits + 1))
 
     def _behaviour_answer(self, rng: np.random.Generator, digits: list[int]) -> list[int]:
         answer = list(digits) if rng.random() < self.copy_prob else sorted(digits)
@@ -174,23 +177,16 @@ class DigitSortTask(Task):
             answer.insert(int(rng.integers(len(answer) + 1)), int(rng.integers(10)))
         return answer
 
-    def demonstrations(self, rng, n: int) -> list[dict]:
-        rng = as_generator(rng)
-        prompts = self.sample_prompts(rng, n)
-        return [
-            {
-                "prompt": p,
-                "completion": " ".join(map(str, self._behaviour_answer(rng, self.oracle.prompt_digits(p)))),
-            }
-            for p in prompts
-        ]
+    def behaviour_response(self, rng, prompt: str) -> str:
+        return " ".join(map(str, self._behaviour_answer(rng, self.oracle.prompt_digits(prompt))))
 
     def optimal_response(self, prompt: str) -> str:
         return " ".join(map(str, sorted(self.oracle.prompt_digits(prompt))))
 
     def describe(self) -> str:
         return (
-            f"digit_sort: sort {self.min_digits}-{self.max_digits} random digits ascending; R* = "
+            f"digit_sort: sort {self.min_digits}-{self.max_digits} random digits ascending "
+            f"({self.prompt_space_size()} prompts); R* = "
             f"max(-1, (LCS(response, sorted) - {self.oracle.length_penalty}*|len gap|)/k), -1 without eos; "
             "optimum = the sorted digits (R* = 1)"
         )

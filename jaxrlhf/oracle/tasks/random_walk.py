@@ -155,6 +155,9 @@ class RandomWalkTask(Task):
     """
 
     name = "random_walk"
+    # One graph, one goal: as many prompts as start nodes, too few to split. Every split draws from all of
+    # them, and a report of the prompt lists shows the overlap.
+    disjoint_splits = False
 
     def __init__(
         self,
@@ -229,10 +232,13 @@ class RandomWalkTask(Task):
             f"the goal in fewer than {max_path_nodes} steps, the farthest in >= {depth}; try other parameters"
         )
 
-    def sample_prompts(self, rng, n: int) -> list[str]:
+    def draw_prompts(self, rng, n: int) -> list[str]:
         rng = as_generator(rng)
         starts = [i for i in range(len(self.nodes)) if i != self.goal]
         return [self.nodes[i] for i in rng.choice(starts, size=n)]
+
+    def prompt_space_size(self) -> int:
+        return len(self.nodes) - 1
 
     def _behaviour_walk(self, rng: np.random.Generator, start: int, greedy_prob: float) -> list[int]:
         path, u = [], start
@@ -266,18 +272,9 @@ class RandomWalkTask(Task):
                 high = mid
         return (low + high) / 2
 
-    def demonstrations(self, rng, n: int) -> list[dict]:
-        rng = as_generator(rng)
-        prompts = self.sample_prompts(rng, n)
-        return [
-            {
-                "prompt": p,
-                "completion": " ".join(
-                    self.nodes[v] for v in self._behaviour_walk(rng, self.nodes.index(p), self.greedy_prob)
-                ),
-            }
-            for p in prompts
-        ]
+    def behaviour_response(self, rng, prompt: str) -> str:
+        start = self.oracle.start_node(prompt)
+        return " ".join(self.nodes[v] for v in self._behaviour_walk(rng, start, self.greedy_prob))
 
     def shortest_path(self, start: int) -> list[int]:
         """The BFS shortest path from ``start`` (excluded) to the goal; ties go to the earlier letter."""

@@ -4,9 +4,9 @@ import math
 
 import numpy as np
 
-from jaxrlhf.train.evaluate import CurvePoint
-from jaxrlhf.train.plots import plot_reward_vs_sqrt_kl
-from jaxrlhf.train.report import comparison_table, render_report, render_summary, table_rows
+from jaxrlhf.experiments.curves import CurvePoint
+from jaxrlhf.experiments.plots import plot_reward_vs_sqrt_kl
+from jaxrlhf.experiments.report import comparison_table, render_report, render_summary, table_rows
 
 
 def _policy(gold, gold_ci, proxy, kl, optimal):

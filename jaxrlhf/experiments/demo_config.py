@@ -2,7 +2,7 @@
 
 The defaults are the demo (≤ 10 minutes on 2 CPU cores); :data:`QUICK_OVERRIDES` shrinks every stage for a
 smoke run (``--quick``, ≤ 2 minutes). Each stage's trainer config (``SFTRunConfig``, ``RewardRunConfig``,
-``PPORunConfig``, ``A2CRunConfig``) is built from these sections by :mod:`jaxrlhf.train.demo`.
+``PPORunConfig``, ``A2CRunConfig``) is built from these sections by :mod:`jaxrlhf.experiments.demo`.
 """
 
 from __future__ import annotations
@@ -37,10 +37,11 @@ class DemoRunSection:
 class TaskSection:
     """The built-in task (``random_walk`` or ``digit_sort``) and, optionally, your own gold reward.
 
-    ``oracle``: ``"package.module:function"`` with ``function(prompt: str, response: str) -> float`` (or a
-    name given to ``jaxrlhf.oracle.register_oracle``); it replaces the task's gold reward for labelling
-    and evaluation. The task still supplies prompts, demonstrations and the tokenizer, and "optimal answer"
-    keeps the task's meaning (e.g. a shortest path).
+    ``oracle``: any reward ``jaxrlhf.oracle.get_reward`` finds: ``"package.module:function"`` with
+    ``function(prompt: str, response: str) -> float`` or a token-array function, a name given to
+    ``jaxrlhf.oracle.register_reward``, a built-in (``length``, ``token_count:<id>``, ``task:<name>``); it
+    replaces the task's gold reward for labelling and evaluation. The task still supplies prompts,
+    demonstrations and the tokenizer, and "optimal answer" keeps the task's meaning (e.g. a shortest path).
     """
 
     name: str = "random_walk"

@@ -14,13 +14,14 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jaxrlhf.experiments.curves import CurvePoint, prompt_mean_ci
 from jaxrlhf.models.transformer import LanguageModel
-from jaxrlhf.oracle import Oracle, Task
+from jaxrlhf.oracle import Oracle, Task, rollout_reward_inputs
 from jaxrlhf.rl import RewardNormalization
 from jaxrlhf.rollout.generate import GenerationConfig, Rollout, generate
 from jaxrlhf.rollout.scoring import response_logprobs
-from jaxrlhf.steps.rewards import RewardModelScorer, rollout_reward_inputs
-from jaxrlhf.train.evaluate import CurvePoint, prompt_mean_ci, sequence_kl
+from jaxrlhf.steps.experience import sequence_kl
+from jaxrlhf.steps.reward_model import RewardModelScorer
 
 SCORE_KEYS = ("gold", "proxy", "kl", "optimal", "finished", "length")
 

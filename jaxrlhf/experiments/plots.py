@@ -13,7 +13,7 @@ from collections.abc import Mapping, Sequence
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
-from jaxrlhf.train.evaluate import CurvePoint
+from jaxrlhf.experiments.curves import CurvePoint
 
 STYLES = {"PPO": ("tab:blue", "o"), "A2C": ("tab:orange", "s"), "best-of-n": ("tab:green", "^")}
 

@@ -11,9 +11,9 @@ import numpy as np
 import pytest
 
 from jaxrlhf.config import ConfigError
-from jaxrlhf.oracle import FunctionOracle, register_oracle
-from jaxrlhf.train.demo_config import QUICK_OVERRIDES, DemoConfig, load_demo_config
-from jaxrlhf.train.demo_stages import build_task, split_feedback
+from jaxrlhf.experiments.demo_config import QUICK_OVERRIDES, DemoConfig, load_demo_config
+from jaxrlhf.experiments.demo_stages import build_task, split_feedback
+from jaxrlhf.oracle import FunctionOracle, TokenFunctionOracle, register_reward
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -48,14 +48,22 @@ def test_users_oracle_replaces_the_gold_reward():
     def prefers_short(prompt: str, response: str) -> float:
         return -float(len(response.split()))
 
-    register_oracle("test_demo_prefers_short", prefers_short, overwrite=True)
+    register_reward("test_demo_prefers_short", prefers_short, overwrite=True)
     cfg = load_demo_config(None, ["task.oracle=test_demo_prefers_short", "task.name=digit_sort"])
     task, oracle = build_task(cfg.task)
     assert task.name == "digit_sort" and isinstance(oracle, FunctionOracle)
     assert oracle.tokenizer is task.tokenizer
     np.testing.assert_array_equal(oracle.score_texts(["3 1 2", "5 4"], ["1 2 3", "4"]), [-3.0, -1.0])
-    with pytest.raises(ValueError, match="unknown oracle"):
+    with pytest.raises(ConfigError, match=r"task\.oracle: unknown reward 'no_such_oracle'"):
         build_task(load_demo_config(None, ["task.oracle=no_such_oracle"]).task)
+    # Token-array rewards, the built-ins and a task's oracle serve as the gold reward too (both forms).
+    for spec in ("length", "token_count:5", "jaxrlhf.oracle.token_rewards:length_reward"):
+        overrides = [f"task.oracle={spec}", "task.name=digit_sort"]
+        task, oracle = build_task(load_demo_config(None, overrides).task)
+        assert isinstance(oracle, TokenFunctionOracle) and oracle.tokenizer is task.tokenizer
+        assert oracle.score_texts(["3 1 2"], ["1 2 3"]).shape == (1,)
+    task, oracle = build_task(load_demo_config(None, ["task.oracle=task:digit_sort"]).task)
+    assert oracle.score_texts(["3 1 2"], ["1 2 3"])[0] == 1.0
 
 
 def test_split_feedback_keeps_every_record_once():

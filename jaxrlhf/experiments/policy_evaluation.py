@@ -15,24 +15,24 @@ import jax
 import numpy as np
 
 from jaxrlhf.data import write_jsonl
-from jaxrlhf.oracle import Oracle, Task
-from jaxrlhf.train.demo_config import DemoConfig
-from jaxrlhf.train.demo_stages import (
-    DemoPaths,
-    generation_config,
-    lengths,
-    prompt_arrays,
-)
-from jaxrlhf.train.evaluate import (
+from jaxrlhf.experiments.curves import (
     CurvePoint,
     Verdict,
     best_of_n_points,
     overoptimization_verdict,
     pair_agreement,
 )
+from jaxrlhf.experiments.demo_config import DemoConfig
+from jaxrlhf.experiments.demo_stages import (
+    DemoPaths,
+    generation_config,
+    lengths,
+    prompt_arrays,
+)
+from jaxrlhf.experiments.policy_scoring import PolicyEval, PolicyEvaluator, summarize
+from jaxrlhf.oracle import Oracle, Task
 from jaxrlhf.train.metrics import MetricsLogger, progress
 from jaxrlhf.train.model_setup import load_model, load_reward_model
-from jaxrlhf.train.policy_eval import PolicyEval, PolicyEvaluator, summarize
 from jaxrlhf.train.rl import checkpoint_steps, policy_lm_params
 from jaxrlhf.train.run_config import ModelSection
 

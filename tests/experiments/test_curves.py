@@ -1,15 +1,12 @@
-"""Evaluation numerics of the demo against hand-worked values and brute-force sampling, and the jitted
-policy evaluator's plumbing on a tiny random model."""
+"""The demo's curve numerics (intervals, KL, best-of-n, agreement, the over-optimisation verdict) against
+hand-worked values and brute-force sampling."""
 
 import math
 
-import jax
-import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jaxrlhf.oracle import FunctionOracle, get_task
-from jaxrlhf.train.evaluate import (
+from jaxrlhf.experiments.curves import (
     Z_95,
     CurvePoint,
     best_of_n_by_prompt,
@@ -19,9 +16,7 @@ from jaxrlhf.train.evaluate import (
     overoptimization_verdict,
     pair_agreement,
     prompt_mean_ci,
-    sequence_kl,
 )
-from jaxrlhf.train.policy_eval import summarize
 
 # ------------------------------------------------------------------------------------------ intervals
 
@@ -49,30 +44,6 @@ def test_prompt_mean_ci_uses_per_prompt_means():
 def test_intervals_separated():
     assert intervals_separated(1.0, 0.1, 0.5, 0.1)
     assert not intervals_separated(1.0, 0.3, 0.5, 0.3)
-
-
-# ------------------------------------------------------------------------------------------ KL
-
-
-@pytest.mark.parametrize("jit", [False, True])
-def test_sequence_kl_hand_values(jit):
-    logp = np.array([[-1.0, -2.0, -0.5], [-0.1, -0.2, -0.3]], np.float32)
-    ref = np.array([[-1.5, -1.0, -9.0], [-0.1, -0.7, -0.3]], np.float32)
-    mask = np.array([[1, 1, 0], [1, 1, 1]], np.int32)
-    fn = jax.jit(sequence_kl) if jit else sequence_kl
-    args = tuple(map(jnp.asarray, (logp, ref, mask))) if jit else (logp, ref, mask)
-    np.testing.assert_allclose(np.asarray(fn(*args)), [0.5 - 1.0, 0.5], rtol=1e-6)
-
-
-def test_sequence_kl_estimates_the_known_kl():
-    # Two-token responses sampled from p, independent per token: KL(p^2 ‖ q^2) = 2·KL(p ‖ q).
-    p, q = np.array([0.6, 0.3, 0.1]), np.array([0.2, 0.5, 0.3])
-    exact = 2 * float(np.sum(p * np.log(p / q)))
-    tokens = np.random.default_rng(0).choice(3, size=(100_000, 2), p=p)
-    kl = sequence_kl(np.log(p)[tokens], np.log(q)[tokens], np.ones_like(tokens))
-    stderr = kl.std() / math.sqrt(kl.size)
-    assert abs(kl.mean() - exact) < 4 * stderr
-    assert exact == pytest.approx(2 * 0.6 * math.log(3) + 2 * 0.3 * math.log(0.6) + 2 * 0.1 * math.log(1 / 3))
 
 
 # ------------------------------------------------------------------------------------------ best-of-n
@@ -165,62 +136,3 @@ def test_verdict_needs_a_significant_drop_and_a_rising_proxy():
 
 
 # ------------------------------------------------------------------------------------------ policies
-
-
-def test_summarize_grid():
-    scores = {"gold": np.array([1.0, 0.0, 0.0, 0.0]), "proxy": np.array([2.0, 2.0, 0.0, 0.0]),
-              "kl": np.array([0.5, 0.5, 0.5, 0.5]), "optimal": np.array([1.0, 0.0, 0.0, 0.0]),
-              "finished": np.ones(4), "length": np.array([3.0, 4.0, 5.0, 6.0])}
-    e = summarize("SFT", scores, samples_per_prompt=2)  # prompts: gold means 0.5, 0
-    assert (e.gold, e.proxy, e.kl, e.optimal, e.length, e.samples) == (0.25, 1.0, 0.5, 0.25, 4.5, 4)
-    assert e.gold_ci == pytest.approx(Z_95 * math.sqrt(0.125) / math.sqrt(2))
-    assert e.kl_ci == 0.0 and e.sqrt_kl == pytest.approx(math.sqrt(0.5))
-    assert e.metrics()["eval/gold"] == 0.25 and e.point(7).x == 7
-
-
-@pytest.fixture(scope="module")
-def tiny_evaluator_parts():
-    """A random tiny policy and reward model over the random_walk vocabulary."""
-    from jaxrlhf.models.config import gpt2_config
-    from jaxrlhf.models.heads import init_reward_head
-    from jaxrlhf.models.transformer import LanguageModel
-    from jaxrlhf.rollout.generate import GenerationConfig
-
-    task = get_task("random_walk", seed=0)
-    model = LanguageModel(gpt2_config(vocab_size=len(task.tokenizer), hidden_size=16, num_layers=1,
-                                      num_heads=2, intermediate_size=32, max_position_embeddings=16))
-    params = model.init(jax.random.key(0))
-    rm_params = {"lm": model.init(jax.random.key(1)), "reward_head": init_reward_head(jax.random.key(2), 16)}
-    gen = GenerationConfig(max_new_tokens=task.max_response_tokens, stop_token_ids=(2,), pad_token_id=0)
-    return task, model, params, rm_params, gen
-
-
-def test_policy_evaluator_jitted_and_host_oracles_agree(tiny_evaluator_parts):
-    from jaxrlhf.train.demo_stages import prompt_arrays
-    from jaxrlhf.train.policy_eval import PolicyEvaluator
-
-    task, model, params, rm_params, gen = tiny_evaluator_parts
-    tokens, mask = prompt_arrays(task.sample_prompts(0, 6), task.tokenizer, 1, add_bos=False)
-    key = jax.random.key(3)
-    jitted = PolicyEvaluator(model, params, model, rm_params, None, task.oracle, task, gen, chunk_size=4)
-    scores, rollouts = jitted.scores(params, tokens, mask, key, keep_rollouts=True)
-    assert all(v.shape == (6,) for v in scores.values())
-    assert sum(r.sequences.shape[0] for r in rollouts) == 6  # the wrapped-around rows are trimmed
-    # The policy is its own reference: KL exactly 0. Gold is the oracle's score of the very samples.
-    np.testing.assert_array_equal(scores["kl"], 0.0)
-    responses = np.concatenate([r.response_tokens for r in rollouts])
-    response_mask = np.concatenate([r.response_mask for r in rollouts])
-    expected = task.oracle.score_tokens(tokens, mask, responses, response_mask)
-    np.testing.assert_array_equal(scores["gold"], np.asarray(expected))
-    np.testing.assert_array_equal(scores["optimal"], np.asarray(expected) == task.optimal_score)
-
-    # A user's Python oracle runs on the host, once per chunk, and sees the same texts.
-    def host_gold(prompt: str, response: str) -> float:
-        return float(task.oracle.score_texts([prompt], [response])[0])
-
-    host = PolicyEvaluator(model, params, model, rm_params, None, FunctionOracle(host_gold, task.tokenizer),
-                           task, gen, chunk_size=4)
-    host_scores, _ = host.scores(params, tokens, mask, key)
-    finished = scores["finished"] > 0  # the text form cannot tell an unfinished walk from a finished one
-    np.testing.assert_allclose(host_scores["gold"][finished], scores["gold"][finished])
-    np.testing.assert_array_equal(host_scores["proxy"], scores["proxy"])

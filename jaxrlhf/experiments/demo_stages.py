@@ -16,7 +16,7 @@ import jax
 import numpy as np
 import yaml
 
-from jaxrlhf.config import to_dict
+from jaxrlhf.config import ConfigError, to_dict
 from jaxrlhf.data import (
     LengthBuckets,
     PromptExample,
@@ -25,12 +25,11 @@ from jaxrlhf.data import (
     pad_token_id,
     prompt_batch,
 )
+from jaxrlhf.experiments.demo_config import DemoConfig, TaskSection
+from jaxrlhf.experiments.policy_scoring import sample_rollouts
 from jaxrlhf.models.transformer import LanguageModel, Params
-from jaxrlhf.oracle import Oracle, Task, decode_batch, get_oracle, get_task
+from jaxrlhf.oracle import Oracle, Task, decode_batch, get_reward, get_task, rollout_reward_inputs
 from jaxrlhf.rollout.generate import GenerationConfig
-from jaxrlhf.steps.rewards import rollout_reward_inputs
-from jaxrlhf.train.demo_config import DemoConfig, TaskSection
-from jaxrlhf.train.policy_eval import sample_rollouts
 from jaxrlhf.train.reward import RewardRunConfig
 from jaxrlhf.train.rl import A2CRunConfig, PPORunConfig
 from jaxrlhf.train.run_config import (
@@ -83,10 +82,15 @@ class DemoPaths:
 
 # ----------------------------------------------------------------------------------------- task, oracle
 def build_task(section: TaskSection) -> tuple[Task, Oracle]:
-    """The task and the gold reward: the task's own, or the user's ``task.oracle`` function."""
+    """The task and the gold reward: the task's own, or ``task.oracle`` (any reward ``jaxrlhf.oracle.
+    get_reward`` finds: a function of texts or of token arrays, a built-in, another task's oracle)."""
     task = get_task(section.name, seed=section.seed, **section.options)
-    oracle = task.oracle if section.oracle is None else get_oracle(section.oracle, tokenizer=task.tokenizer)
-    return task, oracle
+    if section.oracle is None:
+        return task, task.oracle
+    try:
+        return task, get_reward(section.oracle, tokenizer=task.tokenizer)
+    except ValueError as e:
+        raise ConfigError(f"task.oracle: {e}") from None
 
 
 def lengths(task: Task, add_bos: bool) -> tuple[int, int]:
@@ -116,7 +120,8 @@ def feedback_pool(
     """K responses of the SFT policy to each of ``feedback.prompts`` fresh prompts, with gold scores.
 
     Responses that never emitted eos are dropped (a record has no way to say "unfinished"; the data layer
-    would append eos). Returns (prompts, responses [P][≤K], gold [P][≤K], number dropped).
+    would append eos). The gold score is the oracle's array form on the sampled tokens, as in the
+    evaluation. Returns (prompts, responses [P][≤K], gold [P][≤K], number dropped).
     """
     fb = cfg.feedback
     p_len, n_len = lengths(task, cfg.task.add_bos)
@@ -124,19 +129,23 @@ def feedback_pool(
     tokens, mask = prompt_arrays(prompts, tokenizer, p_len, cfg.task.add_bos)
     tokens, mask = np.repeat(tokens, fb.responses_per_prompt, 0), np.repeat(mask, fb.responses_per_prompt, 0)
     gen = generation_config(tokenizer, n_len, fb.temperature)
-    texts, finished = [], []
+    texts, finished, scores = [], [], []
     for rows, rollout in sample_rollouts(model, params, tokens, mask, key, gen, cfg.evaluation.chunk_size):
-        arrays = (np.asarray(x)[rows] for x in rollout_reward_inputs(rollout))
+        arrays = [np.asarray(x)[rows] for x in rollout_reward_inputs(rollout)]
         _, responses, done = decode_batch(tokenizer, *arrays)
+        gold = np.full(len(responses), np.nan, np.float32)
+        if any(done):  # only finished responses are labelled, so only they are scored
+            gold[np.asarray(done)] = np.asarray(oracle.score_tokens(*(a[np.asarray(done)] for a in arrays)))
         texts += responses
         finished += done
+        scores += gold.tolist()
     k = fb.responses_per_prompt
     responses, gold, dropped = [], [], 0
-    for i, prompt in enumerate(prompts):
-        kept = [t for t, f in zip(texts[i * k : (i + 1) * k], finished[i * k : (i + 1) * k]) if f]
+    for i in range(len(prompts)):
+        kept = [j for j in range(i * k, (i + 1) * k) if finished[j]]
         dropped += k - len(kept)
-        responses.append(kept)
-        gold.append(oracle.score_texts([prompt] * len(kept), kept).tolist() if kept else [])
+        responses.append([texts[j] for j in kept])
+        gold.append([scores[j] for j in kept])
     return prompts, responses, gold, dropped
 
 

@@ -3,8 +3,7 @@
 1. build the task; train a tiny GPT from scratch on the behaviour policy's demonstrations (``train_sft``)
 2. sample response pairs from the SFT policy; label them with the simulated annotator
 3. train the proxy reward model on the labels (``train_reward_model``)
-4. fine-tune the SFT policy against the proxy with PPO and with A2C, KL-tied to it (``train_ppo``,
-   ``train_a2c``)
+4. fine-tune the SFT policy against the proxy with PPO and with A2C, KL-tied to it (``train_rl``)
 5. evaluate SFT, best-of-n, and PPO / A2C along training on held-out prompts (gold, proxy, KL, optimal)
 6. write ``report.md`` with the comparison table, the plots and ``results.json``
 
@@ -21,7 +20,7 @@ import logging
 import math
 import sys
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -31,10 +30,9 @@ import yaml
 
 from jaxrlhf.config import to_dict
 from jaxrlhf.data import write_jsonl
-from jaxrlhf.oracle import annotate_pool, coverage_report
-from jaxrlhf.train.demo_config import DemoConfig, load_demo_config
-from jaxrlhf.train.demo_evaluation import EvaluationResults, evaluate_policies
-from jaxrlhf.train.demo_stages import (
+from jaxrlhf.experiments.curves import OVEROPTIMIZATION_RULE, intervals_separated
+from jaxrlhf.experiments.demo_config import DemoConfig
+from jaxrlhf.experiments.demo_stages import (
     FEEDBACK_FILES,
     DemoPaths,
     build_task,
@@ -46,13 +44,14 @@ from jaxrlhf.train.demo_stages import (
     split_feedback,
     write_stage_config,
 )
-from jaxrlhf.train.evaluate import OVEROPTIMIZATION_RULE, intervals_separated
+from jaxrlhf.experiments.plots import plot_reward_vs_sqrt_kl
+from jaxrlhf.experiments.policy_evaluation import EvaluationResults, evaluate_policies
+from jaxrlhf.experiments.report import render_report, render_summary
+from jaxrlhf.oracle import annotate_pool, coverage_report
 from jaxrlhf.train.metrics import setup_logging
 from jaxrlhf.train.model_setup import load_model
-from jaxrlhf.train.plots import plot_reward_vs_sqrt_kl
-from jaxrlhf.train.report import render_report, render_summary
 from jaxrlhf.train.reward import train_reward_model
-from jaxrlhf.train.rl import train_a2c, train_ppo
+from jaxrlhf.train.rl import train_rl
 from jaxrlhf.train.run_config import ModelSection
 from jaxrlhf.train.sft import train_sft
 
@@ -93,12 +92,6 @@ class StageClock:
 
 def default_run_dir() -> str:
     return time.strftime("runs/demo-%Y%m%d-%H%M%S")
-
-
-def run_demo(config_path: str | None = None, overrides: Sequence[str] = (),
-             quick: bool = False) -> DemoResult:
-    """``jaxrlhf demo [--config YAML] [--quick] [--set key=value ...]``: load the config and run it."""
-    return demo(load_demo_config(config_path, overrides, quick))
 
 
 def demo(cfg: DemoConfig) -> DemoResult:
@@ -148,10 +141,10 @@ def demo(cfg: DemoConfig) -> DemoResult:
     with clock(4, "rl", "PPO and A2C against the proxy, KL-tied to the SFT policy", paths.root):
         rl_prompts = task.sample_prompts(np.random.default_rng([seed, 4]), cfg.ppo.prompts)
         files["RL prompts"] = _write(paths, "prompts.jsonl", [{"prompt": p} for p in rl_prompts])
-        for algo, train in (("ppo", train_ppo), ("a2c", train_a2c)):
+        for algo in ("ppo", "a2c"):
             rl_cfg = rl_config(cfg, task, paths, algo, files["RL prompts"])
             configs[algo] = write_stage_config(paths, algo, rl_cfg)
-            train(rl_cfg)
+            train_rl(rl_cfg)
 
     with clock(5, "evaluation", "evaluating SFT, best-of-n, PPO and A2C on held-out prompts", paths.root):
         evaluation = evaluate_policies(cfg, task, oracle, paths, files)

@@ -1,10 +1,10 @@
-"""Evaluation numerics of the demo: confidence intervals, KL to the reference, best-of-n curves, the
-proxy's agreement with the oracle and the over-optimisation verdict.
+"""The demo's curves: confidence intervals, best-of-n points, the proxy's agreement with the oracle, and
+the over-optimisation verdict on a reward-vs-√KL curve.
 
-Pure functions on NumPy arrays (``sequence_kl`` also on jax arrays, inside ``jit``). Samples come in a
-[M prompts, K samples] grid. Confidence intervals are taken over the M per-prompt means: the prompts are
-drawn independently, the K samples of one prompt are not independent of each other (they share its
-difficulty), so the per-prompt means are the i.i.d. unit.
+Pure functions on NumPy arrays. Samples come in a [M prompts, K samples] grid. Confidence intervals are
+taken over the M per-prompt means: the prompts are drawn independently, the K samples of one prompt are not
+independent of each other (they share its difficulty), so the per-prompt means are the i.i.d. unit. (The
+per-sequence KL of samples is ``jaxrlhf.steps.experience.sequence_kl``.)
 """
 
 from __future__ import annotations
@@ -13,8 +13,6 @@ import dataclasses
 import math
 from collections.abc import Sequence
 
-import jax
-import jax.numpy as jnp
 import numpy as np
 
 from jaxrlhf.rl import best_of_n_curve, best_of_n_kl
@@ -40,17 +38,6 @@ def prompt_mean_ci(values: np.ndarray, z: float = Z_95) -> tuple[float, float]:
     if v.ndim != 2:
         raise ValueError(f"prompt_mean_ci: expected a [prompts, samples] grid, got shape {v.shape}")
     return mean_ci(v.mean(axis=1), z)
-
-
-def sequence_kl(logprobs, ref_logprobs, mask):
-    """Per-sequence KL estimate Σ_t m_t·(log π(y_t) − log π_ref(y_t)) over the sampled tokens y ~ π. [B].
-
-    Its mean over sequences sampled from π is an unbiased estimate of KL(π ‖ π_ref) on whole responses
-    (the k1 estimator summed over time). Works on NumPy or jax arrays (jittable).
-    """
-    xp = jnp if any(isinstance(x, jax.Array) for x in (logprobs, ref_logprobs, mask)) else np
-    m = xp.asarray(mask).astype(xp.float32)
-    return xp.sum((xp.asarray(logprobs) - xp.asarray(ref_logprobs)) * m, axis=-1)
 
 
 def best_of_n_by_prompt(proxy: np.ndarray, gold: np.ndarray, ns: Sequence[int]) -> np.ndarray:

@@ -1,0 +1,165 @@
+"""One RL iteration, written once: generate → score → experience → update.
+
+    phases = make_rl_phases(policy_model, ref_model, critic_model, cfg, generation, score, optimizer)
+    iteration = make_rl_iteration(phases, ref_params)
+    state, out = iteration(state, {"tokens": prompt_tokens, "mask": prompt_mask}, key)
+    # out.metrics: the experience's and the update's metrics; out.rollout, out.scores
+
+The iteration is a pure composition of its four phases: when every phase is jittable (a jittable reward),
+``jax.jit(iteration)`` compiles the whole of it, which is how a vmapped ``make_train`` uses it. A trainer
+instead jits each phase on its own (a host reward runs between them) and passes ``around``, which times each
+phase, the iteration blocking on the phase's outputs inside it. The trainers and ``benchmarks/`` build the
+phases with the same function, so a benchmark times the program a user runs.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable, Mapping
+from typing import NamedTuple, Protocol
+
+import jax
+import optax
+
+from jaxrlhf.models.transformer import LanguageModel
+from jaxrlhf.rl.kl_control import KLControllerState
+from jaxrlhf.rollout.generate import GenerationConfig, Rollout, generate
+from jaxrlhf.steps.a2c import make_a2c_update
+from jaxrlhf.steps.experience import Experience, make_experience_fn
+from jaxrlhf.steps.params import CriticParams, PolicyParams
+from jaxrlhf.steps.ppo import make_ppo_update
+from jaxrlhf.steps.rl_config import A2CConfig, PPOConfig, RLConfig
+from jaxrlhf.steps.state import RLState
+
+Metrics = dict[str, jax.Array]
+
+
+class GenerateFn(Protocol):
+    """Sample responses of the policy: built by :func:`make_rl_phases` around ``rollout.generate``."""
+
+    def __call__(
+        self, policy_params: PolicyParams, prompt_tokens: jax.Array, prompt_mask: jax.Array, key: jax.Array
+    ) -> Rollout: ...
+
+
+class ScoreFn(Protocol):
+    """One scalar per sequence, ``[B]``: a reward model (``jaxrlhf.steps.reward_model.RewardModelScorer``),
+    or a reward function / oracle (``jaxrlhf.oracle``)."""
+
+    def __call__(self, rollout: Rollout) -> jax.Array: ...
+
+
+class ExperienceFn(Protocol):
+    """Log-probs, values, KL-penalised rewards and GAE: built by
+    :func:`jaxrlhf.steps.experience.make_experience_fn`."""
+
+    def __call__(
+        self,
+        policy_params: PolicyParams,
+        ref_params: PolicyParams,
+        critic_params: CriticParams | None,
+        rollout: Rollout,
+        scores: jax.Array,
+        kl_state: KLControllerState,
+    ) -> tuple[Experience, Metrics]: ...
+
+
+class UpdateFn(Protocol):
+    """The policy (and critic) update and the KL controller's step: built by
+    :func:`jaxrlhf.steps.ppo.make_ppo_update` or :func:`jaxrlhf.steps.a2c.make_a2c_update`."""
+
+    def __call__(self, state: RLState, batch: Experience, key: jax.Array) -> tuple[RLState, Metrics]: ...
+
+
+class RLPhases(NamedTuple):
+    """The four phases of an RL iteration."""
+
+    generate: GenerateFn
+    score: ScoreFn
+    experience: ExperienceFn
+    update: UpdateFn
+
+
+class IterationOutput(NamedTuple):
+    """What an iteration leaves besides the state: metrics (final names), the rollout and its scores."""
+
+    metrics: Metrics
+    rollout: Rollout
+    scores: jax.Array
+
+
+# An iteration times its phases under these names (the run layer logs them as timing/<name>).
+PHASE_TIMERS = ("generation", "score", "update")
+
+
+def make_rl_iteration(
+    phases: RLPhases,
+    ref_params: PolicyParams,
+    around: Callable[[str], contextlib.AbstractContextManager] | None = None,
+) -> Callable[[RLState, Mapping[str, jax.Array], jax.Array], tuple[RLState, IterationOutput]]:
+    """``iteration(state, prompts, key) -> (state, IterationOutput)``: one RL iteration over a prompt batch.
+
+    ``prompts`` holds left-padded ``tokens`` and ``mask`` [B, P]; ``key`` is split into the generation and
+    the update keys. ``ref_params`` is the frozen reference policy. Metrics are the experience's and the
+    update's (the experience's ``objective/kl_coef``, the β its rewards used, wins over the update's).
+
+    ``around(name)``, if given, is a context manager entered around each phase, named by
+    :data:`PHASE_TIMERS` ("score" covers the reward and the experience); the iteration then waits for each
+    phase's outputs inside it, so a timer measures the phase. Without it nothing blocks and the iteration
+    is pure (jittable when every phase is).
+    """
+    timed = around is not None
+    enter = around if timed else (lambda name: contextlib.nullcontext())
+    block = jax.block_until_ready if timed else (lambda x: x)
+
+    def iteration(
+        state: RLState, prompts: Mapping[str, jax.Array], key: jax.Array
+    ) -> tuple[RLState, IterationOutput]:
+        generate_key, update_key = jax.random.split(key)
+        # GENERATE
+        with enter("generation"):
+            rollout = block(phases.generate(state.policy.params, prompts["tokens"], prompts["mask"],
+                                            generate_key))
+        # SCORE: the reward, then log-probs, values, KL-penalised rewards and advantages.
+        with enter("score"):
+            scores = phases.score(rollout)
+            critic_params = None if state.critic is None else state.critic.params
+            batch, experience_metrics = block(
+                phases.experience(state.policy.params, ref_params, critic_params, rollout, scores, state.kl))
+        # UPDATE: policy (and critic), then the KL controller.
+        with enter("update"):
+            state, update_metrics = block(phases.update(state, batch, update_key))
+        return state, IterationOutput({**update_metrics, **experience_metrics}, rollout, scores)
+
+    return iteration
+
+
+def make_rl_phases(
+    policy_model: LanguageModel,
+    ref_model: LanguageModel,
+    critic_model: LanguageModel | None,
+    cfg: RLConfig,
+    generation: GenerationConfig,
+    score: ScoreFn,
+    optimizer: optax.GradientTransformation,
+    critic_optimizer: optax.GradientTransformation | None = None,
+) -> RLPhases:
+    """The pure phases of ``cfg``'s algorithm (PPO or A2C, by the config's type), not yet jitted.
+
+    ``generation.temperature`` must be ``cfg.temperature``: sampling and every log-prob use the same one.
+    """
+    if generation.temperature != cfg.temperature:
+        raise ValueError(f"make_rl_phases: generation temperature {generation.temperature} differs from the "
+                         f"algorithm's {cfg.temperature} (the first ratio would not be 1)")
+    if isinstance(cfg, PPOConfig):
+        update = make_ppo_update(policy_model, critic_model, cfg, optimizer, critic_optimizer)
+    elif isinstance(cfg, A2CConfig):
+        update = make_a2c_update(policy_model, critic_model, cfg, optimizer, critic_optimizer)
+    else:
+        raise TypeError(f"make_rl_phases: no update for {type(cfg).__name__}")
+
+    def sample(policy_params: PolicyParams, prompt_tokens: jax.Array, prompt_mask: jax.Array,
+               key: jax.Array) -> Rollout:
+        return generate(policy_model, policy_params.lm, prompt_tokens, prompt_mask, key, generation)
+
+    return RLPhases(sample, score, make_experience_fn(policy_model, ref_model, critic_model, cfg), update)

@@ -1,0 +1,109 @@
+"""A trainer's checkpoint schedule around the one checkpoint path (:class:`~jaxrlhf.train.checkpoint.
+CheckpointManager`): resume from the latest step, save every ``checkpoint.every`` steps and at the end, and
+stop at ``train.stop_at_step``.
+
+A checkpoint holds ``{state_key: training state, "rng": key}`` and metadata: the command, the step, the
+data iterator's position and the non-finite skips so far. Step ``s`` means "after ``s`` updates". Resuming
+only reads, so a trainer resumes before it writes anything in the run directory.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Mapping
+from typing import Any, NamedTuple
+
+import jax
+
+from jaxrlhf.config import ConfigError
+from jaxrlhf.train.checkpoint import CheckpointManager
+from jaxrlhf.train.run_config import CheckpointSection, TrainSection
+
+log = logging.getLogger("jaxrlhf")
+
+
+class Resumed(NamedTuple):
+    """Where a run starts: the state, RNG key and step (0 for a fresh run) and the restored metadata."""
+
+    state: Any
+    rng: jax.Array
+    step: int
+    metadata: dict[str, Any]
+
+
+class Checkpointing:
+    """Checkpoints of ``jaxrlhf <command>`` in ``checkpoint.dir`` (default ``<run_dir>/checkpoints``)."""
+
+    def __init__(self, command: str, section: CheckpointSection, train: TrainSection, run_dir: str,
+                 state_key: str = "train"):
+        self.command, self.cfg, self.state_key = command, section, state_key
+        self.stop_at_step = train.stop_at_step
+        directory = section.dir or os.path.join(run_dir, "checkpoints")
+        # The interval is applied in save(): orbax's own would also save the first step.
+        self.manager = CheckpointManager(directory, max_to_keep=section.keep, async_save=section.async_save)
+
+    @property
+    def directory(self) -> str:
+        return self.manager.directory
+
+    def restore_latest(self, target: Any) -> tuple[Any, dict[str, Any]] | None:
+        """The latest checkpoint restored into ``target``'s structure, or ``None`` (fresh start).
+
+        With ``checkpoint.resume`` false, existing checkpoints are an error: a fresh run would interleave its
+        steps with them (and prune them), never silently overwrite a good checkpoint.
+        """
+        step = self.manager.latest_step()
+        if step is None:
+            return None
+        if not self.cfg.resume:
+            raise ConfigError(
+                f"checkpoint.resume: false, but {self.directory} already holds checkpoints "
+                f"(steps {self.manager.all_steps()}); resume them or choose another logging.run_dir / "
+                "checkpoint.dir"
+            )
+        state, metadata = self.manager.restore(step, target)
+        if metadata.get("command", self.command) != self.command:
+            raise ConfigError(
+                f"checkpoint.dir: {self.directory} holds a {metadata['command']!r} run, "
+                f"not {self.command!r} (set checkpoint.resume=false or another directory)"
+            )
+        log.info("resuming from step %d of %s", step, self.directory)
+        return state, metadata
+
+    def resume(self, state: Any, rng: jax.Array, batches: Any) -> Resumed:
+        """The latest checkpoint's state, key and step (the data iterator's position restored into
+        ``batches``), or the given state and key at step 0."""
+        restored = self.restore_latest({self.state_key: state, "rng": rng})
+        if restored is None:
+            return Resumed(state, rng, 0, {})
+        saved, metadata = restored
+        batches.restore(metadata["data"])
+        return Resumed(saved[self.state_key], saved["rng"], int(metadata["step"]), metadata)
+
+    def save(self, step: int, state: Any, metadata: Mapping[str, Any], force: bool = False) -> bool:
+        """Checkpoint ``state`` at ``step`` every ``checkpoint.every`` steps (or now with ``force``)."""
+        if not force and step % self.cfg.every:
+            return False
+        if step in self.manager.all_steps():  # e.g. the final step of a run that already finished
+            return False
+        return self.manager.save(step, state, {"command": self.command, "step": step, **metadata}, force=True)
+
+    def stops_at(self, step: int, total: int) -> bool:
+        """Whether ``train.stop_at_step`` ends this invocation after ``step`` (before the last step)."""
+        return self.stop_at_step == step and step < total
+
+    def end_step(self, step: int, total: int, state: Any, rng: jax.Array, batches: Any,
+                 metadata: Mapping[str, Any]) -> bool:
+        """Checkpoint on schedule and at the last step; True when ``train.stop_at_step`` ends this
+        invocation here (after a checkpoint, so the next one resumes)."""
+        stop = self.stops_at(step, total)
+        self.save(step, {self.state_key: state, "rng": rng}, {"data": batches.state(), **metadata},
+                  force=stop or step == total)
+        if stop:
+            log.info("stopping at step %d (train.stop_at_step); run again to resume", step)
+        return stop
+
+    def close(self) -> None:
+        """Wait for pending saves and release orbax's resources."""
+        self.manager.close()

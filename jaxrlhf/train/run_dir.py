@@ -1,0 +1,77 @@
+"""The run directory: ``config.yaml`` (reloadable with ``--config``) and the message log ``run.log``.
+
+Nothing is written before :meth:`RunDirectory.open`, which a trainer calls once its inputs (model, tokenizer,
+data files, checkpoints) have been read and checked: a run that fails on bad input leaves the directory as
+it was, in particular the ``config.yaml`` that produced its checkpoints. Messages logged before ``open`` go
+to stderr at once and are copied into ``run.log`` when it opens.
+"""
+
+from __future__ import annotations
+
+import logging
+import logging.handlers
+import os
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from jaxrlhf.config import to_dict
+from jaxrlhf.train.metrics import setup_logging
+
+log = logging.getLogger("jaxrlhf")
+
+
+class _Held(logging.handlers.BufferingHandler):
+    """Keeps the records logged before the run directory opens (never flushes on its own)."""
+
+    def __init__(self) -> None:
+        super().__init__(capacity=0)
+
+    def shouldFlush(self, record: logging.LogRecord) -> bool:
+        return False
+
+
+class RunDirectory:
+    """``path`` (made absolute) for ``jaxrlhf <command>``; only the main process writes (``enabled``)."""
+
+    def __init__(self, path: str | os.PathLike, command: str, level: str = "INFO", enabled: bool = True):
+        self.path = os.path.abspath(os.fspath(path))
+        self.command, self.level, self.enabled = command, level, enabled
+        setup_logging(level, None)
+        self._held = _Held()
+        logging.getLogger().addHandler(self._held)
+
+    @property
+    def config_path(self) -> Path:
+        return Path(self.path) / "config.yaml"
+
+    def open(self, config: Any) -> None:
+        """Create the directory, write ``config.yaml`` and start ``run.log`` (with the messages so far)."""
+        held = list(self._held.buffer)
+        self.close()
+        if not self.enabled:
+            return
+        os.makedirs(self.path, exist_ok=True)
+        self._write_config(config)
+        setup_logging(self.level, self.path)
+        files = [h for h in logging.getLogger().handlers if isinstance(h, logging.FileHandler)]
+        for record in held:
+            for handler in files:
+                if record.levelno >= handler.level:
+                    handler.handle(record)
+
+    def close(self) -> None:
+        """Stop holding messages (a run that failed before :meth:`open`)."""
+        logging.getLogger().removeHandler(self._held)
+        self._held.buffer.clear()
+
+    def _write_config(self, config: Any) -> None:
+        path = self.config_path
+        # Reloadable as is: `jaxrlhf <command> --config <run_dir>/config.yaml` repeats the run.
+        header = f"# jaxrlhf {self.command} --config {path}\n"
+        text = header + yaml.safe_dump(to_dict(config), sort_keys=False)
+        if path.is_file() and path.read_text() != text:
+            log.warning("%s differs from this run's config; replacing it (old one: config.yaml.prev)", path)
+            os.replace(path, path.with_suffix(".yaml.prev"))
+        path.write_text(text)

@@ -1,0 +1,223 @@
+"""Intervals, paired comparisons and the over-optimisation test: hand values and error rates on simulated
+data whose truth is known.
+
+Tolerances for simulated rates: with R replications a rate p has binomial standard error √(p(1 − p)/R);
+a one-sided bound uses 2.326 standard errors (a 1% chance of failing for a test whose true rate is exactly
+at the bound), a two-sided one 3 standard errors.
+"""
+
+import math
+
+import numpy as np
+import pytest
+import scipy.stats
+
+from jaxrlhf.experiments.statistics import (
+    Estimate,
+    across_seeds,
+    bootstrap_interval,
+    format_interval,
+    mean_interval,
+    overoptimization_test,
+    paired_comparison,
+    per_prompt_means,
+    student_t_cdf,
+    student_t_quantile,
+)
+
+
+def binomial_se(p: float, replications: int) -> float:
+    return math.sqrt(p * (1 - p) / replications)
+
+
+def test_student_t_against_scipy():
+    for df in [*range(1, 13), 30, 31, 99]:
+        for q in (0.6, 0.9, 0.95, 0.975, 0.995):
+            assert student_t_quantile(q, df) == pytest.approx(scipy.stats.t.ppf(q, df), rel=1e-10)
+        for t in (-3.0, -0.5, 0.0, 1.2, 4.0):
+            assert student_t_cdf(t, df) == pytest.approx(scipy.stats.t.cdf(t, df), abs=1e-12)
+    assert student_t_quantile(0.975, 3) == pytest.approx(3.182446305284263)
+    assert student_t_quantile(0.025, 3) == pytest.approx(-3.182446305284263)
+    with pytest.raises(ValueError, match="df must be an integer >= 1"):
+        student_t_cdf(1.0, 2.5)
+
+
+def test_mean_interval_and_formatting():
+    e = mean_interval([1.0, 2.0, 3.0, 4.0])
+    half = 3.182446305284263 * math.sqrt(5 / 3) / 2  # t_{3, 0.975}·s/√n, s² = 5/3
+    assert (e.value, e.n, e.unit, e.method) == (2.5, 4, "prompts", "t")
+    assert e.low == pytest.approx(2.5 - half) and e.high == pytest.approx(2.5 + half)
+    assert e.format(2) == f"2.50 ± {half:.2f} (95% CI over 4 prompts)"
+    assert Estimate(0.5, 0.4, 0.7, 10, "seeds").format(2) == "0.50 [0.40, 0.70] (95% CI over 10 seeds)"
+    assert format_interval(0.25, 0.0312, 512, "prompts") == "0.250 ± 0.031 (95% CI over 512 prompts)"
+    assert format_interval(0.25, math.nan, 1, "seeds") == "0.250 (no interval: 1 seed)"
+    assert mean_interval([0.3], "seeds").format() == "0.300 (no interval: 1 seed)"
+    np.testing.assert_array_equal(per_prompt_means([1, 3, 5, 7, 0, 2], 2), [2, 6, 1])
+    with pytest.raises(ValueError, match="not a multiple of samples_per_prompt = 4"):
+        per_prompt_means(np.zeros(6), 4)
+    with pytest.raises(ValueError, match="2 values are not finite"):
+        mean_interval([1.0, math.nan, math.inf])
+
+
+@pytest.mark.parametrize("method", ["studentized", "bca", "percentile"])
+def test_bootstrap_coverage(method):
+    """95% intervals of a mean from 64 skewed, bounded per-prompt scores cover the truth 95% of the time."""
+    rng = np.random.default_rng(11)
+    reps, n = 600, 64
+    truth = 0.4 * 1.0 + 0.6 * 0.25  # a mixture: 1 w.p. 0.4, else uniform on [0, 0.5]
+    covered = 0
+    for r in range(reps):
+        x = np.where(rng.random(n) < 0.4, 1.0, rng.uniform(0.0, 0.5, n))
+        e = bootstrap_interval(x, n_boot=500, seed=r, method=method)
+        covered += e.low <= truth <= e.high
+    coverage = covered / reps
+    assert abs(coverage - 0.95) <= 3 * binomial_se(0.95, reps), coverage
+
+
+def test_t_interval_coverage_over_seeds():
+    """The t-interval over 4 seeds (normal estimates) covers the truth 95% of the time."""
+    rng = np.random.default_rng(3)
+    reps = 4000
+    hits = sum(
+        (e := across_seeds(rng.normal(0.5, 0.1, 4)).estimate).low <= 0.5 <= e.high for _ in range(reps)
+    )
+    assert abs(hits / reps - 0.95) <= 3 * binomial_se(0.95, reps)
+
+
+def test_paired_comparison_uses_common_random_numbers():
+    rng = np.random.default_rng(0)
+    prompt_effect = rng.normal(0, 1.0, 200)
+    a = prompt_effect + 0.1 + rng.normal(0, 0.2, 200)
+    b = prompt_effect + rng.normal(0, 0.2, 200)
+    paired = paired_comparison(a, b, alternative="greater", seed=1)
+    separate = mean_interval(a).half_width + mean_interval(b).half_width
+    assert paired.difference.value == pytest.approx(np.mean(a - b))
+    assert paired.difference.half_width < separate / 4  # the prompt effect cancels
+    assert paired.p_value < 0.01 and paired.one_sided_bound > 0
+    assert paired == paired_comparison(a, b, alternative="greater", seed=1)  # seeded
+    assert paired_comparison(b, a, alternative="greater", seed=1).p_value > 0.99
+    assert "greater p = " in paired.format()
+
+
+@pytest.mark.parametrize("method", ["studentized", "bca", "percentile"])
+def test_p_value_agrees_with_the_one_sided_bound(method):
+    """p < α exactly when the one-sided (1 − α) bound excludes the null, for every method."""
+    rng = np.random.default_rng(5)
+    for r in range(60):
+        d = rng.normal(rng.uniform(-0.2, 0.4), 1.0, 40)
+        for alternative in ("greater", "less"):
+            c = paired_comparison(d, np.zeros(40), alternative=alternative, level=0.95, n_boot=999, seed=r,
+                                  method=method)
+            excluded = c.one_sided_bound > 0 if alternative == "greater" else c.one_sided_bound < 0
+            if abs(c.p_value - 0.05) > 2e-3:  # away from the discreteness of B resamples
+                assert (c.p_value < 0.05) == excluded, (r, alternative, c)
+        two = paired_comparison(d, np.zeros(40), n_boot=999, seed=r, method=method)
+        if abs(two.p_value - 0.05) > 4e-3:
+            assert (two.p_value < 0.05) == (two.difference.low > 0 or two.difference.high < 0)
+
+
+def test_degenerate_and_bad_inputs():
+    same = paired_comparison([0.5, 0.5, 0.5], [0.5, 0.5, 0.5])
+    assert same.p_value == 1.0 and same.difference.low == same.difference.high == 0.0
+    shifted = paired_comparison([1.0, 1.0, 1.0], [0.0, 0.0, 0.0], alternative="greater", n_boot=99)
+    assert shifted.p_value == pytest.approx(0.01)
+    # one of 16 binary scores is 1: resamples of only zeros give t* = −inf; the interval stays finite below
+    x = np.zeros(16)
+    x[0] = 1.0
+    e = bootstrap_interval(x)
+    assert e.low < 1 / 16 < e.high and not math.isnan(e.low)
+    with pytest.raises(ValueError, match="must hold the same units"):
+        paired_comparison([1, 2, 3], [1, 2])
+    with pytest.raises(ValueError, match="bootstrap method must be one of"):
+        bootstrap_interval([1.0, 2.0], method="normal")
+    with pytest.raises(ValueError, match="alternative must be one of"):
+        paired_comparison([1, 2], [2, 1], alternative="bigger")
+    with pytest.raises(ValueError, match="n_boot must be >= 99"):
+        bootstrap_interval([1.0, 2.0, 3.0], n_boot=10)
+
+
+def flat_curves(rng, points, prompts):
+    """Per-prompt gold at each checkpoint with no true change: a shared prompt effect plus noise."""
+    return rng.normal(0, 0.5, prompts)[None, :] + rng.normal(0, 0.5, (points, prompts))
+
+
+def test_overoptimization_false_positive_rate_on_flat_curves():
+    """1000 flat curves (8 points, 64 prompts): called over-optimised in ≤ 5% (+ 2.326 binomial s.e.)."""
+    rng = np.random.default_rng(2024)
+    reps, calls, tested = 1000, 0, 0
+    for r in range(reps):
+        result = overoptimization_test(flat_curves(rng, 8, 64), n_boot=500, seed=r)
+        calls += result.overoptimized
+        tested += result.peak_index != result.final_index
+    rate, rate_when_tested = calls / reps, calls / tested
+    assert rate <= 0.05 + 2.326 * binomial_se(0.05, reps), rate
+    # measured: 0.033 of all curves, 0.038 of those whose peak is not the final point
+    assert rate_when_tested <= 0.05 + 2.326 * binomial_se(0.05, tested), rate_when_tested
+
+
+def test_choosing_the_peak_on_the_tested_prompts_is_biased():
+    """Why the halves: choosing the peak and testing the drop on the same 64 prompts calls a flat curve
+    over-optimised far too often."""
+    rng = np.random.default_rng(7)
+    reps, calls = 300, 0
+    for r in range(reps):
+        g = flat_curves(rng, 8, 64)
+        peak = int(np.argmax(g.mean(axis=1)))
+        if peak != 7:
+            test = paired_comparison(g[peak], g[-1], alternative="greater", n_boot=500, seed=r)
+            calls += test.p_value < 0.05
+    assert calls / reps > 0.12  # measured 0.21
+
+
+def test_overoptimization_power_on_a_real_drop():
+    """Gold rises by 0.3 over 4 steps, then falls by 0.2 (0.4 σ of the per-prompt noise σ = 0.5) over 3:
+    with 256 evaluation prompts (128 per half) the test detects it in ≥ 80% of runs."""
+    rng = np.random.default_rng(99)
+    mean = np.concatenate([np.linspace(0.0, 0.3, 5), 0.3 - 0.2 * np.arange(1, 4) / 3])  # [8]
+    reps, calls = 300, 0
+    for r in range(reps):
+        g = mean[:, None] + flat_curves(rng, 8, 256)
+        calls += overoptimization_test(g, n_boot=500, seed=r).overoptimized
+    assert calls / reps >= 0.80, calls / reps  # measured 0.89
+
+
+def test_overoptimization_result_fields_and_text():
+    rng = np.random.default_rng(1)
+    mean = np.array([0.0, 0.4, 0.6, 0.3, 0.1])
+    gold = mean[:, None] + rng.normal(0, 0.3, (5, 100))
+    proxy = np.array([0.0, 1.0, 2.0, 3.0, 4.0])
+    x = [0, 25, 50, 75, 100]
+    result = overoptimization_test(gold, proxy, x, seed=3)
+    assert result.overoptimized and result.peak_index == 2 and result.final_index == 4
+    assert (result.peak_x, result.final_x, result.n_selection, result.n_test) == (50.0, 100.0, 50, 50)
+    assert result.p_value < 0.01 and result.drop_lower > 0 and result.unit == "prompts"
+    assert result.drop.value == pytest.approx(result.peak_gold.value - result.final_gold.value)
+    assert 0.3 < result.drop.value < 0.7 and result.drop.n == 50
+    assert (result.proxy_peak, result.proxy_final) == (2.0, 4.0)
+    assert result.text.startswith("yes: gold fell by 0.")
+    assert "(step 50, chosen on 50 other prompts)" in result.text
+    assert "the proxy went from 2.000 to 4.000" in result.text
+    assert "split at random into two halves" in result.rule and "p < 0.05" in result.rule
+    assert overoptimization_test(gold, proxy, x, seed=3) == result  # deterministic
+    # a curve still rising at the end: the peak is the final point, nothing to test
+    rising = overoptimization_test(np.arange(4.0)[:, None] + rng.normal(0, 0.1, (4, 20)), x_label="n")
+    assert not rising.overoptimized and rising.p_value == 1.0
+    assert rising.text.startswith("no: on the 10 selection prompts gold is highest at the final point (n 3)")
+    # per-prompt proxy: averaged over the test half
+    per_prompt = overoptimization_test(gold, np.repeat(proxy[:, None], 100, axis=1), x, seed=3)
+    assert per_prompt.proxy_final == pytest.approx(4.0)
+    with pytest.raises(ValueError, match=r"gold must be \[points >= 2, prompts >= 4\]"):
+        overoptimization_test(np.zeros((1, 10)))
+    with pytest.raises(ValueError, match="proxy must be"):
+        overoptimization_test(gold, np.zeros(3))
+
+
+def test_across_seeds():
+    s = across_seeds([0.5, 0.6, 0.7, 0.8], prompt_half_widths=[0.03, 0.04, 0.03, 0.02], prompt_n=512)
+    half = 3.182446305284263 * np.std([0.5, 0.6, 0.7, 0.8], ddof=1) / 2
+    assert s.estimate.value == pytest.approx(0.65) and s.estimate.half_width == pytest.approx(half)
+    assert s.estimate.unit == "seeds" and s.std == pytest.approx(0.1291, abs=1e-4)
+    assert s.format(3) == f"0.650 ± {half:.3f} (95% CI over 4 seeds; per run ± 0.030 over 512 prompts)"
+    assert across_seeds([0.4]).format() == "0.400 (no interval: 1 seed)"
+    with pytest.raises(ValueError, match="must match values"):
+        across_seeds([0.1, 0.2], prompt_half_widths=[0.1])

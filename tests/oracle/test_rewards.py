@@ -1,0 +1,122 @@
+"""The one reward plug-in point: built-in rewards, token-array and text functions, task oracles and import
+paths, all resolved by ``get_reward`` into oracles with both forms; rollouts scored with and without jit."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from jaxrlhf.oracle import (
+    FunctionOracle,
+    Oracle,
+    RewardSpecError,
+    TokenFunctionOracle,
+    build_task_tokenizer,
+    get_reward,
+    get_task,
+    register_reward,
+    registered_rewards,
+    reward_form,
+    rollout_reward_inputs,
+)
+from jaxrlhf.rollout.generate import Rollout
+
+WITH_AND_WITHOUT_JIT = pytest.mark.parametrize("transform", [lambda f: f, jax.jit], ids=["eager", "jit"])
+TOK = build_task_tokenizer(["a", "b", "c"])  # a=4, b=5, c=6; eos=2
+
+
+def make_rollout():
+    prompt = np.array([[0, 9, 8], [7, 7, 7], [0, 0, 6]], np.int32)
+    prompt_mask = (np.arange(3)[None] >= np.array([[1], [0], [2]])).astype(np.int32)
+    response = np.array([[5, 5, 2, 0], [5, 1, 5, 3], [4, 0, 0, 0]], np.int32)
+    response_mask = np.array([[1, 1, 1, 0], [1, 1, 1, 1], [1, 0, 0, 0]], np.int32)
+    return Rollout(
+        sequences=jnp.asarray(np.concatenate([prompt, response], 1)),
+        sequence_mask=jnp.asarray(np.concatenate([prompt_mask, response_mask], 1)),
+        response_tokens=jnp.asarray(response), response_mask=jnp.asarray(response_mask),
+        logprobs=jnp.zeros((3, 4)), stopped=jnp.array([True, False, True]))
+
+
+@WITH_AND_WITHOUT_JIT
+def test_builtin_rewards(transform):
+    rollout = make_rollout()
+    count = get_reward("token_count:5")
+    assert count.jittable and isinstance(count, TokenFunctionOracle)
+    np.testing.assert_allclose(transform(count.score_rollout)(rollout), [2 / 3, 2 / 4, 0.0], rtol=1e-6)
+    np.testing.assert_allclose(transform(get_reward("length").score_rollout)(rollout), [3 / 4, 1, 1 / 4])
+    prompt, prompt_mask, response, _ = rollout_reward_inputs(rollout)
+    np.testing.assert_array_equal(prompt[1], [7, 7, 7])
+    np.testing.assert_array_equal(prompt_mask[2], [0, 0, 1])
+    np.testing.assert_array_equal(response[0], [5, 5, 2, 0])
+    builtins = {"length", "token_count:<token id>", "task:<task name>[,key=value...]"}
+    assert builtins <= set(registered_rewards())
+
+
+def prompt_length_reward(prompt_tokens, prompt_mask, response_tokens, response_mask):
+    """A host (NumPy) token reward: the prompt's length."""
+    assert isinstance(prompt_mask, np.ndarray)
+    return prompt_mask.sum(1).astype(np.float64)
+
+
+def count_b(prompt: str, response: str) -> float:
+    return float(response.split().count("b"))
+
+
+def test_token_and_text_functions_are_oracles_with_both_forms():
+    assert reward_form(prompt_length_reward) == "tokens" and reward_form(count_b) == "text"
+    register_reward("test_prompt_length", prompt_length_reward, overwrite=True)
+    tokens = get_reward("test_prompt_length", tokenizer=TOK)
+    assert isinstance(tokens, TokenFunctionOracle) and not tokens.jittable
+    scores = tokens.score_rollout(make_rollout())
+    assert scores.dtype == np.float32
+    np.testing.assert_array_equal(scores, [2, 3, 1])
+    # The text form encodes with the tokenizer: prompts of 1 and 3 symbols.
+    np.testing.assert_array_equal(tokens.score_texts(["a", "a b c"], ["b", ""]), [1, 3])
+    with pytest.raises(TypeError, match=r"cannot be traced by jax\.jit"):
+        jax.jit(tokens.score_rollout)(make_rollout())
+
+    register_reward("test_count_b", count_b, overwrite=True)
+    text = get_reward("test_count_b", tokenizer=TOK)
+    assert isinstance(text, FunctionOracle) and not text.jittable
+    np.testing.assert_array_equal(text.score_texts(["a"], ["b b c"]), [2.0])
+    # The array form decodes: row 0 is "b b" then eos, row 2 is "a".
+    np.testing.assert_array_equal(text.score_rollout(make_rollout())[[0, 2]], [2.0, 0.0])
+
+
+def test_task_oracles_by_name_and_import_paths():
+    task = get_task("random_walk", seed=3)
+    oracle = get_reward("task:random_walk,seed=3")
+    assert oracle.jittable and type(oracle) is type(task.oracle)
+    prompt = task.sample_prompts(0, 1)[0]
+    assert oracle.score_texts([prompt], [task.optimal_response(prompt)])[0] == task.optimal_score
+    by_path = get_reward("jaxrlhf.oracle.token_rewards:length_reward")
+    assert not by_path.jittable  # no `jittable` attribute: a host function
+    np.testing.assert_allclose(by_path.score_rollout(make_rollout()), [3 / 4, 1, 1 / 4])
+    assert get_reward("jaxrlhf.oracle.token_rewards.length_reward").fn is by_path.fn
+    instance = get_task("digit_sort").oracle
+    register_reward("test_digit_sort", instance, overwrite=True)
+    assert get_reward("test_digit_sort") is instance and isinstance(instance, Oracle)
+
+
+@pytest.mark.parametrize("spec, message", [
+    ("nope", "unknown reward 'nope'; registered: .*or an import path"),
+    ("token_count:x", "token_count:x.*integer token id"),
+    ("task:no_such_task", "unknown task 'no_such_task'"),
+    ("task:random_walk,seed", "expected key=value"),
+    ("jaxrlhf.oracle.token_rewards:missing", "has no attribute 'missing'"),
+])
+def test_bad_specs_are_spec_errors(spec, message):
+    with pytest.raises(RewardSpecError, match=message):
+        get_reward(spec)
+
+
+def test_registration_errors_and_shape_checks():
+    with pytest.raises(ValueError, match="already registered"):
+        register_reward("length", prompt_length_reward)
+    with pytest.raises(ValueError, match="contain no ':'"):
+        register_reward("a:b", count_b)
+    with pytest.raises(RewardSpecError, match="takes 3 required arguments"):
+        register_reward("test_three", lambda a, b, c: 0.0)
+    register_reward("test_bad_shape", lambda p, pm, r, rm: np.zeros(2), overwrite=True)
+    with pytest.raises(ValueError, match=r"returned shape \(2,\), expected \(3,\)"):
+        get_reward("test_bad_shape").score_rollout(make_rollout())
