@@ -27,6 +27,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jaxrlhf import parallel
 from jaxrlhf.config import ConfigError
 from jaxrlhf.oracle import BatchFunctionOracle, Oracle, get_reward
 from jaxrlhf.oracle.registry import is_import_path
@@ -57,8 +58,8 @@ class RewardFunctions:
     rl_iteration.ScoreFn`). ``compile`` jits the device part (e.g. :func:`jaxrlhf.train.run.compile_step`)."""
 
     def __init__(self, components: Sequence[Component], tokenizer: Any,
-                 compile: Callable[..., Any] = compile_step):
-        self.components, self.tokenizer = list(components), tokenizer
+                 compile: Callable[..., Any] = compile_step, mesh: Any = None):
+        self.components, self.tokenizer, self.mesh = list(components), tokenizer, mesh
         self.jittable = all(c.oracle.jittable for c in self.components)
         device = [c for c in self.components if c.oracle.jittable]
         self._device = None
@@ -69,8 +70,9 @@ class RewardFunctions:
 
     @classmethod
     def from_section(cls, reward: RewardSection, tokenizer: Any,
-                     compile: Callable[..., Any] = compile_step) -> RewardFunctions:
-        """The functions ``reward.function`` or ``reward.functions`` name (errors name the key)."""
+                     compile: Callable[..., Any] = compile_step, mesh: Any = None) -> RewardFunctions:
+        """The functions ``reward.function`` or ``reward.functions`` name (errors name the key). Given
+        ``mesh``, host functions of a multi-host run score each process's own rows of the rollout."""
         sections = reward.functions or (RewardFunctionSection(reward.function or ""),)
         components, names = [], set()
         for i, section in enumerate(sections):
@@ -85,7 +87,7 @@ class RewardFunctions:
             names.add(name)
             components.append(Component(name, section.weight, oracle))
         log.info("reward: %s", " + ".join(f"{c.weight:g}·{c.name}" for c in components))
-        return cls(components, tokenizer, compile)
+        return cls(components, tokenizer, compile, mesh)
 
     @property
     def needs_columns(self) -> bool:
@@ -101,12 +103,19 @@ class RewardFunctions:
 
     def __call__(self, rollout: Rollout) -> jax.Array:
         parts: dict[str, Any] = {}
+        # A multi-host rollout has rows no single process holds: each process scores its own rows (the
+        # rows its data loader gave it, so the host columns line up) and the scores form one global array.
+        split = self.mesh is not None and jax.process_count() > 1
         if self._device is not None:
             total, device_parts, stats = self._device(rollout)
             if self.jittable:  # everything stayed on the devices
                 self._metrics = stats
                 return total
+            if split:
+                device_parts = parallel.process_rows(self.mesh, device_parts)
             parts.update({k: np.asarray(v) for k, v in device_parts.items()})
+        if split:
+            rollout = parallel.process_rows(self.mesh, rollout)
         texts = None
         for c in self.components:
             if c.oracle.jittable:
@@ -128,6 +137,8 @@ class RewardFunctions:
             total = total + c.weight * values
             self._metrics[f"rewards/{c.name}/mean"] = float(given.mean()) if given.size else float("nan")
             self._metrics[f"rewards/{c.name}/std"] = float(given.std()) if given.size else float("nan")
+        if split:
+            return parallel.shard_batch(self.mesh, total.astype(np.float32))
         return jnp.asarray(total, jnp.float32)
 
     def _texts(self, rollout: Rollout) -> tuple[list[Any], list[str], dict[str, list[Any]], list[list[int]]]:

@@ -143,7 +143,7 @@ def build_rl(cfg: PPORunConfig | A2CRunConfig, run: Run, policy: LoadedModel, cr
     critic_path = critic_init_path(cfg.critic, cfg.reward)  # default: the reward model, if there is one
     critic_model, critic_params = (None, None) if shared else load_critic(critic_path, policy, dtype,
                                                                            critic_key)
-    score = make_score_fn(cfg.reward, tokenizer, dtype, run.place)
+    score = make_score_fn(cfg.reward, tokenizer, dtype, run.place, run.mesh)
     run.check_batch_size("data.batch_size", cfg.data.batch_size)
     if cfg.reference.offload:
         ref_params = parallel.to_host(ref_params)  # numpy: copied to the devices by each experience call
@@ -186,8 +186,9 @@ def rl_hooks(cfg: PPORunConfig | A2CRunConfig, run: Run, setup: RLSetup, tokeniz
         batch = take_columns(setup.phases.score, batch)  # host columns for reward functions (TRL's form)
         state, out = iteration(state, run.shard(batch), key)
         last[:] = [out]
-        tallies = {"tokens": float(np.asarray(out.rollout.sequence_mask).sum()),
-                   "response_tokens": float(np.asarray(out.rollout.response_mask).sum())}
+        # Reduced on the devices: a multi-host rollout has rows no single process holds.
+        tallies = {"tokens": float(jnp.sum(out.rollout.sequence_mask)),
+                   "response_tokens": float(jnp.sum(out.rollout.response_mask))}
         metrics = {**host_scalars(out.metrics), **reward_metrics(setup.phases.score)}
         return state, StepOutcome(metrics, tallies, int(out.rollout.sequences.shape[1]))
 
@@ -203,8 +204,8 @@ def rl_hooks(cfg: PPORunConfig | A2CRunConfig, run: Run, setup: RLSetup, tokeniz
                         "training log-probs differ)", ratio)
         if cfg.logging.sample_every and step_number % cfg.logging.sample_every == 0:
             out = last[0]
-            report.log_text("samples", sample_text(tokenizer, out.rollout, float(np.asarray(out.scores)[0])),
-                            step_number)
+            score = float(parallel.to_host(out.scores[0]))
+            report.log_text("samples", sample_text(tokenizer, out.rollout, score), step_number)
 
     return LoopHooks(step, window_metrics, after_step, postfix=POSTFIX)
 
@@ -285,7 +286,7 @@ def rl_perf(report: Reporting, seq_len: int, update_flops: Callable[[int], float
 def sample_text(tokenizer: Any, rollout: Any, score: float) -> str:
     """The first row of a rollout as ``prompt / response / score`` text (for ``text.jsonl``)."""
     p = rollout.sequences.shape[1] - rollout.response_mask.shape[1]
-    seq, mask = np.asarray(rollout.sequences[0]), np.asarray(rollout.sequence_mask[0])
+    seq, mask = parallel.to_host((rollout.sequences[0], rollout.sequence_mask[0]))  # row 0 on every process
     prompt = tokenizer.decode(seq[:p][mask[:p] > 0])
     response = tokenizer.decode(seq[p:][mask[p:] > 0])
     return f"prompt: {prompt!r}\nresponse: {response!r}\nscore: {score:.4g}"

@@ -88,12 +88,14 @@ def reward_model_score_fn(
 def make_score_fn(
     reward: RewardSection, policy_tokenizer: Any, dtype: str,
     place: Callable[[Any, str], Any] = lambda tree, name: tree,
+    mesh: Any = None,
 ) -> ScoreFn:
     """The configured reward as ``score(rollout) -> [B]``: the jitted reward model (its parameters placed by
     ``place``), or the reward function(s) ``reward.function`` / ``reward.functions`` name
     (:class:`~jaxrlhf.train.reward_functions.RewardFunctions`: any oracle or reward function of
     ``jaxrlhf.oracle.get_reward``, TRL's form included; jitted when jittable, else called on the host once
-    per batch; a weighted sum of several, each logged as ``rewards/<name>/mean``)."""
+    per batch — given ``mesh``, on each process's own rows of a multi-host rollout; a weighted sum of
+    several, each logged as ``rewards/<name>/mean``)."""
     if reward.model_path is not None:
         rm, norm = load_reward_model(reward.model_path, dtype)
         same_vocabulary(policy_tokenizer, rm.tokenizer, "reward.model_path")
@@ -101,7 +103,7 @@ def make_score_fn(
             log.warning("%s has no reward normalisation; using raw rewards", reward.model_path)
         return reward_model_score_fn(rm.model, place(rm.params, "reward model params"),
                                      norm if reward.normalize else None, reward.micro_batch_size)
-    return RewardFunctions.from_section(reward, policy_tokenizer)
+    return RewardFunctions.from_section(reward, policy_tokenizer, mesh=mesh)
 
 
 def load_reference(path: str | None, policy: LoadedModel, dtype: str,
