@@ -77,6 +77,17 @@ class LayerCache(NamedTuple):
         return self._replace(keys=keys, values=values), read_k, read_v
 
 
+class FreshKV(NamedTuple):
+    """Stands in for a layer's cache in a pass without one (a prefill) and hands back the layer's new keys
+    [B, K, hd, T] and values [B, K, T, hd], from which the caller builds a cache of any length."""
+
+    keys: jax.Array | None = None
+    values: jax.Array | None = None
+
+    def write_and_read(self, k: jax.Array, v: jax.Array) -> tuple[FreshKV, jax.Array, jax.Array]:
+        return FreshKV(k, v), k, v
+
+
 def positions_from_mask(mask: jax.Array) -> jax.Array:
     """Position ids of a left-padded batch: ``cumsum(mask) − 1``, clipped at 0 on the padding. [B, T]."""
     return jnp.maximum(jnp.cumsum(mask.astype(jnp.int32), axis=-1) - 1, 0)
@@ -150,7 +161,7 @@ class Attention(nnx.Module):
         self.qkv = Dense(cfg.hidden_size, cfg.q_size + 2 * cfg.kv_size, use_bias=cfg.qkv_bias, rngs=rngs)
         self.out = Dense(cfg.q_size, cfg.hidden_size, use_bias=cfg.attn_out_bias, rngs=rngs)
 
-    def __call__(self, x, rope, bias, layer_cache: LayerCache | None):
+    def __call__(self, x, rope, bias, layer_cache: LayerCache | FreshKV | None):
         cfg = self.cfg
         b, t, _ = x.shape
         qkv = self.qkv(x)
@@ -188,7 +199,7 @@ class Block(nnx.Module):
         self.mlp_norm = Norm(cfg.hidden_size, cfg.norm, cfg.norm_eps)
         self.mlp = MLP(cfg, rngs)
 
-    def __call__(self, x, rope, bias, layer_cache: LayerCache | None):
+    def __call__(self, x, rope, bias, layer_cache: LayerCache | FreshKV | None):
         a, layer_cache = self.attn(self.attn_norm(x), rope, bias, layer_cache)
         x = x + a
         return x + self.mlp(self.mlp_norm(x)), layer_cache
@@ -223,8 +234,11 @@ class Transformer(nnx.Module):
         if not cfg.tie_word_embeddings:
             self.lm_head = Dense(cfg.hidden_size, cfg.vocab_size, use_bias=False, rngs=rngs)
 
-    def __call__(self, tokens, positions, mask, cache: KVCache | None, layers: Any = None):
-        """``layers``: the blocks' params, stacked (default: this module's) or a tuple of per-layer trees."""
+    def __call__(self, tokens, positions, mask, cache: KVCache | None, layers: Any = None,
+                 collect_kv: bool = False):
+        """``layers``: the blocks' params, stacked (default: this module's) or a tuple of per-layer trees.
+        ``collect_kv`` (without a cache): return every layer's keys and values in place of the cache, stacked
+        when the blocks are scanned, as tuples when unrolled."""
         cfg = self.cfg
         check_positions(cfg, mask.shape[1], "LanguageModel.apply")
         dtype = jnp.dtype(cfg.dtype)
@@ -238,11 +252,14 @@ class Transformer(nnx.Module):
         if layers is None:
             layers = nnx.to_pure_dict(nnx.state(self.layers))
         kv = None if cache is None else (cache.keys, cache.values)
+        collect = collect_kv and cache is None
         if isinstance(layers, (tuple, list)) or not cfg.scan_layers:
-            x, kv = _unrolled_blocks(cfg, layers, x, rope, bias, kv, index)
+            x, kv = _unrolled_blocks(cfg, layers, x, rope, bias, kv, index, collect)
         else:
-            x, kv = _scanned_blocks(cfg, layers, x, rope, bias, kv, index)
+            x, kv = _scanned_blocks(cfg, layers, x, rope, bias, kv, index, collect)
         hidden = self.final_norm(x)
+        if collect:
+            return hidden, kv
         if cache is not None:
             cache = KVCache(kv[0], kv[1], cache.index + tokens.shape[1])
         return hidden, cache
@@ -277,36 +294,44 @@ def _block(cfg: ModelConfig, layer_params: Params) -> Block:
     return nnx.merge(graphdef, state)
 
 
-def _scanned_blocks(cfg: ModelConfig, layers: Params, x, rope, bias, kv, index):
+def _scanned_blocks(cfg: ModelConfig, layers: Params, x, rope, bias, kv, index, collect: bool = False):
     """The blocks as one ``lax.scan`` over the stacked params: XLA compiles a single block.
 
     The stacked cache is part of the scan's carry, not its inputs/outputs: each layer writes its new
     columns into the carried buffers with a dynamic-update-slice (in place) and reads its own slice. As
     scanned inputs and outputs instead, the whole cache would be copied into a fresh output buffer every
-    call, i.e. every decode step.
+    call, i.e. every decode step. ``collect``: no cache; each layer's new keys/values are the scan's
+    outputs (stacked), returned in place of the cache.
     """
 
     def body(carry, xs):
         x, kv = carry
         layer_params, i = xs
-        layer_cache = None if kv is None else LayerCache(kv[0], kv[1], i, index)
+        layer_cache = FreshKV() if collect else None if kv is None else LayerCache(kv[0], kv[1], i, index)
         x, layer_cache = _block(cfg, layer_params)(x, rope, bias, layer_cache)
+        if collect:
+            return (x, None), (layer_cache.keys, layer_cache.values)
         return (x, None if kv is None else (layer_cache.keys, layer_cache.values)), None
 
-    (x, kv), _ = jax.lax.scan(body, (x, kv), (layers, jnp.arange(cfg.num_layers)))
-    return x, kv
+    (x, kv), fresh = jax.lax.scan(body, (x, kv), (layers, jnp.arange(cfg.num_layers)))
+    return x, fresh if collect else kv
 
 
-def _unrolled_blocks(cfg: ModelConfig, layers: Params | tuple, x, rope, bias, kv, index):
+def _unrolled_blocks(cfg: ModelConfig, layers: Params | tuple, x, rope, bias, kv, index,
+                     collect: bool = False):
     """The blocks as a Python loop (one copy of the block per layer in the program)."""
     stacked_cache = kv is not None and not isinstance(kv[0], (tuple, list))
     keys, values = ([], []) if kv is None or stacked_cache else (list(kv[0]), list(kv[1]))
+    if collect:
+        keys, values = [None] * cfg.num_layers, [None] * cfg.num_layers
     for i in range(cfg.num_layers):
         if isinstance(layers, (tuple, list)):
             layer_params = layers[i]
         else:
             layer_params = jax.tree.map(lambda w, i=i: w[i], layers)
-        if kv is None:
+        if collect:
+            layer_cache = FreshKV()
+        elif kv is None:
             layer_cache = None
         elif stacked_cache:
             layer_cache = LayerCache(kv[0], kv[1], i, index)
@@ -319,7 +344,7 @@ def _unrolled_blocks(cfg: ModelConfig, layers: Params | tuple, x, rope, bias, kv
             kv = (layer_cache.keys, layer_cache.values)
         else:
             keys[i], values[i] = layer_cache.keys, layer_cache.values
-    if kv is None or stacked_cache:
+    if (kv is None or stacked_cache) and not collect:
         return x, kv
     return x, (tuple(keys), tuple(values))
 
@@ -445,6 +470,39 @@ class LanguageModel:
         layers = self.cast_params(layers) if isinstance(layers, (tuple, list)) else None
         hidden, cache = module(tokens, positions, mask, cache, layers)
         return module, hidden, cache
+
+    def prefill(
+        self, params: Params, tokens: jax.Array, positions: jax.Array, mask: jax.Array, length: int
+    ) -> tuple[jax.Array, KVCache]:
+        """A cacheless pass over the prompts [B, P] (``mask`` [B, P]) that returns the hidden states and a
+        cache of ``length`` ≥ P columns holding the prompt's keys and values, index P, already in the
+        layout a decode loop carries (:meth:`decode_cache`).
+
+        The same numbers as :meth:`forward` over :meth:`init_cache`, without its costs: the attention reads
+        the P prompt columns rather than ``length``, no scanned layer reads its slice of a stacked cache, and
+        each layer's buffer is written once (the prompt and zero columns) instead of zero-filled, updated and
+        then split per layer.
+        """
+        cfg = self.config
+        prompt_len = tokens.shape[1]
+        if length < prompt_len:
+            raise ValueError(f"LanguageModel.prefill: cache length {length} < prompt length {prompt_len}")
+        check_positions(cfg, length, "LanguageModel.prefill")
+        module = self.bind(params)
+        layers = params["layers"]
+        layers = self.cast_params(layers) if isinstance(layers, (tuple, list)) else None
+        hidden, (keys, values) = module(tokens, positions, mask, None, layers, collect_kv=True)
+        dtype = jnp.dtype(cfg.dtype)
+        extra = length - prompt_len
+        pad_k = lambda k: jnp.pad(k.astype(dtype), [(0, 0)] * (k.ndim - 1) + [(0, extra)])
+        pad_v = lambda v: jnp.pad(v.astype(dtype), [(0, 0)] * (v.ndim - 2) + [(0, extra), (0, 0)])
+        if cfg.scan_decode:
+            keys, values = (jnp.stack(x) if isinstance(x, tuple) else x for x in (keys, values))
+            keys, values = pad_k(keys), pad_v(values)
+        else:
+            split = lambda x: tuple(x) if isinstance(x, tuple) else tuple(x[i] for i in range(cfg.num_layers))
+            keys, values = tuple(map(pad_k, split(keys))), tuple(map(pad_v, split(values)))
+        return hidden, KVCache(keys, values, jnp.asarray(prompt_len, jnp.int32))
 
     def logits(self, params: Params, hidden: jax.Array) -> jax.Array:
         """LM-head logits in float32, [..., vocab]."""

@@ -149,16 +149,15 @@ def prefill(
     group, n = config.group_size, config.max_new_tokens
     prompt_mask = prompt_mask.astype(jnp.int32)
     # Columns of future tokens are marked real; causality hides them until they are written.
-    prefill_mask = jnp.concatenate([prompt_mask, jnp.ones((num_prompts, n), jnp.int32)], axis=1)
+    cache_mask = jnp.concatenate([prompt_mask, jnp.ones((num_prompts, n), jnp.int32)], axis=1)
     # Weights in the compute dtype once, outside the decode loop.
     params = model.cast_params(params)
-    cache = model.init_cache(num_prompts, prompt_len + n)
-    positions = positions_from_mask(prompt_mask)
-    hidden, cache = model.forward(params, prompt_tokens.astype(jnp.int32), positions, prefill_mask, cache)
+    hidden, cache = model.prefill(params, prompt_tokens.astype(jnp.int32), positions_from_mask(prompt_mask),
+                                  prompt_mask, prompt_len + n)
     logits = repeat_rows(model.logits(params, hidden[:, -1]), group)
-    # The decode loop's layout (by default one weight and cache buffer per layer, split once here).
-    cache = _repeat_cache_rows(model.decode_cache(cache), group)
-    return Prefill(logits, cache, repeat_rows(prefill_mask, group), model.decode_params(params))
+    # The prompt's cache, in the decode loop's layout, copied to the group's rows.
+    cache = _repeat_cache_rows(cache, group)
+    return Prefill(logits, cache, repeat_rows(cache_mask, group), model.decode_params(params))
 
 
 @functools.partial(jax.jit, static_argnames=("model", "config"))

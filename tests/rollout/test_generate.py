@@ -3,6 +3,8 @@ distribution's log-probs under filtering), stopping, recompilation, group sampli
 
 from __future__ import annotations
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -64,6 +66,29 @@ def test_cached_decode_equals_full_forward(model_and_params):
         got.append(logits[:, 0])
     got = np.stack([np.asarray(g) for g in got], 1)
     np.testing.assert_allclose(got, np.asarray(ref)[:, p - 1 : p + n - 1], atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("scan_decode", [False, True], ids=["per-layer", "stacked"])
+def test_prefill_equals_a_forward_over_an_empty_cache(model_and_params, scan_decode):
+    model, params = model_and_params
+    model = LanguageModel(dataclasses.replace(model.config, scan_decode=scan_decode))
+    tokens, mask = prompts()
+    b, p = tokens.shape
+    pos = positions_from_mask(jnp.asarray(mask))
+    full_mask = np.concatenate([mask, np.ones((b, 5), np.int32)], 1)
+    want_hidden, want = model.forward(params, tokens, pos, full_mask, model.init_cache(b, p + 5))
+    hidden, got = model.prefill(params, tokens, pos, mask, p + 5)
+    real = mask > 0  # padded query rows compute garbage in both, and are never attended to
+    np.testing.assert_allclose(np.asarray(hidden)[real], np.asarray(want_hidden)[real], atol=1e-5, rtol=0)
+    assert int(got.index) == p and isinstance(got.keys, tuple) == (not scan_decode)
+    want = model.decode_cache(want)
+    cols = np.concatenate([real, np.ones((b, 5), bool)], 1)  # [B, S]
+    for k_got, k_want in zip(got.keys, want.keys):  # [..., B, K, hd, S]
+        np.testing.assert_allclose(np.moveaxis(np.asarray(k_got), -1, -3)[..., cols, :, :],
+                                   np.moveaxis(np.asarray(k_want), -1, -3)[..., cols, :, :], atol=1e-5)
+    for v_got, v_want in zip(got.values, want.values):  # [..., B, K, S, hd]
+        np.testing.assert_allclose(np.moveaxis(np.asarray(v_got), -2, -3)[..., cols, :, :],
+                                   np.moveaxis(np.asarray(v_want), -2, -3)[..., cols, :, :], atol=1e-5)
 
 
 @pytest.mark.parametrize("sampling", [dict(temperature=0.7), dict(temperature=1.3)], ids=["t0.7", "t1.3"])
