@@ -17,6 +17,15 @@ checkpoint I/O splits and joins them. The blocks' parameters are stacked: every 
 ``[L, d, (H + 2·H_kv)·hd]``), so the blocks run as one ``lax.scan`` that XLA compiles once whatever the
 depth (``ModelConfig.scan_layers``; the unrolled loop over the same params is kept for comparison).
 :func:`unstack_layers` / :func:`stack_layers` convert to and from one subtree per layer.
+
+Decoding is the exception. In a rolled layer loop every weight and KV-cache read is a dynamic slice of a
+stack, and XLA (CPU, and GPU without dynamic-slice fusion) copies such a slice into a buffer of its own
+before a matmul reads it: a decode step, which should read each weight and cache byte once, would copy them
+all. A generation loop therefore takes :meth:`LanguageModel.decode_params` (weights cast to the compute
+dtype once and split into one buffer per layer) and a cache of one buffer per layer
+(:meth:`LanguageModel.prefill` builds it), and runs the blocks unrolled over them; each step writes one
+column per layer in place and copies nothing (``jaxrlhf.rollout.loop_copies`` checks this in the compiled
+program). ``ModelConfig.scan_decode`` scans there too: flat compile time, at the price of those copies.
 """
 
 from __future__ import annotations
