@@ -138,6 +138,7 @@ def main() -> None:
     parser.add_argument("--skip-ppo", action="store_true", help="skip the PPO-update compiles")
     parser.add_argument("--skip-throughput", action="store_true")
     args = parser.parse_args()
+    load_at_start = os.getloadavg()[0]
     jax.config.update("jax_enable_compilation_cache", False)  # every compile is a real one
 
     compile_times: dict = {"generation": {}, "ppo_update": {}}
@@ -160,6 +161,8 @@ def main() -> None:
         "device_kind": jax.devices()[0].device_kind,
         "platform": platform.processor() or platform.machine(),
         "cpu_count": os.cpu_count(),
+        # Other work on a shared machine: the 1-minute load average when the run started and ended.
+        "load_average": [load_at_start, os.getloadavg()[0]],
         "compile_shape": {"d_model": 128, "heads": 4, "vocab": 1024, "batch": 8, "prompt": 32, "new": 32},
         "compile": compile_times,
         f"compile_growth_{hi}_over_{lo}_layers": growth,

@@ -135,6 +135,14 @@ def seconds(fn, *args) -> float:
     return time.perf_counter() - start
 
 
+def wall_and_cpu_seconds(fn, *args) -> tuple[float, float]:
+    """Wall seconds and this process's CPU seconds (all threads) of one call. On a shared machine the CPU
+    seconds move less with other work than the wall time does."""
+    wall, cpu = time.perf_counter(), time.process_time()
+    fn(*args)
+    return time.perf_counter() - wall, time.process_time() - cpu
+
+
 # --------------------------------------------------------------------------------------- PyTorch worker
 
 
@@ -145,7 +153,7 @@ def make_prompts(vocab: int, batch: int, prompt: int, count: int) -> list[np.nda
 
 def torch_worker(args: argparse.Namespace) -> None:
     """Loads the exported model, warms up, then runs ``generate`` on prompt set i for every line "i" read
-    from stdin and answers with the seconds it took (timed here, without the pipe)."""
+    from stdin and answers with the wall and CPU seconds it took (timed here, without the pipe)."""
     import torch
     import transformers
 
@@ -168,7 +176,7 @@ def torch_worker(args: argparse.Namespace) -> None:
     for line in sys.stdin:
         if line.strip() == "quit":
             break
-        print(seconds(run, int(line)), flush=True)
+        print(json.dumps(wall_and_cpu_seconds(run, int(line))), flush=True)
 
 
 class TorchBaseline:
@@ -183,10 +191,10 @@ class TorchBaseline:
         self.proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
         self.info = json.loads(self.proc.stdout.readline())
 
-    def __call__(self, i: int) -> float:
+    def __call__(self, i: int) -> tuple[float, float]:
         self.proc.stdin.write(f"{i}\n")
         self.proc.stdin.flush()
-        return float(self.proc.stdout.readline())
+        return tuple(json.loads(self.proc.stdout.readline()))
 
     def close(self) -> None:
         self.proc.stdin.write("quit\n")
@@ -269,6 +277,7 @@ def main() -> None:
     if args.torch_worker:
         torch_worker(args)
         return
+    load_at_start = os.getloadavg()[0]
     cfg = PRESETS[args.preset](args)
     cfg = dataclasses.replace(
         cfg, dtype=args.dtype,
@@ -303,12 +312,16 @@ def main() -> None:
         torch_run = None if args.no_torch else TorchBaseline(cfg, params, args, workdir)
         # Alternate the implementations so that each pair of timings sees the same machine conditions
         # (shared CPUs drift); the speed-up is the median of the per-pair ratios.
-        jax_times, prefill_times, torch_times = [], [], []
+        jax_times, jax_cpu, prefill_times, torch_times, torch_cpu = [], [], [], [], []
         for i in range(1, args.repeats + 1):
-            jax_times.append(seconds(jax_generate, i))
+            wall, cpu = wall_and_cpu_seconds(jax_generate, i)
+            jax_times.append(wall)
+            jax_cpu.append(cpu)
             prefill_times.append(seconds(jax_prefill, i))
             if torch_run is not None:
-                torch_times.append(torch_run(i))
+                wall, cpu = torch_run(i)
+                torch_times.append(wall)
+                torch_cpu.append(cpu)
         if torch_run is not None:
             torch_run.close()
 
@@ -322,6 +335,8 @@ def main() -> None:
         "device": str(jax.devices()[0].device_kind),
         "platform": platform.processor() or platform.machine(),
         "cpu_count": os.cpu_count(),
+        # Other work on a shared machine: the 1-minute load average when the run started and ended.
+        "load_average": [load_at_start, os.getloadavg()[0]],
         "shape": {
             "preset": args.preset,
             "layers": cfg.num_layers,
@@ -340,7 +355,7 @@ def main() -> None:
         "matmul_peak_gflops": peak / 1e9,
         "copy_bandwidth": bandwidth,
         "model_gflop_per_call": flops / 1e9,
-        "jaxrlhf": _summary(jax_times, new_tokens, flops, peak) | {"compile_s": compile_s},
+        "jaxrlhf": _summary(jax_times, new_tokens, flops, peak) | {"compile_s": compile_s, "cpu_s": jax_cpu},
         "decode": {
             "prefill_s": _spread(prefill_times),
             "s_per_step": _spread(per_step),
@@ -356,6 +371,7 @@ def main() -> None:
     if torch_run is not None:
         ratios = [t / j for j, t in zip(jax_times, torch_times)]
         result["pytorch"] = _summary(torch_times, new_tokens, flops, peak) | {
+            "cpu_s": torch_cpu,
             "version": torch_run.info["version"],
             "threads": torch_run.info["threads"],
             "process": "separate (alternating call by call with jaxrlhf)",
@@ -363,6 +379,8 @@ def main() -> None:
         result["speedup_vs_pytorch"] = statistics.median(ratios)
         result["speedup_vs_pytorch_spread"] = _spread(ratios)
         result["speedup_per_pair"] = ratios
+        # The same ratio in CPU seconds (less disturbed by other processes on a shared machine).
+        result["cpu_seconds_ratio_vs_pytorch"] = _spread([t / j for j, t in zip(jax_cpu, torch_cpu)])
     if args.group_prefill:
         result["group_prefill"] = group_prefill(model, params, args.group_prompts, args.group_prompt_len,
                                                 args.group_size, args.new, args.repeats)
