@@ -48,16 +48,17 @@ class RLConfig:
     #: The algorithm's defaults for the fields left ``None``.
     ALGORITHM_DEFAULTS: ClassVar[dict[str, Any]] = {"kl_in_reward": True}
 
+    # −β·KL per token in the reward, else β·KL in the loss (null: the method's default)
     kl_in_reward: bool | None = None
-    kl_estimator: Literal["k1", "k2", "k3"] | None = None
-    kl_coef: float = 0.05
-    adaptive_kl: bool = False
+    kl_estimator: Literal["k1", "k2", "k3"] | None = None  # null: k1 in the reward, k2 in the loss
+    kl_coef: float = 0.05  # β (the initial β with adaptive_kl)
+    adaptive_kl: bool = False  # steer β towards kl_target over kl_horizon episodes
     kl_target: float = 6.0
     kl_horizon: int = 10000
-    missing_eos_penalty: float = 1.0
-    temperature: float = 1.0
+    missing_eos_penalty: float = 1.0  # subtracted from the score of a response without eos
+    temperature: float = 1.0  # of sampling and of every log-prob
     entropy_coef: float = 0.0
-    grad_accum_steps: int = 1
+    grad_accum_steps: int = 1  # micro-batches per gradient
 
     def __post_init__(self) -> None:
         name = type(self).__name__
@@ -98,13 +99,13 @@ class ActorCriticConfig(RLConfig):
     trained.
     """
 
-    gamma: float = 1.0
-    lam: float | None = None
+    gamma: float = 1.0  # GAE discount
+    lam: float | None = None  # GAE λ (null: PPO 0.95, A2C 1.0)
     whiten_advantages: bool = True
     whiten_rewards: bool = False
-    vf_coef: float | None = None
-    critic: Literal["shared", "separate"] = "shared"
-    bootstrap_truncated: bool = False
+    vf_coef: float | None = None  # value-loss weight (null: PPO 0.1, A2C 0.5)
+    critic: Literal["shared", "separate"] = "shared"  # a value head on the policy, or its own model
+    bootstrap_truncated: bool = False  # a response cut at the length limit bootstraps from its final value
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -124,12 +125,12 @@ class ClippedEpochsConfig(RLConfig):
     1.5 × this value (None: never).
     """
 
-    epochs: int | None = None
-    num_minibatches: int = 1
-    clip_eps: float = 0.2
-    clip_eps_high: float | None = None
-    dual_clip: float | None = None
-    target_kl_early_stop: float | None = None
+    epochs: int | None = None  # passes over each batch (null: PPO 4, critic-free 1)
+    num_minibatches: int = 1  # per epoch
+    clip_eps: float = 0.2  # ratio clip ε (ε_low)
+    clip_eps_high: float | None = None  # ε_high > ε_low: DAPO's clip-higher (null: symmetric)
+    dual_clip: float | None = None  # c > 1 bounds the loss of negative advantages
+    target_kl_early_stop: float | None = None  # stop once a minibatch's approx-KL > 1.5 × this
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -152,7 +153,7 @@ class PPOConfig(ActorCriticConfig, ClippedEpochsConfig):
     ALGORITHM_DEFAULTS: ClassVar[dict[str, Any]] = {"kl_in_reward": True, "lam": 0.95, "vf_coef": 0.1,
                                                     "epochs": 4}
 
-    vf_clip_eps: float | None = 0.2
+    vf_clip_eps: float | None = 0.2  # value-loss clip (null: unclipped)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -185,14 +186,16 @@ class PGConfig(ClippedEpochsConfig):
     ALGORITHM_DEFAULTS: ClassVar[dict[str, Any]] = {"kl_in_reward": False, "epochs": 1, "advantage": "grpo",
                                                     "loss_agg": "sequence_mean"}
 
-    group_size: int = 4
+    group_size: int = 4  # samples per prompt (sequences per iteration: data.batch_size × this)
+    # the estimator (null: grpo for `jaxrlhf grpo`, rloo for `jaxrlhf rloo`)
     advantage: (Literal["grpo", "dr_grpo", "rloo", "reinforce_pp", "reinforce_pp_baseline", "remax"]
                 | None) = None
-    ratio: Literal["token", "sequence", "none"] = "token"
+    ratio: Literal["token", "sequence", "none"] = "token"  # PPO-clip per token | GSPO | none: REINFORCE
+    # null: sequence_mean (GRPO), token_sum_norm (RLOO); token_mean is DAPO's
     loss_agg: Literal["token_mean", "sequence_mean", "token_sum_norm"] | None = None
-    dynamic_sampling: bool = False
-    overlong_buffer: int = 0
-    overlong_penalty: float = 1.0
+    dynamic_sampling: bool = False  # DAPO: zero weight for groups whose scores are all equal
+    overlong_buffer: int = 0  # DAPO's soft over-long penalty over the last this-many tokens (0: off)
+    overlong_penalty: float = 1.0  # the penalty at max_new_tokens
 
     def __post_init__(self) -> None:
         super().__post_init__()
