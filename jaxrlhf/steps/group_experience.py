@@ -119,13 +119,14 @@ def make_group_experience_fn(
     """``experience(policy_params, ref_params, critic_params, rollout, scores, kl_state) -> (GroupExperience,
     metrics)``; pure and jittable. ``critic_params`` must be None (there is no critic); β = kl_state.kl_coef.
 
-    Metrics (TRL's names where TRL has one): reward (mean shaped score, = objective/scores), reward_std (mean
-    over groups of the score's std within the group), frac_reward_zero_std (share of groups whose scores are
-    all equal), groups/dropped (groups given zero weight by dynamic_sampling), completions/mean_length,
-    completions/min_length, completions/max_length, completions/clipped_ratio (share of responses cut at the
-    length limit, without eos), objective/kl (mean sequence KL, the configured estimator),
-    objective/entropy, objective/non_score_reward, objective/rlhf_reward, objective/scores,
-    objective/kl_coef, val/num_eos_tokens; with ReMax remax/greedy_reward (the baseline's mean).
+    Metrics (TRL's names where TRL has one): reward (mean shaped score, = objective/scores); when
+    group_size > 1, reward_std (mean over groups of the score's std within the group) and
+    frac_reward_zero_std (share of groups whose scores are all equal); groups/dropped (groups given zero
+    weight by dynamic_sampling); completions/mean_length, completions/min_length, completions/max_length,
+    completions/clipped_ratio (share of responses cut at the length limit, without eos); objective/kl (mean
+    sequence KL, the configured estimator), objective/entropy, objective/non_score_reward,
+    objective/rlhf_reward, objective/scores, objective/kl_coef, val/num_eos_tokens; with ReMax
+    remax/greedy_reward (the baseline's mean).
     """
     estimator = cfg.effective_kl_estimator
     n = cfg.group_size
@@ -183,8 +184,6 @@ def make_group_experience_fn(
         non_score = -beta * sequence_kl
         metrics = {
             "reward": jnp.mean(shaped),
-            "reward_std": jnp.mean(jnp.std(groups, axis=1, ddof=1 if n > 1 else 0)),
-            "frac_reward_zero_std": flat / groups.shape[0],
             "groups/dropped": dropped,
             "completions/mean_length": jnp.mean(lengths),
             "completions/min_length": jnp.min(lengths),
@@ -198,6 +197,9 @@ def make_group_experience_fn(
             "objective/kl_coef": kl_coef,
             "val/num_eos_tokens": jnp.sum(eos.astype(jnp.float32)),
         }
+        if n > 1:  # a group of one has no spread to report
+            metrics["reward_std"] = jnp.mean(jnp.std(groups, axis=1, ddof=1))
+            metrics["frac_reward_zero_std"] = flat / groups.shape[0]
         if greedy is not None:
             metrics["remax/greedy_reward"] = jnp.mean(greedy)
         return batch, jax.tree.map(lambda x: jnp.asarray(x, jnp.float32), metrics)
