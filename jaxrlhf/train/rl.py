@@ -177,8 +177,8 @@ class RLSetup(NamedTuple):
 
 
 def check_minibatch_split(cfg: RLRunConfig, algo: RLConfig) -> None:
-    """The rows of an iteration (prompts × group size) split into minibatches × micro-batches, and the
-    critic-free groups are whole: a ConfigError naming the key otherwise."""
+    """The sequences of an iteration (prompts × group size) split into minibatches × micro-batches of equal
+    size: a ConfigError naming the key otherwise, before anything is loaded."""
     key = COMMAND_OF[type(cfg)]
     rows = cfg.data.batch_size * (algo.group_size if isinstance(algo, PGConfig) else 1)
     minibatches = algo.num_minibatches if isinstance(algo, ClippedEpochsConfig) else 1
@@ -202,10 +202,10 @@ def build_rl(cfg: RLRunConfig, run: Run, policy: LoadedModel, critic_key: jax.Ar
     )
     ref_model, ref_params = load_reference(cfg.reference.path, policy, dtype, critic_key)
     critic_free = isinstance(algo, PGConfig)
-    shared = critic_free or algo.critic == "shared"  # critic-free: neither a critic nor a value head
-    policy_params = policy_with_value_head(policy, shared and not critic_free)
-    critic_model, critic_params = (None, None) if shared else load_critic(cfg.critic.path, policy, dtype,
-                                                                           critic_key)
+    separate = not critic_free and algo.critic == "separate"  # critic-free: no critic, no value head
+    policy_params = policy_with_value_head(policy, not critic_free and not separate)
+    critic_model, critic_params = load_critic(cfg.critic.path, policy, dtype, critic_key) if separate else (
+        None, None)
     score = make_score_fn(cfg.reward, tokenizer, dtype, run.place)
     run.check_batch_size("data.batch_size", cfg.data.batch_size)
     if cfg.reference.offload:
@@ -216,14 +216,14 @@ def build_rl(cfg: RLRunConfig, run: Run, policy: LoadedModel, critic_key: jax.Ar
 
     updates = total * (algo.epochs * algo.num_minibatches if epochs else 1)  # the schedule's length
     optimizer = make_optimizer(cfg.optimizer, updates)
-    critic_optimizer = None if shared else make_optimizer(cfg.optimizer, updates)
+    critic_optimizer = make_optimizer(cfg.optimizer, updates) if separate else None
     kl_state = kl_controller(algo).init()
     state = run.place(create_rl_state(policy_params, optimizer, kl_state, critic_params, critic_optimizer),
                       "policy (+ critic) params + optimiser state")
     phases = build_rl_phases(model, ref_model, critic_model, algo, generation, score, optimizer,
                              critic_optimizer, run.state_shardings(state), run.report.watch)
     policy_flops = flops_per_token(model.config, training=True)
-    critic_flops = None if shared else flops_per_token(critic_model.config, training=True, lm_head=False)
+    critic_flops = flops_per_token(critic_model.config, training=True, lm_head=False) if separate else None
     return RLSetup(
         phases,
         ref_params,
