@@ -151,13 +151,16 @@ def main() -> None:
         iteration = make_rl_iteration(phases, ref, around=timers)
 
         rng = np.random.RandomState(0)
+        # Every process draws the same global batch and passes its own rows (as the data loader splits them).
+        rows = B // G // jax.process_count()  # prompts
+        local = slice(jax.process_index() * rows, (jax.process_index() + 1) * rows)
 
         def timed_iteration(i: int, state):
             prompts = parallel.shard_batch(
                 mesh,
                 {  # B / G prompts: B sequences once each prompt has its G samples
-                    "tokens": rng.randint(3, cfg.vocab_size, (B // G, P)).astype(np.int32),
-                    "mask": np.ones((B // G, P), np.int32),
+                    "tokens": rng.randint(3, cfg.vocab_size, (B // G, P)).astype(np.int32)[local],
+                    "mask": np.ones((B // G, P), np.int32)[local],
                 },
             )
             timers.reset()

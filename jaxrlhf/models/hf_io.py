@@ -35,7 +35,7 @@ import numpy as np
 
 from jaxrlhf.config import ConfigError
 from jaxrlhf.models.config import ModelConfig, UnsupportedModelError, from_hf_config, to_hf_config
-from jaxrlhf.models.transformer import LanguageModel, Params
+from jaxrlhf.models.transformer import LanguageModel, Params, stack_layers, unstack_layers
 
 log = logging.getLogger(__name__)
 
@@ -291,7 +291,12 @@ def params_from_hf_tensors(
                 f"{source}: missing tensor {missing[0]!r} for a {cfg.model_type} model"
             )
         arr = join(*[tensors[n][0] for n in names])
-        want = tuple(_get(abstract, path).shape)
+        # Our blocks are stacked along a leading layer axis; the rules address one layer ("layers", i, ...).
+        want = (
+            tuple(_get(abstract, (path[0], *path[2:])).shape[1:])
+            if path[0] == "layers"
+            else tuple(_get(abstract, path).shape)
+        )
         if arr.shape != want:
             got = {n: tensors[n][0].shape for n in names}
             raise CheckpointFormatError(
@@ -309,7 +314,7 @@ def params_from_hf_tensors(
             f"{source}: unexpected tensor {unexpected[0]!r} in {tensors[unexpected[0]][1]} "
             f"({len(unexpected)} unexpected in all) for a {cfg.model_type} model"
         )
-    return params
+    return stack_layers(params)
 
 
 def load(
@@ -397,6 +402,7 @@ def _score_head(path: Path, hf: dict[str, Any]) -> tuple[str, dict[str, Any]]:
 def hf_tensors_from_params(cfg: ModelConfig, params: Params) -> dict[str, np.ndarray]:
     """Hugging Face-named float32 numpy tensors of our params."""
     out: dict[str, np.ndarray] = {}
+    params = unstack_layers(params)
     for path, names, _, split in _rules(cfg):
         parts = split(np.asarray(_get(params, path), dtype=np.float32))
         for n, p in zip(names, parts, strict=True):

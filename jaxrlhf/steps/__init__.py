@@ -7,6 +7,14 @@ hyper-parameters come from the frozen config dataclasses, models are static clos
 from jaxrlhf.steps.a2c import a2c_loss, make_a2c_update
 from jaxrlhf.steps.accumulate import accumulate_gradients, merge_microbatches, split_microbatches
 from jaxrlhf.steps.actor_critic import ActorCriticParams, kl_controller
+from jaxrlhf.steps.dpo import (
+    DPOConfig,
+    dpo_batch_loss,
+    make_dpo_eval,
+    make_dpo_step,
+    make_reference_logps,
+    pair_logps,
+)
 from jaxrlhf.steps.experience import (
     Experience,
     ResponseOutputs,
@@ -66,6 +74,7 @@ __all__ = [
     "ActorCriticParams",
     "ClippedEpochsConfig",
     "CriticParams",
+    "DPOConfig",
     "Experience",
     "ExperienceFn",
     "GRPOConfig",
@@ -97,16 +106,20 @@ __all__ = [
     "create_train_state",
     "critic_values",
     "current_learning_rate",
+    "dpo_batch_loss",
     "generate_groups",
     "group_advantages",
     "kl_controller",
     "learning_rate_at",
     "make_a2c_update",
+    "make_dpo_eval",
+    "make_dpo_step",
     "make_experience_fn",
     "make_group_experience_fn",
     "make_optimizer",
     "make_pg_update",
     "make_ppo_update",
+    "make_reference_logps",
     "make_reward_model_eval",
     "make_reward_model_step",
     "make_reward_scorer",
@@ -115,6 +128,7 @@ __all__ = [
     "make_sft_step",
     "merge_microbatches",
     "minibatch_epochs",
+    "pair_logps",
     "policy_gradient_loss",
     "ppo_loss",
     "response_logprobs_and_values",

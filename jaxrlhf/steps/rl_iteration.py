@@ -33,7 +33,6 @@ from jaxrlhf.steps.params import CriticParams, PolicyParams
 from jaxrlhf.steps.policy_gradient import make_pg_update
 from jaxrlhf.steps.ppo import make_ppo_update
 from jaxrlhf.steps.rl_config import A2CConfig, PGConfig, PPOConfig, RLConfig
-from jaxrlhf.steps.sharding import shard_rows
 from jaxrlhf.steps.state import RLState
 
 Metrics = dict[str, jax.Array]
@@ -157,15 +156,11 @@ def generate_groups(
     …), and with ``greedy_baseline`` one greedy response per prompt after them (ReMax's baseline): rows
     [P·G samples; P greedy].
 
-    Each prompt is repeated G times and generated as one batch (its prefill computed G times; the rollout
-    layer's shared prefill, ``GenerationConfig.group_size``, replaces the repeat when it lands). The samples
-    of a group are independent: every row draws its own tokens from the one key.
+    Each prompt is prefilled once and its cache copied to its G rows (``GenerationConfig.group_size``); the
+    samples of a group are independent: every row draws its own tokens from the one key.
     """
-    tokens, mask = prompt_tokens, prompt_mask
-    if group_size > 1:
-        tokens, mask = shard_rows((jnp.repeat(tokens, group_size, axis=0),
-                                   jnp.repeat(mask, group_size, axis=0)))
-    rollout = generate(model, params, tokens, mask, key, generation)
+    rollout = generate(model, params, prompt_tokens, prompt_mask, key,
+                       dataclasses.replace(generation, group_size=group_size))
     if not greedy_baseline:
         return rollout
     greedy_config = dataclasses.replace(generation, greedy=True)

@@ -75,6 +75,8 @@ _LAZY = {
     "PPORunConfig": "jaxrlhf.train.rl",
     "A2CRunConfig": "jaxrlhf.train.rl",
     "train_rl": "jaxrlhf.train.rl",
+    "DPORunConfig": "jaxrlhf.train.dpo",
+    "train_dpo": "jaxrlhf.train.dpo",
     "build_rl": "jaxrlhf.train.rl",
     "build_rl_phases": "jaxrlhf.train.rl_setup",
     "LoopHooks": "jaxrlhf.train.loop",
@@ -92,11 +94,13 @@ def __getattr__(name: str) -> Any:
 __all__ = [  # noqa: RUF022 - grouped by module
     # trainers and the loop (loaded lazily)
     "A2CRunConfig",
+    "DPORunConfig",
     "PPORunConfig",
     "RewardRunConfig",
     "SFTRunConfig",
     "build_rl",
     "build_rl_phases",
+    "train_dpo",
     "train_reward_model",
     "train_rl",
     "train_sft",

@@ -58,6 +58,7 @@ from jaxrlhf.train.data_setup import load_dataset, make_collate, train_iterator
 from jaxrlhf.train.loop import LoopHooks, StepOutcome, training_loop
 from jaxrlhf.train.model_setup import LoadedModel, check_length, export_model, flops_per_token, load_model
 from jaxrlhf.train.reporting import Reporting, host_scalars
+from jaxrlhf.train.reward_functions import reward_metrics, take_columns
 from jaxrlhf.train.rl_setup import (
     build_rl_phases,
     load_critic,
@@ -79,6 +80,7 @@ from jaxrlhf.train.run_config import (
     TrainSection,
     check_common,
     check_rl,
+    critic_init_path,
 )
 from jaxrlhf.train.timing import mfu, throughput
 
@@ -204,9 +206,10 @@ def build_rl(cfg: RLRunConfig, run: Run, policy: LoadedModel, critic_key: jax.Ar
     critic_free = isinstance(algo, PGConfig)
     separate = not critic_free and algo.critic == "separate"  # critic-free: no critic, no value head
     policy_params = policy_with_value_head(policy, not critic_free and not separate)
-    critic_model, critic_params = load_critic(cfg.critic.path, policy, dtype, critic_key) if separate else (
+    critic_path = critic_init_path(cfg.critic, cfg.reward)  # default: the reward model, if there is one
+    critic_model, critic_params = load_critic(critic_path, policy, dtype, critic_key) if separate else (
         None, None)
-    score = make_score_fn(cfg.reward, tokenizer, dtype, run.place)
+    score = make_score_fn(cfg.reward, tokenizer, dtype, run.place, run.mesh)
     run.check_batch_size("data.batch_size", cfg.data.batch_size)
     if cfg.reference.offload:
         ref_params = parallel.to_host(ref_params)  # numpy: copied to the devices by each experience call
@@ -247,13 +250,16 @@ def rl_hooks(cfg: RLRunConfig, run: Run, setup: RLSetup, tokenizer: Any) -> Loop
     last: list[IterationOutput] = []  # the latest rollout and scores, for the sample text
 
     def step(state: RLState, batch: dict, key: jax.Array) -> tuple[RLState, StepOutcome]:
+        batch = take_columns(setup.phases.score, batch)  # host columns for reward functions (TRL's form)
         state, out = iteration(state, run.shard(batch), key)
         last[:] = [out]
-        sequence_mask = np.asarray(out.rollout.sequence_mask)
-        tallies = {"tokens": float(sequence_mask.sum()),
-                   "response_tokens": float(np.asarray(out.rollout.response_mask).sum()),
-                   "trained_tokens": float(sequence_mask[:setup.sequences].sum())}  # not ReMax's greedy rows
-        return state, StepOutcome(host_scalars(out.metrics), tallies, int(out.rollout.sequences.shape[1]))
+        # Reduced on the devices: a multi-host rollout has rows no single process holds.
+        tallies = {"tokens": float(jnp.sum(out.rollout.sequence_mask)),
+                   "response_tokens": float(jnp.sum(out.rollout.response_mask)),
+                   # ReMax's greedy baseline rows are generated but not trained on
+                   "trained_tokens": float(jnp.sum(out.rollout.sequence_mask[:setup.sequences]))}
+        metrics = {**host_scalars(out.metrics), **reward_metrics(setup.phases.score)}
+        return state, StepOutcome(metrics, tallies, int(out.rollout.sequences.shape[1]))
 
     def window_metrics(step_number: int, outcome: StepOutcome) -> dict[str, float]:
         record = rl_perf(report, outcome.seq_len, setup.update_flops, setup.passes)
@@ -267,8 +273,8 @@ def rl_hooks(cfg: RLRunConfig, run: Run, setup: RLSetup, tokenizer: Any) -> Loop
                         "training log-probs differ)", ratio)
         if cfg.logging.sample_every and step_number % cfg.logging.sample_every == 0:
             out = last[0]
-            report.log_text("samples", sample_text(tokenizer, out.rollout, float(np.asarray(out.scores)[0])),
-                            step_number)
+            score = float(parallel.to_host(out.scores[0]))
+            report.log_text("samples", sample_text(tokenizer, out.rollout, score), step_number)
 
     return LoopHooks(step, window_metrics, after_step, postfix=POSTFIX)
 
@@ -298,7 +304,7 @@ def train_rl(cfg: RLRunConfig) -> RunResult:
             prompts,
             cfg.data.batch_size,
             cfg.train.seed,
-            make_collate("prompt", cfg.data, tokenizer),
+            make_collate("prompt", cfg.data, tokenizer, columns=True),
             cfg.data.shuffle,
             cfg.data.train_file,
         )
@@ -325,6 +331,7 @@ def export_policy(run_dir: str, policy: LoadedModel, state: RLState, critic_mode
             state.critic.params.lm,
             policy.tokenizer,
             heads={"value_head": state.critic.params.value_head},
+            score_head="value_head",  # a *ForSequenceClassification checkpoint, as a reward model's
         )
     return export
 
@@ -350,7 +357,7 @@ def rl_perf(report: Reporting, seq_len: int, update_flops: Callable[[int], float
 def sample_text(tokenizer: Any, rollout: Any, score: float) -> str:
     """The first row of a rollout as ``prompt / response / score`` text (for ``text.jsonl``)."""
     p = rollout.sequences.shape[1] - rollout.response_mask.shape[1]
-    seq, mask = np.asarray(rollout.sequences[0]), np.asarray(rollout.sequence_mask[0])
+    seq, mask = parallel.to_host((rollout.sequences[0], rollout.sequence_mask[0]))  # row 0 on every process
     prompt = tokenizer.decode(seq[:p][mask[:p] > 0])
     response = tokenizer.decode(seq[p:][mask[p:] > 0])
     return f"prompt: {prompt!r}\nresponse: {response!r}\nscore: {score:.4g}"
