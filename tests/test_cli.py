@@ -280,6 +280,7 @@ def test_recipe_configs_are_valid(name):
     ],
 )
 def test_critic_free_bad_input_is_one_line_naming_the_key(tmp_path, capsys, command, overrides, message):
+    (tmp_path / "prompts.jsonl").write_text('{"prompt": "ab"}\n')  # inputs exist: the config is at fault
     config = sft_config(tmp_path, str(tmp_path / "prompts.jsonl"))
     config["reward"] = {"function": "length"}
     args = [a for o in overrides for a in ("--set", o)]
