@@ -206,9 +206,10 @@ def build_rl(cfg: RLRunConfig, run: Run, policy: LoadedModel, critic_key: jax.Ar
     critic_free = isinstance(algo, PGConfig)
     separate = not critic_free and algo.critic == "separate"  # critic-free: no critic, no value head
     policy_params = policy_with_value_head(policy, not critic_free and not separate)
-    critic_path = critic_init_path(cfg.critic, cfg.reward)  # default: the reward model, if there is one
-    critic_model, critic_params = load_critic(critic_path, policy, dtype, critic_key) if separate else (
-        None, None)
+    critic_model, critic_params = (None, None)
+    if separate:  # initialised from critic.path, by default the reward model if there is one
+        critic_model, critic_params = load_critic(critic_init_path(cfg.critic, cfg.reward), policy, dtype,
+                                                  critic_key)
     score = make_score_fn(cfg.reward, tokenizer, dtype, run.place, run.mesh)
     run.check_batch_size("data.batch_size", cfg.data.batch_size)
     if cfg.reference.offload:
