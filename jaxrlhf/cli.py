@@ -49,6 +49,24 @@ COMMANDS: dict[str, Command] = {
         "jaxrlhf.train.rl:train_rl",
         "A2C fine-tuning against a reward model or reward function",
     ),
+    "grpo": Command(
+        "jaxrlhf.train.rl:GRPORunConfig",
+        "jaxrlhf.train.rl:train_rl",
+        "GRPO, critic-free (and Dr. GRPO, DAPO, GSPO by config: configs/dr_grpo.yaml, dapo.yaml, "
+        "gspo.yaml) against a reward model or a (verifiable) reward function",
+    ),
+    "rloo": Command(
+        "jaxrlhf.train.rl:RLOORunConfig",
+        "jaxrlhf.train.rl:train_rl",
+        "RLOO, critic-free (and REINFORCE++, ReMax by config: configs/reinforce_pp.yaml, remax.yaml) "
+        "against a reward model or a (verifiable) reward function",
+    ),
+    "task-data": Command(
+        "jaxrlhf.train.task_data:TaskDataConfig",
+        "jaxrlhf.train.task_data:write_task_data",
+        "write a built-in task's SFT demonstrations, RL and held-out prompts (disjoint splits) as JSONL, "
+        "and its tokenizer, for RL on its verifiable reward (reward.function=task:<name>)",
+    ),
     "dpo": Command(
         "jaxrlhf.train.dpo:DPORunConfig",
         "jaxrlhf.train.dpo:train_dpo",
@@ -125,7 +143,8 @@ class _HelpWithConfigKeys(argparse.Action):
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="jaxrlhf",
-        description="RLHF in JAX: supervised fine-tuning, reward models, PPO and A2C.",
+        description="RLHF in JAX: supervised fine-tuning, reward models, PPO, A2C and the critic-free "
+        "GRPO / RLOO families.",
         epilog="Example: jaxrlhf ppo --config configs/ppo.yaml --set optimizer.learning_rate=3e-6. "
         "Every config key, its type and default: jaxrlhf COMMAND --help.",
     )

@@ -411,7 +411,10 @@ def describe_config(cls: type, default: Any = None, prefix: str = "") -> list[Ke
     class's defaults, which apply once the section is given.
     """
     hints = typing.get_type_hints(cls)
-    comments = _comments(cls)
+    comments: dict[str, str] = {}
+    for base in reversed(cls.__mro__):  # an inherited field keeps the comment of the class defining it
+        if dataclasses.is_dataclass(base):
+            comments.update(_comments(base))
     keys: list[KeyDoc] = []
     sections: list[KeyDoc] = []
     for field in dataclasses.fields(cls):

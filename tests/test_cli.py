@@ -12,6 +12,7 @@ from jaxrlhf import cli
 from jaxrlhf.config import ConfigError
 
 CONFIGS = Path(__file__).resolve().parent.parent / "configs"
+UTILITIES = {"task-data"}  # commands that train nothing
 
 
 def sft_config(tmp_path: Path, train_file: str) -> dict:
@@ -75,7 +76,7 @@ def test_command_help_lists_every_config_key_with_type_and_default(command, caps
     assert "--print-config" in out and "--set KEY=VALUE" in out
     lines = out.splitlines()
     keys = list(_every_key(cli._resolve(cli.COMMANDS[command].config)))
-    assert len(keys) > 20
+    assert len(keys) > (5 if command in UTILITIES else 20)
     for key, hint in keys:
         line = next((ln for ln in lines if ln.split()[:1] in ([key], [key + ":"])), None)
         assert line is not None, f"{key} is missing from `jaxrlhf {command} --help`"
@@ -83,7 +84,7 @@ def test_command_help_lists_every_config_key_with_type_and_default(command, caps
             assert "{" + ",".join(map(str, typing.get_args(hint))) + "}" in line, line
     # A key's type and default: a float with its default value.
     lr = "sft.optimizer.learning_rate" if command == "demo" else "optimizer.learning_rate"
-    assert any(ln.split()[:3] == [lr, "float", "="] for ln in lines)
+    assert command in UTILITIES or any(ln.split()[:3] == [lr, "float", "="] for ln in lines)
 
 
 def test_print_config_prints_the_resolved_config_and_runs_nothing(tmp_path, capsys):
@@ -232,7 +233,7 @@ def test_batch_larger_than_the_dataset_is_a_data_error(tmp_path, capsys):
     assert "data.batch_size=2 exceeds the file's 1 examples" in error_line(capsys)
 
 
-@pytest.mark.parametrize("command", sorted(set(cli.COMMANDS) - {"demo"}))
+@pytest.mark.parametrize("command", sorted(set(cli.COMMANDS) - {"demo"} - UTILITIES))
 def test_shipped_configs_are_valid(command):
     config = cli.load_command_config(command, str(CONFIGS / f"{command}.yaml"), [])
     assert config.train.steps or config.train.epochs
@@ -248,6 +249,69 @@ def test_demo_config_and_quick_flag():
     assert args.quick and args.overrides == ["ppo.iterations=7"]
     with pytest.raises(SystemExit):  # only the demo has a --quick flag
         cli.build_parser().parse_args(["sft", "--quick"])
+
+
+# The recipes that are configs of another command: configs/<name>.yaml runs with `jaxrlhf <command>`.
+RECIPES = {"dr_grpo": "grpo", "dapo": "grpo", "gspo": "grpo", "reinforce_pp": "rloo", "remax": "rloo",
+           "sft_arithmetic": "sft"}
+
+
+@pytest.mark.parametrize("name", sorted(RECIPES))
+def test_recipe_configs_are_valid(name):
+    command = RECIPES[name]
+    config = cli.load_command_config(command, str(CONFIGS / f"{name}.yaml"), [])
+    assert config.train.steps
+    if command in ("grpo", "rloo"):
+        algo = getattr(config, command)
+        assert algo.advantage == {"dr_grpo": "dr_grpo", "dapo": "grpo", "gspo": "grpo",
+                                  "reinforce_pp": "reinforce_pp_baseline", "remax": "remax"}[name]
+        assert config.reward.function == "task:arithmetic,answer_order=lsb"
+
+
+@pytest.mark.parametrize(
+    ("command", "overrides", "message"),
+    [
+        ("grpo", ["grpo.group_size=1"], "GRPOConfig.group_size: 1 is below 2, but the 'grpo' baseline comes"),
+        ("rloo", ["rloo.group_size=1"], "RLOOConfig.group_size: 1 is below 2, but the 'rloo' baseline comes"),
+        ("grpo", ["grpo.group_size=3", "grpo.num_minibatches=4"],
+         "grpo.num_minibatches: data.batch_size × grpo.group_size = 6 sequences per iteration do not split"),
+        ("grpo", ["grpo.ratio=sequence", "grpo.loss_agg=token_mean"], "GRPOConfig.loss_agg: GSPO's sequence"),
+        ("rloo", ["rloo.advantage=ppo"], "rloo.advantage: expected Optional[Literal['grpo', 'dr_grpo', "),
+    ],
+)
+def test_critic_free_bad_input_is_one_line_naming_the_key(tmp_path, capsys, command, overrides, message):
+    (tmp_path / "prompts.jsonl").write_text('{"prompt": "ab"}\n')  # inputs exist: the config is at fault
+    config = sft_config(tmp_path, str(tmp_path / "prompts.jsonl"))
+    config["reward"] = {"function": "length"}
+    args = [a for o in overrides for a in ("--set", o)]
+    assert run(tmp_path, config, *args, command=command) == 1
+    line = error_line(capsys)
+    assert line.startswith(f"jaxrlhf {command}: error: ") and message in line, line
+    assert not (tmp_path / "run").exists()
+
+
+def test_task_data_writes_disjoint_splits_and_a_tokenizer(tmp_path, capsys):
+    out = tmp_path / "arith"
+    assert cli.main(["task-data", "--set", f"out_dir={out}", "--set", "sft_examples=64",
+                     "--set", "eval_examples=16", "--set", "rl_prompts=32"]) == 0
+    assert "RL reward: --set reward.function=task:arithmetic" in capsys.readouterr().out
+    read = lambda name: [json.loads(line) for line in (out / name).read_text().splitlines()]
+    sft, prompts, held_out = read("sft.jsonl"), read("prompts.jsonl"), read("eval_prompts.jsonl")
+    assert (len(sft), len(prompts), len(held_out), len(read("sft_eval.jsonl"))) == (64, 32, 16, 16)
+    assert set(sft[0]) == {"prompt", "completion"} and set(prompts[0]) == {"prompt"}
+    seen = lambda rows: {r["prompt"] for r in rows}
+    assert not seen(sft) & seen(prompts) and not seen(prompts) & seen(held_out)
+    assert not seen(sft) & seen(held_out)
+    from jaxrlhf.oracle import get_reward
+
+    oracle = get_reward("task:arithmetic")
+    gold = oracle.score_texts([r["prompt"] for r in held_out], [r["completion"] for r in held_out])
+    assert (gold == 1.0).all()  # the held-out completions are the optimal answers
+    from transformers import AutoTokenizer
+
+    assert AutoTokenizer.from_pretrained(out / "tokenizer").get_vocab()
+    assert cli.main(["task-data", "--set", "task=nope", "--set", f"out_dir={out}"]) == 1
+    assert "task: unknown task 'nope'" in error_line(capsys)
 
 
 # ------------------------------------------------------------------ one --set switches the source

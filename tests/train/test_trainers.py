@@ -269,6 +269,72 @@ def test_a2c_with_reward_function_and_separate_critic(workdir, sft_run, reward_r
     assert_scores_in_transformers(run_dir / "export_critic", "value_head")
 
 
+def grpo_config(workdir: Path, policy: Path, run_dir: str) -> dict:
+    """DAPO-style GRPO on the share of 'a' tokens: clip-higher, token means, dynamic sampling, over-long
+    penalty, two minibatches; 2 prompts × 4 samples per iteration."""
+    return {
+        "model": {"path": str(policy / "export")},
+        "data": {"train_file": str(workdir / "prompts.jsonl"), **SHAPES, "batch_size": 2},
+        "optimizer": {"learning_rate": 1e-3},
+        "grpo": {"group_size": 4, "num_minibatches": 2, "clip_eps_high": 0.28, "loss_agg": "token_mean",
+                 "dynamic_sampling": True, "overlong_buffer": 4, "kl_coef": 0.1},
+        "generation": {"max_new_tokens": 8},
+        "reward": {"function": "token_count:8"},  # share of 'a' tokens
+        "train": {"steps": 3, "seed": 3},
+        "checkpoint": {"every": 1, "keep": 5},
+        "logging": {"run_dir": str(workdir / run_dir), **QUIET, "sample_every": 1},
+    }
+
+
+def test_grpo_logs_trl_metric_names_exports_the_bare_policy_and_resumes(workdir, sft_run):
+    assert run_command("grpo", grpo_config(workdir, sft_run, "grpo"), workdir) == 0
+    run_dir = workdir / "grpo"
+    record = last_record_with(run_dir, "reward")
+    assert record["episode"] == 3 * 2 * 4  # sequences: steps × prompts × group size
+    for name in ("reward", "reward_std", "frac_reward_zero_std", "groups/dropped", "completions/mean_length",
+                 "completions/clipped_ratio", "kl", "entropy", "clip_ratio/low_mean", "clip_ratio/high_mean",
+                 "clip_ratio/region_mean", "objective/kl", "objective/scores", "objective/kl_coef",
+                 "loss/policy_avg", "loss/kl_avg", "policy/approxkl_avg", "val/ratio", "lr",
+                 "timing/generation", "timing/score", "timing/update", "perf/tokens_per_s", "perf/mfu"):
+        assert np.isfinite(record[name]), name
+    assert 0 <= record["frac_reward_zero_std"] <= 1 and record["train/updates"] == 2
+    first = read_metrics_jsonl(run_dir / "metrics.jsonl")[0]
+    assert first["val/ratio_abs_dev_first_minibatch"] < 1e-5
+    assert not (run_dir / "export" / hf_io.HEADS_FILE).exists()  # no value head, no critic
+    assert not (run_dir / "export_critic").exists()
+    assert_export_loads_in_transformers(run_dir / "export")
+    # Stopped after step 1 and resumed: the uninterrupted run's parameters.
+    config = grpo_config(workdir, sft_run, "grpo-resumed")
+    assert run_command("grpo", config, workdir, "train.stop_at_step=1") == 0
+    assert run_command("grpo", config, workdir) == 0
+    want, got = _tensors(run_dir / "export"), _tensors(workdir / "grpo-resumed" / "export")
+    for name in want:
+        np.testing.assert_allclose(got[name], want[name], atol=1e-6, rtol=0, err_msg=name)
+
+
+def test_rloo_remax_scores_greedy_baselines_and_trains_on_the_samples(workdir, sft_run):
+    """ReMax through ``jaxrlhf rloo``: 4 prompts × 1 sample + 4 greedy responses per iteration; a host
+    reward function (TRL's fn(prompt, completion) form) is called once per batch on all 8."""
+    config = grpo_config(workdir, sft_run, "remax")
+    del config["grpo"]
+    config["rloo"] = {"group_size": 1, "advantage": "remax", "ratio": "none", "kl_coef": 0.05}
+    config["data"]["batch_size"] = 4
+    calls = []
+
+    def count_b(prompt: str, response: str) -> float:
+        calls.append(prompt)
+        return float(response.count("b"))
+
+    register_reward("test_count_b", count_b, overwrite=True)
+    config["reward"] = {"function": "test_count_b"}
+    config["train"]["steps"] = 2
+    assert run_command("rloo", config, workdir) == 0
+    assert len(calls) == 2 * 8  # every sample and every greedy response, each iteration
+    record = last_record_with(workdir / "remax", "reward")
+    assert record["episode"] == 2 * 4 and np.isfinite(record["remax/greedy_reward"])
+    assert record["loss/kl_avg"] == 0.0 and record["val/ratio_abs_dev_first_minibatch"] < 1e-5
+
+
 def _tensors(export: Path) -> dict[str, np.ndarray]:
     return load_file(str(export / hf_io.SINGLE_FILE))
 

@@ -1,5 +1,6 @@
-"""PPO, A2C and reward-model steps on 8 devices (data=8; data=2 × fsdp=4) equal the single-device result on
-the same global batch (float32, ≤ 1e-5): parallelism is a property of the shardings, not of the step."""
+"""PPO, A2C, critic-free (GRPO) and reward-model steps on 8 devices (data=8; data=2 × fsdp=4) equal the
+single-device result on the same global batch (float32, ≤ 1e-5): parallelism is a property of the shardings,
+not of the step."""
 
 from __future__ import annotations
 
@@ -102,6 +103,30 @@ def test_a2c_update_with_separate_critic_matches_one_device(experience_batch, me
         run_step(step, state(), batch, one_device()),
         run_step(step, state(), batch, make_mesh(MESHES[mesh_name])),
         f"A2C {mesh_name}",
+    )
+
+
+@pytest.mark.parametrize("mesh_name", sorted(MESHES))
+def test_critic_free_update_matches_one_device(experience_batch, mesh_name):
+    """GRPO (4 prompts × 4 samples, clip-higher, token means, DAPO's filter) from the same rows."""
+    policy, ppo_batch = experience_batch
+    cfg = S.GRPOConfig(group_size=4, epochs=2, num_minibatches=2, grad_accum_steps=2, clip_eps_high=0.28,
+                       loss_agg="token_mean", dynamic_sampling=True, temperature=0.7)
+    rollout = Rollout(ppo_batch.sequences, ppo_batch.sequence_mask, ppo_batch.sequences[:, P:],
+                      ppo_batch.response_mask, jnp.zeros((B, N)), jnp.ones((B,), bool))
+    scores = jnp.asarray(np.repeat([1.0, 0.0, 2.0, 0.5], 4) * np.tile([1, 0, 1, 2], 4), jnp.float32)
+    experience = jax.jit(S.make_group_experience_fn(MODEL, MODEL, cfg))
+    ref = S.PolicyParams(MODEL.init(jax.random.key(1)))
+    batch, metrics = experience(S.PolicyParams(policy.lm), ref, None, rollout, scores,
+                                S.kl_controller(cfg).init())
+    assert float(metrics["groups/dropped"]) == 1  # the group of zeros
+    opt = S.make_optimizer(S.OptimizerConfig(learning_rate=1e-3), 10)
+    step = S.make_pg_update(MODEL, cfg, opt)
+    state = lambda: S.create_rl_state(S.PolicyParams(policy.lm), opt, S.kl_controller(cfg).init())
+    assert_same(
+        run_step(step, state(), jax.device_get(batch), one_device()),
+        run_step(step, state(), jax.device_get(batch), make_mesh(MESHES[mesh_name])),
+        f"GRPO {mesh_name}",
     )
 
 
