@@ -4,6 +4,12 @@
 - :class:`RLState` — the policy's TrainState, the critic's (``None`` when the critic shares the policy's
   backbone), and the KL-controller state.
 
+LoRA: a TrainState's ``params`` are what is trained (the adapters, and any head) and ``frozen`` what is not
+(the base weights, in the same container type), so only the trained part gets gradients and optimiser state.
+The model runs on :func:`model_params` (the two joined without copying a weight). A step that jits a
+state with a frozen part donates only the trained part (``jaxrlhf.train.run.compile_step``), and a
+checkpoint holds only the trained part.
+
 Param layouts (``jaxrlhf.steps.params``): an RL policy's TrainState holds :class:`PolicyParams`, a separate
 critic's :class:`CriticParams`, a reward model's :class:`RewardModelParams`, an SFT model's bare LM params.
 """
@@ -16,6 +22,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from jaxrlhf.models.lora import join_params
 from jaxrlhf.rl.kl_control import KLControllerState
 
 
@@ -23,6 +30,29 @@ class TrainState(NamedTuple):
     params: Any
     opt_state: Any
     step: jax.Array  # int32 scalar: optimiser updates applied (a skipped non-finite update does not count)
+    frozen: Any = None  # untrained params the model also runs on (LoRA's base), joined to params
+
+
+def model_params(state: TrainState) -> Any:
+    """The params the model runs on: ``join_params(state.frozen, state.params)`` (``state.params`` when
+    nothing is frozen)."""
+    return join_params(state.frozen, state.params)
+
+
+def split_frozen(state: TrainState | None) -> tuple[TrainState | None, Any]:
+    """``(state without its frozen part, the frozen part)``: a step runs its guarded update and minibatch
+    loops on the trained part only (no ``cond`` or ``scan`` carries the base) and puts it back after."""
+    if state is None:
+        return None, None
+    return state._replace(frozen=None), state.frozen
+
+
+def with_frozen(loss_fn: Any, frozen: Any) -> Any:
+    """``loss_fn(params, *args)`` as a function of the trained params only: the model sees them joined with
+    ``frozen``, and a gradient of the result covers the trained params alone."""
+    if frozen is None:
+        return loss_fn
+    return lambda params, *args: loss_fn(join_params(frozen, params), *args)
 
 
 class RLState(NamedTuple):
@@ -31,9 +61,11 @@ class RLState(NamedTuple):
     kl: KLControllerState
 
 
-def create_train_state(params: Any, optimizer: optax.GradientTransformation) -> TrainState:
-    """A fresh state: ``optimizer.init(params)`` and step 0."""
-    return TrainState(params=params, opt_state=optimizer.init(params), step=jnp.zeros((), jnp.int32))
+def create_train_state(params: Any, optimizer: optax.GradientTransformation,
+                       frozen: Any = None) -> TrainState:
+    """A fresh state: ``optimizer.init(params)`` and step 0; ``frozen`` params ride along untrained."""
+    return TrainState(params=params, opt_state=optimizer.init(params), step=jnp.zeros((), jnp.int32),
+                      frozen=frozen)
 
 
 def create_rl_state(
@@ -42,16 +74,51 @@ def create_rl_state(
     kl: KLControllerState,
     critic_params: Any | None = None,
     critic_optimizer: optax.GradientTransformation | None = None,
+    policy_frozen: Any = None,
 ) -> RLState:
-    """An :class:`RLState`; pass ``critic_params`` and ``critic_optimizer`` together for a separate critic."""
+    """An :class:`RLState`; pass ``critic_params`` and ``critic_optimizer`` together for a separate critic.
+    ``policy_frozen``: the policy's untrained part (LoRA: ``PolicyParams(base_lm)``)."""
     if (critic_params is None) != (critic_optimizer is None):
         raise ValueError("create_rl_state: critic_params and critic_optimizer go together (both or neither)")
     critic = None if critic_params is None else create_train_state(critic_params, critic_optimizer)
-    return RLState(policy=create_train_state(policy_params, policy_optimizer), critic=critic, kl=kl)
+    return RLState(policy=create_train_state(policy_params, policy_optimizer, policy_frozen), critic=critic,
+                   kl=kl)
 
 
 def apply_gradients(state: TrainState, optimizer: optax.GradientTransformation, grads: Any) -> TrainState:
     """One optimiser update: ``params ← params + optimizer.update(grads)``, step + 1."""
     updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
-    return TrainState(optax.apply_updates(state.params, updates), opt_state, state.step + 1)
+    return state._replace(params=optax.apply_updates(state.params, updates), opt_state=opt_state,
+                          step=state.step + 1)
 
+
+
+def _is_named_tuple(x: Any) -> bool:
+    return isinstance(x, tuple) and hasattr(x, "_fields")
+
+
+def detach_frozen(state: Any) -> tuple[Any, tuple[Any, ...]]:
+    """``(state with every TrainState's frozen part set to None, those parts in order)``: how a jitted step
+    takes the base as an argument of its own, which it does not donate (it lives on: the RL reference is
+    the same arrays)."""
+    parts: list[Any] = []
+
+    def strip(x: Any) -> Any:
+        if isinstance(x, TrainState):
+            parts.append(x.frozen)
+            return x._replace(frozen=None)
+        return type(x)(*map(strip, x)) if _is_named_tuple(x) else x
+
+    return strip(state), tuple(parts)
+
+
+def attach_frozen(state: Any, parts: tuple[Any, ...]) -> Any:
+    """Inverse of :func:`detach_frozen`."""
+    it = iter(parts)
+
+    def put(x: Any) -> Any:
+        if isinstance(x, TrainState):
+            return x._replace(frozen=next(it))
+        return type(x)(*map(put, x)) if _is_named_tuple(x) else x
+
+    return put(state)
