@@ -180,7 +180,7 @@ def merge_lora(base: Params, adapters: Params, model_config: ModelConfig, cfg: L
     for module, denses in adapters["layers"].items():
         layers[module] = dict(layers[module])
         for dense, leaves in denses.items():
-            kernel = layers[module][dense]["kernel"]
+            kernel = jnp.asarray(layers[module][dense]["kernel"])
             all_slots = slots[(module, dense)]
             if "lora_qkv_a" in leaves:
                 all_slots = (Slot("qkv", 0, kernel.shape[-1]),)

@@ -98,15 +98,17 @@ def _is_named_tuple(x: Any) -> bool:
 
 
 def detach_frozen(state: Any) -> tuple[Any, tuple[Any, ...]]:
-    """``(state with every TrainState's frozen part set to None, those parts in order)``: how a jitted step
-    takes the base as an argument of its own, which it does not donate (it lives on: the RL reference is
-    the same arrays)."""
+    """``(state with every TrainState's frozen part set to None, those parts in order)``, through
+    NamedTuples and dicts: how a jitted step takes the base as an argument of its own, which it does not
+    donate (it lives on: the RL reference is the same arrays), and what a checkpoint leaves out."""
     parts: list[Any] = []
 
     def strip(x: Any) -> Any:
         if isinstance(x, TrainState):
             parts.append(x.frozen)
             return x._replace(frozen=None)
+        if isinstance(x, dict):
+            return {k: strip(v) for k, v in x.items()}
         return type(x)(*map(strip, x)) if _is_named_tuple(x) else x
 
     return strip(state), tuple(parts)
@@ -119,6 +121,8 @@ def attach_frozen(state: Any, parts: tuple[Any, ...]) -> Any:
     def put(x: Any) -> Any:
         if isinstance(x, TrainState):
             return x._replace(frozen=next(it))
+        if isinstance(x, dict):
+            return {k: put(v) for k, v in x.items()}
         return type(x)(*map(put, x)) if _is_named_tuple(x) else x
 
     return put(state)
