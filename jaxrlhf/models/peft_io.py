@@ -39,14 +39,16 @@ def peft_tensors(model_config: ModelConfig, adapters: Any, cfg: LoRAConfig) -> t
         leaves = adapters["layers"].get(module, {}).get(dense, {})
         if not leaves:
             continue
-        a_of = {t: np.asarray(leaves[f"lora_{t}_a"], np.float32) for t in ("qkv", *[s.target for s in slots])
-                if f"lora_{t}_a" in leaves}
+        names_here = ("qkv", *[s.target for s in slots])
+        a_of = {t: np.asarray(leaves[f"lora_{t}_a"], np.float32)
+                for t in names_here if f"lora_{t}_a" in leaves}
         b_of = {t: np.asarray(leaves[f"lora_{t}_b"], np.float32) for t in a_of}
         if gpt2 and dense == "qkv" and "qkv" not in a_of:
             # q/k/v adapters as one block adapter on c_attn: A = [A_q A_k A_v], B = diag(B_q, B_k, B_v).
             chosen = [s for s in slots if s.target in a_of]
             a = np.concatenate([a_of[s.target] for s in chosen], axis=-1)  # [L, d, n·r]
-            b = np.zeros((a.shape[0], a.shape[-1], model_config.q_size + 2 * model_config.kv_size), np.float32)
+            width = model_config.q_size + 2 * model_config.kv_size
+            b = np.zeros((a.shape[0], a.shape[-1], width), np.float32)
             for j, s in enumerate(chosen):
                 r = cfg.rank
                 b[:, j * r:(j + 1) * r, s.offset:s.offset + s.width] = b_of[s.target]

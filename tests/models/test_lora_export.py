@@ -26,13 +26,13 @@ def adapted(hf_checkpoint):
     adapters = jax.tree.map(lambda x: x + 0.1 * jax.random.normal(jax.random.key(2), x.shape), adapters)
     tokens = np.random.RandomState(0).randint(3, 64, (2, 8))
     mask = np.ones_like(tokens)
-    ours = model.apply(join_params(base, adapters), jnp.asarray(tokens), positions_from_mask(jnp.asarray(mask)),
-                       jnp.asarray(mask))[0]
+    mask = jnp.asarray(mask)
+    ours = model.apply(join_params(base, adapters), jnp.asarray(tokens), positions_from_mask(mask), mask)[0]
     return torch, name, path, model, base, adapters, lora, tokens, np.asarray(ours)
 
 
 def test_merged_export_loads_in_transformers(adapted, tmp_path):
-    torch, name, _, model, base, adapters, lora, tokens, ours = adapted
+    torch, _, _, model, base, adapters, lora, tokens, ours = adapted
     import transformers
 
     merged = merge_lora(base, adapters, model.config, lora)
@@ -44,7 +44,7 @@ def test_merged_export_loads_in_transformers(adapted, tmp_path):
 
 
 def test_peft_adapters_load_onto_the_base(adapted, tmp_path):
-    torch, name, base_path, model, _, adapters, lora, tokens, ours = adapted
+    torch, _, base_path, model, _, adapters, lora, tokens, ours = adapted
     import peft
     import transformers
 
