@@ -600,3 +600,24 @@ def test_ctrl_c_and_kill_checkpoint_and_the_rerun_ends_as_an_uninterrupted_run(w
     logged = [r["step"] for r in read_metrics_jsonl(run_dir / "metrics.jsonl") if "loss/sft" in r]
     assert logged == list(range(1, steps + 1))  # every step once, across the three invocations
     print("signal stops (step, seconds):", stops)
+
+
+def test_lora_sft_and_ppo_train_adapters_and_export(workdir, sft_run, reward_run):
+    """lora.enabled: SFT and PPO train adapters on the frozen base; checkpoints hold only the adapters;
+    the export is the merged model (transformers loads it) and export_adapter/ is PEFT's format."""
+    sft = sft_config(workdir, "sft_lora")
+    sft["model"] = {"path": str(sft_run / "export")}
+    lora = {"enabled": True, "rank": 2, "alpha": 4.0, "targets": ["q", "v", "up"]}
+    assert run_command("sft", {**sft, "lora": lora}, workdir) == 0
+    assert (workdir / "sft_lora" / "export_adapter" / "adapter_config.json").exists()
+    assert_export_loads_in_transformers(workdir / "sft_lora" / "export")
+    ppo = {**ppo_config(workdir, sft_run, reward_run, "ppo_lora"), "lora": lora}
+    assert run_command("ppo", ppo, workdir) == 0
+    run_dir = workdir / "ppo_lora"
+    assert (run_dir / "export_adapter" / "adapter_model.safetensors").exists()
+    manager = CheckpointManager(run_dir / "checkpoints", max_to_keep=None, async_save=False)
+    saved, _ = manager.restore(manager.latest_step())
+    manager.close()
+    lm = saved["rl"]["policy"]["params"]["lm"]
+    assert set(lm) == {"layers"} and "kernel" not in lm["layers"]["attn"]["qkv"]  # adapters only
+    assert saved["rl"]["policy"].get("frozen") is None
