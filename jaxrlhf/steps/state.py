@@ -16,6 +16,7 @@ critic's :class:`CriticParams`, a reward model's :class:`RewardModelParams`, an 
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any, NamedTuple
 
 import jax
@@ -92,7 +93,6 @@ def apply_gradients(state: TrainState, optimizer: optax.GradientTransformation, 
                           step=state.step + 1)
 
 
-
 def _is_named_tuple(x: Any) -> bool:
     return isinstance(x, tuple) and hasattr(x, "_fields")
 
@@ -126,3 +126,30 @@ def attach_frozen(state: Any, parts: tuple[Any, ...]) -> Any:
         return type(x)(*map(put, x)) if _is_named_tuple(x) else x
 
     return put(state)
+
+
+class FrozenApart:
+    """A donating jit of ``step(state, *args) -> (state, *rest)`` whose frozen params (LoRA's base,
+    ``TrainState.frozen``) are an argument of their own, ``apart(bare, frozen, *args)``, that ``jit`` does not
+    donate: they are the same arrays as the RL reference and must outlive the call. ``jit`` compiles
+    ``apart`` (e.g. ``lambda f: jax.jit(f, donate_argnums=(0,))``); ``lower`` and the cache size pass through.
+    """
+
+    def __init__(self, step: Callable[..., Any], jit: Callable[[Callable[..., Any]], Any]):
+        def apart(bare: Any, frozen: tuple[Any, ...], *args: Any) -> Any:
+            state, *rest = step(attach_frozen(bare, frozen), *args)
+            return (detach_frozen(state)[0], *rest)
+
+        self.jitted = jit(apart)
+
+    def __call__(self, state: Any, *args: Any) -> Any:
+        bare, frozen = detach_frozen(state)
+        new_state, *rest = self.jitted(bare, frozen, *args)
+        return (attach_frozen(new_state, frozen), *rest)
+
+    def lower(self, state: Any, *args: Any) -> Any:
+        bare, frozen = detach_frozen(state)
+        return self.jitted.lower(bare, frozen, *args)
+
+    def _cache_size(self) -> int:
+        return self.jitted._cache_size()

@@ -19,6 +19,7 @@ import numpy as np
 
 from jaxrlhf import parallel
 from jaxrlhf.config import ConfigError
+from jaxrlhf.steps.state import FrozenApart, detach_frozen
 from jaxrlhf.train.checkpointing import Checkpointing
 from jaxrlhf.train.reporting import Reporting
 from jaxrlhf.train.run_config import CheckpointSection, LoggingSection, TrainSection
@@ -39,37 +40,14 @@ def compile_step(
     ``step(state, ...) -> (state, metrics)``, ``state_shardings`` pins the returned state to the layout it
     came in with, so the next call neither recompiles nor loses the donation.
     """
-    if donate:
-        return _FrozenApartJit(fn, static_argnums, state_shardings)
     out = None if state_shardings is None else (state_shardings, None)
-    return jax.jit(fn, static_argnums=static_argnums, out_shardings=out)
-
-
-class _FrozenApartJit:
-    """A donating ``jax.jit`` of ``step(state, ...) -> (state, ...)`` that takes the state's frozen params
-    (LoRA's base, ``TrainState.frozen``) as an argument of their own, not donated: they are the same arrays
-    as the RL reference and must outlive the call. Without frozen params it is the plain jit."""
-
-    def __init__(self, fn: Callable[..., Any], static_argnums: tuple[int, ...], state_shardings: Any):
-        from jaxrlhf.steps.state import attach_frozen, detach_frozen
-
-        def apart(bare, frozen, *args):
-            state, *rest = fn(attach_frozen(bare, frozen), *args)
-            return (detach_frozen(state)[0], *rest)
-
-        self._detach, self._attach = detach_frozen, attach_frozen
-        bare_shardings = None if state_shardings is None else detach_frozen(state_shardings)[0]
-        out = None if state_shardings is None else (bare_shardings, None)
-        self._jit = jax.jit(apart, donate_argnums=(0,), static_argnums=tuple(i + 1 for i in static_argnums),
-                            out_shardings=out)
-
-    def __call__(self, state: Any, *args: Any) -> Any:
-        bare, frozen = self._detach(state)
-        new_state, *rest = self._jit(bare, frozen, *args)
-        return (self._attach(new_state, frozen), *rest)
-
-    def _cache_size(self) -> int:
-        return self._jit._cache_size()
+    if not donate:
+        return jax.jit(fn, static_argnums=static_argnums, out_shardings=out)
+    # The state's frozen params (LoRA's base) go in as an argument of their own that is not donated.
+    bare_out = None if out is None else (detach_frozen(state_shardings)[0], None)
+    static = tuple(i + 1 for i in static_argnums)
+    return FrozenApart(fn, lambda apart: jax.jit(apart, donate_argnums=(0,), static_argnums=static,
+                                                 out_shardings=bare_out))
 
 
 def _plain(config: Any) -> dict[str, Any] | None:
