@@ -496,8 +496,8 @@ def _classifier_layout(
     bias = float(np.asarray(head["proj"]["bias"], np.float32).reshape(-1)[0])
     folded = _fold_score_bias(tensors, kernel[:, 0], bias)
     if folded is not None:
-        log.info("%s export: the score's bias %g folded into %s, so transformers' scores (its score layer has "
-                 "no bias) equal jaxrlhf's", head_name, bias, folded)
+        log.info("%s export: the score's bias %g folded into %s, so transformers' scores (its score layer "
+                 "has no bias) equal jaxrlhf's", head_name, bias, folded)
         bias = 0.0
     causal = hf_config["architectures"][0].replace("LMHeadModel", "ForCausalLM")  # GPT2LMHeadModel, …
     hf_config["architectures"] = [causal.replace("ForCausalLM", _CLASSIFIER_SUFFIX)]
