@@ -11,8 +11,13 @@
 #    scanned / default / unrolled, and generation tokens/s of each (JSON "targets").
 # 3. the PPO iteration (ppo_iteration.py): llama-1b, bfloat16, global batch 64 x (128 + 128), 4 epochs x 4
 #    minibatches: update MFU vs the in-run bf16 matmul and PEAK_TFLOPS (default 989, H100/H200 SXM dense
-#    bf16), and the bfloat16 first-minibatch ratio error ("first_minibatch_ratio_error").
-#    An iteration-MFU benchmark (issue 13 section 1) goes here as step 4 once it exists.
+#    bf16), and the bfloat16 first-minibatch ratio error ("first_minibatch_ratio_error"; the old log-probs are
+#    recomputed in the update's micro-batch shapes: target <= 1e-6).
+# 4. the iteration MFU (issue 13 section 1): the same shape at 1 and at 4 epochs, the sampled log-probs as the
+#    old ones (--logprobs-from rollout); JSON "iteration_mfu" (necessary FLOPs / (iteration time x the in-run
+#    matmul peak); target >= 0.6 at 1 epoch), "phase_share", "matmul_probe".
+# 5. the bfloat16 ratio check as a test on this device (tests/steps/test_experience.py -k bfloat16: first
+#    minibatch mean |r - 1| <= 1e-6), when pytest is installed: ratio_check_CARD_STAMP.txt.
 #
 # --smoke: tiny shapes, runs on a CPU in a few minutes, only to check that the script and its JSON work.
 # Runs from a checkout without installing: the interpreter in PYTHON (default python3) needs jax, flax,
@@ -39,6 +44,18 @@ stamp="$(date +%Y%m%d)"
 [[ $smoke == 1 ]] && stamp="smoke"
 status=0
 
+ratio_check() {  # the bfloat16 first-minibatch ratio test, on this device
+  local file="$out/ratio_check_${card}_${stamp}.txt"
+  if ! "$python" -c "import pytest" 2>/dev/null; then echo "== ratio_check skipped: no pytest"; return; fi
+  echo "== ratio_check -> $file"
+  if "$python" -m pytest -q -p no:cacheprovider tests/steps/test_experience.py -k bfloat16 >"$file" 2>&1; then
+    tail -n 1 "$file"
+  else
+    status=1
+    echo "ratio_check failed (see $file)" >&2
+  fi
+}
+
 run() {  # run NAME ARGS...: the JSON on stdout goes to OUT_DIR/NAME_CARD_STAMP.json
   local name="$1"; shift
   local file="$out/${name}_${card}_${stamp}.json"
@@ -61,6 +78,9 @@ if [[ $smoke == 1 ]]; then
   run compile_depth benchmarks/compile_depth.py --layers 2 4 --repeats 1 --skip-throughput
   run ppo_iteration_tiny_bf16 benchmarks/ppo_iteration.py --preset tiny --vocab 512 --dtype bfloat16 \
     --batch 4 --prompt 8 --response 8 --epochs 1 --minibatches 1 --iterations 1 --peak-tflops "$peak"
+  run ppo_iteration_mfu_tiny_bf16_e2 benchmarks/ppo_iteration.py --preset tiny --vocab 512 --dtype bfloat16 \
+    --batch 4 --prompt 8 --response 8 --epochs 2 --minibatches 2 --iterations 1 --logprobs-from rollout
+  ratio_check
   exit "$status"
 fi
 
@@ -70,4 +90,10 @@ run generation_decode_llama-1b_bf16_b256 benchmarks/generation.py "${gen[@]}" --
 run compile_depth benchmarks/compile_depth.py --layers 6 12 24 --repeats 3
 run ppo_iteration_llama-1b_bf16 benchmarks/ppo_iteration.py --preset llama-1b --dtype bfloat16 --batch 64 \
   --prompt 128 --response 128 --epochs 4 --minibatches 4 --iterations "${ITERATIONS:-2}" --peak-tflops "$peak"
+for epochs in 1 4; do
+  run "ppo_iteration_mfu_llama-1b_bf16_e$epochs" benchmarks/ppo_iteration.py --preset llama-1b --dtype bfloat16 \
+    --batch 64 --prompt 128 --response 128 --epochs "$epochs" --minibatches 4 --iterations "${ITERATIONS:-2}" \
+    --logprobs-from rollout --peak-tflops "$peak"
+done
+ratio_check
 exit "$status"

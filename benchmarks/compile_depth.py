@@ -76,7 +76,7 @@ def ppo_update_compile(layers: int, variant: str, batch: int = 8, prompt: int = 
     model = LanguageModel(small_config(layers, variant))
     ppo = S.PPOConfig(epochs=1, num_minibatches=1)
     optimizer = S.make_optimizer(S.OptimizerConfig(learning_rate=1e-6), 1000)
-    policy = {"lm": jax.eval_shape(model.init, jax.random.key(0)), "value_head": init_value_head(128)}
+    policy = S.PolicyParams(jax.eval_shape(model.init, jax.random.key(0)), init_value_head(128))
     state = jax.eval_shape(lambda p: S.create_rl_state(p, optimizer, S.kl_controller(ppo).init()), policy)
     f32 = lambda *shape: jax.ShapeDtypeStruct(shape, jnp.float32)
     batch_shapes = S.Experience(

@@ -10,13 +10,21 @@ value head on the policy (``--critic separate``: a second model of the same shap
 
 ``--algorithm grpo --group-size 8`` runs GRPO on the same tokens: ``--batch`` / 8 prompts with 8 samples each
 (so the same B sequences of P + N tokens), group-normalised advantages, no critic and no value head, the same
-epochs × minibatches. Generation samples the groups by repeating each prompt G times
-(``jaxrlhf.steps.rl_iteration.generate_groups``): each prompt's prefill is computed G times until the rollout
-layer shares it (the JSON says which, under ``group_prefill``).
+epochs × minibatches. Generation prefills each prompt once and samples its G responses from copies of its
+cache (``jaxrlhf.steps.rl_iteration.generate_groups``; the JSON says so under ``group_prefill``).
 
 Every phase is jitted; compile time is reported apart from the timed iterations. MFU of the update is measured
 against a large matmul of the compute dtype timed in the same run (on a CPU that is the only meaningful
 "peak"; on accelerators pass ``--peak-tflops`` for the vendor number too).
+
+``iteration_mfu`` (issue 13 §1) is the whole iteration's: the *necessary* FLOPs ÷ (iteration time × that
+in-run matmul peak, probed before and after the timed iterations; the higher is used and the JSON names the
+probe). Necessary means the work an iteration cannot avoid (``necessary_flops``): generation (one forward
+over each prompt and its response, LM head on the response tokens only), the reference's forward, the
+reward model's forward (no LM head), a separate critic's forward, and the update's forward + backward
+(3 × a forward per epoch, the critic's too). Anything else — a recompute of the policy's log-probs
+(``--logprobs-from recompute``, the default, which buys the bit-exact first ratio), a forward for a shared
+critic's values — counts as overhead. ``phase_share`` says which phase dominates.
 
 Runs on whatever devices JAX sees, data-parallel by default (``--data``/``--fsdp`` shape the mesh), so
 the same script reports tokens/s/device and MFU on a multi-GPU or TPU host
@@ -30,7 +38,8 @@ is its frozen base: none). The reward model, the same in both, is left out. ``--
 bytes from shapes (``jax.eval_shape``) without running anything: for presets too slow to run here.
 
     python benchmarks/ppo_iteration.py [--preset tiny|gpt2-small|gpt2-medium|llama-1b] [--iterations 3]
-        [--algorithm ppo|grpo] [--group-size 8] [--critic shared|separate] [--lora-rank 16 [--shapes-only]]
+        [--algorithm ppo|grpo] [--group-size 8] [--critic shared|separate] [--epochs 1]
+        [--logprobs-from recompute|rollout] [--lora-rank 16 [--shapes-only]]
 
 Prints one JSON object (process 0 only).
 """
@@ -102,6 +111,8 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--algorithm", default="ppo", choices=["ppo", "grpo"])
     p.add_argument("--group-size", type=int, default=8, help="grpo: samples per prompt (divides --batch)")
     p.add_argument("--critic", default="shared", choices=["shared", "separate"], help="ppo: the critic")
+    p.add_argument("--logprobs-from", default="recompute", choices=["recompute", "rollout"],
+                   help="the old log-probs: a forward in the experience phase, or the sampled ones")
     p.add_argument("--lora-rank", type=int, default=0, help="> 0: LoRA of this rank vs full fine-tuning")
     p.add_argument("--lora-targets", default="q,k,v,o,up,down", help="LoRA: the adapted projections")
     p.add_argument("--shapes-only", action="store_true",
@@ -120,6 +131,30 @@ def update_flops(cfg: ModelConfig, tokens: int, seq_len: int, epochs: int) -> fl
         cfg.num_params(), cfg.num_layers, cfg.hidden_size, seq_len, training=True
     )
     return float(per_token * tokens * epochs)
+
+
+def forward_flops(cfg: ModelConfig, tokens: float, head_tokens: float, seq_len: int) -> float:
+    """One forward's FLOPs: (2·N_blocks + 4·L·d·T) per token through the blocks, plus 2·V·d per token whose
+    vocabulary logits are computed (``head_tokens``)."""
+    blocks = transformer_flops_per_token(cfg.num_params(include_embeddings=False), cfg.num_layers,
+                                         cfg.hidden_size, seq_len, training=False)
+    return blocks * tokens + 2.0 * cfg.vocab_size * cfg.hidden_size * head_tokens
+
+
+def necessary_flops(cfg: ModelConfig, prompts: int, rows: int, prompt: int, response: int, epochs: int,
+                    separate_critic: bool) -> dict[str, float]:
+    """The FLOPs an iteration cannot avoid, by phase (see the module docstring). ``prompts`` prefills (one per
+    prompt, shared by its group), ``rows`` sequences of ``prompt + response`` tokens."""
+    t = prompt + response
+    full, head = rows * t, rows * response
+    generation = forward_flops(cfg, prompts * prompt + rows * response, head, t)
+    score = 2 * forward_flops(cfg, full, 0, t) + forward_flops(cfg, 0, head, t)  # reference (+ head), reward
+    update = 3.0 * forward_flops(cfg, full, head, t) * epochs
+    if separate_critic:
+        score += forward_flops(cfg, full, 0, t)
+        update += 3.0 * forward_flops(cfg, full, 0, t) * epochs
+    return {"generation": generation, "score": score, "update": update,
+            "total": generation + score + update}
 
 
 def init_policy_state(key: jax.Array, model: LanguageModel, algo, optimizer, grpo: bool, separate: bool,
@@ -207,6 +242,7 @@ def main() -> None:
     G = args.group_size if grpo else 1
     split = dict(epochs=args.epochs, num_minibatches=args.minibatches, grad_accum_steps=args.grad_accum)
     separate = not grpo and args.critic == "separate"
+    split["logprobs_from"] = args.logprobs_from
     algo = S.GRPOConfig(group_size=G, **split) if grpo else S.PPOConfig(critic=args.critic, **split)
     gen_cfg = GenerationConfig(max_new_tokens=N, temperature=algo.temperature)  # no stop: full length
     optimizer = S.make_optimizer(S.OptimizerConfig(learning_rate=1e-6), 1000)
@@ -287,12 +323,15 @@ def main() -> None:
             return dict(timers.totals), out.metrics
 
         firsts = {name: timed_iteration(0, r)[0] for name, r in runs.items()}  # compiles every phase
+        probe_n = 8192 if jax.default_backend() != "cpu" else 2048
+        peaks = [matmul_peak_flops(probe_n, jnp.dtype(args.dtype))]  # before and after the timed iterations
         timed = {name: [] for name in runs}
         for i in range(args.iterations):
             for name, r in runs.items():  # alternating: the variants see the same machine load
                 times, metrics = timed_iteration(i + 1, r)
                 timed[name].append(times)
                 r["metrics"] = metrics
+        peaks.append(matmul_peak_flops(probe_n, jnp.dtype(args.dtype)))
     phase_names = ("generation", "score", "update", "total")
     med = {k: statistics.median(t[k] for t in timed["full"]) for k in phase_names}
     first, metrics = firsts["full"], runs["full"]["metrics"]
@@ -314,7 +353,10 @@ def main() -> None:
 
     devices = mesh.size
     seq_tokens = B * (P + N)
-    peak = matmul_peak_flops(8192 if jax.default_backend() != "cpu" else 2048, jnp.dtype(args.dtype))
+    peak = max(peaks)
+    necessary = necessary_flops(cfg, B // G, B, P, N, args.epochs, separate)
+    # Simulated CPU devices share one processor, whose measured peak is already the whole machine's.
+    machine_peak = peak if jax.default_backend() == "cpu" else peak * devices
     flops = update_flops(cfg, seq_tokens, P + N, args.epochs)
     if separate:  # the critic trains on every token too (no LM head)
         flops += flops_per_token(cfg, training=True, lm_head=False)(P + N) * seq_tokens * args.epochs
@@ -331,8 +373,8 @@ def main() -> None:
         "params": cfg.num_params(),
         "dtype": args.dtype,
         "shape": shape,
-        # How a group's prompt is prefilled: once per sample until rollout/generate.py shares it.
-        **({"group_prefill": "repeated: each prompt prefilled group_size times"} if grpo else {}),
+        # How a group's prompt is prefilled (GenerationConfig.group_size).
+        **({"group_prefill": "shared: one prefill per prompt"} if grpo else {}),
         "state_bytes_per_device": state_bytes,
         "compile_s": compile_s,
         "wall_s": med,
@@ -345,8 +387,18 @@ def main() -> None:
         "iteration_tokens_per_s_per_device": seq_tokens / med["total"] / devices,
         "matmul_peak_tflops_per_device": peak / 1e12,
         # Simulated CPU devices share one processor, whose measured peak is already the whole machine's.
-        "update_mfu": flops / med["update"] / (peak if jax.default_backend() == "cpu" else peak * devices),
+        "update_mfu": flops / med["update"] / machine_peak,
         "first_minibatch_ratio_error": float(metrics["val/ratio_abs_dev_first_minibatch"]),
+        "logprobs_from": args.logprobs_from,
+        "necessary_tflops": {k: v / 1e12 for k, v in necessary.items()},
+        "iteration_mfu": necessary["total"] / med["total"] / machine_peak,
+        "phase_mfu": {k: necessary[k] / med[k] / machine_peak for k in ("generation", "score", "update")},
+        "phase_share": {k: med[k] / med["total"] for k in ("generation", "score", "update")},
+        "matmul_probe": {
+            "what": f"jnp.matmul of two {probe_n}x{probe_n} {args.dtype} arrays, one jitted call, best of 5, "
+                    "on device 0, in this process before and after the timed iterations",
+            "tflops": [x / 1e12 for x in peaks],
+        },
     }
     if lora_result is not None:
         result["lora"] = lora_result

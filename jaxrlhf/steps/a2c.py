@@ -28,7 +28,7 @@ from jaxrlhf.steps.actor_critic import (
     kl_loss_term,
     update_kl_controller,
 )
-from jaxrlhf.steps.experience import Experience
+from jaxrlhf.steps.experience import Experience, policy_gradient_advantages
 from jaxrlhf.steps.guard import all_finite
 from jaxrlhf.steps.optim import current_learning_rate
 from jaxrlhf.steps.rl_config import A2CConfig
@@ -54,7 +54,7 @@ def a2c_loss(
     """
     out = actor_critic_outputs(policy_model, critic_model, cfg, params, batch)
     mask = batch.response_mask
-    pg = a2c_policy_loss(out.logprobs, batch.advantages, mask)
+    pg = a2c_policy_loss(out.logprobs, policy_gradient_advantages(batch), mask)  # TIS-weighted with tis_cap
     vf = a2c_value_loss(out.values, batch.returns, mask)
     entropy = masked_mean(out.entropy, mask)
     kl = kl_loss_term(cfg, out.logprobs, batch)

@@ -28,7 +28,13 @@ from jaxrlhf.rl.kl import kl_estimate
 from jaxrlhf.rl.kl_control import KLControllerState
 from jaxrlhf.rl.reward_shaping import soft_overlong_penalty
 from jaxrlhf.rollout.generate import Rollout
-from jaxrlhf.steps.experience import response_logprobs_and_values
+from jaxrlhf.steps.experience import (
+    in_micro_batches,
+    response_logprobs_and_values,
+    tis_metrics,
+    truncated_importance_weights,
+    update_micro_batch_rows,
+)
 from jaxrlhf.steps.params import CriticParams, PolicyParams
 from jaxrlhf.steps.rl_config import PGConfig
 
@@ -49,6 +55,7 @@ class GroupExperience(NamedTuple):
     ref_logprobs: jax.Array  # [B, N]
     advantages: jax.Array  # [B, N] token advantages, 0 where the mask is 0
     scores: jax.Array  # [B] shaped scores (missing-EOS and over-long penalties applied)
+    tis_weights: jax.Array | None = None  # [B, N] min(π_old/π_sampler, C) with cfg.tis_cap, else None
 
     @property
     def prompt_length(self) -> int:
@@ -126,7 +133,8 @@ def make_group_experience_fn(
     completions/clipped_ratio (share of responses cut at the length limit, without eos); objective/kl (mean
     sequence KL, the configured estimator), objective/entropy, objective/non_score_reward,
     objective/rlhf_reward, objective/scores, objective/kl_coef, val/num_eos_tokens; with ReMax
-    remax/greedy_reward (the baseline's mean).
+    remax/greedy_reward (the baseline's mean); with ``cfg.tis_cap`` tis/weight_mean and tis/capped_frac.
+    Old log-probs: ``cfg.logprobs_from`` (see ``jaxrlhf.steps.experience``).
     """
     estimator = cfg.effective_kl_estimator
     n = cfg.group_size
@@ -157,10 +165,16 @@ def make_group_experience_fn(
         kl_coef = jnp.asarray(kl_state.kl_coef, jnp.float32)
         beta = kl_coef if cfg.kl_in_reward else jnp.zeros((), jnp.float32)
 
-        # SCORE: policy and reference passes over the finished sequences (no value head).
-        old_logprobs = response_logprobs_and_values(
-            policy_model, policy_params._replace(value_head=None), sequences, sequence_mask, p,
-            cfg.temperature).logprobs
+        # SCORE: policy and reference passes over the finished sequences (no value head); the policy's in
+        # the update's micro-batch shapes (batch invariance, ``jaxrlhf.steps.experience``), or the sampled
+        # log-probs with logprobs_from: rollout.
+        if cfg.logprobs_from == "rollout":
+            old_logprobs = jnp.where(mask > 0, rollout.logprobs, 0.0)
+        else:
+            old_logprobs = in_micro_batches(
+                lambda s, m: response_logprobs_and_values(
+                    policy_model, policy_params._replace(value_head=None), s, m, p, cfg.temperature).logprobs,
+                update_micro_batch_rows(cfg, b), sequences, sequence_mask)
         ref_logprobs = response_logprobs_and_values(
             ref_model, ref_params._replace(value_head=None), sequences, sequence_mask, p,
             cfg.temperature).logprobs
@@ -175,8 +189,11 @@ def make_group_experience_fn(
 
         # ADVANTAGES
         advantages = group_advantages(cfg, shaped, kl, train_mask, beta, greedy)
+        tis = None
+        if cfg.tis_cap is not None:
+            tis = truncated_importance_weights(old_logprobs, rollout.logprobs, mask, cfg.tis_cap)
         batch = GroupExperience(sequences, sequence_mask, train_mask, old_logprobs, ref_logprobs, advantages,
-                                shaped)
+                                shaped, tis)
         batch = jax.tree.map(jax.lax.stop_gradient, batch)
 
         eos = rollout.stopped.astype(bool)
@@ -202,6 +219,8 @@ def make_group_experience_fn(
             metrics["frac_reward_zero_std"] = flat / groups.shape[0]
         if greedy is not None:
             metrics["remax/greedy_reward"] = jnp.mean(greedy)
+        if tis is not None:
+            metrics |= tis_metrics(tis, mask, cfg.tis_cap)
         return batch, jax.tree.map(lambda x: jnp.asarray(x, jnp.float32), metrics)
 
     return experience

@@ -30,7 +30,7 @@ from jaxrlhf.rl.loss_aggregation import aggregate_loss
 from jaxrlhf.rl.masked import masked_count, masked_mean, masked_var
 from jaxrlhf.rl.policy_losses import a2c_policy_loss, gspo_policy_loss, ppo_policy_loss
 from jaxrlhf.steps.actor_critic import as_float32, kl_controller, update_kl_controller
-from jaxrlhf.steps.experience import response_logprobs_and_values
+from jaxrlhf.steps.experience import policy_gradient_advantages, response_logprobs_and_values
 from jaxrlhf.steps.group_experience import GroupExperience
 from jaxrlhf.steps.minibatch_epochs import check_minibatches, minibatch_epochs
 from jaxrlhf.steps.optim import current_learning_rate
@@ -73,7 +73,8 @@ def policy_gradient_loss(
     """
     out = response_logprobs_and_values(model, params._replace(value_head=None), batch.sequences,
                                        batch.sequence_mask, batch.prompt_length, cfg.temperature)
-    logp, mask, adv = out.logprobs, batch.response_mask, batch.advantages
+    # TIS (cfg.tis_cap): the policy-gradient term's advantages carry the weights min(π_old/π_sampler, C).
+    logp, mask, adv = out.logprobs, batch.response_mask, policy_gradient_advantages(batch)
     agg = lambda x: aggregate_loss(x, mask, cfg.loss_agg)  # token_sum_norm's constant: rows × N
     log_ratio = logp - batch.old_logprobs
     ratio = jax.lax.stop_gradient(jnp.exp(log_ratio))

@@ -29,7 +29,7 @@ from jaxrlhf.steps.actor_critic import (
     kl_loss_term,
     update_kl_controller,
 )
-from jaxrlhf.steps.experience import Experience
+from jaxrlhf.steps.experience import Experience, policy_gradient_advantages
 from jaxrlhf.steps.minibatch_epochs import check_minibatches, minibatch_epochs
 from jaxrlhf.steps.optim import current_learning_rate
 from jaxrlhf.steps.rl_config import PPOConfig
@@ -49,15 +49,19 @@ def ppo_loss(
     batch: Experience,
     kl_coef: jax.Array,
 ) -> tuple[jax.Array, tuple[jax.Array, Metrics]]:
-    """L = L_clip + vf_coef·L_V − entropy_coef·H (+ β·KL when the KL is in the loss), token means.
+    """L = L_clip + vf_coef·L_V − entropy_coef·H (+ β·KL when the KL is in the loss), token means; with
+    ``batch.tis_weights`` (``cfg.tis_cap``) L_clip's token terms are weighted by
+    w_t = min(π_old/π_sampler, C).
 
     Returns (loss, (response tokens, metrics)); metrics use the RLHF_REFERENCE names, plus "loss/kl_avg" and
     "val/ratio_abs_dev" (mean |r − 1| over the response tokens).
     """
     out = actor_critic_outputs(policy_model, critic_model, cfg, params, batch)
     mask = batch.response_mask
-    pg, pg_metrics = ppo_policy_loss(out.logprobs, batch.old_logprobs, batch.advantages, mask,
-                                     cfg.clip_eps, cfg.dual_clip, clip_eps_high=cfg.clip_eps_high)
+    # TIS (cfg.tis_cap): w_t·ℓ_clip(r_t, A_t) = ℓ_clip(r_t, w_t·A_t) since w_t ≥ 0.
+    pg_advantages = policy_gradient_advantages(batch)
+    pg, pg_metrics = ppo_policy_loss(out.logprobs, batch.old_logprobs, pg_advantages, mask, cfg.clip_eps,
+                                     cfg.dual_clip, clip_eps_high=cfg.clip_eps_high)
     vf, vf_metrics = value_loss(out.values, batch.old_values, batch.returns, mask, cfg.vf_clip_eps)
     entropy = masked_mean(out.entropy, mask)
     kl = kl_loss_term(cfg, out.logprobs, batch)

@@ -25,6 +25,7 @@ ADVANTAGE_ESTIMATORS = ("grpo", "dr_grpo", "rloo", "reinforce_pp", "reinforce_pp
 GROUP_ESTIMATORS = ("grpo", "dr_grpo", "rloo", "reinforce_pp_baseline")
 LOSS_AGGREGATIONS = ("token_mean", "sequence_mean", "token_sum_norm")
 RATIOS = ("token", "sequence", "none")
+LOGPROBS_FROM = ("recompute", "rollout")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -43,6 +44,16 @@ class RLConfig:
     missing_eos_penalty: subtracted from the score of a response without eos. temperature: of sampling and
     of every log-prob (policy, reference, KL). entropy_coef weighs the entropy bonus. grad_accum_steps:
     micro-batches per gradient.
+
+    logprobs_from: where the behaviour (old) log-probs come from. "recompute" (default): a forward pass of
+    the policy over the finished sequences in the experience phase, in the update's micro-batch shapes, so
+    that the first minibatch's PPO ratio is 1 to the last bit, also in bfloat16
+    (``jaxrlhf.steps.experience``). "rollout": the log-probs generation sampled with (no second policy
+    forward; a shared critic's values then come from a forward without the LM head); equal to a recompute
+    only up to the rounding of a different program (~1e-7 in float32, ~1e-2 in bfloat16), and refused with
+    filtered sampling. tis_cap: truncated importance sampling — with "recompute", weigh each token's
+    policy-gradient term by min(π_old/π_sampler, tis_cap), π_sampler the rollout's log-prob (for samplers
+    that differ from the trainer by design); ``None``: off.
     """
 
     #: The algorithm's defaults for the fields left ``None``.
@@ -59,6 +70,8 @@ class RLConfig:
     temperature: float = 1.0  # of sampling and of every log-prob
     entropy_coef: float = 0.0
     grad_accum_steps: int = 1  # micro-batches per gradient
+    logprobs_from: Literal["recompute", "rollout"] = "recompute"  # old log-probs: a forward, or sampling's
+    tis_cap: float | None = None  # truncated importance sampling cap C on π_old/π_sampler (null: off)
 
     def __post_init__(self) -> None:
         name = type(self).__name__
@@ -77,6 +90,16 @@ class RLConfig:
             raise ValueError(f"{name}.temperature must be > 0, got {self.temperature}")
         if self.grad_accum_steps < 1:
             raise ValueError(f"{name}.grad_accum_steps must be >= 1, got {self.grad_accum_steps}")
+        if self.logprobs_from not in LOGPROBS_FROM:
+            raise ValueError(f"{name}.logprobs_from: expected one of {', '.join(LOGPROBS_FROM)}, "
+                             f"got {self.logprobs_from!r}")
+        if self.tis_cap is not None:
+            if not self.tis_cap > 0:
+                raise ValueError(f"{name}.tis_cap must be > 0 (null: off), got {self.tis_cap}")
+            if self.logprobs_from == "rollout":
+                raise ValueError(f"{name}.tis_cap: truncated importance sampling weighs π_old/π_sampler, "
+                                 "which is 1 when the old log-probs are the sampler's; set logprobs_from: "
+                                 "recompute or tis_cap: null")
 
     @property
     def effective_kl_estimator(self) -> Literal["k1", "k2", "k3"]:
@@ -215,6 +238,9 @@ class PGConfig(ClippedEpochsConfig):
                 f"{name}.ratio: 'none' (plain REINFORCE) is on-policy for the first minibatch only; set "
                 f"epochs and num_minibatches to 1 (got {self.epochs} × {self.num_minibatches}) or use a ratio"
             )
+        if self.ratio == "sequence" and self.tis_cap is not None:
+            raise ValueError(f"{name}.tis_cap: truncated importance sampling weighs token terms; GSPO's "
+                             "sequence ratio (ratio: sequence) has none, set tis_cap: null")
         if self.ratio == "sequence" and self.loss_agg != "sequence_mean":
             raise ValueError(f"{name}.loss_agg: GSPO's sequence ratio (ratio: sequence) averages over "
                              f"sequences; set loss_agg: sequence_mean, got {self.loss_agg!r}")

@@ -191,6 +191,10 @@ def make_rl_phases(
     if generation.temperature != cfg.temperature:
         raise ValueError(f"make_rl_phases: generation temperature {generation.temperature} differs from the "
                          f"algorithm's {cfg.temperature} (the first ratio would not be 1)")
+    if cfg.logprobs_from == "rollout" and generation.filtered:
+        raise ValueError("make_rl_phases: logprobs_from 'rollout' uses the sampled log-probs as the update's"
+                         " old log-probs, but filtered sampling (top-k, top-p, min_new_tokens) draws from a "
+                         "distribution the update does not compute; use logprobs_from: recompute")
     if isinstance(cfg, PGConfig):
         if critic_model is not None or critic_optimizer is not None:
             raise ValueError(f"make_rl_phases: {type(cfg).__name__} is critic-free; pass no critic model or "

@@ -171,3 +171,29 @@ def test_rows_that_do_not_form_groups_are_refused(tiny_model, tiny_params, make_
     assert sample_rows(6, GRPOConfig(group_size=2, advantage="remax")) == 4
     with pytest.raises(ValueError, match="no critic_params"):
         fn(policy, policy, object(), make_rollout(0), jnp.zeros(4), kl_state(0.0))
+
+
+def test_logprobs_from_rollout_and_tis(tiny_model, tiny_params, other_params):
+    """logprobs_from: rollout takes the sampled log-probs as the old ones (no policy forward); the default
+    recompute agrees with them up to float32 rounding, and with tis_cap carries
+    w = min(π_old/π_sampler, C)."""
+    from jaxrlhf.rollout.generate import GenerationConfig, generate
+
+    prompts = jnp.asarray(np.random.RandomState(0).randint(3, 16, (2, 4)), jnp.int32)
+    rollout = generate(tiny_model, tiny_params, prompts, jnp.ones((2, 4), jnp.int32), jax.random.key(0),
+                       GenerationConfig(max_new_tokens=5, group_size=4))
+    scores = jnp.arange(8, dtype=jnp.float32)
+    kl_state = KLControllerState(jnp.float32(0.1))
+    out = {}
+    for name, cfg in (("rollout", GRPOConfig(group_size=4, logprobs_from="rollout")),
+                      ("recompute", GRPOConfig(group_size=4, num_minibatches=2, tis_cap=1.5))):
+        fn = jax.jit(make_group_experience_fn(tiny_model, tiny_model, cfg))
+        out[name], _ = fn(PolicyParams(tiny_params), PolicyParams(other_params), None, rollout, scores,
+                          kl_state)
+    mask = np.asarray(rollout.response_mask)
+    np.testing.assert_array_equal(out["rollout"].old_logprobs, np.asarray(rollout.logprobs) * mask)
+    np.testing.assert_allclose(out["recompute"].old_logprobs, out["rollout"].old_logprobs, atol=1e-5)
+    old, sampler = np.asarray(out["recompute"].old_logprobs), np.asarray(rollout.logprobs)
+    expected = np.minimum(np.exp(old - sampler), 1.5)
+    np.testing.assert_allclose(out["recompute"].tis_weights, expected * mask, rtol=1e-6)
+    assert out["rollout"].tis_weights is None

@@ -148,3 +148,34 @@ def test_separate_critic_minibatches_and_adaptive_kl(tiny_model, optimizer, tiny
     kl = ((np.expm1(log_r) - log_r) * np.asarray(batch.response_mask)).sum(1).mean()
     error = np.clip((kl - 0.01) / 0.01, -0.2, 0.2)
     assert float(metrics["objective/kl_coef"]) == pytest.approx(0.2 * (1 + error * 4 / 10000), rel=1e-6)
+
+
+def test_tis_weights_the_policy_gradient_term(tiny_model, policy, experience):
+    """With TIS weights w_t the policy term is −Σ_t m_t·w_t·r_t·A_t / Σ m (before clipping): its gradient
+    equals that of the weighted surrogate written out, and differs from the unweighted one."""
+    cfg = dataclasses.replace(CFG, vf_coef=0.0, entropy_coef=0.0, tis_cap=2.0)
+    rng = np.random.RandomState(3)
+    weights = jnp.asarray(rng.uniform(0.2, 2.0, experience.old_logprobs.shape), jnp.float32)
+    weights = weights * experience.response_mask
+    # The old log-probs shifted by a small amount: ratios near 1, inside the clip range.
+    shifted = experience._replace(old_logprobs=experience.old_logprobs + 0.01 * experience.response_mask)
+    params = ActorCriticParams(policy, None)
+    kl_coef = jnp.float32(0.0)
+
+    def loss(p, batch):
+        return ppo_loss(tiny_model, None, cfg, p, batch, kl_coef)[0]
+
+    def weighted_surrogate(p):
+        hidden = response_hidden(tiny_model, p.policy.lm, shifted.sequences, shifted.sequence_mask, P)
+        logits = response_logits(tiny_model, p.policy.lm, hidden)
+        logp = rl.token_logprobs(logits, shifted.sequences[:, P:], T)
+        ratio = jnp.exp(logp - shifted.old_logprobs)
+        m = shifted.response_mask
+        return -jnp.sum(m * weights * ratio * shifted.advantages) / jnp.sum(m)
+
+    weighted = jax.grad(loss)(params, shifted._replace(tis_weights=weights))
+    expected = jax.grad(weighted_surrogate)(params)
+    plain = jax.grad(loss)(params, shifted)
+    flat = lambda g: np.concatenate([np.ravel(x) for x in jax.tree.leaves(g.policy.lm)])
+    np.testing.assert_allclose(flat(weighted), flat(expected), atol=1e-6)
+    assert np.abs(flat(weighted) - flat(plain)).max() > 1e-4

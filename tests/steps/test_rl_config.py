@@ -101,3 +101,14 @@ def test_estimators_without_a_group_accept_one_sample_per_prompt():
     assert GRPOConfig(group_size=1, advantage="reinforce_pp").group_size == 1
     assert RLOOConfig(group_size=1, advantage="remax", ratio="none").advantage == "remax"
     assert RLOOConfig(kl_estimator="k1").effective_kl_estimator == "k1"  # k1 in the reward is fine
+
+
+@pytest.mark.parametrize("cls,kwargs,message", [
+    (PPOConfig, {"logprobs_from": "sampler"}, "logprobs_from"),
+    (PPOConfig, {"tis_cap": 0.0}, "tis_cap must be > 0"),
+    (PPOConfig, {"tis_cap": 2.0, "logprobs_from": "rollout"}, "logprobs_from: recompute"),
+    (GRPOConfig, {"tis_cap": 2.0, "ratio": "sequence"}, "sequence ratio"),
+])
+def test_logprob_source_and_tis_bad_input(cls, kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        cls(**kwargs)
