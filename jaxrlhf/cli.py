@@ -26,6 +26,7 @@ class Command(NamedTuple):
     run: str  # "module:function", called with the loaded config; may return an object with run_dir
     help: str
     quick: str | None = None  # "module:OVERRIDES": a --quick flag applies these before the --set ones
+    full: str | None = None  # "module:OVERRIDES": a --full flag applies these before the --set ones
 
 
 COMMANDS: dict[str, Command] = {
@@ -76,8 +77,10 @@ COMMANDS: dict[str, Command] = {
         "jaxrlhf.experiments.demo_config:DemoConfig",
         "jaxrlhf.experiments.demo:demo",
         "the whole RLHF pipeline on a synthetic task with a known gold reward: SFT, reward model "
-        "from simulated feedback, PPO and A2C, best-of-n; writes a report with plots",
+        "from simulated feedback; PPO, A2C, GRPO, RLOO, DPO, best-of-n, GRPO on the gold reward and PPO "
+        "against reward-model ensembles compared on held-out prompts; writes a report with plots",
         quick="jaxrlhf.experiments.demo_config:QUICK_OVERRIDES",
+        full="jaxrlhf.experiments.demo_config:FULL_OVERRIDES",
     ),
 }
 
@@ -166,6 +169,8 @@ def build_parser() -> argparse.ArgumentParser:
         )
         if command.quick is not None:
             p.add_argument("--quick", action="store_true", help="small sizes for a smoke run (≤ 2 minutes)")
+        if command.full is not None:
+            p.add_argument("--full", action="store_true", help="the full study: every method over four seeds")
         p.add_argument(
             "--print-config",
             action="store_true",
@@ -211,8 +216,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     expected = _expected_errors()
     try:
         overrides = list(args.overrides)
+        if getattr(args, "quick", False) and getattr(args, "full", False):
+            from jaxrlhf.config import ConfigError
+
+            raise ConfigError("--quick and --full: choose one preset")
         if getattr(args, "quick", False):
             overrides = [*_resolve(COMMANDS[args.command].quick), *overrides]
+        if getattr(args, "full", False):
+            overrides = [*_resolve(COMMANDS[args.command].full), *overrides]
         config = load_command_config(args.command, args.config, overrides)
         if args.print_config:
             print(config_yaml(config), end="")
