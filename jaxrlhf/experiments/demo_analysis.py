@@ -143,10 +143,13 @@ def best_method(methods: dict[str, dict], runs: dict[str, list[MethodRun]]) -> d
     order = sorted(methods, key=lambda k: methods[k]["gold"]["mean"], reverse=True)
     top = methods[order[0]]
     out = {"key": order[0], "name": top["name"], "gold": top["gold"], "kl": top["kl"]}
-    text = (
-        f"{top['name']} reached the highest gold reward: {top['gold']['text']}, at KL "
-        f"{top['kl']['text']} nats"
-    )
+    if top["seeds"] > 1:
+        gold_text, kl_text = top["gold"]["text"], top["kl"]["text"]
+    else:  # one seed: the run's own intervals over prompts
+        first = top["per_seed"][0]
+        gold_text = first["gold"]["text"]
+        kl_text = f"{first['kl']:.3f} ± {first['kl_ci']:.3f} (95% CI over {top['prompts']} prompts)"
+    text = f"{top['name']} reached the highest gold reward: {gold_text}, at KL {kl_text} nats"
     if len(order) > 1:
         second = methods[order[1]]
         lead = paired_comparison(

@@ -174,7 +174,7 @@ class EvaluationStage:
     best_of_n_prompts: int = 128
     best_of_n_samples: int = 128
     best_of_n: tuple[int, ...] = (1, 2, 4, 8, 16, 32, 64)
-    rl_points: int = 8  # RL checkpoints evaluated along training (the SFT policy is the point at step 0)
+    rl_points: int = 5  # RL checkpoints evaluated along training (the SFT policy is the point at step 0)
     chunk_size: int = 512  # rows sampled per call (one compiled shape)
     temperature: float = 1.0
 
