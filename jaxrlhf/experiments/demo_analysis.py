@@ -82,8 +82,12 @@ def _overoptimization(run: MethodRun, seed: int, x_label: str) -> dict:
     }
 
 
-def gao_fit_dict(kl: Sequence[float], gold: Sequence[float], form: str, gold_at_zero: float | None) -> dict:
+def gao_fit_dict(
+    kl: Sequence[float], gold: Sequence[float], form: str | None, gold_at_zero: float | None
+) -> dict:
     """``fit_gao`` as plain JSON (``formula``, α, β, their s.e., R², the points) or ``{"error": why}``."""
+    if form is None:
+        return {"form": None, "error": "no functional form is fitted to this method"}
     try:
         fit = fit_gao(np.asarray(kl), np.asarray(gold), form, gold_at_zero=gold_at_zero)
     except ValueError as e:

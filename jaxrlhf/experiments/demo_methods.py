@@ -52,8 +52,12 @@ class Method:
     is trained against, for the report; ``command``: the trainer command its saved config runs with
     (``None``: the config is not runnable on its own, e.g. an in-process ensemble reward);
     ``build``: ``(ctx, stage, seed) -> trainer config``; ``train``: the trainer; ``params_at``: the LM
-    params' keys inside its checkpoints; ``gao_form``: the Gao et al. functional form fitted to its curve;
-    ``ensemble``: it needs the reward-model ensemble; ``x_label``: the unit of its curve's points.
+    params' keys inside its checkpoints; ``gao_form``: the Gao et al. functional form fitted to its curve
+    (``None``: none is fitted); ``ensemble``: it needs the reward-model ensemble; ``x_label``: the unit of
+    its curve's points; ``points``: for a method whose curve is not its checkpoints (value-guided decoding
+    at several β, say), ``points(ctx, seed_index, evaluator, tokens, mask, key) -> [(x, per-sample
+    scores)]`` replaces :meth:`score_points`' default (the first point should be its SFT-like start, or
+    the curve starts at the SFT policy, which the evaluation prepends as x = 0).
     """
 
     key: str
@@ -63,19 +67,14 @@ class Method:
     build: Callable[[DemoContext, str, int], Any]
     train: Callable[[Any], Any]
     params_at: tuple[str, ...] = ("rl", "policy", "params", "lm")
-    gao_form: str = "rl"
+    gao_form: str | None = "rl"
     ensemble: bool = False
     x_label: str = "step"
+    points: Callable[..., list[tuple[int, dict[str, np.ndarray]]]] | None = None
 
     def stage(self, seed_index: int) -> str:
         """The stage directory of the run with the ``seed_index``-th seed."""
         return self.key if seed_index == 0 else f"{self.key}-seed{seed_index}"
-
-    def run(self, ctx: DemoContext, seed_index: int) -> Any:
-        """Train with seed ``run.seed + seed_index``; returns the trainer config it ran."""
-        config = self.build(ctx, self.stage(seed_index), ctx.cfg.run.seed + seed_index)
-        self.train(config)
-        return config
 
     def policies(self, ctx: DemoContext, seed_index: int, model: Any) -> list[tuple[int, Any]]:
         """``(step, LM params)`` at every checkpoint of the run, in order of training."""
@@ -95,6 +94,8 @@ class Method:
     ) -> list[tuple[int, dict[str, np.ndarray]]]:
         """Per point of the method's curve: ``(x, per-sample scores)`` on the evaluation prompts, sampled
         with ``key`` (the same for every method and point: common random numbers)."""
+        if self.points is not None:
+            return self.points(ctx, seed_index, evaluator, tokens, mask, key)
         out = []
         for step, params in self.policies(ctx, seed_index, evaluator.model):
             scores, _ = evaluator.scores(params, tokens, mask, key)

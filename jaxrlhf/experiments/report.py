@@ -133,7 +133,7 @@ def gao_table(results: dict) -> list[str]:
     fits.append(("best-of-n", a["best_of_n"]["gao"]))
     for name, fit in fits:
         if "error" in fit:
-            lines.append(f"| {name} | {fit['form']} | n/a | n/a | n/a | — | {fit['error']} |")
+            lines.append(f"| {name} | {fit['form'] or '—'} | n/a | n/a | n/a | — | {fit['error']} |")
             continue
         lines.append(f"| {name} | {fit['formula']} | {_fit_cell(fit, 'alpha')} | {_fit_cell(fit, 'beta')} | "
                      f"{_num(fit['r2'])} | {fit['n_points']} | {_num(fit['peak_d'], 2)} |")
