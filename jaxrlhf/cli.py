@@ -168,7 +168,7 @@ def build_parser() -> argparse.ArgumentParser:
             "YAML: 3, 1e-5, true, [1,2], null)",
         )
         if command.quick is not None:
-            p.add_argument("--quick", action="store_true", help="small sizes for a smoke run (≤ 2 minutes)")
+            p.add_argument("--quick", action="store_true", help="small sizes for a smoke run")
         if command.full is not None:
             p.add_argument("--full", action="store_true", help="the full study: every method over four seeds")
         p.add_argument(

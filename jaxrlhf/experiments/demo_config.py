@@ -1,8 +1,8 @@
 """Configuration of ``jaxrlhf demo`` (configs/demo.yaml): one frozen dataclass per stage.
 
-The defaults are the demo (≤ 10 minutes on 2 CPU cores); :data:`QUICK_OVERRIDES` shrinks every stage for a
-smoke run (``--quick``, ≤ 2 minutes) and :data:`FULL_OVERRIDES` runs every method over four seeds
-(``--full``). Each stage's trainer config (``SFTRunConfig``, ``RewardRunConfig``, ``PPORunConfig``,
+The defaults are the demo; :data:`QUICK_OVERRIDES` shrinks every stage for a smoke run (``--quick``) and
+:data:`FULL_OVERRIDES` runs every method over four seeds (``--full``); the README gives each preset's
+measured cost. Each stage's trainer config (``SFTRunConfig``, ``RewardRunConfig``, ``PPORunConfig``,
 ``A2CRunConfig``, ``GRPORunConfig``, ``RLOORunConfig``, ``DPORunConfig``) is built from these sections by
 :mod:`jaxrlhf.experiments.demo_stages`; ``methods`` lists which entries of the method table
 (:data:`jaxrlhf.experiments.demo_methods.METHODS`) the comparison runs.
