@@ -251,6 +251,19 @@ def test_demo_config_and_quick_flag():
         cli.build_parser().parse_args(["sft", "--quick"])
 
 
+def test_demo_full_flag(capsys):
+    """--full: every method over four seeds (before any --set); with --quick, a one-line error."""
+    assert cli.main(["demo", "--full", "--print-config"]) == 0
+    run = yaml.safe_load(capsys.readouterr().out)["run"]
+    assert run["full"] is True and run["seeds"] == 4
+    assert cli.main(["demo", "--full", "--set", "run.seeds=6", "--print-config"]) == 0
+    assert yaml.safe_load(capsys.readouterr().out)["run"]["seeds"] == 6
+    assert cli.main(["demo", "--quick", "--full", "--print-config"]) == 1
+    assert capsys.readouterr().err.strip().endswith("--quick and --full: choose one preset")
+    with pytest.raises(SystemExit):
+        cli.build_parser().parse_args(["ppo", "--full"])
+
+
 # The recipes that are configs of another command: configs/<name>.yaml runs with `jaxrlhf <command>`.
 RECIPES = {"dr_grpo": "grpo", "dapo": "grpo", "gspo": "grpo", "reinforce_pp": "rloo", "remax": "rloo",
            "sft_arithmetic": "sft"}
