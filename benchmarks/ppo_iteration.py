@@ -23,8 +23,14 @@ the same script reports tokens/s/device and MFU on a multi-GPU or TPU host
 (``--preset gpt2-medium --dtype bfloat16``); multi-host jobs start it on every host
 (``jax.distributed`` is initialised from the environment).
 
+``--lora-rank R`` runs full fine-tuning and LoRA (rank R, α = 2R, on ``--lora-targets``) at the same shape,
+their timed iterations alternating, and reports each one's state bytes per device: what is trained (params +
+optimiser state), the frozen base LoRA keeps, and the reference copy full fine-tuning keeps (LoRA's reference
+is its frozen base: none). The reward model, the same in both, is left out. ``--shapes-only`` computes those
+bytes from shapes (``jax.eval_shape``) without running anything: for presets too slow to run here.
+
     python benchmarks/ppo_iteration.py [--preset tiny|gpt2-small|gpt2-medium|llama-1b] [--iterations 3]
-        [--algorithm ppo|grpo] [--group-size 8] [--critic shared|separate]
+        [--algorithm ppo|grpo] [--group-size 8] [--critic shared|separate] [--lora-rank 16 [--shapes-only]]
 
 Prints one JSON object (process 0 only).
 """
@@ -44,9 +50,11 @@ from jaxrlhf import parallel
 from jaxrlhf import steps as S
 from jaxrlhf.models.config import ModelConfig, gpt2_config, llama_config
 from jaxrlhf.models.heads import init_reward_head, init_value_head
+from jaxrlhf.models.lora import LoRAConfig, init_lora
 from jaxrlhf.models.transformer import LanguageModel
 from jaxrlhf.rollout.generate import GenerationConfig
 from jaxrlhf.steps.rl_iteration import make_rl_iteration
+from jaxrlhf.steps.state import detach_frozen
 from jaxrlhf.train.model_setup import flops_per_token
 from jaxrlhf.train.rl_setup import build_rl_phases, reward_model_score_fn
 from jaxrlhf.train.timing import Timers, matmul_peak_flops, transformer_flops_per_token
@@ -94,7 +102,13 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--algorithm", default="ppo", choices=["ppo", "grpo"])
     p.add_argument("--group-size", type=int, default=8, help="grpo: samples per prompt (divides --batch)")
     p.add_argument("--critic", default="shared", choices=["shared", "separate"], help="ppo: the critic")
+    p.add_argument("--lora-rank", type=int, default=0, help="> 0: LoRA of this rank vs full fine-tuning")
+    p.add_argument("--lora-targets", default="q,k,v,o,up,down", help="LoRA: the adapted projections")
+    p.add_argument("--shapes-only", action="store_true",
+                   help="with --lora-rank: state bytes from shapes (jax.eval_shape), nothing run")
     args = p.parse_args()
+    if args.shapes_only and not args.lora_rank:
+        p.error("--shapes-only goes with --lora-rank")
     if args.algorithm == "grpo" and args.batch % args.group_size:
         p.error(f"--batch {args.batch} is not a multiple of --group-size {args.group_size}")
     return args
@@ -106,6 +120,78 @@ def update_flops(cfg: ModelConfig, tokens: int, seq_len: int, epochs: int) -> fl
         cfg.num_params(), cfg.num_layers, cfg.hidden_size, seq_len, training=True
     )
     return float(per_token * tokens * epochs)
+
+
+def init_policy_state(key: jax.Array, model: LanguageModel, algo, optimizer, grpo: bool, separate: bool,
+                      lora: LoRAConfig | None) -> tuple[S.RLState, S.PolicyParams | None]:
+    """``(RL state, reference)``: full fine-tuning trains the whole policy and keeps a reference copy; LoRA
+    trains adapters on the frozen base, which is also the reference (``None`` here: no copy)."""
+    keys = jax.random.split(key, 4)
+    d = model.config.hidden_size
+    base = model.init(keys[0])
+    value_head = None if grpo or separate else init_value_head(d)
+    critic = S.CriticParams(model.init(keys[2]), init_value_head(d)) if separate else None
+    critic_optimizer = optimizer if separate else None
+    kl = S.kl_controller(algo).init()
+    if lora is None:
+        state = S.create_rl_state(S.PolicyParams(base, value_head), optimizer, kl, critic, critic_optimizer)
+        return state, S.PolicyParams(model.init(keys[1]))
+    adapters = init_lora(keys[3], model.config, lora)
+    state = S.create_rl_state(S.PolicyParams(adapters, value_head), optimizer, kl, critic, critic_optimizer,
+                              policy_frozen=S.PolicyParams(base))
+    return state, None
+
+
+def shape_bytes_per_device(mesh, tree, min_size: int) -> int:
+    """Bytes of ``tree`` (arrays or ShapeDtypeStructs) on one device under ``parallel.state_shardings``."""
+    fsdp = mesh.shape[parallel.FSDP_AXIS]
+    total = 0
+    for x in jax.tree.leaves(tree):
+        shape = tuple(x.shape)
+        split = fsdp if parallel.FSDP_AXIS in tuple(parallel.fsdp_spec(shape, fsdp, min_size)) else 1
+        total += int(np.prod(shape, dtype=np.int64)) * jnp.dtype(x.dtype).itemsize // split
+    return total
+
+
+def state_accounting(mesh, state, ref, min_size: int) -> dict[str, int]:
+    """Bytes per device of what is trained (params + optimiser state), the frozen base and the reference."""
+    trained, frozen = detach_frozen(state)
+    out = {
+        "trained_params_and_optimizer": shape_bytes_per_device(mesh, trained, min_size),
+        "frozen_base": shape_bytes_per_device(mesh, frozen, min_size),
+        "reference_copy": 0 if ref is None else shape_bytes_per_device(mesh, ref, min_size),
+    }
+    out["total"] = sum(out.values())
+    return out
+
+
+def lora_comparison(args, mesh, pcfg, model, algo, optimizer, grpo: bool, separate: bool) -> dict:
+    """State bytes per device of full fine-tuning vs LoRA from shapes (``jax.eval_shape``)."""
+    lora = LoRAConfig(enabled=True, rank=args.lora_rank, alpha=2.0 * args.lora_rank,
+                      targets=tuple(args.lora_targets.split(",")))
+    out = {}
+    for name, cfg in (("full", None), ("lora", lora)):
+        shapes = jax.eval_shape(lambda k, cfg=cfg: init_policy_state(k, model, algo, optimizer, grpo,
+                                                                       separate, cfg), jax.random.key(0))
+        out[name] = state_accounting(mesh, *shapes, pcfg.fsdp_min_size)
+    out["lora"]["trained_params"] = sum(
+        int(np.prod(x.shape)) for x in jax.tree.leaves(jax.eval_shape(
+            lambda k: init_lora(k, model.config, lora), jax.random.key(0))))
+    return {"config": {"rank": lora.rank, "alpha": lora.alpha, "targets": list(lora.targets)},
+            "state_bytes_per_device": out, "ratios": lora_ratios(out)}
+
+
+def lora_ratios(out: dict) -> dict[str, float]:
+    full, lora = out["full"], out["lora"]
+    return {
+        # What gets gradients and optimiser state: the adapters (+ value head) alone.
+        "trained_params_and_optimizer": full["trained_params_and_optimizer"]
+        / lora["trained_params_and_optimizer"],
+        # Everything the policy side holds: full = params + Adam + reference copy; LoRA = base + adapters.
+        "total_with_reference": full["total"] / lora["total"],
+        # The same without the reference copy (as if full fine-tuning's reference were offloaded).
+        "total_without_reference": (full["total"] - full["reference_copy"]) / lora["total"],
+    }
 
 
 def main() -> None:
@@ -126,36 +212,66 @@ def main() -> None:
     optimizer = S.make_optimizer(S.OptimizerConfig(learning_rate=1e-6), 1000)
     place = lambda tree: parallel.place_state(mesh, tree, pcfg.fsdp_min_size)
 
+    shape = {"batch": B, "prompt": P, "response": N, "epochs": args.epochs, "minibatches": args.minibatches,
+             "grad_accum": args.grad_accum, "prompts": B // G, "group_size": G}
+    lora_result = None
+    if args.lora_rank:
+        lora_result = lora_comparison(args, mesh, pcfg, model, algo, optimizer, grpo, separate)
+    if args.shapes_only:
+        result = {"benchmark": "ppo_iteration", "algorithm": args.algorithm,
+                  "critic": "none" if grpo else args.critic, "preset": args.preset,
+                  "params": cfg.num_params(), "dtype": args.dtype, "devices": mesh.size,
+                  "mesh": dict(mesh.shape), "shape": shape,
+                  "lora": {**lora_result, "method": "state bytes from shapes (jax.eval_shape, "
+                           "parallel.state_shardings): nothing was run"}}
+        if parallel.is_main_process():
+            print(json.dumps(result, indent=2))
+        return
+    variants = {"full": None}
+    if args.lora_rank:
+        lora_cfg = LoRAConfig(enabled=True, **{k: lora_result["config"][k] for k in ("rank", "alpha")},
+                              targets=tuple(lora_result["config"]["targets"]))
+        variants["lora"] = lora_cfg
+
     with jax.set_mesh(mesh):  # as the trainer: everything traced under the mesh
-        # SETUP: policy (+ value head), reference and reward model, all placed on the mesh.
+        # SETUP: per variant the policy (+ value head or critic) and its reference, and one reward model.
         init = jax.jit(
             model.init,
             out_shardings=parallel.state_shardings(mesh, model.abstract_params(), pcfg.fsdp_min_size),
         )
         keys = jax.random.split(jax.random.key(0), 5)
-        # GRPO: no value head; PPO: a value head on the policy, or a separate critic.
-        policy = S.PolicyParams(init(keys[0]), None if grpo or separate else init_value_head(d))
-        critic = S.CriticParams(init(keys[4]), init_value_head(d)) if separate else None
-        critic_optimizer = optimizer if separate else None
-        kl = S.kl_controller(algo).init()
-        state = place(S.create_rl_state(policy, optimizer, kl, critic, critic_optimizer))
-        ref = place(S.PolicyParams(init(keys[1])))
         rm = place(S.RewardModelParams(init(keys[2]), init_reward_head(keys[3], d)))
-        state_bytes = parallel.per_device_bytes(state)
-
-        # The trainer's phases, built by the trainer's builder, run by the one RL iteration.
         score = reward_model_score_fn(model, rm)
-        phases = build_rl_phases(model, model, model if separate else None, algo, gen_cfg, score, optimizer,
-                                 critic_optimizer, parallel.state_shardings(mesh, state, pcfg.fsdp_min_size))
-        timers = Timers()
-        iteration = make_rl_iteration(phases, ref, around=timers)
+        runs = {}
+        for name, lora_cfg in variants.items():
+            run_model = model if lora_cfg is None else dataclasses.replace(model, lora_alpha=lora_cfg.alpha)
+
+            def make(k, m=run_model, c=lora_cfg):
+                return init_policy_state(k, m, algo, optimizer, grpo, separate, c)
+
+            shardings = parallel.state_shardings(mesh, jax.eval_shape(make, jax.random.key(0)),
+                                                 pcfg.fsdp_min_size)
+            state, ref = jax.jit(make, out_shardings=shardings)(jax.random.key(0))
+            measured = parallel.per_device_bytes((state, ref))
+            accounting = state_accounting(mesh, state, ref, pcfg.fsdp_min_size)
+            assert measured == accounting["total"], (measured, accounting)  # shapes' count = the arrays'
+            ref = state.policy.frozen if ref is None else ref  # LoRA: the base with the adapters off
+            timers = Timers()
+            # The trainer's phases, built by the trainer's builder, run by the one RL iteration.
+            phases = build_rl_phases(run_model, run_model, run_model if separate else None, algo, gen_cfg,
+                                     score, optimizer, optimizer if separate else None,
+                                     parallel.state_shardings(mesh, state, pcfg.fsdp_min_size))
+            runs[name] = {"state": state, "ref": ref, "phases": phases, "timers": timers, "bytes": accounting}
+        for r in runs.values():
+            r["iteration"] = make_rl_iteration(r["phases"], r["ref"], around=r["timers"])
+        state_bytes = runs["full"]["bytes"]["trained_params_and_optimizer"]
 
         rng = np.random.RandomState(0)
         # Every process draws the same global batch and passes its own rows (as the data loader splits them).
         rows = B // G // jax.process_count()  # prompts
         local = slice(jax.process_index() * rows, (jax.process_index() + 1) * rows)
 
-        def timed_iteration(i: int, state):
+        def timed_iteration(i: int, r: dict):
             prompts = parallel.shard_batch(
                 mesh,
                 {  # B / G prompts: B sequences once each prompt has its G samples
@@ -163,18 +279,38 @@ def main() -> None:
                     "mask": np.ones((B // G, P), np.int32)[local],
                 },
             )
+            timers = r["timers"]
             timers.reset()
             with timers("total"):
-                state, out = iteration(state, prompts, jax.random.fold_in(jax.random.key(1), i))
-            return state, dict(timers.totals), out.metrics
+                key = jax.random.fold_in(jax.random.key(1), i)
+                r["state"], out = r["iteration"](r["state"], prompts, key)
+            return dict(timers.totals), out.metrics
 
-        state, first, _ = timed_iteration(0, state)  # compiles every phase
-        timed = []
+        firsts = {name: timed_iteration(0, r)[0] for name, r in runs.items()}  # compiles every phase
+        timed = {name: [] for name in runs}
         for i in range(args.iterations):
-            state, times, metrics = timed_iteration(i + 1, state)
-            timed.append(times)
-    med = {k: statistics.median(t[k] for t in timed) for k in ("generation", "score", "update", "total")}
+            for name, r in runs.items():  # alternating: the variants see the same machine load
+                times, metrics = timed_iteration(i + 1, r)
+                timed[name].append(times)
+                r["metrics"] = metrics
+    phase_names = ("generation", "score", "update", "total")
+    med = {k: statistics.median(t[k] for t in timed["full"]) for k in phase_names}
+    first, metrics = firsts["full"], runs["full"]["metrics"]
     compile_s = {k: max(first[k] - med[k], 0.0) for k in med}
+    if args.lora_rank:
+        lora_result["measured"] = {}
+        for name, r in runs.items():
+            lora_result["measured"][name] = {
+                "state_bytes_per_device": r["bytes"],
+                "wall_s_median": {k: statistics.median(t[k] for t in timed[name]) for k in phase_names},
+                "wall_s_min_max": {k: [min(t[k] for t in timed[name]), max(t[k] for t in timed[name])]
+                                   for k in phase_names},
+                "first_minibatch_ratio_error": float(r["metrics"]["val/ratio_abs_dev_first_minibatch"]),
+            }
+        lora_result["measured"]["ratios"] = lora_ratios({n: runs[n]["bytes"] for n in runs})
+        lora_result["method"] = ("state bytes of the arrays held (parallel.per_device_bytes, equal to the "
+                                 "count from shapes); wall times: median and [min, max] over the timed "
+                                 "iterations, the two variants alternating")
 
     devices = mesh.size
     seq_tokens = B * (P + N)
@@ -194,16 +330,7 @@ def main() -> None:
         "preset": args.preset,
         "params": cfg.num_params(),
         "dtype": args.dtype,
-        "shape": {
-            "batch": B,
-            "prompt": P,
-            "response": N,
-            "epochs": args.epochs,
-            "minibatches": args.minibatches,
-            "grad_accum": args.grad_accum,
-            "prompts": B // G,
-            "group_size": G,
-        },
+        "shape": shape,
         # How a group's prompt is prefilled: once per sample until rollout/generate.py shares it.
         **({"group_prefill": "repeated: each prompt prefilled group_size times"} if grpo else {}),
         "state_bytes_per_device": state_bytes,
@@ -221,6 +348,8 @@ def main() -> None:
         "update_mfu": flops / med["update"] / (peak if jax.default_backend() == "cpu" else peak * devices),
         "first_minibatch_ratio_error": float(metrics["val/ratio_abs_dev_first_minibatch"]),
     }
+    if lora_result is not None:
+        result["lora"] = lora_result
     if args.peak_tflops:
         result["update_mfu_vs_vendor_peak"] = flops / med["update"] / (args.peak_tflops * 1e12 * devices)
     if parallel.is_main_process():

@@ -73,6 +73,12 @@ COMMANDS: dict[str, Command] = {
         "jaxrlhf.train.dpo:train_dpo",
         "direct preference optimisation (DPO, IPO, cDPO, hinge) of a policy on preference pairs",
     ),
+    "ilql": Command(
+        "jaxrlhf.train.ilql:ILQLRunConfig",
+        "jaxrlhf.train.ilql:train_ilql",
+        "offline value-based RL (ILQL: token-level Q and V heads) on rated responses, for value-guided "
+        "decoding",
+    ),
     "demo": Command(
         "jaxrlhf.experiments.demo_config:DemoConfig",
         "jaxrlhf.experiments.demo:demo",

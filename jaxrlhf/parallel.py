@@ -26,6 +26,7 @@ import numpy as np
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
 
 from jaxrlhf.steps.sharding import BATCH_AXES
+from jaxrlhf.steps.state import FrozenApart, detach_frozen
 
 log = logging.getLogger(__name__)
 
@@ -260,15 +261,21 @@ class MeshJit:
 
 def jit_step(step: Callable, mesh: Mesh, state: Any, donate: bool = True, min_size: int = 4096) -> MeshJit:
     """``jax.jit(step)`` over ``mesh``, with the state's shardings pinned on input and output (so a step
-    never silently changes layouts) and the state buffers donated. ``step(state, batch, key) -> (state,
-    metrics)``."""
+    never silently changes layouts) and the state buffers donated, except a TrainState's frozen params
+    (LoRA's base: the RL reference shares them), which go in as an argument of their own and live on.
+    ``step(state, batch, key) -> (state, metrics)``."""
     state_sh = state_shardings(mesh, state, min_size)
-    jitted = jax.jit(
-        step,
-        in_shardings=(state_sh, None, replicated(mesh)),
-        out_shardings=(state_sh, replicated(mesh)),
-        donate_argnums=(0,) if donate else (),
-    )
+    if not donate:
+        jitted = jax.jit(step, in_shardings=(state_sh, None, replicated(mesh)),
+                         out_shardings=(state_sh, replicated(mesh)))
+        return MeshJit(jitted, mesh)
+    bare_sh, frozen_sh = detach_frozen(state_sh)
+    jitted = FrozenApart(step, lambda apart: jax.jit(
+        apart,
+        in_shardings=(bare_sh, frozen_sh, None, replicated(mesh)),
+        out_shardings=(bare_sh, replicated(mesh)),
+        donate_argnums=(0,),
+    ))
     return MeshJit(jitted, mesh)
 
 

@@ -7,7 +7,7 @@ One JSON object per line; blank lines are skipped; keys other than the ones a ki
 | ``"sft"`` | ``prompt``, ``completion`` |
 | ``"preference"`` | ``prompt``, ``chosen``, ``rejected``; or ``chosen``, ``rejected`` (implicit prompt) |
 | ``"ranking"`` | ``prompt``, ``responses`` (a list, best first, at least 2) |
-| ``"rating"`` | ``prompt``, ``response``, ``rating`` (a number) |
+| ``"rating"`` | ``prompt``, ``response``, ``rating`` (a number; or ``reward``) |
 | ``"prompt"`` | ``prompt``; every other key is kept as a column (``PromptRecord.columns``), e.g. a reference
   answer for a reward function |
 
@@ -183,11 +183,15 @@ def _ranking(obj: Mapping[str, Any], line: int, where: str) -> RankingRecord:
 
 def _rating(obj: Mapping[str, Any], line: int, where: str) -> RatingRecord:
     prompt, response = _prompt(obj, where), _text(obj, "response", where)
-    if "rating" not in obj:
-        raise DataError(f"{where}: missing field 'rating'")
-    value = obj["rating"]
+    # "reward" is accepted for "rating" (offline RL data, e.g. `jaxrlhf ilql`); not both.
+    if "rating" in obj and "reward" in obj:
+        raise DataError(f"{where}: both 'rating' and 'reward' are given; keep one")
+    name = "reward" if "reward" in obj else "rating"
+    if name not in obj:
+        raise DataError(f"{where}: missing field 'rating' (or 'reward')")
+    value = obj[name]
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-        raise DataError(f"{where}: 'rating' must be a finite number, got {_describe(value)}")
+        raise DataError(f"{where}: '{name}' must be a finite number, got {_describe(value)}")
     return RatingRecord(prompt, response, float(value), line)
 
 

@@ -40,6 +40,7 @@ import numpy as np
 from flax import nnx
 
 from jaxrlhf.models.config import ModelConfig, rope_inverse_frequencies
+from jaxrlhf.models.lora import Slot, has_lora, is_lora_leaf_name, projection_slots
 
 Params = dict[str, Any]
 _MASKED = float(jnp.finfo(jnp.float32).min)
@@ -118,6 +119,32 @@ class Dense(nnx.Module):
         if self.bias is not None:
             y = y + self.bias[...].astype(x.dtype)
         return y
+
+
+class LoRADense(Dense):
+    """:class:`Dense` plus low-rank terms on some of its output slots (``jaxrlhf.models.lora``):
+    ``y[..., slot] = x·W[:, slot] (+ b) + scale·(x·A_slot)·B_slot``. The sum W + scale·A·B is never formed."""
+
+    def __init__(self, din: int, dout: int, *, use_bias: bool, slots: tuple[Slot, ...],
+                 adapted: tuple[str, ...], rank: int, scale: float, rngs: nnx.Rngs):
+        super().__init__(din, dout, use_bias=use_bias, rngs=rngs)
+        self.slots, self.scale = slots, scale
+        for target in adapted:
+            width = next(s.width for s in slots if s.target == target)
+            setattr(self, f"lora_{target}_a", nnx.Param(jnp.zeros((din, rank), jnp.float32)))
+            setattr(self, f"lora_{target}_b", nnx.Param(jnp.zeros((rank, width), jnp.float32)))
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        y = super().__call__(x)
+        parts = []
+        for slot in self.slots:
+            part = y if len(self.slots) == 1 else y[..., slot.offset: slot.offset + slot.width]
+            a = getattr(self, f"lora_{slot.target}_a", None)
+            if a is not None:
+                b = getattr(self, f"lora_{slot.target}_b")
+                part = part + self.scale * ((x @ a[...].astype(x.dtype)) @ b[...].astype(x.dtype))
+            parts.append(part)
+        return parts[0] if len(parts) == 1 else jnp.concatenate(parts, axis=-1)
 
 
 class Norm(nnx.Module):
@@ -244,8 +271,9 @@ class Transformer(nnx.Module):
             self.lm_head = Dense(cfg.hidden_size, cfg.vocab_size, use_bias=False, rngs=rngs)
 
     def __call__(self, tokens, positions, mask, cache: KVCache | None, layers: Any = None,
-                 collect_kv: bool = False):
-        """``layers``: the blocks' params, stacked (default: this module's) or a tuple of per-layer trees.
+                 collect_kv: bool = False, lora_alpha: float | None = None):
+        """``layers``: the blocks' params, stacked (default: this module's) or a tuple of per-layer trees;
+        with LoRA adapter leaves, the blocks add their low-rank terms at scale ``lora_alpha / rank``.
         ``collect_kv`` (without a cache): return every layer's keys and values in place of the cache, stacked
         when the blocks are scanned, as tuples when unrolled."""
         cfg = self.cfg
@@ -263,9 +291,9 @@ class Transformer(nnx.Module):
         kv = None if cache is None else (cache.keys, cache.values)
         collect = collect_kv and cache is None
         if isinstance(layers, (tuple, list)) or not cfg.scan_layers:
-            x, kv = _unrolled_blocks(cfg, layers, x, rope, bias, kv, index, collect)
+            x, kv = _unrolled_blocks(cfg, layers, x, rope, bias, kv, index, collect, lora_alpha)
         else:
-            x, kv = _scanned_blocks(cfg, layers, x, rope, bias, kv, index, collect)
+            x, kv = _scanned_blocks(cfg, layers, x, rope, bias, kv, index, collect, lora_alpha)
         hidden = self.final_norm(x)
         if collect:
             return hidden, kv
@@ -295,15 +323,57 @@ def _block_graph(cfg: ModelConfig):
     return nnx.split(nnx.eval_shape(lambda: Block(cfg, nnx.Rngs(0))))
 
 
-def _block(cfg: ModelConfig, layer_params: Params) -> Block:
-    """A :class:`Block` holding one layer's params (a pure dict without the layer axis)."""
-    graphdef, abstract = _block_graph(cfg)
+LoRASpec = tuple[tuple[tuple[str, str], tuple[str, ...], int], ...]  # ((module, dense), targets, rank)
+
+
+@functools.lru_cache(maxsize=64)
+def _lora_block_graph(cfg: ModelConfig, spec: LoRASpec, alpha: float):
+    """The graph of a :class:`Block` whose adapted projections are :class:`LoRADense`."""
+
+    def build() -> Block:
+        block = Block(cfg, nnx.Rngs(0))
+        for (module, dense), adapted, rank in spec:
+            parent = getattr(block, module)
+            old = getattr(parent, dense)
+            din, dout = old.kernel.shape
+            slots = projection_slots(cfg)[(module, dense)]
+            if adapted == ("qkv",):
+                slots = (Slot("qkv", 0, dout),)
+            lora = LoRADense(din, dout, use_bias=old.bias is not None, slots=slots, adapted=adapted,
+                             rank=rank, scale=alpha / rank, rngs=nnx.Rngs(0))
+            setattr(parent, dense, lora)
+        return block
+
+    return nnx.split(nnx.eval_shape(build))
+
+
+def _lora_spec(layer_params: Params) -> LoRASpec:
+    spec = []
+    for module in ("attn", "mlp"):
+        for dense, leaves in layer_params[module].items():
+            adapted = tuple(k[len("lora_"):-2] for k in leaves if is_lora_leaf_name(k) and k.endswith("_a"))
+            if adapted:
+                spec.append(((module, dense), adapted, int(leaves[f"lora_{adapted[0]}_a"].shape[-1])))
+    return tuple(spec)
+
+
+def _block(cfg: ModelConfig, layer_params: Params, lora_alpha: float | None = None) -> Block:
+    """A :class:`Block` holding one layer's params (a pure dict without the layer axis), adapters
+    included (then at scale ``lora_alpha / rank``)."""
+    if has_lora(layer_params):
+        if lora_alpha is None:
+            raise ValueError("the params hold LoRA adapters but the model has no lora_alpha "
+                             "(LanguageModel(config, lora_alpha=α))")
+        graphdef, abstract = _lora_block_graph(cfg, _lora_spec(layer_params), float(lora_alpha))
+    else:
+        graphdef, abstract = _block_graph(cfg)
     state = jax.tree.map(lambda x: x, abstract)
     nnx.replace_by_pure_dict(state, layer_params)
     return nnx.merge(graphdef, state)
 
 
-def _scanned_blocks(cfg: ModelConfig, layers: Params, x, rope, bias, kv, index, collect: bool = False):
+def _scanned_blocks(cfg: ModelConfig, layers: Params, x, rope, bias, kv, index, collect: bool = False,
+                    lora_alpha: float | None = None):
     """The blocks as one ``lax.scan`` over the stacked params: XLA compiles a single block.
 
     The stacked cache is part of the scan's carry, not its inputs/outputs: each layer writes its new
@@ -317,7 +387,7 @@ def _scanned_blocks(cfg: ModelConfig, layers: Params, x, rope, bias, kv, index, 
         x, kv = carry
         layer_params, i = xs
         layer_cache = FreshKV() if collect else None if kv is None else LayerCache(kv[0], kv[1], i, index)
-        x, layer_cache = _block(cfg, layer_params)(x, rope, bias, layer_cache)
+        x, layer_cache = _block(cfg, layer_params, lora_alpha)(x, rope, bias, layer_cache)
         if collect:
             return (x, None), (layer_cache.keys, layer_cache.values)
         return (x, None if kv is None else (layer_cache.keys, layer_cache.values)), None
@@ -327,7 +397,7 @@ def _scanned_blocks(cfg: ModelConfig, layers: Params, x, rope, bias, kv, index, 
 
 
 def _unrolled_blocks(cfg: ModelConfig, layers: Params | tuple, x, rope, bias, kv, index,
-                     collect: bool = False):
+                     collect: bool = False, lora_alpha: float | None = None):
     """The blocks as a Python loop (one copy of the block per layer in the program)."""
     stacked_cache = kv is not None and not isinstance(kv[0], (tuple, list))
     keys, values = ([], []) if kv is None or stacked_cache else (list(kv[0]), list(kv[1]))
@@ -346,7 +416,7 @@ def _unrolled_blocks(cfg: ModelConfig, layers: Params | tuple, x, rope, bias, kv
             layer_cache = LayerCache(kv[0], kv[1], i, index)
         else:
             layer_cache = LayerCache(keys[i], values[i], None, index)
-        x, layer_cache = _block(cfg, layer_params)(x, rope, bias, layer_cache)
+        x, layer_cache = _block(cfg, layer_params, lora_alpha)(x, rope, bias, layer_cache)
         if layer_cache is None:
             continue
         if stacked_cache:
@@ -388,6 +458,12 @@ def _is_float(x: Any) -> bool:
     return jnp.issubdtype(x.dtype, jnp.floating)
 
 
+def _layers_apart(layers: Any) -> bool:
+    """Whether the blocks' params go to each call rather than into the bound module: per-layer trees
+    (:meth:`LanguageModel.decode_params`) or stacked params carrying LoRA adapters."""
+    return isinstance(layers, (tuple, list)) or has_lora(layers)
+
+
 def unstack_layers(params: Params) -> Params:
     """``params`` with ``params["layers"]`` split into ``{0: layer-0 tree, 1: …}`` (the per-layer layout
     of checkpoints and of older params); numpy or jax arrays."""
@@ -407,9 +483,14 @@ def stack_layers(params: Params) -> Params:
 
 @dataclasses.dataclass(frozen=True)
 class LanguageModel:
-    """A transformer used functionally. Hashable, so it can be a static argument of ``jax.jit``."""
+    """A transformer used functionally. Hashable, so it can be a static argument of ``jax.jit``.
+
+    ``lora_alpha``: the α of LoRA adapters the params may hold (``jaxrlhf.models.lora``); params without
+    adapters run the plain model whatever it is.
+    """
 
     config: ModelConfig
+    lora_alpha: float | None = None
 
     def init(self, key: jax.Array) -> Params:
         """Random float32 parameters (normal(0.02) weights, zero biases, unit norm scales)."""
@@ -453,7 +534,7 @@ class LanguageModel:
         graphdef, abstract = _graph(self.config)
         state = jax.tree.map(lambda x: x, abstract)
         params = self.cast_params(params)
-        if isinstance(params["layers"], (tuple, list)):
+        if _layers_apart(params["layers"]):
             params = {k: v for k, v in params.items() if k != "layers"}
         nnx.replace_by_pure_dict(state, params)
         return nnx.merge(graphdef, state)
@@ -476,8 +557,8 @@ class LanguageModel:
     def _call(self, params, tokens, positions, mask, cache):
         module = self.bind(params)
         layers = params["layers"]
-        layers = self.cast_params(layers) if isinstance(layers, (tuple, list)) else None
-        hidden, cache = module(tokens, positions, mask, cache, layers)
+        layers = self.cast_params(layers) if _layers_apart(layers) else None
+        hidden, cache = module(tokens, positions, mask, cache, layers, lora_alpha=self.lora_alpha)
         return module, hidden, cache
 
     def prefill(
@@ -499,8 +580,9 @@ class LanguageModel:
         check_positions(cfg, length, "LanguageModel.prefill")
         module = self.bind(params)
         layers = params["layers"]
-        layers = self.cast_params(layers) if isinstance(layers, (tuple, list)) else None
-        hidden, (keys, values) = module(tokens, positions, mask, None, layers, collect_kv=True)
+        layers = self.cast_params(layers) if _layers_apart(layers) else None
+        hidden, (keys, values) = module(tokens, positions, mask, None, layers, collect_kv=True,
+                                        lora_alpha=self.lora_alpha)
         dtype = jnp.dtype(cfg.dtype)
         extra = length - prompt_len
         pad_k = lambda k: jnp.pad(k.astype(dtype), [(0, 0)] * (k.ndim - 1) + [(0, extra)])

@@ -14,6 +14,11 @@ Group sampling. With ``group_size`` n each prompt is prefilled once and its KV c
 (rows ``i·n … i·n + n − 1`` belong to prompt i), then the B·n rows decode as a batch of B·n: a group's
 responses are independent samples, each row drawing its own uniforms, and equal, row for row, what
 generating from the n-times repeated prompts with the same key gives.
+
+Value guidance (``guidance``, :mod:`jaxrlhf.rollout.guidance`): every step's distribution is tilted by
+learned Q values, π_β(a|s) ∝ π_base(a|s)·exp(β·Q(s, a)), π_base the tempered and filtered distribution the
+unguided sampler would use; tokens are drawn (or, greedy, arg-maxed) from π_β inside the loop, their
+log-probs are log π_β, and ``Rollout.kl`` sums the exact per-step KL(π_β ‖ π_base) over each response.
 """
 
 from __future__ import annotations
@@ -27,6 +32,7 @@ import jax.numpy as jnp
 
 from jaxrlhf.models.transformer import LanguageModel, Params, positions_from_mask
 from jaxrlhf.rl.policy_losses import token_logprobs
+from jaxrlhf.rollout.guidance import ValueGuidance, guided_step
 from jaxrlhf.rollout.sampling import SamplingConfig, inverse_cdf_sample, sampling_logits
 
 
@@ -76,7 +82,8 @@ class Rollout(NamedTuple):
     sequences [R, P+N]: prompt then response. sequence_mask [R, P+N]: real tokens (prompt and response).
     response_tokens / response_mask / logprobs [R, N]: the sampled tokens (pad after a stop token), 1 up to
     and including the stop token, and their log-probs under the distribution they were sampled from
-    (module docstring; 0 where masked). stopped [R]: whether a stop token was produced.
+    (module docstring; 0 where masked). stopped [R]: whether a stop token was produced. kl [R]: with value
+    guidance, Σ_t KL(π_β(·|s_t) ‖ π_base(·|s_t)) over the response's steps (exact per step); 0 without.
     """
 
     sequences: jax.Array
@@ -85,6 +92,7 @@ class Rollout(NamedTuple):
     response_mask: jax.Array
     logprobs: jax.Array
     stopped: jax.Array
+    kl: jax.Array | None = None
 
 
 class _Loop(NamedTuple):
@@ -95,6 +103,7 @@ class _Loop(NamedTuple):
     tokens: jax.Array  # [R, N]
     mask: jax.Array  # [R, N]
     logprobs: jax.Array  # [R, N]
+    kl: jax.Array  # [R] KL to the base policy so far (value guidance)
 
 
 def check_lengths(model: LanguageModel, prompt_length: int, config: GenerationConfig) -> None:
@@ -130,6 +139,7 @@ class Prefill(NamedTuple):
     cache: object  # KVCache with the prompt's P columns written, in the decode loop's layout
     cache_mask: jax.Array  # [R, P+N] the prompt mask, then ones for the response columns
     params: Params  # the params in the decode loop's layout (LanguageModel.decode_params)
+    hidden: jax.Array | None = None  # [R, d] the last prompt column's hidden state (for value guidance)
 
 
 def prefill(
@@ -157,7 +167,8 @@ def prefill(
     logits = repeat_rows(model.logits(params, hidden[:, -1]), group)
     # The prompt's cache, in the decode loop's layout, copied to the group's rows.
     cache = _repeat_cache_rows(cache, group)
-    return Prefill(logits, cache, repeat_rows(cache_mask, group), model.decode_params(params))
+    return Prefill(logits, cache, repeat_rows(cache_mask, group), model.decode_params(params),
+                   repeat_rows(hidden[:, -1], group))
 
 
 @functools.partial(jax.jit, static_argnames=("model", "config"))
@@ -168,9 +179,13 @@ def generate(
     prompt_mask: jax.Array,
     key: jax.Array,
     config: GenerationConfig,
+    guidance: ValueGuidance | None = None,
 ) -> Rollout:
     """Sample ``config.group_size`` responses to each prompt of a left-padded batch
     ``prompt_tokens``/``prompt_mask`` [B, P]; returns B · group_size rows, prompt-major.
+
+    ``guidance``: value-guided decoding (module docstring); its β is an array, so a new β reuses the
+    compiled program.
 
     Compiles once per (B, P, config); new prompts and a new key reuse the compiled program. Raises
     ValueError (while tracing) when P + max_new_tokens exceeds a learned position table.
@@ -184,17 +199,27 @@ def generate(
     prompt_tokens = prompt_tokens.astype(jnp.int32)
     prompt_mask = prompt_mask.astype(jnp.int32)
     # PREFILL: each prompt once; only the last column's logits are needed.
-    logits, cache, cache_mask, params = prefill(model, params, prompt_tokens, prompt_mask, config)
+    logits, cache, cache_mask, params, hidden = prefill(model, params, prompt_tokens, prompt_mask, config)
     first_position = jnp.sum(cache_mask[:, :prompt_len], axis=1)  # [R] position of the first response token
 
-    def choose(step, logits, key, done):
-        """Sample the token at response index ``step`` from next-token ``logits`` [R, V]."""
+    def choose(step, logits, hidden, key, done):
+        """Sample the token at response index ``step`` from next-token ``logits`` [R, V] (and, guided, the
+        step's ``hidden`` [R, d]); returns (token, log-prob, done, KL to the base policy)."""
         allowed = logits
         if config.min_new_tokens > 0 and config.stop_token_ids:
             blocked = jnp.zeros(logits.shape[-1], bool).at[stop_ids].set(True)
             allowed = jnp.where((step < config.min_new_tokens) & blocked, -jnp.inf, logits)
         step_key = jax.random.fold_in(key, step)
-        if sampling.greedy:
+        kl = jnp.zeros(logits.shape[:1], jnp.float32)
+        if guidance is not None:
+            # The base is what the unguided sampler draws from: tempered and filtered.
+            guided, kl = guided_step(sampling_logits(allowed, sampling), hidden, guidance)
+            if sampling.greedy:
+                token = jnp.argmax(guided, axis=-1).astype(jnp.int32)
+            else:
+                token = inverse_cdf_sample(step_key, guided)
+            logprob = token_logprobs(guided, token)
+        elif sampling.greedy:
             token = jnp.argmax(allowed, axis=-1).astype(jnp.int32)
             logprob = token_logprobs(logits, token, sampling.temperature)
         elif config.filtered:
@@ -207,9 +232,10 @@ def generate(
             logprob = token_logprobs(logits, token, sampling.temperature)
         token = jnp.where(done, config.pad_token_id, token)
         logprob = jnp.where(done, 0.0, logprob)
-        return token, logprob, done | jnp.isin(token, stop_ids)
+        kl = jnp.where(done, 0.0, kl)
+        return token, logprob, done | jnp.isin(token, stop_ids), kl
 
-    def record(loop: _Loop, step, token, logprob, done) -> _Loop:
+    def record(loop: _Loop, step, token, logprob, done, kl) -> _Loop:
         col = lambda arr, value: jax.lax.dynamic_update_slice(
             arr, value[:, None].astype(arr.dtype), (0, step)
         )
@@ -220,10 +246,11 @@ def generate(
             mask=col(loop.mask, ~loop.done),
             logprobs=col(loop.logprobs, logprob),
             done=done,
+            kl=loop.kl + kl,
         )
 
     no = jnp.zeros((batch,), bool)
-    token, logprob, done = choose(0, logits, key, no)
+    token, logprob, done, kl = choose(0, logits, hidden, key, no)
     loop = _Loop(
         jnp.int32(0),
         token,
@@ -232,16 +259,18 @@ def generate(
         jnp.full((batch, n), config.pad_token_id, jnp.int32),
         jnp.zeros((batch, n), jnp.int32),
         jnp.zeros((batch, n), jnp.float32),
+        jnp.zeros((batch,), jnp.float32),
     )
-    loop = record(loop, 0, token, logprob, done)
+    loop = record(loop, 0, token, logprob, done, kl)
 
     # DECODE: feed the last token, sample the next, until every row stopped or N tokens exist.
     def body(loop: _Loop) -> _Loop:
         step = loop.step + 1
         positions = (first_position + loop.step)[:, None]
         hidden, cache = model.forward(params, loop.token[:, None], positions, cache_mask, loop.cache)
-        token, logprob, done = choose(step, model.logits(params, hidden[:, 0]), key, loop.done)
-        return record(loop._replace(cache=cache), step, token, logprob, done)
+        token, logprob, done, kl = choose(step, model.logits(params, hidden[:, 0]), hidden[:, 0], key,
+                                          loop.done)
+        return record(loop._replace(cache=cache), step, token, logprob, done, kl)
 
     def cond(loop: _Loop) -> jax.Array:
         return (loop.step + 1 < n) & ~jnp.all(loop.done)
@@ -256,4 +285,5 @@ def generate(
         response_mask=response_mask,
         logprobs=loop.logprobs,
         stopped=loop.done if config.stop_token_ids else jnp.zeros((batch,), bool),
+        kl=loop.kl,
     )

@@ -13,6 +13,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from jaxrlhf.models.lora import join_params
 from jaxrlhf.models.transformer import LanguageModel
 from jaxrlhf.rl.masked import masked_count, masked_mean
 from jaxrlhf.rl.policy_losses import a2c_policy_loss, a2c_value_loss
@@ -31,7 +32,7 @@ from jaxrlhf.steps.experience import Experience
 from jaxrlhf.steps.guard import all_finite
 from jaxrlhf.steps.optim import current_learning_rate
 from jaxrlhf.steps.rl_config import A2CConfig
-from jaxrlhf.steps.state import RLState
+from jaxrlhf.steps.state import RLState, split_frozen
 
 if TYPE_CHECKING:
     from jaxrlhf.steps.rl_iteration import UpdateFn
@@ -92,15 +93,20 @@ def make_a2c_update(
         del key  # one full-batch step: nothing to shuffle
         kl_coef = state.kl.kl_coef
 
+        policy, policy_frozen = split_frozen(state.policy)
+        critic, critic_frozen = split_frozen(state.critic)
+
         def loss_fn(params: ActorCriticParams, batch: Experience):
+            params = join_params(ActorCriticParams(policy_frozen, critic_frozen), params)
             return a2c_loss(policy_model, critic_model, cfg, params, batch, kl_coef)
 
-        critic_params = None if state.critic is None else state.critic.params
+        critic_params = None if critic is None else critic.params
         loss, grads, metrics = accumulate_gradients(
-            loss_fn, ActorCriticParams(state.policy.params, critic_params), batch, cfg.grad_accum_steps)
+            loss_fn, ActorCriticParams(policy.params, critic_params), batch, cfg.grad_accum_steps)
         finite = all_finite((loss, grads))
-        policy, critic = apply_if(
-            finite, state.policy, state.critic, grads, policy_optimizer, critic_optimizer)
+        policy, critic = apply_if(finite, policy, critic, grads, policy_optimizer, critic_optimizer)
+        policy = policy._replace(frozen=policy_frozen)
+        critic = None if critic is None else critic._replace(frozen=critic_frozen)
         kl = update_kl_controller(controller, state.kl, cfg, batch)
         metrics = {
             **metrics,

@@ -36,7 +36,7 @@ from jaxrlhf.steps.guard import apply_gradients_if_finite
 from jaxrlhf.steps.optim import current_learning_rate
 from jaxrlhf.steps.params import PolicyParams
 from jaxrlhf.steps.sharding import shard_rows
-from jaxrlhf.steps.state import TrainState
+from jaxrlhf.steps.state import TrainState, split_frozen, with_frozen
 
 Batch = dict[str, jax.Array]
 Metrics = dict[str, jax.Array]
@@ -180,8 +180,11 @@ def make_dpo_step(
 
     def step(state: TrainState, batch: Batch, key: jax.Array) -> tuple[TrainState, Metrics]:
         del key  # no randomness: dropout is off in every model
-        loss, grads, metrics = accumulate_gradients(loss_fn, state.params, batch, cfg.grad_accum_steps)
+        state, frozen = split_frozen(state)
+        loss, grads, metrics = accumulate_gradients(with_frozen(loss_fn, frozen), state.params, batch,
+                                                    cfg.grad_accum_steps)
         state, ok = apply_gradients_if_finite(state, optimizer, grads, loss)
+        state = state._replace(frozen=frozen)
         metrics = {
             "loss/dpo": loss,
             **metrics,

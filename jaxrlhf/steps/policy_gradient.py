@@ -23,6 +23,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from jaxrlhf.models.lora import join_params
 from jaxrlhf.models.transformer import LanguageModel
 from jaxrlhf.rl.kl import kl_estimate
 from jaxrlhf.rl.loss_aggregation import aggregate_loss
@@ -35,7 +36,7 @@ from jaxrlhf.steps.minibatch_epochs import check_minibatches, minibatch_epochs
 from jaxrlhf.steps.optim import current_learning_rate
 from jaxrlhf.steps.params import PolicyParams
 from jaxrlhf.steps.rl_config import PGConfig
-from jaxrlhf.steps.state import RLState, TrainState, apply_gradients
+from jaxrlhf.steps.state import RLState, TrainState, apply_gradients, split_frozen
 
 if TYPE_CHECKING:
     from jaxrlhf.steps.rl_iteration import UpdateFn
@@ -134,14 +135,17 @@ def make_pg_update(
         check_minibatches("make_pg_update", batch.sequences.shape[0], cfg)
         kl_coef = state.kl.kl_coef
 
+        policy, frozen = split_frozen(state.policy)
+
         def loss_fn(params: PolicyParams, minibatch: GroupExperience):
-            return policy_gradient_loss(policy_model, cfg, params, minibatch, kl_coef)
+            return policy_gradient_loss(policy_model, cfg, join_params(frozen, params), minibatch, kl_coef)
 
         def apply(policy: TrainState, grads: PolicyParams) -> TrainState:
             return apply_gradients(policy, optimizer, grads)
 
-        policy, metrics = minibatch_epochs(loss_fn, lambda policy: policy.params, apply, state.policy, batch,
+        policy, metrics = minibatch_epochs(loss_fn, lambda policy: policy.params, apply, policy, batch,
                                            key, cfg, AVERAGED_METRICS)
+        policy = policy._replace(frozen=frozen)
         kl = update_kl_controller(controller, state.kl, cfg, batch)
         metrics |= {"lr": current_learning_rate(policy.opt_state), "objective/kl_coef": kl.kl_coef}
         return RLState(policy, None, kl), as_float32(metrics)

@@ -15,6 +15,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from jaxrlhf.models.lora import join_params
 from jaxrlhf.models.transformer import LanguageModel
 from jaxrlhf.rl.masked import masked_count, masked_mean
 from jaxrlhf.rl.policy_losses import ppo_policy_loss, value_loss
@@ -32,7 +33,7 @@ from jaxrlhf.steps.experience import Experience
 from jaxrlhf.steps.minibatch_epochs import check_minibatches, minibatch_epochs
 from jaxrlhf.steps.optim import current_learning_rate
 from jaxrlhf.steps.rl_config import PPOConfig
-from jaxrlhf.steps.state import RLState, TrainState
+from jaxrlhf.steps.state import RLState, TrainState, split_frozen
 
 if TYPE_CHECKING:
     from jaxrlhf.steps.rl_iteration import UpdateFn
@@ -107,7 +108,11 @@ def make_ppo_update(
         check_minibatches("make_ppo_update", batch.sequences.shape[0], cfg)
         kl_coef = state.kl.kl_coef
 
+        policy, policy_frozen = split_frozen(state.policy)
+        critic, critic_frozen = split_frozen(state.critic)
+
         def loss_fn(params: ActorCriticParams, minibatch: Experience):
+            params = join_params(ActorCriticParams(policy_frozen, critic_frozen), params)
             return ppo_loss(policy_model, critic_model, cfg, params, minibatch, kl_coef)
 
         def params_of(trainables: tuple[TrainState, TrainState | None]) -> ActorCriticParams:
@@ -117,8 +122,10 @@ def make_ppo_update(
         def apply(trainables, grads: ActorCriticParams):
             return apply_actor_critic(trainables, grads, policy_optimizer, critic_optimizer)
 
-        (policy, critic), metrics = minibatch_epochs(loss_fn, params_of, apply, (state.policy, state.critic),
+        (policy, critic), metrics = minibatch_epochs(loss_fn, params_of, apply, (policy, critic),
                                                      batch, key, cfg, AVERAGED_METRICS)
+        policy = policy._replace(frozen=policy_frozen)
+        critic = None if critic is None else critic._replace(frozen=critic_frozen)
         kl = update_kl_controller(controller, state.kl, cfg, batch)
         metrics |= {"lr": current_learning_rate(policy.opt_state), "objective/kl_coef": kl.kl_coef}
         return RLState(policy, critic, kl), as_float32(metrics)

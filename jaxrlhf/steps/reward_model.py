@@ -30,7 +30,7 @@ from jaxrlhf.steps.accumulate import accumulate_gradients, merge_microbatches, s
 from jaxrlhf.steps.guard import apply_gradients_if_finite
 from jaxrlhf.steps.optim import current_learning_rate
 from jaxrlhf.steps.params import RewardModelParams
-from jaxrlhf.steps.state import TrainState
+from jaxrlhf.steps.state import TrainState, split_frozen, with_frozen
 
 Batch = dict[str, jax.Array]
 Metrics = dict[str, jax.Array]
@@ -148,8 +148,11 @@ def make_reward_model_step(
 
     def step(state: TrainState, batch: Batch, key: jax.Array) -> tuple[TrainState, Metrics]:
         del key
-        loss, grads, metrics = accumulate_gradients(loss_fn, state.params, batch, cfg.grad_accum_steps)
+        state, frozen = split_frozen(state)
+        loss, grads, metrics = accumulate_gradients(with_frozen(loss_fn, frozen), state.params, batch,
+                                                    cfg.grad_accum_steps)
         state, ok = apply_gradients_if_finite(state, optimizer, grads, loss)
+        state = state._replace(frozen=frozen)
         metrics = {
             "loss/reward": loss,
             **{f"train/{k}": v for k, v in metrics.items()},

@@ -33,7 +33,7 @@ from jaxrlhf.steps.params import CriticParams, PolicyParams
 from jaxrlhf.steps.policy_gradient import make_pg_update
 from jaxrlhf.steps.ppo import make_ppo_update
 from jaxrlhf.steps.rl_config import A2CConfig, PGConfig, PPOConfig, RLConfig
-from jaxrlhf.steps.state import RLState
+from jaxrlhf.steps.state import RLState, model_params
 
 Metrics = dict[str, jax.Array]
 
@@ -110,6 +110,8 @@ def make_rl_iteration(
     ``prompts`` holds left-padded ``tokens`` and ``mask`` [B, P]; ``key`` is split into the generation and
     the update keys. ``ref_params`` is the frozen reference policy. Metrics are the experience's and the
     update's (the experience's ``objective/kl_coef``, the β its rewards used, wins over the update's).
+    Generation and experience run on :func:`~jaxrlhf.steps.state.model_params` (LoRA: base + adapters);
+    with LoRA, ``ref_params`` is ``state.policy.frozen`` itself — the base with the adapters off.
 
     ``around(name)``, if given, is a context manager entered around each phase, named by
     :data:`PHASE_TIMERS` ("score" covers the reward and the experience); the iteration then waits for each
@@ -126,14 +128,15 @@ def make_rl_iteration(
         generate_key, update_key = jax.random.split(key)
         # GENERATE
         with enter("generation"):
-            rollout = block(phases.generate(state.policy.params, prompts["tokens"], prompts["mask"],
+            rollout = block(phases.generate(model_params(state.policy), prompts["tokens"], prompts["mask"],
                                             generate_key))
         # SCORE: the reward, then log-probs, values, KL-penalised rewards and advantages.
         with enter("score"):
             scores = phases.score(rollout)
-            critic_params = None if state.critic is None else state.critic.params
+            critic_params = None if state.critic is None else model_params(state.critic)
             batch, experience_metrics = block(
-                phases.experience(state.policy.params, ref_params, critic_params, rollout, scores, state.kl))
+                phases.experience(model_params(state.policy), ref_params, critic_params, rollout, scores,
+                                  state.kl))
         # UPDATE: policy (and critic), then the KL controller.
         with enter("update"):
             state, update_metrics = block(phases.update(state, batch, update_key))

@@ -21,7 +21,7 @@ from jaxrlhf.rl.policy_losses import token_logprobs
 from jaxrlhf.steps.accumulate import accumulate_gradients
 from jaxrlhf.steps.guard import apply_gradients_if_finite
 from jaxrlhf.steps.optim import current_learning_rate
-from jaxrlhf.steps.state import TrainState
+from jaxrlhf.steps.state import TrainState, split_frozen, with_frozen
 
 Batch = dict[str, jax.Array]
 Metrics = dict[str, jax.Array]
@@ -66,9 +66,9 @@ def make_sft_step(
 ) -> Callable[[TrainState, Batch, jax.Array], tuple[TrainState, Metrics]]:
     """``step(state, batch, key) -> (state, metrics)``: one (guarded) update on the masked CE.
 
-    ``state.params`` are the LM params. Metrics (their logged names): loss/sft, train/accuracy (of the
-    arg-max next-token prediction), train/grad_norm (before clipping), train/skipped_updates (1 when the
-    update was not finite and skipped), lr.
+    ``state.params`` are the LM params (LoRA: the adapters, ``state.frozen`` the base). Metrics (their
+    logged names): loss/sft, train/accuracy (of the arg-max next-token prediction), train/grad_norm (before
+    clipping), train/skipped_updates (1 when the update was not finite and skipped), lr.
     """
 
     def loss_fn(params: Any, batch: Batch):
@@ -80,8 +80,11 @@ def make_sft_step(
 
     def step(state: TrainState, batch: Batch, key: jax.Array) -> tuple[TrainState, Metrics]:
         del key  # no randomness: dropout is off in every model
-        loss, grads, metrics = accumulate_gradients(loss_fn, state.params, batch, cfg.grad_accum_steps)
+        state, frozen = split_frozen(state)
+        loss, grads, metrics = accumulate_gradients(with_frozen(loss_fn, frozen), state.params, batch,
+                                                    cfg.grad_accum_steps)
         state, ok = apply_gradients_if_finite(state, optimizer, grads, loss)
+        state = state._replace(frozen=frozen)
         metrics = {
             "loss/sft": loss,
             "train/accuracy": metrics["accuracy"],

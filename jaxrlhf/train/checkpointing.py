@@ -17,6 +17,7 @@ from typing import Any, NamedTuple
 import jax
 
 from jaxrlhf.config import ConfigError
+from jaxrlhf.steps.state import attach_frozen, detach_frozen
 from jaxrlhf.train.checkpoint import CheckpointManager
 from jaxrlhf.train.run_config import CheckpointSection, TrainSection
 
@@ -74,10 +75,13 @@ class Checkpointing:
     def resume(self, state: Any, rng: jax.Array, batches: Any) -> Resumed:
         """The latest checkpoint's state, key and step (the data iterator's position restored into
         ``batches``), or the given state and key at step 0."""
-        restored = self.restore_latest({self.state_key: state, "rng": rng})
+        # A checkpoint holds only what is trained: LoRA's frozen base is not saved, and is put back here.
+        bare, frozen = detach_frozen(state)
+        restored = self.restore_latest({self.state_key: bare, "rng": rng})
         if restored is None:
             return Resumed(state, rng, 0, {})
         saved, metadata = restored
+        saved = {**saved, self.state_key: attach_frozen(saved[self.state_key], frozen)}
         try:
             batches.restore(metadata["data"])
         except ValueError as e:  # e.g. another train file: this directory belongs to another run
@@ -93,6 +97,7 @@ class Checkpointing:
             return False
         if step in self.manager.all_steps():  # e.g. the final step of a run that already finished
             return False
+        state = detach_frozen(state)[0]  # only what is trained (LoRA: the adapters, not the base)
         return self.manager.save(step, state, {"command": self.command, "step": step, **metadata}, force=True)
 
     def save_now(self, step: int, state: Any, rng: jax.Array, batches: Any,

@@ -13,6 +13,10 @@ stored), and the reference's weights are then freed; otherwise the reference run
 under ``eval/`` (``eval/loss``, ``eval/rewards/accuracies``, …), on ``data.eval_file`` or, with
 ``dpo.eval_fraction``, on pairs held out of the train file. Checkpoints hold ``{"train": TrainState over
 PolicyParams, "rng"}`` and the data iterator's position.
+
+With ``lora.enabled`` the policy trains adapters on its frozen base, and by default the reference is that
+base with the adapters off (the same arrays: no second copy); checkpoints hold only the adapters, and the
+export is the merged model plus the adapters alone in PEFT's format (``export_adapter/``).
 """
 
 from __future__ import annotations
@@ -28,10 +32,13 @@ import jax
 import numpy as np
 
 from jaxrlhf import parallel
+from jaxrlhf.config import ConfigError
 from jaxrlhf.data import Batch
+from jaxrlhf.models.lora import LoRAConfig
 from jaxrlhf.parallel import ParallelConfig
 from jaxrlhf.steps import OptimizerConfig, PolicyParams, create_train_state, make_optimizer
 from jaxrlhf.steps.dpo import DPO_METRICS, DPOConfig, make_dpo_eval, make_dpo_step, make_reference_logps
+from jaxrlhf.steps.state import model_params
 from jaxrlhf.train.data_setup import eval_batches, load_dataset, make_collate, train_iterator
 from jaxrlhf.train.dpo_data import (
     drop_identical_pairs,
@@ -40,6 +47,7 @@ from jaxrlhf.train.dpo_data import (
     with_reference_logps,
 )
 from jaxrlhf.train.loop import LoopHooks, StepOutcome, training_loop
+from jaxrlhf.train.lora_setup import export_adapters, lora_model, merged_lm
 from jaxrlhf.train.model_setup import LoadedModel, check_length, export_model, flops_per_token, load_model
 from jaxrlhf.train.reporting import host_scalars
 from jaxrlhf.train.rl_setup import load_reference
@@ -77,6 +85,7 @@ class DPORunConfig:
     logging: LoggingSection = dataclasses.field(default_factory=lambda: LoggingSection(run_dir="runs/dpo"))
     train: TrainSection = dataclasses.field(default_factory=TrainSection)
     parallel: ParallelConfig = dataclasses.field(default_factory=ParallelConfig)
+    lora: LoRAConfig = dataclasses.field(default_factory=LoRAConfig)
 
 
 class DPOData:
@@ -165,7 +174,7 @@ def reference_model(cfg: DPORunConfig, run: Run, policy: LoadedModel, key: jax.A
     """(model, LM params on the mesh) of the reference: ``reference.path`` or the policy's initial weights
     (shared with the policy when they are only read before training)."""
     precompute = cfg.dpo.precompute_ref_logprobs
-    if cfg.reference.path is None and precompute:
+    if cfg.reference.path is None and (precompute or cfg.lora.enabled):  # LoRA: the policy's frozen base
         return policy.model, run.place(policy.params, "reference params")
     model, params = load_reference(cfg.reference.path, policy, cfg.model.dtype, key)
     if cfg.reference.offload and not precompute:
@@ -183,6 +192,14 @@ def train_dpo(cfg: DPORunConfig) -> RunResult:
              parallel_cfg=cfg.parallel) as run:
         init_key, ref_key, rng = jax.random.split(jax.random.key(cfg.train.seed), 3)
         policy = load_model(cfg.model, init_key)
+        lora = cfg.lora.enabled
+        if lora and cfg.reference.offload and cfg.reference.path is None:
+            raise ConfigError("reference.offload: with lora.enabled the reference is the policy's own base, "
+                              "which stays on the devices")
+        # LoRA: adapters trained on the frozen base, policy.params (the base) also the default reference.
+        model, adapters, _ = lora_model(cfg.lora, policy.model, policy.params,
+                                        jax.random.fold_in(init_key, 1))
+        policy = policy._replace(model=model)
         check_length(policy.model.config, cfg.data.max_prompt_length + cfg.data.max_response_length)
         data = load_pairs(cfg, policy.tokenizer)
         run.check_batch_size("data.batch_size", cfg.data.batch_size)
@@ -191,6 +208,8 @@ def train_dpo(cfg: DPORunConfig) -> RunResult:
             run.check_batch_size("data.eval_batch_size", eval_size)
 
         ref_model, ref_lm = reference_model(cfg, run, policy, ref_key)
+        # LoRA's frozen base: the default reference's arrays on the mesh (one copy), else placed below.
+        base = ref_lm if lora and cfg.reference.path is None else policy.params
         ref_jit = compile_step(make_reference_logps(ref_model), donate=False)
         reference: Callable[[Batch], Batch] | None = lambda batch: ref_jit(ref_lm, batch)
         collate = data.collate
@@ -205,8 +224,15 @@ def train_dpo(cfg: DPORunConfig) -> RunResult:
                                  cfg.data.train_file)
         total = total_steps(cfg.train, batches.batches_per_epoch)
         optimizer = make_optimizer(cfg.optimizer, total)
-        state = run.place(create_train_state(PolicyParams(policy.params), optimizer),
-                          "policy params + optimiser state")
+        if lora:
+            state = run.place(create_train_state(PolicyParams(adapters), optimizer),
+                              "policy adapters + optimiser state")
+            if base is policy.params:  # a reference of its own: the base is not on the mesh yet
+                base = run.place(base, "frozen base params")
+            state = state._replace(frozen=PolicyParams(base))
+        else:
+            state = run.place(create_train_state(PolicyParams(policy.params), optimizer),
+                              "policy params + optimiser state")
         step_fn = compile_step(make_dpo_step(policy.model, optimizer, cfg.dpo),
                                state_shardings=run.state_shardings(state))
         evaluate = None
@@ -221,13 +247,16 @@ def train_dpo(cfg: DPORunConfig) -> RunResult:
 
             held_out = data.held_out
             evaluate = lambda s: evaluate_dpo(
-                evaluate_batch, s.params, eval_batches(held_out, eval_size, collate))
+                evaluate_batch, model_params(s), eval_batches(held_out, eval_size, collate))
         hooks = dpo_hooks(run, step_fn, reference, flops_per_token(policy.model.config, training=True),
                           evaluate, cfg.train.eval_every)
         state, result = training_loop(run, state, rng, batches, total, hooks)
         if not result.stopped_early:
-            export = export_model(os.path.join(run.run_dir, "export"), policy.model, state.params.lm,
-                                  policy.tokenizer)
+            frozen = None if state.frozen is None else state.frozen.lm
+            lm = merged_lm(cfg.lora, policy.model, state.params.lm, frozen)
+            export = export_model(os.path.join(run.run_dir, "export"), policy.model, lm, policy.tokenizer)
+            if lora:
+                export_adapters(run.run_dir, cfg.lora, policy.model, state.params.lm, cfg.model.path)
             result.export_dir = str(export)
         return result
 

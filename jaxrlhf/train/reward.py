@@ -4,6 +4,9 @@ After training, a normalisation ``r' = gain·r + bias`` is fitted so that the re
 (every response of the eval file, else of the train file) have mean 0 and std 1; it is exported with the
 model (``reward_normalization.json``) and applied by the RL trainers. Held-out accuracy is logged as
 ``eval/accuracy``.
+
+With ``lora.enabled`` the backbone trains adapters on its frozen base (the head is trained whole);
+checkpoints hold only the adapters and the head, and the export is the merged reward model.
 """
 
 from __future__ import annotations
@@ -20,6 +23,7 @@ import numpy as np
 
 from jaxrlhf.data import Kind, SequenceExample
 from jaxrlhf.models.heads import init_reward_head
+from jaxrlhf.models.lora import LoRAConfig
 from jaxrlhf.parallel import ParallelConfig
 from jaxrlhf.rl import RewardNormalization, fit_reward_normalization
 from jaxrlhf.steps import OptimizerConfig, RewardModelParams, create_train_state, make_optimizer
@@ -29,6 +33,7 @@ from jaxrlhf.steps.reward_model import (
     make_reward_model_step,
     make_reward_scorer,
 )
+from jaxrlhf.steps.state import model_params
 from jaxrlhf.train.data_setup import (
     eval_batches,
     make_collate,
@@ -37,6 +42,7 @@ from jaxrlhf.train.data_setup import (
     train_iterator,
 )
 from jaxrlhf.train.loop import training_loop
+from jaxrlhf.train.lora_setup import lora_model, merged_lm
 from jaxrlhf.train.model_setup import check_length, export_model, flops_per_token, load_model
 from jaxrlhf.train.reporting import host_scalars
 from jaxrlhf.train.run import Run, RunResult, compile_step, total_steps
@@ -68,6 +74,7 @@ class RewardRunConfig:
     logging: LoggingSection = dataclasses.field(default_factory=lambda: LoggingSection(run_dir="runs/reward"))
     train: TrainSection = dataclasses.field(default_factory=TrainSection)
     parallel: ParallelConfig = dataclasses.field(default_factory=ParallelConfig)
+    lora: LoRAConfig = dataclasses.field(default_factory=LoRAConfig)
 
 
 def evaluate_reward_model(evaluate: Any, params: Any, batches: Any) -> dict[str, float]:
@@ -122,6 +129,7 @@ def train_reward_model(cfg: RewardRunConfig) -> RunResult:
     ) as run:
         init_key, head_key, rng = jax.random.split(jax.random.key(cfg.train.seed), 3)
         model, lm, tokenizer, heads = load_model(cfg.model, init_key)
+        model, lm, base = lora_model(cfg.lora, model, lm, jax.random.fold_in(init_key, 1))
         check_length(model.config, cfg.data.max_prompt_length + cfg.data.max_response_length)
         head = heads.get("reward_head") or init_reward_head(head_key, model.config.hidden_size)
         params = RewardModelParams(lm, jax.tree.map(jnp.asarray, head))
@@ -139,7 +147,7 @@ def train_reward_model(cfg: RewardRunConfig) -> RunResult:
             evaluate_batch = compile_step(make_reward_model_eval(model, cfg.reward_model), donate=False)
             evaluate_on_mesh = lambda params, batch: evaluate_batch(params, run.shard(batch))
             evaluate = lambda state: evaluate_reward_model(
-                evaluate_on_mesh, state.params, eval_batches(eval_set, eval_size, collate)
+                evaluate_on_mesh, model_params(state), eval_batches(eval_set, eval_size, collate)
             )
         else:
             log.warning("no evaluation examples: held-out accuracy is not measured")
@@ -147,7 +155,9 @@ def train_reward_model(cfg: RewardRunConfig) -> RunResult:
         total = total_steps(cfg.train, batches.batches_per_epoch)
         optimizer = make_optimizer(cfg.optimizer, total)
         run.check_batch_size("data.batch_size", cfg.data.batch_size)
-        state = run.place(create_train_state(params, optimizer), "reward model params + optimiser state")
+        frozen = None if base is None else RewardModelParams(base, None)  # LoRA: the frozen backbone
+        state = run.place(create_train_state(params, optimizer, frozen),
+                          "reward model params + optimiser state")
         step_fn = compile_step(
             make_reward_model_step(model, optimizer, cfg.reward_model),
             state_shardings=run.state_shardings(state),
@@ -164,14 +174,14 @@ def train_reward_model(cfg: RewardRunConfig) -> RunResult:
         score_jit = compile_step(make_reward_scorer(model), donate=False)
         score = lambda params, tokens, mask: score_jit(params, *run.shard((tokens, mask)))
         norm, stats = fit_normalization(
-            score, state.params, sample, eval_size, make_collate("sft", cfg.data, tokenizer)
+            score, model_params(state), sample, eval_size, make_collate("sft", cfg.data, tokenizer)
         )
         run.report.log_eval(result.step, stats)
         result.metrics.update(stats)
         export = export_model(
             os.path.join(run.run_dir, "export"),
             model,
-            state.params.lm,
+            merged_lm(cfg.lora, model, state.params.lm, None if state.frozen is None else state.frozen.lm),
             tokenizer,
             heads={"reward_head": state.params.reward_head},
             normalization=norm,

@@ -35,6 +35,7 @@ import numpy as np
 
 from jaxrlhf import parallel
 from jaxrlhf.config import ConfigError
+from jaxrlhf.models.lora import LoRAConfig
 from jaxrlhf.models.transformer import LanguageModel
 from jaxrlhf.parallel import ParallelConfig
 from jaxrlhf.steps import (
@@ -56,6 +57,7 @@ from jaxrlhf.steps.rl_iteration import IterationOutput, RLPhases, make_rl_iterat
 from jaxrlhf.train.checkpoint import CheckpointManager
 from jaxrlhf.train.data_setup import load_dataset, make_collate, train_iterator
 from jaxrlhf.train.loop import LoopHooks, StepOutcome, training_loop
+from jaxrlhf.train.lora_setup import export_adapters, lora_model, merged_lm
 from jaxrlhf.train.model_setup import LoadedModel, check_length, export_model, flops_per_token, load_model
 from jaxrlhf.train.reporting import Reporting, host_scalars
 from jaxrlhf.train.reward_functions import reward_metrics, take_columns
@@ -106,6 +108,7 @@ class PPORunConfig:
     logging: LoggingSection = dataclasses.field(default_factory=lambda: LoggingSection(run_dir="runs/ppo"))
     train: TrainSection = dataclasses.field(default_factory=TrainSection)
     parallel: ParallelConfig = dataclasses.field(default_factory=ParallelConfig)
+    lora: LoRAConfig = dataclasses.field(default_factory=LoRAConfig)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -124,6 +127,7 @@ class A2CRunConfig:
     logging: LoggingSection = dataclasses.field(default_factory=lambda: LoggingSection(run_dir="runs/a2c"))
     train: TrainSection = dataclasses.field(default_factory=TrainSection)
     parallel: ParallelConfig = dataclasses.field(default_factory=ParallelConfig)
+    lora: LoRAConfig = dataclasses.field(default_factory=LoRAConfig)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -142,6 +146,7 @@ class GRPORunConfig:
     logging: LoggingSection = dataclasses.field(default_factory=lambda: LoggingSection(run_dir="runs/grpo"))
     train: TrainSection = dataclasses.field(default_factory=TrainSection)
     parallel: ParallelConfig = dataclasses.field(default_factory=ParallelConfig)
+    lora: LoRAConfig = dataclasses.field(default_factory=LoRAConfig)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -159,6 +164,7 @@ class RLOORunConfig:
     logging: LoggingSection = dataclasses.field(default_factory=lambda: LoggingSection(run_dir="runs/rloo"))
     train: TrainSection = dataclasses.field(default_factory=TrainSection)
     parallel: ParallelConfig = dataclasses.field(default_factory=ParallelConfig)
+    lora: LoRAConfig = dataclasses.field(default_factory=LoRAConfig)
 
 
 RLRunConfig = PPORunConfig | A2CRunConfig | GRPORunConfig | RLOORunConfig
@@ -202,10 +208,22 @@ def build_rl(cfg: RLRunConfig, run: Run, policy: LoadedModel, critic_key: jax.Ar
         cfg.data.max_prompt_length + generation.max_new_tokens,
         "data.max_prompt_length + generation.max_new_tokens",
     )
-    ref_model, ref_params = load_reference(cfg.reference.path, policy, dtype, critic_key)
+    lora, base = cfg.lora.enabled, None
+    if lora:  # the policy trains adapters on its frozen base; by default the base is also the reference
+        if cfg.reference.offload:
+            raise ConfigError("reference.offload: with lora.enabled the reference is the policy's own base, "
+                              "which stays on the devices")
+        model, adapters, base = lora_model(cfg.lora, model, policy.params, jax.random.fold_in(critic_key, 1))
+        policy = policy._replace(model=model)
+    if lora and cfg.reference.path is None:
+        ref_model, ref_params = model, PolicyParams(base)  # the base with the adapters off: no copy
+    else:
+        ref_model, ref_params = load_reference(cfg.reference.path, policy, dtype, critic_key)
     critic_free = isinstance(algo, PGConfig)
     separate = not critic_free and algo.critic == "separate"  # critic-free: no critic, no value head
     policy_params = policy_with_value_head(policy, not critic_free and not separate)
+    if lora:
+        policy_params = policy_params._replace(lm=adapters)
     critic_model, critic_params = (None, None)
     if separate:  # initialised from critic.path, by default the reward model if there is one
         critic_model, critic_params = load_critic(critic_init_path(cfg.critic, cfg.reward), policy, dtype,
@@ -222,8 +240,11 @@ def build_rl(cfg: RLRunConfig, run: Run, policy: LoadedModel, critic_key: jax.Ar
     optimizer = make_optimizer(cfg.optimizer, updates)
     critic_optimizer = make_optimizer(cfg.optimizer, updates) if separate else None
     kl_state = kl_controller(algo).init()
-    state = run.place(create_rl_state(policy_params, optimizer, kl_state, critic_params, critic_optimizer),
-                      "policy (+ critic) params + optimiser state")
+    state = create_rl_state(policy_params, optimizer, kl_state, critic_params, critic_optimizer,
+                            policy_frozen=None if base is None else PolicyParams(base))
+    state = run.place(state, "policy (+ critic) params + optimiser state")
+    if lora and cfg.reference.path is None:
+        state = state._replace(policy=state.policy._replace(frozen=ref_params))  # one copy of the base
     phases = build_rl_phases(model, ref_model, critic_model, algo, generation, score, optimizer,
                              critic_optimizer, run.state_shardings(state), run.report.watch)
     policy_flops = flops_per_token(model.config, training=True)
@@ -314,17 +335,23 @@ def train_rl(cfg: RLRunConfig) -> RunResult:
         hooks = rl_hooks(cfg, run, setup, tokenizer)
         state, result = training_loop(run, setup.state, rng, batches, total, hooks)
         if not result.stopped_early:
-            result.export_dir = str(export_policy(run.run_dir, policy, state, setup.critic_model))
+            result.export_dir = str(export_policy(run.run_dir, policy, state, setup.critic_model, cfg.lora,
+                                                  cfg.model.path))
         return result
 
 
-def export_policy(run_dir: str, policy: LoadedModel, state: RLState, critic_model: Any) -> Any:
-    """``<run_dir>/export``: the policy LM (+ its shared value head); a separate critic goes to
+def export_policy(run_dir: str, policy: LoadedModel, state: RLState, critic_model: Any,
+                  lora: LoRAConfig | None = None, base_path: str | None = None) -> Any:
+    """``<run_dir>/export``: the policy LM (+ its shared value head), with LoRA adapters merged (and alone,
+    in PEFT's format, in ``<run_dir>/export_adapter``); a separate critic goes to
     ``<run_dir>/export_critic``."""
     params = state.policy.params
     heads = None if params.value_head is None else {"value_head": params.value_head}
-    export = export_model(os.path.join(run_dir, "export"), policy.model, params.lm, policy.tokenizer,
-                          heads=heads)
+    frozen = None if state.policy.frozen is None else state.policy.frozen.lm
+    lm = merged_lm(lora or LoRAConfig(), policy.model, params.lm, frozen)
+    export = export_model(os.path.join(run_dir, "export"), policy.model, lm, policy.tokenizer, heads=heads)
+    if frozen is not None and lora is not None:
+        export_adapters(run_dir, lora, policy.model, params.lm, base_path)
     if state.critic is not None:
         export_model(
             os.path.join(run_dir, "export_critic"),

@@ -19,6 +19,7 @@ import numpy as np
 
 from jaxrlhf import parallel
 from jaxrlhf.config import ConfigError
+from jaxrlhf.steps.state import FrozenApart, detach_frozen
 from jaxrlhf.train.checkpointing import Checkpointing
 from jaxrlhf.train.reporting import Reporting
 from jaxrlhf.train.run_config import CheckpointSection, LoggingSection, TrainSection
@@ -40,9 +41,13 @@ def compile_step(
     came in with, so the next call neither recompiles nor loses the donation.
     """
     out = None if state_shardings is None else (state_shardings, None)
-    return jax.jit(
-        fn, donate_argnums=(0,) if donate else (), static_argnums=static_argnums, out_shardings=out
-    )
+    if not donate:
+        return jax.jit(fn, static_argnums=static_argnums, out_shardings=out)
+    # The state's frozen params (LoRA's base) go in as an argument of their own that is not donated.
+    bare_out = None if out is None else (detach_frozen(state_shardings)[0], None)
+    static = tuple(i + 1 for i in static_argnums)
+    return FrozenApart(fn, lambda apart: jax.jit(apart, donate_argnums=(0,), static_argnums=static,
+                                                 out_shardings=bare_out))
 
 
 def _plain(config: Any) -> dict[str, Any] | None:

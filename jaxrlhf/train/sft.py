@@ -14,12 +14,15 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
+from jaxrlhf.models.lora import LoRAConfig
 from jaxrlhf.models.transformer import LanguageModel, positions_from_mask
 from jaxrlhf.parallel import ParallelConfig
 from jaxrlhf.steps import OptimizerConfig, SFTConfig, create_train_state, make_optimizer, make_sft_step
 from jaxrlhf.steps.sft import sft_loss, target_mask
+from jaxrlhf.steps.state import model_params
 from jaxrlhf.train.data_setup import eval_batches, make_collate, train_and_eval_sets, train_iterator
 from jaxrlhf.train.loop import training_loop
+from jaxrlhf.train.lora_setup import export_adapters, lora_model, merged_lm
 from jaxrlhf.train.model_setup import check_length, export_model, flops_per_token, load_model
 from jaxrlhf.train.reporting import host_scalars
 from jaxrlhf.train.run import Run, RunResult, compile_step, total_steps
@@ -48,6 +51,7 @@ class SFTRunConfig:
     logging: LoggingSection = dataclasses.field(default_factory=lambda: LoggingSection(run_dir="runs/sft"))
     train: TrainSection = dataclasses.field(default_factory=TrainSection)
     parallel: ParallelConfig = dataclasses.field(default_factory=ParallelConfig)
+    lora: LoRAConfig = dataclasses.field(default_factory=LoRAConfig)
 
 
 def make_sft_eval(model: LanguageModel) -> Any:
@@ -84,6 +88,7 @@ def train_sft(cfg: SFTRunConfig) -> RunResult:
     ) as run:
         init_key, rng = jax.random.split(jax.random.key(cfg.train.seed))
         model, params, tokenizer, _ = load_model(cfg.model, init_key)
+        model, params, frozen = lora_model(cfg.lora, model, params, jax.random.fold_in(init_key, 1))
         check_length(model.config, cfg.data.max_prompt_length + cfg.data.max_response_length)
         collate = make_collate("sft", cfg.data, tokenizer)
         train_set, eval_set = train_and_eval_sets("sft", tokenizer, cfg.data, cfg.train.seed)
@@ -97,11 +102,11 @@ def train_sft(cfg: SFTRunConfig) -> RunResult:
             run.check_batch_size("data.eval_batch_size", size)
             evaluate_on_mesh = lambda params, batch: evaluate_batch(params, run.shard(batch))
             evaluate = lambda s: evaluate_sft(
-                evaluate_on_mesh, s.params, eval_batches(eval_set, size, collate))
+                evaluate_on_mesh, model_params(s), eval_batches(eval_set, size, collate))
         total = total_steps(cfg.train, batches.batches_per_epoch)
         optimizer = make_optimizer(cfg.optimizer, total)
         run.check_batch_size("data.batch_size", cfg.data.batch_size)
-        state = run.place(create_train_state(params, optimizer), "SFT params + optimiser state")
+        state = run.place(create_train_state(params, optimizer, frozen), "SFT params + optimiser state")
         step_fn = compile_step(
             make_sft_step(model, optimizer, cfg.sft), state_shardings=run.state_shardings(state)
         )
@@ -109,6 +114,9 @@ def train_sft(cfg: SFTRunConfig) -> RunResult:
                                  cfg.train.eval_every, postfix=("loss/sft", "train/accuracy", "lr"))
         state, result = training_loop(run, state, rng, batches, total, hooks)
         if not result.stopped_early:
-            export = export_model(os.path.join(run.run_dir, "export"), model, state.params, tokenizer)
+            lm = merged_lm(cfg.lora, model, state.params, state.frozen)
+            export = export_model(os.path.join(run.run_dir, "export"), model, lm, tokenizer)
+            if cfg.lora.enabled:
+                export_adapters(run.run_dir, cfg.lora, model, state.params, cfg.model.path)
             result.export_dir = str(export)
         return result

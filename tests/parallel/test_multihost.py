@@ -8,7 +8,7 @@ coordinator on 127.0.0.1, collectives through gloo), each case a subprocess laun
   run ends.
 
 The trainers are driven only through their command line and public config keys. Adding a trainer (e.g. the
-critic-free one) is one entry in :data:`ALGORITHMS`.
+critic-free GRPO beside PPO) is one entry in :data:`ALGORITHMS`.
 """
 
 from __future__ import annotations
@@ -38,9 +38,9 @@ PROCESSES, LOCAL_DEVICES = 2, 4
 TOLERANCE = 1e-5
 
 # The command and config section of each RL trainer under test: {name: (command, overrides of the base)}.
-# GRPO: ("grpo", {"grpo": {...}}) once the critic-free trainer exists.
 ALGORITHMS = {
     "ppo": ("ppo", {"ppo": {"epochs": 2, "num_minibatches": 2}}),
+    "grpo": ("grpo", {"grpo": {"group_size": 2, "epochs": 1, "num_minibatches": 2}}),  # 16 sequences
 }
 STEPS = 3
 

@@ -221,3 +221,32 @@ def test_reference_cache_maps_each_pair_to_its_own_logprobs():
     np.testing.assert_array_equal(batch["ref_chosen_logps"],
                                   np.array([p.ref_chosen_logp for p in cached[2:5]] + [0.0], np.float32))
     assert batch["row_mask"].tolist() == [1, 1, 1, 0]
+
+
+def test_lora_dpo_reference_is_the_frozen_base_and_checkpoints_hold_the_adapters(workdir):
+    """lora.enabled: the policy trains adapters; the reference is the base with the adapters off (so the
+    first step's loss is log 2, and the per-step reference gives the cached one's steps); checkpoints hold
+    only the adapters; the export is the merged model and export_adapter/ PEFT's format."""
+    lora = {"enabled": True, "rank": 2, "alpha": 4.0, "targets": ["q", "v", "o"]}
+    runs = {}
+    for name, precompute in (("lora-cached", True), ("lora-per-step", False)):
+        config = {**dpo_config(workdir, name, precompute_ref_logprobs=precompute), "lora": lora}
+        config["train"] = {"steps": 4, "seed": 0, "eval_every": 4}
+        config["checkpoint"] = {"every": 2, "keep": 2}
+        assert run_dpo(config, workdir) == 0
+        runs[name] = step_records(workdir / name)
+    cached, per_step = runs["lora-cached"], runs["lora-per-step"]
+    assert sorted(cached) == [1, 2, 3, 4]
+    assert cached[1]["loss/dpo"] == pytest.approx(np.log(2.0), abs=1e-5)  # adapters start as a no-op
+    assert cached[4]["loss/dpo"] != cached[1]["loss/dpo"]  # the adapters moved the policy
+    for step in cached:
+        assert per_step[step]["loss/dpo"] == pytest.approx(cached[step]["loss/dpo"], abs=1e-5), step
+    run_dir = workdir / "lora-per-step"
+    manager = CheckpointManager(run_dir / "checkpoints")
+    saved, _ = manager.restore(manager.latest_step())
+    manager.close()
+    lm = saved["train"]["params"]["lm"]
+    assert set(lm) == {"layers"} and "kernel" not in lm["layers"]["attn"]["qkv"]
+    assert saved["train"].get("frozen") is None
+    assert (run_dir / "export_adapter" / "adapter_model.safetensors").exists()
+    assert_export_is_a_transformers_causal_lm(run_dir / "export")

@@ -600,3 +600,80 @@ def test_ctrl_c_and_kill_checkpoint_and_the_rerun_ends_as_an_uninterrupted_run(w
     logged = [r["step"] for r in read_metrics_jsonl(run_dir / "metrics.jsonl") if "loss/sft" in r]
     assert logged == list(range(1, steps + 1))  # every step once, across the three invocations
     print("signal stops (step, seconds):", stops)
+
+
+LORA = {"enabled": True, "rank": 2, "alpha": 4.0, "targets": ["q", "v", "up"]}
+
+
+def lora_sft_config(workdir: Path, sft_run: Path, run_dir: str) -> dict:
+    config = sft_config(workdir, run_dir)
+    config["model"] = {"path": str(sft_run / "export")}
+    config["logging"]["tensorboard"] = False
+    return {**config, "lora": LORA}
+
+
+@pytest.fixture(scope="module")
+def lora_sft_run(workdir, sft_run):
+    assert run_command("sft", lora_sft_config(workdir, sft_run, "sft_lora"), workdir) == 0
+    return workdir / "sft_lora"
+
+
+def test_lora_sft_and_ppo_train_adapters_and_export(workdir, sft_run, reward_run, lora_sft_run):
+    """lora.enabled: SFT and PPO train adapters on the frozen base; checkpoints hold only the adapters;
+    the export is the merged model (transformers loads it) and export_adapter/ is PEFT's format."""
+    assert (lora_sft_run / "export_adapter" / "adapter_config.json").exists()
+    assert_export_loads_in_transformers(lora_sft_run / "export")
+    ppo = {**ppo_config(workdir, sft_run, reward_run, "ppo_lora"), "lora": LORA}
+    assert run_command("ppo", ppo, workdir) == 0
+    run_dir = workdir / "ppo_lora"
+    assert (run_dir / "export_adapter" / "adapter_model.safetensors").exists()
+    manager = CheckpointManager(run_dir / "checkpoints", max_to_keep=None, async_save=False)
+    saved, _ = manager.restore(manager.latest_step())
+    manager.close()
+    lm = saved["rl"]["policy"]["params"]["lm"]
+    assert set(lm) == {"layers"} and "kernel" not in lm["layers"]["attn"]["qkv"]  # adapters only
+    assert saved["rl"]["policy"].get("frozen") is None
+
+
+def test_lora_sft_resumed_from_an_adapters_only_checkpoint_ends_as_the_uninterrupted_run(
+        workdir, sft_run, lora_sft_run):
+    """Stopped at step 2 (a checkpoint of the adapters and their optimiser state, no base) and resumed: the
+    base is reloaded from model.path and the run ends with the uninterrupted run's adapters and merged
+    export."""
+    config = lora_sft_config(workdir, sft_run, "sft_lora-resumed")
+    assert run_command("sft", config, workdir, "train.stop_at_step=2") == 0
+    run_dir = workdir / "sft_lora-resumed"
+    manager = CheckpointManager(run_dir / "checkpoints", max_to_keep=None, async_save=False)
+    assert manager.all_steps() == [2]
+    saved, _ = manager.restore(2)
+    manager.close()
+    assert set(saved["train"]["params"]) == {"layers"} and saved["train"].get("frozen") is None
+    assert run_command("sft", config, workdir) == 0
+    for sub, file in (("export", hf_io.SINGLE_FILE), ("export_adapter", "adapter_model.safetensors")):
+        want, got = load_file(str(lora_sft_run / sub / file)), load_file(str(run_dir / sub / file))
+        assert want.keys() == got.keys()
+        for name in want:
+            np.testing.assert_array_equal(got[name], want[name], err_msg=f"{sub}: {name}")
+    steps = [r["step"] for r in read_metrics_jsonl(run_dir / "metrics.jsonl") if "loss/sft" in r]
+    assert steps == [2, 4]
+
+
+def test_lora_reward_model_trains_adapters_and_head_and_exports_the_merged_model(workdir, sft_run):
+    config = {**reward_config(workdir, sft_run), "lora": LORA}
+    config["logging"] = {**config["logging"], "run_dir": str(workdir / "reward_lora")}
+    assert run_command("reward", config, workdir) == 0
+    run_dir = workdir / "reward_lora"
+    manager = CheckpointManager(run_dir / "checkpoints", max_to_keep=None, async_save=False)
+    saved, _ = manager.restore(manager.latest_step())
+    manager.close()
+    params = saved["train"]["params"]
+    assert set(params["lm"]) == {"layers"} and "kernel" not in params["lm"]["layers"]["attn"]["qkv"]
+    assert "proj" in params["reward_head"] and saved["train"].get("frozen") is None
+    record = last_record_with(run_dir, "loss/reward")
+    assert np.isfinite(record["loss/reward"]) and record["train/grad_norm"] > 0
+    # The export is the merged backbone: it differs from the base where the adapters moved it.
+    base, merged = _tensors(sft_run / "export"), _tensors(run_dir / "export")
+    shared = base.keys() & merged.keys()  # the backbone's (the reward export has a score layer, no LM head)
+    assert "transformer.h.0.attn.c_attn.weight" in shared
+    assert max(float(np.abs(merged[k] - base[k]).max()) for k in shared) > 0
+    assert_scores_in_transformers(run_dir / "export", "reward_head")

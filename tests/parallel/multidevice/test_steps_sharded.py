@@ -4,6 +4,8 @@ not of the step."""
 
 from __future__ import annotations
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -12,9 +14,11 @@ import pytest
 from jaxrlhf import steps as S
 from jaxrlhf.models.config import gpt2_config
 from jaxrlhf.models.heads import init_reward_head, init_value_head
+from jaxrlhf.models.lora import LoRAConfig, init_lora
 from jaxrlhf.models.transformer import LanguageModel
 from jaxrlhf.parallel import ParallelConfig, jit_step, make_mesh, place_state, shard_batch
 from jaxrlhf.rollout.generate import Rollout
+from jaxrlhf.steps.state import detach_frozen
 
 V, D = 32, 64
 MODEL = LanguageModel(
@@ -228,3 +232,65 @@ def test_dpo_step_really_splits_the_work(dpo_batch, mesh_name):
     many = _flops_per_device(step, state, dpo_batch, make_mesh(MESHES[mesh_name]))
     print(f"DPO {mesh_name}: {many / one:.3f} of one device's FLOPs")
     assert many < 0.5 * one, (many, one)
+
+
+LORA = LoRAConfig(enabled=True, rank=4, alpha=8.0, targets=("q", "v", "o", "up", "down"))
+LORA_MODEL = dataclasses.replace(MODEL, lora_alpha=LORA.alpha)
+
+
+def lora_adapters():
+    """Adapters with B moved off zero, so that they change the model (and their gradients are not trivial)."""
+    adapters = init_lora(jax.random.key(7), MODEL.config, LORA)
+    return jax.tree.map(lambda x: x + 0.05 * jax.random.normal(jax.random.key(8), x.shape), adapters)
+
+
+def run_lora_step(step_fn, state, batch, mesh):
+    """:func:`run_step` that also checks the frozen base is not donated: the returned state holds the same,
+    live arrays."""
+    state = place_state(mesh, jax.device_get(state), MIN_SIZE)
+    step = jit_step(step_fn, mesh, state, min_size=MIN_SIZE)
+    outcome = step(state, shard_batch(mesh, batch), jax.random.key(3))
+    frozen_in = jax.tree.leaves(detach_frozen(state)[1])
+    frozen_out = jax.tree.leaves(detach_frozen(outcome[0])[1])
+    assert frozen_in and len(frozen_in) == len(frozen_out)
+    assert all(a is b and not a.is_deleted() for a, b in zip(frozen_in, frozen_out, strict=True))
+    return outcome
+
+
+@pytest.mark.parametrize("mesh_name", sorted(MESHES))
+def test_lora_sft_step_matches_one_device(mesh_name):
+    """A LoRA SFT step (adapters trained, the base frozen and FSDP-sharded like any weight) on 8 devices
+    equals 1 device, and the frozen base survives the donating step."""
+    rng = np.random.RandomState(3)
+    tokens = rng.randint(3, V, (B, 12)).astype(np.int32)
+    mask = np.ones_like(tokens)
+    mask[1::4, :2] = 0
+    loss_mask = mask.copy()
+    loss_mask[:, :P] = 0
+    batch = {"tokens": tokens, "mask": mask, "loss_mask": loss_mask}
+    opt = S.make_optimizer(S.OptimizerConfig(learning_rate=1e-2), 10)
+    step = S.make_sft_step(LORA_MODEL, opt, S.SFTConfig(grad_accum_steps=2))
+    base = MODEL.init(jax.random.key(0))
+    state = lambda: S.create_train_state(lora_adapters(), opt, frozen=base)
+    one = run_lora_step(step, state(), batch, one_device())
+    many = run_lora_step(step, state(), batch, make_mesh(MESHES[mesh_name]))
+    assert_same(one, many, f"LoRA SFT {mesh_name}")
+    assert float(one[1]["train/grad_norm"]) > 0
+    moved = jax.tree.map(lambda a, b: float(np.max(np.abs(np.asarray(a) - np.asarray(b)))), one[0].params,
+                         jax.device_get(state().params))
+    assert max(jax.tree.leaves(moved)) > 1e-4  # the adapters really moved
+
+
+@pytest.mark.parametrize("mesh_name", sorted(MESHES))
+def test_lora_ppo_update_matches_one_device(experience_batch, mesh_name):
+    """A LoRA PPO update (adapters + value head trained on the frozen base) on 8 devices equals 1 device."""
+    policy, batch = experience_batch
+    cfg = S.PPOConfig(epochs=2, num_minibatches=2, grad_accum_steps=2, temperature=0.7)
+    opt = S.make_optimizer(S.OptimizerConfig(learning_rate=1e-3), 10)
+    step = S.make_ppo_update(LORA_MODEL, None, cfg, opt)
+    state = lambda: S.create_rl_state(S.PolicyParams(lora_adapters(), policy.value_head), opt,
+                                      S.kl_controller(cfg).init(), policy_frozen=S.PolicyParams(policy.lm))
+    one = run_lora_step(step, state(), batch, one_device())
+    many = run_lora_step(step, state(), batch, make_mesh(MESHES[mesh_name]))
+    assert_same(one, many, f"LoRA PPO {mesh_name}")
+    assert float(one[1]["train/updates"]) == 4
