@@ -35,6 +35,11 @@ class RLConfig:
     bootstrap_truncated: a response cut at the length limit bootstraps from the critic's value of its final
     state; off by default, since the score at its last token already rates the whole (truncated) response
     and the final state's value is never trained.
+
+    Traced values: inside a jitted function (the vmapped sweeps of ``jaxrlhf.experiments.pipeline``) the
+    numeric fields kl_coef, missing_eos_penalty, vf_coef, entropy_coef, kl_target (and PPO's clip_eps and
+    vf_clip_eps) may hold traced scalars, and so may the choices whiten_advantages, whiten_rewards and
+    adaptive_kl as 0./1. (:func:`jaxrlhf.steps.choice.choose`); the other fields shape the program.
     """
 
     #: The algorithm's defaults for the fields left ``None``.
