@@ -36,6 +36,7 @@ from jaxrlhf.experiments.studies.study_run import (
     run_directory,
     seed_keys,
     seed_summary,
+    study_pipeline,
     summary_cell,
     write_results,
 )
@@ -66,11 +67,10 @@ ChoiceName = Literal["default", "no_reward_norm", "no_whitening", "adaptive_kl",
                      "no_eos_penalty", "kl_in_loss", "kl_k3", "separate_critic"]
 
 
-def study_pipeline() -> PipelineConfig:
-    """The pipeline the study varies: the pipeline's defaults (the demo's model on digit_sort with 3–4
-    digits), with an adaptive controller that acts within the run when it is switched on (target 1 nat,
-    horizon 1000 episodes)."""
-    base = PipelineConfig()
+def choices_pipeline() -> PipelineConfig:
+    """The studies' pipeline (:func:`~jaxrlhf.experiments.studies.study_run.study_pipeline`), with an adaptive
+    controller that acts within the run when it is switched on (target 1 nat, horizon 1000 episodes)."""
+    base = study_pipeline()
     ppo = dataclasses.replace(base.rl.ppo, kl_target=1.0, kl_horizon=1000)
     return dataclasses.replace(base, rl=dataclasses.replace(base.rl, ppo=ppo))
 
@@ -81,7 +81,7 @@ class ChoicesStudyConfig:
     among them) over ``run.seeds`` seeds of ``pipeline`` (whose RL method must be PPO)."""
 
     run: StudyRunSection = field(default_factory=StudyRunSection)
-    pipeline: PipelineConfig = field(default_factory=study_pipeline)
+    pipeline: PipelineConfig = field(default_factory=choices_pipeline)
     choices: tuple[ChoiceName, ...] = tuple(CHOICES)  # type: ignore[assignment]
 
     def __post_init__(self) -> None:

@@ -42,6 +42,7 @@ from jaxrlhf.experiments.studies.study_run import (
     run_directory,
     seed_keys,
     seed_summary,
+    study_pipeline,
     summary_cell,
     write_results,
 )
@@ -57,11 +58,11 @@ class FeedbackStudyConfig:
     ``responses``: parts of the budget the reward model trains on."""
 
     run: StudyRunSection = field(default_factory=StudyRunSection)
-    pipeline: PipelineConfig = field(default_factory=PipelineConfig)
+    pipeline: PipelineConfig = field(default_factory=study_pipeline)
     kinds: tuple[Literal["preference", "ranking", "rating"], ...] = ("preference", "ranking", "rating")
-    flip_probs: tuple[float, ...] = (0.1, 0.25)
+    flip_probs: tuple[float, ...] = (0.25,)
     temperatures: tuple[float, ...] = (1.0,)
-    responses: tuple[int, ...] = (256, 512)
+    responses: tuple[int, ...] = (256,)
 
     def __post_init__(self) -> None:
         fb = self.pipeline.feedback
