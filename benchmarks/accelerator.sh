@@ -1,40 +1,73 @@
 #!/usr/bin/env bash
-# The PPO-iteration benchmark at ~100M–1B scale in bfloat16 on an accelerator host (GPU or TPU), one JSON
-# file per model in OUT_DIR:
+# The accelerator checks of the throughput work, as one script that finishes in a few minutes on one GPU
+# (or TPU) host, so that it can be rerun at once. One JSON file per check in OUT_DIR, named after the card:
 #
-#     benchmarks/accelerator.sh [OUT_DIR]        # default benchmarks/results
+#     benchmarks/accelerator.sh [--smoke] [OUT_DIR]        # default OUT_DIR: benchmarks/results
 #
-# Models: llama-1b (Llama 3.2 1B's shape, 1.24B) and gpt2-medium (355M); global batch 64 sequences of
-# prompt 128 + response 128, 4 epochs × 4 minibatches, data parallel over every device JAX sees. MFU is
-# reported against a bf16 matmul timed in the same run and against PEAK_TFLOPS (per device; default 989,
-# an H100/H200 SXM's dense bf16 datasheet figure). Runs from a checkout without installing: the
-# interpreter in PYTHON (default python3) needs jax, flax, optax and chex.
+# 1. decode vs the memory-bandwidth bound (generation.py): llama-1b shape (1.24B), bfloat16, prompt 128 +
+#    128 new tokens, batch 64 and 256; JSON "decode.fraction_of_bound" (targets >= 0.5 and >= 0.6),
+#    "decode.loop_copies" (must be []), the copy-bandwidth probe, and group sampling's shared prefill.
+# 2. compile time against depth (compile_depth.py): generation and PPO update at 6/12/24 layers, blocks
+#    scanned / default / unrolled, and generation tokens/s of each (JSON "targets").
+# 3. the PPO iteration (ppo_iteration.py): llama-1b, bfloat16, global batch 64 x (128 + 128), 4 epochs x 4
+#    minibatches: update MFU vs the in-run bf16 matmul and PEAK_TFLOPS (default 989, H100/H200 SXM dense
+#    bf16), and the bfloat16 first-minibatch ratio error ("first_minibatch_ratio_error").
+#    An iteration-MFU benchmark (issue 13 section 1) goes here as step 4 once it exists.
+#
+# --smoke: tiny shapes, runs on a CPU in a few minutes, only to check that the script and its JSON work.
+# Runs from a checkout without installing: the interpreter in PYTHON (default python3) needs jax, flax,
+# optax and chex (transformers and torch are not needed: the PyTorch baseline is skipped here).
 set -uo pipefail
 cd "$(dirname "$0")/.."
+smoke=0
+if [[ "${1:-}" == "--smoke" ]]; then smoke=1; shift; fi
 out="${1:-benchmarks/results}"
 python="${PYTHON:-python3}"
 peak="${PEAK_TFLOPS:-989}"
 mkdir -p "$out"
 export PYTHONUNBUFFERED=1 PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 
-"$python" - <<'EOF'
-import flax, jax, optax
-print("jax", jax.__version__, "flax", flax.__version__, "optax", optax.__version__)
-print("devices", jax.devices())
+card=$("$python" - <<'EOF'
+import re, jax, flax, optax
+import sys
+print("jax", jax.__version__, "flax", flax.__version__, "optax", optax.__version__, file=sys.stderr)
+print("devices", jax.devices(), file=sys.stderr)
+print(re.sub(r"[^a-z0-9]+", "_", jax.devices()[0].device_kind.lower()).strip("_"))
 EOF
-
+) || { echo "JAX does not start" >&2; exit 1; }
+stamp="$(date +%Y%m%d)"
+[[ $smoke == 1 ]] && stamp="smoke"
 status=0
-for preset in llama-1b gpt2-medium; do
-  file="$out/ppo_iteration_${preset}_bf16_$(date +%Y%m%d).json"
-  echo "== $preset -> $file"
-  if "$python" benchmarks/ppo_iteration.py --preset "$preset" --dtype bfloat16 --batch 64 --prompt 128 \
-      --response 128 --epochs 4 --minibatches 4 --iterations "${ITERATIONS:-3}" --peak-tflops "$peak" \
-      >"$file.tmp"; then
+
+run() {  # run NAME ARGS...: the JSON on stdout goes to OUT_DIR/NAME_CARD_STAMP.json
+  local name="$1"; shift
+  local file="$out/${name}_${card}_${stamp}.json"
+  echo "== $name -> $file"
+  local start=$SECONDS
+  if "$python" "$@" >"$file.tmp"; then
     mv "$file.tmp" "$file" && cat "$file"
   else
     status=1
-    echo "$preset failed" >&2
+    echo "$name failed" >&2
     rm -f "$file.tmp"
   fi
-done
+  echo "== $name took $((SECONDS - start)) s"
+}
+
+if [[ $smoke == 1 ]]; then
+  gen=(--preset tiny --layers 2 --vocab 512 --prompt 16 --new 8 --repeats 2 --no-torch --bandwidth-mib 64)
+  run generation_decode_b4 benchmarks/generation.py "${gen[@]}" --batch 4 --group-prefill \
+    --group-prompts 2 --group-prompt-len 16 --group-size 4
+  run compile_depth benchmarks/compile_depth.py --layers 2 4 --repeats 1 --skip-throughput
+  run ppo_iteration_tiny_bf16 benchmarks/ppo_iteration.py --preset tiny --vocab 512 --dtype bfloat16 \
+    --batch 4 --prompt 8 --response 8 --epochs 1 --minibatches 1 --iterations 1 --peak-tflops "$peak"
+  exit "$status"
+fi
+
+gen=(--preset llama-1b --dtype bfloat16 --prompt 128 --new 128 --repeats 5 --no-torch)
+run generation_decode_llama-1b_bf16_b64 benchmarks/generation.py "${gen[@]}" --batch 64 --group-prefill
+run generation_decode_llama-1b_bf16_b256 benchmarks/generation.py "${gen[@]}" --batch 256
+run compile_depth benchmarks/compile_depth.py --layers 6 12 24 --repeats 3
+run ppo_iteration_llama-1b_bf16 benchmarks/ppo_iteration.py --preset llama-1b --dtype bfloat16 --batch 64 \
+  --prompt 128 --response 128 --epochs 4 --minibatches 4 --iterations "${ITERATIONS:-2}" --peak-tflops "$peak"
 exit "$status"

@@ -4,8 +4,12 @@ A command is a config class plus a function that runs it (given as ``"module:nam
 only when needed, so ``jaxrlhf --help`` is instant). Adding one is one function and one line in
 :data:`COMMANDS`. ``jaxrlhf <command> --help`` lists every config key with its type, default and comment
 (generated from the config classes); ``--print-config`` prints the resolved config as YAML (reusable with
-``--config``) and runs nothing. Expected failures (bad config, bad data, bad checkpoint, too many
-non-finite steps) print one line to stderr and exit 1; ``--debug`` shows the traceback instead.
+``--config``) and runs nothing. Expected failures (bad config, bad data, bad checkpoint, a checkpoint
+that cannot be written, a user's reward function that fails, too many non-finite steps) print one line to
+stderr and exit 1; ``--debug`` shows the traceback instead. SIGINT / SIGTERM (Ctrl-C, ``kill``) during
+training end the current step, write a checkpoint and exit 128 + the signal number with one line saying
+where the checkpoint is; the same command then resumes. Import paths in a config (``reward.function``,
+``task.oracle``) import from the working directory, as ``python -m`` would.
 """
 
 from __future__ import annotations
@@ -44,6 +48,35 @@ COMMANDS: dict[str, Command] = {
         "jaxrlhf.train.rl:A2CRunConfig",
         "jaxrlhf.train.rl:train_rl",
         "A2C fine-tuning against a reward model or reward function",
+    ),
+    "grpo": Command(
+        "jaxrlhf.train.rl:GRPORunConfig",
+        "jaxrlhf.train.rl:train_rl",
+        "GRPO, critic-free (and Dr. GRPO, DAPO, GSPO by config: configs/dr_grpo.yaml, dapo.yaml, "
+        "gspo.yaml) against a reward model or a (verifiable) reward function",
+    ),
+    "rloo": Command(
+        "jaxrlhf.train.rl:RLOORunConfig",
+        "jaxrlhf.train.rl:train_rl",
+        "RLOO, critic-free (and REINFORCE++, ReMax by config: configs/reinforce_pp.yaml, remax.yaml) "
+        "against a reward model or a (verifiable) reward function",
+    ),
+    "task-data": Command(
+        "jaxrlhf.train.task_data:TaskDataConfig",
+        "jaxrlhf.train.task_data:write_task_data",
+        "write a built-in task's SFT demonstrations, RL and held-out prompts (disjoint splits) as JSONL, "
+        "and its tokenizer, for RL on its verifiable reward (reward.function=task:<name>)",
+    ),
+    "dpo": Command(
+        "jaxrlhf.train.dpo:DPORunConfig",
+        "jaxrlhf.train.dpo:train_dpo",
+        "direct preference optimisation (DPO, IPO, cDPO, hinge) of a policy on preference pairs",
+    ),
+    "ilql": Command(
+        "jaxrlhf.train.ilql:ILQLRunConfig",
+        "jaxrlhf.train.ilql:train_ilql",
+        "offline value-based RL (ILQL: token-level Q and V heads) on rated responses, for value-guided "
+        "decoding",
     ),
     "demo": Command(
         "jaxrlhf.experiments.demo_config:DemoConfig",
@@ -93,7 +126,12 @@ def _expected_errors() -> tuple[type[BaseException], ...]:
     from jaxrlhf.data import DataError
     from jaxrlhf.models.config import UnsupportedModelError
     from jaxrlhf.models.hf_io import CheckpointFormatError
-    from jaxrlhf.train.checkpoint import CheckpointMismatchError, NonFiniteCheckpointError
+    from jaxrlhf.oracle import RewardFunctionError
+    from jaxrlhf.train.checkpoint import (
+        CheckpointMismatchError,
+        CheckpointWriteError,
+        NonFiniteCheckpointError,
+    )
     from jaxrlhf.train.nonfinite import NonFiniteError
 
     return (
@@ -107,6 +145,8 @@ def _expected_errors() -> tuple[type[BaseException], ...]:
         NonFiniteError,
         NonFiniteCheckpointError,
         CheckpointMismatchError,
+        CheckpointWriteError,
+        RewardFunctionError,
     )
 
 
@@ -136,7 +176,8 @@ class _HelpWithConfigKeys(argparse.Action):
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="jaxrlhf",
-        description="RLHF in JAX: supervised fine-tuning, reward models, PPO and A2C.",
+        description="RLHF in JAX: supervised fine-tuning, reward models, PPO, A2C and the critic-free "
+        "GRPO / RLOO families.",
         epilog="Example: jaxrlhf ppo --config configs/ppo.yaml --set optimizer.learning_rate=3e-6. "
         "Every config key, its type and default: jaxrlhf COMMAND --help.",
     )
@@ -224,9 +265,14 @@ def main(argv: Sequence[str] | None = None) -> int:
             return EXIT_OK
         result = _resolve(command.run)(config)
     except KeyboardInterrupt:
-        print("jaxrlhf: interrupted", file=sys.stderr)
+        print(f"jaxrlhf {args.command}: interrupted", file=sys.stderr)
         return EXIT_INTERRUPTED
     except Exception as e:
+        from jaxrlhf.train.signals import RunInterrupted
+
+        if isinstance(e, RunInterrupted):  # stopped on SIGINT / SIGTERM after writing a checkpoint
+            print(f"jaxrlhf {args.command}: {e}", file=sys.stderr)
+            return e.exit_code
         if args.debug or not isinstance(e, expected):
             raise
         print(f"jaxrlhf {name}: error: {_one_line(e)}", file=sys.stderr)

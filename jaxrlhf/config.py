@@ -19,7 +19,7 @@ import textwrap
 import tokenize
 import types
 import typing
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any, Literal, TypeVar, Union
 
@@ -203,10 +203,50 @@ def read_yaml(path: str | Path) -> dict[str, Any]:
     return data
 
 
+def drop_replaced(cls: type, data: dict[str, Any], keys: Iterable[Sequence[str]]) -> dict[str, Any]:
+    """A copy of ``data`` (a lower layer: the YAML file) without the keys that overriding ``keys`` replaces.
+
+    A config class may declare ``REPLACES = {"key": ("other", ...)}``: giving ``key`` in a higher layer
+    (``--set``) makes its ``other`` keys of the lower layer no longer apply, e.g. ``--set model.path=…``
+    drops the file's ``model.architecture`` and ``model.tokenizer`` (the model directory brings its own),
+    so that one override switches a recipe to another source without a second ``--set …=null``. Keys in
+    a ``REPLACES`` tuple are dotted paths relative to the declaring class. A key the overrides set
+    themselves is never dropped.
+    """
+    import copy
+
+    data = copy.deepcopy(data)
+    keys = [tuple(k) for k in keys]
+    overridden = set(keys)
+    for key in keys:
+        node_cls: Any = cls
+        for depth in range(len(key)):
+            if node_cls is None:
+                break
+            here, rest = key[:depth], ".".join(key[depth:])
+            for dropped in getattr(node_cls, "REPLACES", {}).get(rest, ()):
+                path = (*here, *dropped.split("."))
+                if path not in overridden:
+                    _delete(data, path)
+            hints = typing.get_type_hints(node_cls) if dataclasses.is_dataclass(node_cls) else {}
+            node_cls = _section_class(hints[key[depth]]) if key[depth] in hints else None
+    return data
+
+
+def _delete(data: dict[str, Any], path: tuple[str, ...]) -> None:
+    node: Any = data
+    for part in path[:-1]:
+        node = node.get(part) if isinstance(node, dict) else None
+    if isinstance(node, dict):
+        node.pop(path[-1], None)
+
+
 def load_config(cls: type[T], path: str | Path | None = None, overrides: Iterable[str] = ()) -> T:
-    """Load ``cls`` from an optional YAML file plus ``key=value`` overrides (overrides win)."""
+    """Load ``cls`` from an optional YAML file plus ``key=value`` overrides (overrides win; an override may
+    replace other keys of the file, see :func:`drop_replaced`)."""
     data = read_yaml(path) if path is not None else {}
     overrides = list(overrides)
+    data = drop_replaced(cls, data, [parse_override(o)[0] for o in overrides])
     data = apply_overrides(data, overrides)
     source = str(path) if path is not None else "defaults"
     if overrides:
@@ -225,23 +265,55 @@ def to_dict_values(values: Mapping[str, Any]) -> dict[str, Any]:
 
 def import_object(spec: str, what: str = "object") -> Any:
     """The object a config names by import path: ``"package.module:attr"`` (``attr`` may be dotted), or
-    ``"package.module.attr"``. Errors are ``ValueError``s that quote ``what`` and the spec."""
+    ``"package.module.attr"``. Errors are ``ValueError``s that quote ``what`` and the spec.
+
+    Modules are imported as ``python -m`` would: the working directory comes first on ``sys.path`` (the
+    ``jaxrlhf`` console script does not put it there), so ``my_rewards:score`` finds ``./my_rewards.py``.
+    An exception raised while the module runs (a syntax error, a failing import inside it) is reported in
+    one line with its file and line.
+    """
     if ":" in spec:
         module_name, _, attr_path = spec.partition(":")
     else:
         module_name, _, attr_path = spec.rpartition(".")
     if not module_name or not attr_path or ":" in attr_path:
         raise ValueError(f"{what} {spec!r}: an import path must look like 'package.module:function'")
+    working_directory_on_path()
     try:
         obj = importlib.import_module(module_name)
     except ImportError as e:
         raise ValueError(f"{what} {spec!r}: cannot import module {module_name!r} ({e})") from e
+    except Exception as e:  # the module itself failed: say where
+        raise ValueError(f"{what} {spec!r}: importing {module_name!r} raised {describe_exception(e)}") from e
     for attr in attr_path.split("."):
         if not hasattr(obj, attr):
             owner = getattr(obj, "__name__", module_name)
             raise ValueError(f"{what} {spec!r}: {owner!r} has no attribute {attr!r}")
         obj = getattr(obj, attr)
     return obj
+
+
+def working_directory_on_path() -> None:
+    """Put the working directory first on ``sys.path`` (once), as ``python -m`` and ``python script.py``
+    do, so that a user's modules beside their data import by name."""
+    import os
+    import sys
+
+    cwd = os.getcwd()
+    if not any(entry in ("", cwd) for entry in sys.path):
+        sys.path.insert(0, cwd)
+
+
+def describe_exception(e: BaseException) -> str:
+    """``Type: message (file:line)`` of an exception, the line being the deepest frame of its traceback."""
+    import traceback
+
+    text = " ".join(str(e).split())
+    frames = traceback.extract_tb(e.__traceback__)
+    if isinstance(e, SyntaxError) and e.filename:
+        return f"SyntaxError: {e.msg} ({e.filename}:{e.lineno})"
+    place = f" ({frames[-1].filename}:{frames[-1].lineno})" if frames else ""
+    return f"{type(e).__name__}: {text}{place}"
 
 
 # ------------------------------------------------------------------------------------------ description
@@ -339,7 +411,10 @@ def describe_config(cls: type, default: Any = None, prefix: str = "") -> list[Ke
     class's defaults, which apply once the section is given.
     """
     hints = typing.get_type_hints(cls)
-    comments = _comments(cls)
+    comments: dict[str, str] = {}
+    for base in reversed(cls.__mro__):  # an inherited field keeps the comment of the class defining it
+        if dataclasses.is_dataclass(base):
+            comments.update(_comments(base))
     keys: list[KeyDoc] = []
     sections: list[KeyDoc] = []
     for field in dataclasses.fields(cls):

@@ -43,6 +43,10 @@ class ParallelConfig:
     distributed: "auto" initialises ``jax.distributed`` when a coordinator is configured here or in the
         standard environment (JAX_COORDINATOR_ADDRESS, or a cluster JAX detects: SLURM, Open MPI, TPU pods);
         "always" initialises unconditionally (letting JAX auto-detect); "never" runs single-process.
+    coordinator_address, num_processes, process_id: the multi-host settings; each unset one is read from
+        JAX_COORDINATOR_ADDRESS, JAX_NUM_PROCESSES, JAX_PROCESS_ID, else left to JAX's cluster detection.
+        With more than one process, CPU collectives go through gloo.
+    initialization_timeout: seconds to wait for every process to join (JAX's default when unset).
     """
 
     data: int = -1
@@ -52,6 +56,7 @@ class ParallelConfig:
     coordinator_address: str | None = None
     num_processes: int | None = None
     process_id: int | None = None
+    initialization_timeout: int | None = None
 
 
 _CLUSTER_ENV = (
@@ -61,6 +66,40 @@ _CLUSTER_ENV = (
     "TPU_WORKER_HOSTNAMES",
     "MEGASCALE_COORDINATOR_ADDRESS",
 )
+# JAX itself reads JAX_COORDINATOR_ADDRESS; these two complete it for a cluster JAX does not detect (and
+# for python -m jaxrlhf.launch, which sets all three).
+NUM_PROCESSES_ENV, PROCESS_ID_ENV = "JAX_NUM_PROCESSES", "JAX_PROCESS_ID"
+
+
+def _env_int(name: str) -> int | None:
+    value = os.environ.get(name)
+    if value is None or value == "":
+        return None
+    try:
+        return int(value)
+    except ValueError:
+        raise ValueError(f"environment variable {name}={value!r} is not an integer") from None
+
+
+def distributed_settings(config: ParallelConfig) -> dict[str, Any]:
+    """The ``jax.distributed.initialize`` arguments: the ``parallel.*`` keys, else the environment
+    (``JAX_COORDINATOR_ADDRESS``, ``JAX_NUM_PROCESSES``, ``JAX_PROCESS_ID``); unset ones are left to JAX's
+    cluster detection."""
+    address, num, index = config.coordinator_address, config.num_processes, config.process_id
+    settings = {
+        "coordinator_address": address or os.environ.get("JAX_COORDINATOR_ADDRESS") or None,
+        "num_processes": num if num is not None else _env_int(NUM_PROCESSES_ENV),
+        "process_id": index if index is not None else _env_int(PROCESS_ID_ENV),
+    }
+    return {k: v for k, v in settings.items() if v is not None}
+
+
+def _use_cpu_collectives() -> None:
+    """Cross-process collectives on the CPU backend go through gloo (TCP) unless another implementation
+    (e.g. "mpi") was chosen. Accelerators use their own collectives; this only concerns the CPU client, and
+    must be set before the backend starts."""
+    if jax.config.jax_cpu_collectives_implementation is None:
+        jax.config.update("jax_cpu_collectives_implementation", "gloo")
 
 
 def initialize_distributed(config: ParallelConfig) -> bool:
@@ -80,15 +119,11 @@ def initialize_distributed(config: ParallelConfig) -> bool:
     detected = any(v in os.environ for v in _CLUSTER_ENV)
     if config.distributed == "auto" and not (explicit or detected):
         return False
-    kwargs = {
-        k: v
-        for k, v in (
-            ("coordinator_address", config.coordinator_address),
-            ("num_processes", config.num_processes),
-            ("process_id", config.process_id),
-        )
-        if v is not None
-    }
+    kwargs = distributed_settings(config)
+    if kwargs.get("num_processes", 2) > 1:
+        _use_cpu_collectives()
+    if config.initialization_timeout is not None:
+        kwargs["initialization_timeout"] = config.initialization_timeout
     jax.distributed.initialize(**kwargs)
     log.info(
         "jax.distributed initialised: process %d of %d, %d local / %d global devices",
@@ -185,6 +220,25 @@ def shard_batch(mesh: Mesh, batch: Any) -> Any:
     return jax.tree.map(put, batch)
 
 
+def process_rows(mesh: Mesh, tree: Any) -> Any:
+    """This process's rows of row-split global arrays, as NumPy, in global row order: the inverse of
+    :func:`shard_batch` (e.g. for a host function that must see real values, then ``shard_batch`` of its
+    per-row output). A leaf split differently is first resharded by rows; a scalar comes back whole."""
+
+    def leaf(x: Any) -> np.ndarray:
+        if not isinstance(x, jax.Array):
+            return np.asarray(x)
+        if x.ndim == 0:
+            return np.asarray(x.addressable_data(0))
+        x = jax.device_put(x, batch_sharding(mesh, x.ndim))  # no copy when already split by rows
+        starts = {}
+        for shard in x.addressable_shards:
+            starts.setdefault(shard.index[0].start or 0, shard.data)  # one copy of each row block
+        return np.concatenate([np.asarray(starts[s]) for s in sorted(starts)])
+
+    return jax.tree.map(leaf, tree)
+
+
 class MeshJit:
     """A jitted function traced and run inside ``jax.set_mesh(mesh)``, so that the steps' row hints
     (:func:`jaxrlhf.steps.sharding.shard_rows`) see the mesh. ``lower`` and the cache size pass through."""
@@ -236,12 +290,23 @@ def per_device_bytes(tree: Any) -> int:
 
 
 def to_host(tree: Any) -> Any:
-    """Full numpy copies of (possibly sharded, possibly multi-host) arrays on every process."""
-    if jax.process_count() > 1:
-        from jax.experimental import multihost_utils
+    """Full numpy copies of (possibly sharded, possibly multi-host) arrays on every process.
 
-        return multihost_utils.process_allgather(tree, tiled=True)
-    return jax.tree.map(lambda x: np.asarray(jax.device_get(x)), tree)
+    A global array spanning other processes is gathered (a collective: every process must call this with
+    the same tree); a process-local array or host value is copied as it is (never concatenated with the
+    other processes' copies).
+    """
+
+    def leaf(x: Any) -> np.ndarray:
+        if isinstance(x, jax.Array) and not x.is_fully_addressable:
+            if x.is_fully_replicated:  # every process already holds the whole value
+                return np.asarray(x.addressable_data(0))
+            from jax.experimental import multihost_utils
+
+            return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+        return np.asarray(jax.device_get(x))
+
+    return jax.tree.map(leaf, tree)
 
 
 def is_main_process() -> bool:

@@ -7,8 +7,9 @@ One JSON object per line; blank lines are skipped; keys other than the ones a ki
 | ``"sft"`` | ``prompt``, ``completion`` |
 | ``"preference"`` | ``prompt``, ``chosen``, ``rejected``; or ``chosen``, ``rejected`` (implicit prompt) |
 | ``"ranking"`` | ``prompt``, ``responses`` (a list, best first, at least 2) |
-| ``"rating"`` | ``prompt``, ``response``, ``rating`` (a number) |
-| ``"prompt"`` | ``prompt`` |
+| ``"rating"`` | ``prompt``, ``response``, ``rating`` (a number; or ``reward``) |
+| ``"prompt"`` | ``prompt``; every other key is kept as a column (``PromptRecord.columns``), e.g. a reference
+  answer for a reward function |
 
 Conversational (chat) form, as in TRL: ``prompt`` may be a list of ``{"role", "content"}`` messages, or the
 conversation may be given as ``messages`` instead of ``prompt``; ``completion``, ``chosen``, ``rejected``,
@@ -97,6 +98,8 @@ class RatingRecord:
 class PromptRecord:
     prompt: Prompt
     line: int = 0
+    # The record's other keys (TRL passes them to reward functions as keyword arguments).
+    columns: Mapping[str, Any] = dataclasses.field(default_factory=dict, hash=False)
 
 
 Record = SFTRecord | PreferenceRecord | RankingRecord | RatingRecord | PromptRecord
@@ -180,11 +183,15 @@ def _ranking(obj: Mapping[str, Any], line: int, where: str) -> RankingRecord:
 
 def _rating(obj: Mapping[str, Any], line: int, where: str) -> RatingRecord:
     prompt, response = _prompt(obj, where), _text(obj, "response", where)
-    if "rating" not in obj:
-        raise DataError(f"{where}: missing field 'rating'")
-    value = obj["rating"]
+    # "reward" is accepted for "rating" (offline RL data, e.g. `jaxrlhf ilql`); not both.
+    if "rating" in obj and "reward" in obj:
+        raise DataError(f"{where}: both 'rating' and 'reward' are given; keep one")
+    name = "reward" if "reward" in obj else "rating"
+    if name not in obj:
+        raise DataError(f"{where}: missing field 'rating' (or 'reward')")
+    value = obj[name]
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-        raise DataError(f"{where}: 'rating' must be a finite number, got {_describe(value)}")
+        raise DataError(f"{where}: '{name}' must be a finite number, got {_describe(value)}")
     return RatingRecord(prompt, response, float(value), line)
 
 
@@ -262,7 +269,8 @@ def _parse(kind: str, obj: Mapping[str, Any], line: int, where: str) -> Record:
         return _ranking(obj, line, where)
     if kind == "rating":
         return _rating(obj, line, where)
-    return PromptRecord(_prompt(obj, where), line)
+    columns = {k: v for k, v in obj.items() if k not in ("prompt", "messages")}
+    return PromptRecord(_prompt(obj, where), line, columns)
 
 
 def read_jsonl(path: str | os.PathLike, kind: Kind) -> list[Record]:
@@ -310,7 +318,9 @@ def record_to_json(record: Record | Mapping[str, Any]) -> dict[str, Any]:
     """The JSON object for a record (the inverse of reading it; the ``line`` field is dropped)."""
     if isinstance(record, Mapping):
         return dict(record)
-    return {f.name: _plain(getattr(record, f.name)) for f in dataclasses.fields(record) if f.name != "line"}
+    out = {f.name: _plain(getattr(record, f.name)) for f in dataclasses.fields(record)
+           if f.name not in ("line", "columns")}
+    return {**getattr(record, "columns", {}), **out}
 
 
 def write_jsonl(path: str | os.PathLike, records: Iterable[Record | Mapping[str, Any]]) -> None:

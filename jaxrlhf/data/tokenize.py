@@ -15,9 +15,9 @@ that many tokens, has no eos, and is counted in :class:`TokenizeStats`.
 from __future__ import annotations
 
 import os
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Literal
+from typing import Any, Literal
 
 import numpy as np
 from transformers import PreTrainedTokenizerBase
@@ -64,6 +64,8 @@ class TokenizeConfig:
 class PromptExample:
     prompt: np.ndarray
     source: str = ""
+    # The record's prompt as written (text or messages) and its other keys, for reward functions.
+    columns: Mapping[str, Any] | None = None
 
 
 @dataclass(frozen=True, eq=False)
@@ -195,10 +197,19 @@ def tokenize_records(
         elif isinstance(record, RatingRecord):
             examples.append(RatingExample(prompt, completion(record.response), record.rating, source))
         elif isinstance(record, PromptRecord):
-            examples.append(PromptExample(prompt, source))
+            examples.append(PromptExample(prompt, source, prompt_columns(record)))
         else:
             raise TypeError(f"{source}: not a record: {type(record).__name__}")
     return examples, TokenizeStats(len(examples), cut_prompts, cut_completions)
+
+
+def prompt_columns(record: PromptRecord) -> dict[str, Any]:
+    """A prompt record's columns as TRL hands them to reward functions: ``prompt`` as written (a string, or
+    a list of ``{"role", "content"}`` messages) and the record's other keys."""
+    prompt = record.prompt
+    if not isinstance(prompt, str):
+        prompt = [{"role": m.role, "content": m.content} for m in prompt]
+    return {**record.columns, "prompt": prompt}
 
 
 def load_examples(

@@ -19,7 +19,11 @@ Paths are relative to the run directory, so the report's links work wherever the
 from __future__ import annotations
 
 import math
+import os
+from pathlib import Path
 from typing import Any
+
+import yaml
 
 TABLE_BEST_OF_N = (4, 16, 64)
 TABLE_HEADER = (
@@ -135,13 +139,54 @@ def render_report(results: dict) -> str:
     out += [f"- final policy, {label} (Hugging Face format): `{path}`" for label, path in
             results["exports"].items()]
     out += [f"- {label}: `{path}`" for label, path in results["logs"].items()]
-    out += ["", "Each stage ran the ordinary trainer on the JSONL files above; to run the same pipeline on "
-            "your own files, take the stage's config and point it at them, e.g. from the run directory:", "",
-            "```"]
-    out += [f"jaxrlhf {name} --config {path}" + (" --set data.train_file=your.jsonl" if name == "sft" else "")
-            for name, path in results["configs"].items()]
+    out += ["", "Each stage ran the ordinary trainer on the JSONL files above. These commands run the same "
+            "pipeline again as a new run in a new directory (each stage reading the previous one's export "
+            "from there; nothing here is written to); point `data.train_file` and the other paths at your "
+            "own files to train on them:", "", "```"]
+    out += reuse_commands(results)
     out += ["```", ""]
     return "\n".join(out)
+
+
+# Config keys of a stage that name another stage's output (its export), rewritten by reuse_commands.
+_STAGE_OUTPUT_KEYS = ("model.path", "reward.model_path", "critic.path", "reference.path", "checkpoint.dir")
+
+
+def reuse_commands(results: dict, into: str | os.PathLike | None = None) -> list[str]:
+    """``jaxrlhf <stage> --config <run>/configs/<stage>.yaml --set …`` for each stage: a new run in
+    ``into/<stage>`` (default: the directory ``<run>-again`` beside the run) whose inputs that were another
+    stage's outputs (exports, checkpoints) are read from ``into`` too, so the commands, run in order, repeat
+    the pipeline without writing to (or resuming from) the demo's run directory. Paths are absolute."""
+    root = Path(results["run_dir"]).absolute()
+    into = Path(into) if into is not None else root.with_name(root.name + "-again")
+    stages = list(results["configs"])
+    commands = []
+    for name, path in results["configs"].items():
+        config_path = root / path
+        sets = [f"logging.run_dir={into / name}"]
+        values = _flat(yaml.safe_load(config_path.read_text())) if config_path.is_file() else {}
+        for key in _STAGE_OUTPUT_KEYS:
+            value = values.get(key)
+            if not isinstance(value, str):
+                continue
+            try:
+                stage, *rest = Path(value).absolute().relative_to(root).parts
+            except ValueError:  # not in the run directory: an input of the user's, left as it is
+                continue
+            if stage in stages:
+                sets.append(f"{key}={into.joinpath(stage, *rest)}")
+        commands.append(f"jaxrlhf {name} --config {config_path} " + " ".join(f"--set {s}" for s in sets))
+    return commands
+
+
+def _flat(data: Any, prefix: str = "") -> dict[str, Any]:
+    if not isinstance(data, dict):
+        return {}
+    out: dict[str, Any] = {}
+    for k, v in data.items():
+        out[prefix + k] = v
+        out.update(_flat(v, f"{prefix}{k}."))
+    return out
 
 
 def render_summary(results: dict) -> str:

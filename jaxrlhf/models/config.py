@@ -58,6 +58,13 @@ class ModelConfig:
     pad_token_id: int | None = None
     # Compute dtype; parameters are always stored in float32 (master weights).
     dtype: Literal["float32", "bfloat16"] = "float32"
+    # Run the blocks as one lax.scan (compiled once, whatever the depth) rather than unrolled. Either way the
+    # params pytree is the same (stacked along a leading layer axis); only the program differs.
+    scan_layers: bool = True
+    # Decode steps (one token per call, inside generation's while_loop) run the blocks unrolled over one
+    # buffer per layer unless this is set: a rolled loop must slice each layer's weights and KV cache out
+    # of the stacks every step, and XLA's CPU and GPU matmuls copy such a slice before reading it.
+    scan_decode: bool = False
 
     def __post_init__(self) -> None:
         if self.num_heads % self.num_kv_heads:

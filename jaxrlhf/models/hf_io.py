@@ -10,9 +10,11 @@ Hugging Face's ``*ForSequenceClassification`` (``GPT2…``, ``Llama…``, ``Qwen
 plus ``score.weight`` [1, d] (``num_labels`` 1, no LM head), so ``AutoModelForSequenceClassification`` — and
 TRL, and any tool built on it — loads it and reads the score at the last token that is not
 ``config.pad_token_id``, the token jaxrlhf's head reads (:func:`classifier_pad_token`). HF's score layer
-has no bias: a head's bias ``b`` is kept in ``config.json`` (``jaxrlhf_score``) and restored when jaxrlhf
-loads the model, while ``transformers`` gives ``h·w``, i.e. jaxrlhf's score minus ``b`` (``b`` is 0 unless the
-head was trained to an absolute target: ratings, values). Checkpoints of that architecture written elsewhere
+has no bias: where the final norm has one (GPT-2's LayerNorm) a head's bias ``b`` is folded into it
+(δ = b·w/‖w‖², so ``transformers`` scores equal jaxrlhf's); where it has none (RMSNorm: Llama, Qwen2,
+Mistral) ``b`` is kept in ``config.json`` (``jaxrlhf_score``) and restored when jaxrlhf loads the model, while
+``transformers`` gives ``h·w``, i.e. jaxrlhf's score minus ``b`` (``b`` is 0 unless the head was trained to an
+absolute target: ratings, values). Checkpoints of that architecture written elsewhere
 (TRL's ``RewardTrainer``) load as reward models too. Other heads go to ``jaxrlhf_heads.safetensors`` beside
 the model, which ``transformers`` ignores (the layout of older reward-model exports, which still loads).
 """
@@ -35,7 +37,7 @@ import numpy as np
 
 from jaxrlhf.config import ConfigError
 from jaxrlhf.models.config import ModelConfig, UnsupportedModelError, from_hf_config, to_hf_config
-from jaxrlhf.models.transformer import LanguageModel, Params
+from jaxrlhf.models.transformer import LanguageModel, Params, stack_layers, unstack_layers
 
 log = logging.getLogger(__name__)
 
@@ -291,7 +293,12 @@ def params_from_hf_tensors(
                 f"{source}: missing tensor {missing[0]!r} for a {cfg.model_type} model"
             )
         arr = join(*[tensors[n][0] for n in names])
-        want = tuple(_get(abstract, path).shape)
+        # Our blocks are stacked along a leading layer axis; the rules address one layer ("layers", i, ...).
+        want = (
+            tuple(_get(abstract, (path[0], *path[2:])).shape[1:])
+            if path[0] == "layers"
+            else tuple(_get(abstract, path).shape)
+        )
         if arr.shape != want:
             got = {n: tensors[n][0].shape for n in names}
             raise CheckpointFormatError(
@@ -309,7 +316,7 @@ def params_from_hf_tensors(
             f"{source}: unexpected tensor {unexpected[0]!r} in {tensors[unexpected[0]][1]} "
             f"({len(unexpected)} unexpected in all) for a {cfg.model_type} model"
         )
-    return params
+    return stack_layers(params)
 
 
 def load(
@@ -397,6 +404,7 @@ def _score_head(path: Path, hf: dict[str, Any]) -> tuple[str, dict[str, Any]]:
 def hf_tensors_from_params(cfg: ModelConfig, params: Params) -> dict[str, np.ndarray]:
     """Hugging Face-named float32 numpy tensors of our params."""
     out: dict[str, np.ndarray] = {}
+    params = unstack_layers(params)
     for path, names, _, split in _rules(cfg):
         parts = split(np.asarray(_get(params, path), dtype=np.float32))
         for n, p in zip(names, parts, strict=True):
@@ -454,6 +462,24 @@ def classifier_pad_token(tokenizer: Any, config: ModelConfig) -> ClassifierPad:
     return ClassifierPad(None if pad is None else int(pad), None, False)
 
 
+# Final-norm biases a score bias can fold into (the classifier has no LM head, so only the score reads them).
+_FINAL_NORM_BIASES = ("transformer.ln_f.bias", "gpt_neox.final_layer_norm.bias", "model.final_layernorm.bias",
+                      "model.norm.bias")
+
+
+def _fold_score_bias(tensors: dict[str, np.ndarray], w: np.ndarray, b: float) -> str | None:
+    """Fold the score's bias into the final norm's bias, in place: with δ = b·w/‖w‖²,
+    w·(h + δ) = w·h + b. Returns the tensor's name, or None where the model's final norm has no bias
+    (RMSNorm: Llama, Qwen2, Mistral) or there is nothing to fold."""
+    norm = np.dot(w.astype(np.float64), w.astype(np.float64))
+    name = next((n for n in _FINAL_NORM_BIASES if n in tensors), None)
+    if b == 0.0 or name is None or norm == 0.0:
+        return None
+    delta = (b * w.astype(np.float64) / norm).astype(np.float32)
+    tensors[name] = (np.asarray(tensors[name], np.float32) + delta).astype(tensors[name].dtype)
+    return name
+
+
 def _classifier_layout(
     cfg: ModelConfig,
     hf_config: dict[str, Any],
@@ -468,6 +494,11 @@ def _classifier_layout(
     if kernel.shape != (cfg.hidden_size, 1):
         raise ValueError(f"{head_name}: kernel shape {kernel.shape}, expected ({cfg.hidden_size}, 1)")
     bias = float(np.asarray(head["proj"]["bias"], np.float32).reshape(-1)[0])
+    folded = _fold_score_bias(tensors, kernel[:, 0], bias)
+    if folded is not None:
+        log.info("%s export: the score's bias %g folded into %s, so transformers' scores (its score layer "
+                 "has no bias) equal jaxrlhf's", head_name, bias, folded)
+        bias = 0.0
     causal = hf_config["architectures"][0].replace("LMHeadModel", "ForCausalLM")  # GPT2LMHeadModel, …
     hf_config["architectures"] = [causal.replace("ForCausalLM", _CLASSIFIER_SUFFIX)]
     hf_config["id2label"], hf_config["label2id"] = {"0": "LABEL_0"}, {"LABEL_0": 0}

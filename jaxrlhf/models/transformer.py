@@ -12,7 +12,20 @@ from the mask (:func:`positions_from_mask`), so a padded row computes exactly wh
 
 Layouts: q/k/v projections are fused into one ``qkv`` matrix ``[d, (H + 2·H_kv)·hd]`` and SwiGLU's gate
 and up projections into one ``gate_up`` matrix ``[d, 2·f]`` (one large matmul each instead of three/two);
-checkpoint I/O splits and joins them.
+checkpoint I/O splits and joins them. The blocks' parameters are stacked: every leaf under
+``params["layers"]`` has a leading ``num_layers`` axis (``params["layers"]["attn"]["qkv"]["kernel"]`` is
+``[L, d, (H + 2·H_kv)·hd]``), so the blocks run as one ``lax.scan`` that XLA compiles once whatever the
+depth (``ModelConfig.scan_layers``; the unrolled loop over the same params is kept for comparison).
+:func:`unstack_layers` / :func:`stack_layers` convert to and from one subtree per layer.
+
+Decoding is the exception. In a rolled layer loop every weight and KV-cache read is a dynamic slice of a
+stack, and XLA (CPU, and GPU without dynamic-slice fusion) copies such a slice into a buffer of its own
+before a matmul reads it: a decode step, which should read each weight and cache byte once, would copy them
+all. A generation loop therefore takes :meth:`LanguageModel.decode_params` (weights cast to the compute
+dtype once and split into one buffer per layer) and a cache of one buffer per layer
+(:meth:`LanguageModel.prefill` builds it), and runs the blocks unrolled over them; each step writes one
+column per layer in place and copies nothing (``jaxrlhf.rollout.loop_copies`` checks this in the compiled
+program). ``ModelConfig.scan_decode`` scans there too: flat compile time, at the price of those copies.
 """
 
 from __future__ import annotations
@@ -23,6 +36,7 @@ from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 
 from jaxrlhf.models.config import ModelConfig, rope_inverse_frequencies
@@ -33,15 +47,54 @@ _INIT_STD = 0.02
 
 
 class KVCache(NamedTuple):
-    """Preallocated per-layer keys ``[batch, kv_heads, head_dim, max_len]`` (transposed, see
-    :func:`attention`) and values ``[batch, kv_heads, max_len, head_dim]``.
+    """Preallocated keys ``[batch, kv_heads, head_dim, max_len]`` (transposed, see :func:`attention`) and
+    values ``[batch, kv_heads, max_len, head_dim]`` of every layer: one array each with a leading
+    ``num_layers`` axis when the blocks are scanned, a tuple of one array per layer when they are unrolled
+    (:meth:`LanguageModel.init_cache` picks the layout).
 
     ``index`` is the number of columns already written; all rows share it, which is what left padding buys.
     """
 
-    keys: tuple[jax.Array, ...]
-    values: tuple[jax.Array, ...]
+    keys: jax.Array | tuple[jax.Array, ...]
+    values: jax.Array | tuple[jax.Array, ...]
     index: jax.Array
+
+
+class LayerCache(NamedTuple):
+    """One layer's view of a :class:`KVCache`: the whole key/value buffers, the layer's index along their
+    leading axis (None for a per-layer buffer) and the first column to write."""
+
+    keys: jax.Array
+    values: jax.Array
+    layer: jax.Array | int | None
+    index: jax.Array
+
+    def write_and_read(self, k: jax.Array, v: jax.Array) -> tuple[LayerCache, jax.Array, jax.Array]:
+        """Write the new columns k [B, K, hd, T] / v [B, K, T, hd] in place; return the updated cache and
+        this layer's full keys [B, K, hd, S] and values [B, K, S, hd]."""
+        keys, values, layer, index = self
+        if layer is None:
+            keys = jax.lax.dynamic_update_slice(keys, k.astype(keys.dtype), (0, 0, 0, index))
+            values = jax.lax.dynamic_update_slice(values, v.astype(values.dtype), (0, 0, index, 0))
+            return self._replace(keys=keys, values=values), keys, values
+        # Only the T new columns are written into the stacked buffer (an in-place dynamic-update-slice of
+        # the loop-carried cache), never a whole layer's slice.
+        keys = jax.lax.dynamic_update_slice(keys, k[None].astype(keys.dtype), (layer, 0, 0, 0, index))
+        values = jax.lax.dynamic_update_slice(values, v[None].astype(values.dtype), (layer, 0, 0, index, 0))
+        read_k = jax.lax.dynamic_index_in_dim(keys, layer, keepdims=False)
+        read_v = jax.lax.dynamic_index_in_dim(values, layer, keepdims=False)
+        return self._replace(keys=keys, values=values), read_k, read_v
+
+
+class FreshKV(NamedTuple):
+    """Stands in for a layer's cache in a pass without one (a prefill) and hands back the layer's new keys
+    [B, K, hd, T] and values [B, K, T, hd], from which the caller builds a cache of any length."""
+
+    keys: jax.Array | None = None
+    values: jax.Array | None = None
+
+    def write_and_read(self, k: jax.Array, v: jax.Array) -> tuple[FreshKV, jax.Array, jax.Array]:
+        return FreshKV(k, v), k, v
 
 
 def positions_from_mask(mask: jax.Array) -> jax.Array:
@@ -117,7 +170,7 @@ class Attention(nnx.Module):
         self.qkv = Dense(cfg.hidden_size, cfg.q_size + 2 * cfg.kv_size, use_bias=cfg.qkv_bias, rngs=rngs)
         self.out = Dense(cfg.q_size, cfg.hidden_size, use_bias=cfg.attn_out_bias, rngs=rngs)
 
-    def __call__(self, x, rope, bias, layer_cache, index):
+    def __call__(self, x, rope, bias, layer_cache: LayerCache | FreshKV | None):
         cfg = self.cfg
         b, t, _ = x.shape
         qkv = self.qkv(x)
@@ -128,10 +181,7 @@ class Attention(nnx.Module):
             q, k = _rotate(q, *rope), _rotate(k, *rope)
         k, v = k.transpose(0, 2, 3, 1), v.transpose(0, 2, 1, 3)  # [B, K, hd, T], [B, K, T, hd]
         if layer_cache is not None:
-            cache_k, cache_v = layer_cache
-            k = jax.lax.dynamic_update_slice(cache_k, k.astype(cache_k.dtype), (0, 0, 0, index))
-            v = jax.lax.dynamic_update_slice(cache_v, v.astype(cache_v.dtype), (0, 0, index, 0))
-            layer_cache = (k, v)
+            layer_cache, k, v = layer_cache.write_and_read(k, v)
         y = attention(q, k.astype(q.dtype), v.astype(q.dtype), bias)
         return self.out(y), layer_cache
 
@@ -158,14 +208,17 @@ class Block(nnx.Module):
         self.mlp_norm = Norm(cfg.hidden_size, cfg.norm, cfg.norm_eps)
         self.mlp = MLP(cfg, rngs)
 
-    def __call__(self, x, rope, bias, layer_cache, index):
-        a, layer_cache = self.attn(self.attn_norm(x), rope, bias, layer_cache, index)
+    def __call__(self, x, rope, bias, layer_cache: LayerCache | FreshKV | None):
+        a, layer_cache = self.attn(self.attn_norm(x), rope, bias, layer_cache)
         x = x + a
         return x + self.mlp(self.mlp_norm(x)), layer_cache
 
 
 class Transformer(nnx.Module):
-    """Token (and learned position) embeddings, ``num_layers`` pre-norm blocks, a final norm, an LM head."""
+    """Token (and learned position) embeddings, ``num_layers`` pre-norm blocks, a final norm, an LM head.
+
+    ``layers`` is one :class:`Block` whose parameters carry a leading ``num_layers`` axis.
+    """
 
     def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs):
         self.cfg = cfg
@@ -180,13 +233,23 @@ class Transformer(nnx.Module):
                     rngs.params(), (cfg.max_position_embeddings, cfg.hidden_size), jnp.float32
                 )
             )
-        self.layers = nnx.List([Block(cfg, rngs) for _ in range(cfg.num_layers)])
+        # Built one by one from the same key stream as separate blocks would be, then stacked.
+        blocks = [Block(cfg, rngs) for _ in range(cfg.num_layers)]
+        graphdef = nnx.graphdef(blocks[0])
+        self.layers = nnx.merge(
+            graphdef, jax.tree.map(lambda *ws: jnp.stack(ws), *[nnx.state(b) for b in blocks])
+        )
         self.final_norm = Norm(cfg.hidden_size, cfg.norm, cfg.norm_eps)
         if not cfg.tie_word_embeddings:
             self.lm_head = Dense(cfg.hidden_size, cfg.vocab_size, use_bias=False, rngs=rngs)
 
-    def __call__(self, tokens, positions, mask, cache: KVCache | None):
+    def __call__(self, tokens, positions, mask, cache: KVCache | None, layers: Any = None,
+                 collect_kv: bool = False):
+        """``layers``: the blocks' params, stacked (default: this module's) or a tuple of per-layer trees.
+        ``collect_kv`` (without a cache): return every layer's keys and values in place of the cache, stacked
+        when the blocks are scanned, as tuples when unrolled."""
         cfg = self.cfg
+        check_positions(cfg, mask.shape[1], "LanguageModel.apply")
         dtype = jnp.dtype(cfg.dtype)
         x = jnp.take(self.embed[...], tokens, axis=0)
         if cfg.position_encoding == "learned":
@@ -195,16 +258,19 @@ class Transformer(nnx.Module):
         rope = _rope_tables(cfg, positions) if cfg.position_encoding == "rope" else None
         index = jnp.zeros((), jnp.int32) if cache is None else cache.index
         bias = _attention_bias(cfg, mask, tokens.shape[1], index)
-        new_k, new_v = [], []
-        for i, layer in enumerate(self.layers):
-            layer_cache = None if cache is None else (cache.keys[i], cache.values[i])
-            x, layer_cache = layer(x, rope, bias, layer_cache, index)
-            if layer_cache is not None:
-                new_k.append(layer_cache[0])
-                new_v.append(layer_cache[1])
+        if layers is None:
+            layers = nnx.to_pure_dict(nnx.state(self.layers))
+        kv = None if cache is None else (cache.keys, cache.values)
+        collect = collect_kv and cache is None
+        if isinstance(layers, (tuple, list)) or not cfg.scan_layers:
+            x, kv = _unrolled_blocks(cfg, layers, x, rope, bias, kv, index, collect)
+        else:
+            x, kv = _scanned_blocks(cfg, layers, x, rope, bias, kv, index, collect)
         hidden = self.final_norm(x)
+        if collect:
+            return hidden, kv
         if cache is not None:
-            cache = KVCache(tuple(new_k), tuple(new_v), cache.index + tokens.shape[1])
+            cache = KVCache(kv[0], kv[1], cache.index + tokens.shape[1])
         return hidden, cache
 
     def logits(self, hidden: jax.Array) -> jax.Array:
@@ -212,6 +278,84 @@ class Transformer(nnx.Module):
         # every log-prob by ~1e-2, enough to move the PPO ratio off 1 whenever two passes round differently.
         kernel = self.embed[...].T if self.cfg.tie_word_embeddings else self.lm_head.kernel[...]
         return jnp.matmul(hidden, kernel.astype(hidden.dtype), preferred_element_type=jnp.float32)
+
+
+def check_positions(cfg: ModelConfig, length: int, where: str) -> None:
+    """Raise (at trace time) when ``length`` columns need more rows than a learned position table has:
+    ``jnp.take`` would read past the table and return NaN."""
+    if cfg.position_encoding == "learned" and length > cfg.max_position_embeddings:
+        raise ValueError(
+            f"{where}: sequence length {length} exceeds the model's learned position table "
+            f"(max_position_embeddings={cfg.max_position_embeddings})"
+        )
+
+
+@functools.lru_cache(maxsize=64)
+def _block_graph(cfg: ModelConfig):
+    return nnx.split(nnx.eval_shape(lambda: Block(cfg, nnx.Rngs(0))))
+
+
+def _block(cfg: ModelConfig, layer_params: Params) -> Block:
+    """A :class:`Block` holding one layer's params (a pure dict without the layer axis)."""
+    graphdef, abstract = _block_graph(cfg)
+    state = jax.tree.map(lambda x: x, abstract)
+    nnx.replace_by_pure_dict(state, layer_params)
+    return nnx.merge(graphdef, state)
+
+
+def _scanned_blocks(cfg: ModelConfig, layers: Params, x, rope, bias, kv, index, collect: bool = False):
+    """The blocks as one ``lax.scan`` over the stacked params: XLA compiles a single block.
+
+    The stacked cache is part of the scan's carry, not its inputs/outputs: each layer writes its new
+    columns into the carried buffers with a dynamic-update-slice (in place) and reads its own slice. As
+    scanned inputs and outputs instead, the whole cache would be copied into a fresh output buffer every
+    call, i.e. every decode step. ``collect``: no cache; each layer's new keys/values are the scan's
+    outputs (stacked), returned in place of the cache.
+    """
+
+    def body(carry, xs):
+        x, kv = carry
+        layer_params, i = xs
+        layer_cache = FreshKV() if collect else None if kv is None else LayerCache(kv[0], kv[1], i, index)
+        x, layer_cache = _block(cfg, layer_params)(x, rope, bias, layer_cache)
+        if collect:
+            return (x, None), (layer_cache.keys, layer_cache.values)
+        return (x, None if kv is None else (layer_cache.keys, layer_cache.values)), None
+
+    (x, kv), fresh = jax.lax.scan(body, (x, kv), (layers, jnp.arange(cfg.num_layers)))
+    return x, fresh if collect else kv
+
+
+def _unrolled_blocks(cfg: ModelConfig, layers: Params | tuple, x, rope, bias, kv, index,
+                     collect: bool = False):
+    """The blocks as a Python loop (one copy of the block per layer in the program)."""
+    stacked_cache = kv is not None and not isinstance(kv[0], (tuple, list))
+    keys, values = ([], []) if kv is None or stacked_cache else (list(kv[0]), list(kv[1]))
+    if collect:
+        keys, values = [None] * cfg.num_layers, [None] * cfg.num_layers
+    for i in range(cfg.num_layers):
+        if isinstance(layers, (tuple, list)):
+            layer_params = layers[i]
+        else:
+            layer_params = jax.tree.map(lambda w, i=i: w[i], layers)
+        if collect:
+            layer_cache = FreshKV()
+        elif kv is None:
+            layer_cache = None
+        elif stacked_cache:
+            layer_cache = LayerCache(kv[0], kv[1], i, index)
+        else:
+            layer_cache = LayerCache(keys[i], values[i], None, index)
+        x, layer_cache = _block(cfg, layer_params)(x, rope, bias, layer_cache)
+        if layer_cache is None:
+            continue
+        if stacked_cache:
+            kv = (layer_cache.keys, layer_cache.values)
+        else:
+            keys[i], values[i] = layer_cache.keys, layer_cache.values
+    if (kv is None or stacked_cache) and not collect:
+        return x, kv
+    return x, (tuple(keys), tuple(values))
 
 
 def _rope_tables(cfg: ModelConfig, positions: jax.Array) -> tuple[jax.Array, jax.Array]:
@@ -240,6 +384,27 @@ def _graph(cfg: ModelConfig):
     return nnx.split(abstract)
 
 
+def _is_float(x: Any) -> bool:
+    return jnp.issubdtype(x.dtype, jnp.floating)
+
+
+def unstack_layers(params: Params) -> Params:
+    """``params`` with ``params["layers"]`` split into ``{0: layer-0 tree, 1: …}`` (the per-layer layout
+    of checkpoints and of older params); numpy or jax arrays."""
+    layers = params["layers"]
+    num_layers = jax.tree.leaves(layers)[0].shape[0]
+    per_layer = {i: jax.tree.map(lambda w, i=i: w[i], layers) for i in range(num_layers)}
+    return {**params, "layers": per_layer}
+
+
+def stack_layers(params: Params) -> Params:
+    """Inverse of :func:`unstack_layers`: ``{0: tree, 1: …}`` under ``"layers"`` → one stacked tree."""
+    layers = params["layers"]
+    order = sorted(layers, key=int)
+    stack = np.stack if all(isinstance(w, np.ndarray) for w in jax.tree.leaves(layers)) else jnp.stack
+    return {**params, "layers": jax.tree.map(lambda *ws: stack(ws), *[layers[i] for i in order])}
+
+
 @dataclasses.dataclass(frozen=True)
 class LanguageModel:
     """A transformer used functionally. Hashable, so it can be a static argument of ``jax.jit``."""
@@ -255,15 +420,41 @@ class LanguageModel:
         """Shapes and dtypes of the params pytree (``jax.ShapeDtypeStruct`` leaves), without allocating."""
         return nnx.to_pure_dict(_graph(self.config)[1])
 
+    def cast_params(self, params: Params) -> Params:
+        """Floating-point params in the compute dtype (a no-op in float32). A loop that calls the model
+        many times (decoding) casts once before the loop instead of once per call."""
+        dtype = jnp.dtype(self.config.dtype)
+        return jax.tree.map(lambda p: p.astype(dtype) if _is_float(p) and p.dtype != dtype else p, params)
+
+    def decode_params(self, params: Params) -> Params:
+        """The params a decode loop should close over: cast to the compute dtype once and, unless
+        ``config.scan_decode``, split into one buffer per layer (``params["layers"]`` a tuple), so that no
+        step slices (copies) a layer out of the stack."""
+        params = self.cast_params(params)
+        if not self.config.scan_decode:
+            per_layer = unstack_layers(params)["layers"]
+            params = {**params, "layers": tuple(per_layer[i] for i in range(self.config.num_layers))}
+        return params
+
+    def decode_cache(self, cache: KVCache) -> KVCache:
+        """The cache in the layout of :meth:`decode_params`' forward: one buffer per layer unless
+        ``config.scan_decode`` (a copy of a stacked cache, made once, e.g. after the prefill)."""
+        if self.config.scan_decode or isinstance(cache.keys, (tuple, list)):
+            return cache
+        split = lambda x: tuple(x[i] for i in range(self.config.num_layers))
+        return KVCache(split(cache.keys), split(cache.values), cache.index)
+
     def bind(self, params: Params) -> Transformer:
-        """The NNX module holding ``params`` (cast to the compute dtype). Use inside a traced function."""
+        """The NNX module holding ``params`` (cast to the compute dtype). Use inside a traced function.
+
+        ``params["layers"]`` may be a tuple of per-layer trees (:meth:`decode_params`); the module's
+        stacked layers are then left abstract and the tuple is passed to each call by :meth:`forward`.
+        """
         graphdef, abstract = _graph(self.config)
         state = jax.tree.map(lambda x: x, abstract)
-        dtype = jnp.dtype(self.config.dtype)
-        if dtype != jnp.float32:
-            params = jax.tree.map(
-                lambda p: p.astype(dtype) if jnp.issubdtype(p.dtype, jnp.floating) else p, params
-            )
+        params = self.cast_params(params)
+        if isinstance(params["layers"], (tuple, list)):
+            params = {k: v for k, v in params.items() if k != "layers"}
         nnx.replace_by_pure_dict(state, params)
         return nnx.merge(graphdef, state)
 
@@ -278,8 +469,49 @@ class LanguageModel:
         """Final-norm hidden states [B, T, d] and the updated cache.
 
         tokens, positions: [B, T] int32. mask: [B, S] with S = T without a cache, S = cache length with one.
+        Raises ValueError when S exceeds a learned position table.
         """
-        return self.bind(params)(tokens, positions, mask, cache)
+        return self._call(params, tokens, positions, mask, cache)[1:]
+
+    def _call(self, params, tokens, positions, mask, cache):
+        module = self.bind(params)
+        layers = params["layers"]
+        layers = self.cast_params(layers) if isinstance(layers, (tuple, list)) else None
+        hidden, cache = module(tokens, positions, mask, cache, layers)
+        return module, hidden, cache
+
+    def prefill(
+        self, params: Params, tokens: jax.Array, positions: jax.Array, mask: jax.Array, length: int
+    ) -> tuple[jax.Array, KVCache]:
+        """A cacheless pass over the prompts [B, P] (``mask`` [B, P]) that returns the hidden states and a
+        cache of ``length`` ≥ P columns holding the prompt's keys and values, index P, already in the
+        layout a decode loop carries (:meth:`decode_cache`).
+
+        The same numbers as :meth:`forward` over :meth:`init_cache`, without its costs: the attention reads
+        the P prompt columns rather than ``length``, no scanned layer reads its slice of a stacked cache, and
+        each layer's buffer is written once (the prompt and zero columns) instead of zero-filled, updated and
+        then split per layer.
+        """
+        cfg = self.config
+        prompt_len = tokens.shape[1]
+        if length < prompt_len:
+            raise ValueError(f"LanguageModel.prefill: cache length {length} < prompt length {prompt_len}")
+        check_positions(cfg, length, "LanguageModel.prefill")
+        module = self.bind(params)
+        layers = params["layers"]
+        layers = self.cast_params(layers) if isinstance(layers, (tuple, list)) else None
+        hidden, (keys, values) = module(tokens, positions, mask, None, layers, collect_kv=True)
+        dtype = jnp.dtype(cfg.dtype)
+        extra = length - prompt_len
+        pad_k = lambda k: jnp.pad(k.astype(dtype), [(0, 0)] * (k.ndim - 1) + [(0, extra)])
+        pad_v = lambda v: jnp.pad(v.astype(dtype), [(0, 0)] * (v.ndim - 2) + [(0, extra), (0, 0)])
+        if cfg.scan_decode:
+            keys, values = (jnp.stack(x) if isinstance(x, tuple) else x for x in (keys, values))
+            keys, values = pad_k(keys), pad_v(values)
+        else:
+            split = lambda x: tuple(x) if isinstance(x, tuple) else tuple(x[i] for i in range(cfg.num_layers))
+            keys, values = tuple(map(pad_k, split(keys))), tuple(map(pad_v, split(values)))
+        return hidden, KVCache(keys, values, jnp.asarray(prompt_len, jnp.int32))
 
     def logits(self, params: Params, hidden: jax.Array) -> jax.Array:
         """LM-head logits in float32, [..., vocab]."""
@@ -294,16 +526,19 @@ class LanguageModel:
         cache: KVCache | None = None,
     ) -> tuple[jax.Array, jax.Array, KVCache | None]:
         """``(logits [B,T,V] float32, hidden [B,T,d], cache)``."""
-        module = self.bind(params)
-        hidden, cache = module(tokens, positions, mask, cache)
+        module, hidden, cache = self._call(params, tokens, positions, mask, cache)
         return module.logits(hidden), hidden, cache
 
     def init_cache(self, batch: int, length: int, dtype: Any = None) -> KVCache:
-        """An empty cache of ``length`` columns (prompt + new tokens), in the compute dtype by default."""
+        """An empty cache of ``length`` columns (prompt + new tokens), in the compute dtype by default:
+        stacked ``[L, …]`` buffers when the blocks are scanned, one buffer per layer when unrolled."""
         cfg = self.config
         dtype = jnp.dtype(dtype or cfg.dtype)
         k_shape = (batch, cfg.num_kv_heads, cfg.head_dim, length)
         v_shape = (batch, cfg.num_kv_heads, length, cfg.head_dim)
+        if cfg.scan_layers:
+            stacked = lambda shape: jnp.zeros((cfg.num_layers, *shape), dtype)
+            return KVCache(stacked(k_shape), stacked(v_shape), jnp.zeros((), jnp.int32))
         return KVCache(
             tuple(jnp.zeros(k_shape, dtype) for _ in range(cfg.num_layers)),
             tuple(jnp.zeros(v_shape, dtype) for _ in range(cfg.num_layers)),

@@ -15,6 +15,7 @@ from jaxrlhf.oracle.annotators import (
     quantised_ratings,
 )
 from jaxrlhf.oracle.base import FunctionOracle, Oracle, decode_batch, rollout_reward_inputs
+from jaxrlhf.oracle.batch_rewards import BatchFunctionOracle, RewardFunctionError
 from jaxrlhf.oracle.feedback_records import AnnotatorConfig, annotate_pool, coverage_report
 from jaxrlhf.oracle.registry import (
     RewardSpecError,
@@ -43,12 +44,14 @@ __all__ = [
     "PAD_ID",
     "UNK_ID",
     "AnnotatorConfig",
+    "BatchFunctionOracle",
     "DigitSortOracle",
     "DigitSortTask",
     "FunctionOracle",
     "Oracle",
     "RandomWalkOracle",
     "RandomWalkTask",
+    "RewardFunctionError",
     "RewardSpecError",
     "Task",
     "TokenFunctionOracle",

@@ -10,23 +10,35 @@ alike. ``spec`` is
 
 The object found may be an :class:`Oracle`, an ``Oracle`` subclass (built with no arguments), or a function
 in one of the forms of :func:`reward_form`: ``fn(prompt: str, response: str) -> float`` (one call per sample,
-on the host) or ``fn(prompt_tokens, prompt_mask, response_tokens, response_mask) -> [B]`` (one call per
-batch; jittable when registered with ``jittable=True`` or carrying ``fn.jittable = True``).
+on the host), TRL's ``fn(prompts, completions, **columns) -> list[float]`` (one call per batch, on the
+host; :mod:`jaxrlhf.oracle.batch_rewards`) or ``fn(prompt_tokens, prompt_mask, response_tokens,
+response_mask) -> [B]`` (one call per batch; jittable when registered with ``jittable=True`` or carrying
+``fn.jittable = True``).
+
+A user's function is wrapped so that anything it raises, or a score that is not a number, becomes one
+:class:`RewardFunctionError` naming the reward (and the file and line it failed at), never a traceback from
+deep inside a trainer.
 """
 
 from __future__ import annotations
 
+import functools
 import inspect
+import numbers
 from collections.abc import Callable
 from typing import Any, Literal, NamedTuple
 
+import jax
+import numpy as np
 import yaml
 
-from jaxrlhf.config import import_object
+from jaxrlhf.config import describe_exception, import_object
 from jaxrlhf.oracle.base import FunctionOracle, Oracle
+from jaxrlhf.oracle.batch_rewards import BatchFunctionOracle, RewardFunctionError, is_batch_reward
 from jaxrlhf.oracle.token_rewards import TokenFunctionOracle, length_reward, token_count_reward
 
-RewardForm = Literal["text", "tokens"]
+RewardForm = Literal["text", "batch", "tokens"]
+FORMS: tuple[str, ...] = ("text", "batch", "tokens")
 
 
 class RewardSpecError(ValueError):
@@ -44,18 +56,22 @@ _FACTORIES: dict[str, tuple[str, Callable[[str, Any], Oracle]]] = {}
 
 
 def reward_form(fn: Callable[..., Any]) -> RewardForm:
-    """Which signature a reward function has, by its required positional parameters (or ``fn.reward_form``):
+    """Which signature a reward function has (or its ``fn.reward_form`` attribute says):
 
-    * ``"text"``: ``fn(prompt: str, response: str) -> float``, called once per sample on the host;
-    * ``"tokens"``: ``fn(prompt_tokens, prompt_mask, response_tokens, response_mask) -> [B]``, once per batch.
-
-    (TRL's batch form ``fn(prompts, completions, **columns) -> list[float]`` is to be added here as a third.)
+    * ``"batch"``: TRL's ``fn(prompts, completions, **columns) -> list[float]`` (a parameter named
+      ``completions``), called once per batch on the host with the data's other columns as keywords;
+    * ``"text"``: ``fn(prompt: str, response: str) -> float`` (two required positional parameters), called
+      once per sample on the host;
+    * ``"tokens"``: ``fn(prompt_tokens, prompt_mask, response_tokens, response_mask) -> [B]`` (four), once
+      per batch.
     """
     declared = getattr(fn, "reward_form", None)
     if declared is not None:
-        if declared not in ("text", "tokens"):
-            raise RewardSpecError(f"{fn!r}.reward_form: expected 'text' or 'tokens', got {declared!r}")
+        if declared not in FORMS:
+            raise RewardSpecError(f"{fn!r}.reward_form: expected one of {list(FORMS)}, got {declared!r}")
         return declared
+    if is_batch_reward(fn):
+        return "batch"
     try:
         parameters = inspect.signature(fn).parameters.values()
     except (TypeError, ValueError):
@@ -68,8 +84,8 @@ def reward_form(fn: Callable[..., Any]) -> RewardForm:
         return "tokens"
     raise RewardSpecError(
         f"{getattr(fn, '__qualname__', fn)!r} takes {len(positional)} required arguments: a reward is "
-        "fn(prompt, response) -> float or fn(prompt_tokens, prompt_mask, response_tokens, response_mask) "
-        "-> [B]"
+        "fn(prompt, response) -> float, fn(prompts, completions, **columns) -> list[float] or "
+        "fn(prompt_tokens, prompt_mask, response_tokens, response_mask) -> [B]"
     )
 
 
@@ -105,10 +121,58 @@ def as_reward(obj: Any, name: str, tokenizer: Any = None, jittable: bool | None 
         return obj()
     if not callable(obj):
         raise RewardSpecError(f"reward {name!r} resolved to {obj!r}, which is neither an Oracle nor callable")
-    if reward_form(obj) == "text":
-        return FunctionOracle(obj, tokenizer=tokenizer, name=name)
+    form = reward_form(obj)
+    fn = guarded(obj, form, name)
+    if form == "text":
+        return FunctionOracle(fn, tokenizer=tokenizer, name=name)
+    if form == "batch":
+        return BatchFunctionOracle(fn, tokenizer=tokenizer, name=name)
     jittable = bool(getattr(obj, "jittable", False)) if jittable is None else jittable
-    return TokenFunctionOracle(obj, jittable=jittable, tokenizer=tokenizer, name=name)
+    return TokenFunctionOracle(fn, jittable=jittable, tokenizer=tokenizer, name=name)
+
+
+def guarded(fn: Callable[..., Any], form: RewardForm, name: str) -> Callable[..., Any]:
+    """``fn`` (same signature and attributes; the original as ``__wrapped__``) raising one
+    :class:`RewardFunctionError` that names the reward for anything it raises, and, in the text form, for
+    a score that is not a real number."""
+    if getattr(fn, "_jaxrlhf_guarded", False):
+        return fn
+
+    @functools.wraps(fn)
+    def call(*args: Any, **kwargs: Any) -> Any:
+        try:
+            out = fn(*args, **kwargs)
+        except RewardFunctionError:
+            raise
+        except Exception as e:
+            where = f" on prompt {args[0]!r:.60}" if form == "text" and args else ""
+            raise RewardFunctionError(f"reward {name!r} raised {describe_exception(e)}{where}") from e
+        if form == "text" and not _is_real(out):
+            raise RewardFunctionError(
+                f"reward {name!r} returned {type(out).__name__} {out!r:.60}; expected a float "
+                f"(fn(prompt, response) -> float)")
+        if form == "tokens" and args and not any(isinstance(a, jax.core.Tracer) for a in (*args, out)):
+            shape, batch = np.shape(out), np.shape(args[0])[:1]
+            if tuple(shape) != tuple(batch):
+                raise RewardFunctionError(f"reward {name!r} returned shape {tuple(shape)}, expected {batch} "
+                                          "(one score per row)")
+        return out
+
+    call._jaxrlhf_guarded = True  # type: ignore[attr-defined]
+    return call
+
+
+def _is_real(value: Any) -> bool:
+    if isinstance(value, numbers.Real):
+        return True
+    return np.ndim(value) == 0 and np.issubdtype(np.asarray(value).dtype, np.number) and not np.iscomplexobj(
+        value)
+
+
+def is_import_path(spec: str) -> bool:
+    """Whether :func:`get_reward` reads ``spec`` as an import path (not a registered name or built-in)."""
+    prefix, colon, _ = spec.partition(":")
+    return spec not in _REGISTRY and not (colon and prefix in _FACTORIES) and (bool(colon) or "." in spec)
 
 
 def get_reward(spec: str, tokenizer: Any = None) -> Oracle:

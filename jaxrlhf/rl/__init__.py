@@ -76,7 +76,7 @@ from jaxrlhf.rl.reward_norm import (
     running_moments_update,
     running_moments_var,
 )
-from jaxrlhf.rl.reward_shaping import soft_overlong_penalty
+from jaxrlhf.rl.reward_shaping import score_at_last_token, soft_overlong_penalty
 from jaxrlhf.rl.value_guidance import (
     blockwise_value_probs,
     blockwise_value_select,
@@ -148,6 +148,7 @@ __all__ = [
     "running_moments_std",
     "running_moments_update",
     "running_moments_var",
+    "score_at_last_token",
     "sequence_to_token_advantages",
     "soft_overlong_penalty",
     "split_groups",

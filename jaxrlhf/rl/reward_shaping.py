@@ -1,9 +1,27 @@
-"""Reward shaping on a response's length: DAPO's soft over-long penalty."""
+"""Reward shaping: a sequence-level score placed as a token reward, and DAPO's soft over-long penalty."""
 
 from __future__ import annotations
 
 import chex
 import jax.numpy as jnp
+
+
+def score_at_last_token(score: chex.Array, mask: chex.Array) -> chex.Array:
+    """A sequence-level score as a token reward at each row's last real token.
+
+    r[b, t] = score[b]·1[t = max{t' : mask[b, t'] = 1}].
+    score: [B], mask: [B, T] (1 for real tokens; a response is right-padded, so its last real token is
+    where it ended — eos included) → rewards [B, T] float32, 0 everywhere else. A row without a real token
+    gets no reward. Writing the score at column ``-1`` instead would put it on padding for every response
+    that stopped early, and the mask would then drop it.
+    """
+    chex.assert_rank([score, mask], [1, 2])
+    chex.assert_equal_shape_prefix([score, mask], 1)
+    real = jnp.asarray(mask).astype(bool)
+    positions = jnp.arange(real.shape[1])
+    last = jnp.max(jnp.where(real, positions, -1), axis=1)  # [B]; −1 for an empty row
+    at_last = positions[None, :] == last[:, None]
+    return jnp.where(at_last, jnp.asarray(score, jnp.float32)[:, None], 0.0)
 
 
 def soft_overlong_penalty(lengths: chex.Array, max_length: int, cache_length: int) -> chex.Array:

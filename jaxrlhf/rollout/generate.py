@@ -1,9 +1,24 @@
 """Jitted generation: one prefill over the left-padded prompts, then a ``lax.while_loop`` decode over a
 preallocated KV cache. No Python runs per token.
 
-The log-prob returned for each sampled token is ``log softmax(logits / T)[token]`` computed by
-:func:`jaxrlhf.rl.token_logprobs`, the same function and the same positions/mask a fresh forward pass over
-the finished sequence uses, so the PPO ratio is 1 before the first update.
+Log-probs. Each sampled token's log-prob is that of the distribution it was drawn from (the behaviour
+policy's). Without filtering that is ``log softmax(logits / T)[token]``, computed by
+:func:`jaxrlhf.rl.token_logprobs` (the same function, positions and mask a fresh forward pass over the
+finished sequence uses), so the PPO ratio is 1 before the first update. With top-k, top-p or
+``min_new_tokens`` the token was drawn from the tempered logits with the excluded tokens removed and the rest
+renormalised, ``log softmax(filtered(logits / T))[token]``, which is *not* what a fresh forward pass
+computes: it is larger by −log(kept mass). On-policy RL should therefore not sample with filters (its
+ratio would read 1 while the update is off-policy).
+
+Group sampling. With ``group_size`` n each prompt is prefilled once and its KV cache copied to n rows
+(rows ``i·n … i·n + n − 1`` belong to prompt i), then the B·n rows decode as a batch of B·n: a group's
+responses are independent samples, each row drawing its own uniforms, and equal, row for row, what
+generating from the n-times repeated prompts with the same key gives.
+
+Value guidance (``guidance``, :mod:`jaxrlhf.rollout.guidance`): every step's distribution is tilted by
+learned Q values, π_β(a|s) ∝ π_base(a|s)·exp(β·Q(s, a)), π_base the tempered and filtered distribution the
+unguided sampler would use; tokens are drawn (or, greedy, arg-maxed) from π_β inside the loop, their
+log-probs are log π_β, and ``Rollout.kl`` sums the exact per-step KL(π_β ‖ π_base) over each response.
 """
 
 from __future__ import annotations
@@ -17,16 +32,17 @@ import jax.numpy as jnp
 
 from jaxrlhf.models.transformer import LanguageModel, Params, positions_from_mask
 from jaxrlhf.rl.policy_losses import token_logprobs
-from jaxrlhf.rollout.sampling import SamplingConfig, sample_tokens
+from jaxrlhf.rollout.guidance import ValueGuidance, guided_step
+from jaxrlhf.rollout.sampling import SamplingConfig, inverse_cdf_sample, sampling_logits
 
 
 @dataclasses.dataclass(frozen=True)
 class GenerationConfig:
-    """Lengths, stopping and sampling of :func:`generate` (frozen: a static jit argument).
+    """Lengths, stopping, sampling and grouping of :func:`generate` (frozen: a static jit argument).
 
     Tokens are sampled until ``max_new_tokens`` or a token in ``stop_token_ids`` (kept in the response and
     its mask); stop tokens are suppressed before ``min_new_tokens``. Finished rows are filled with
-    ``pad_token_id`` and masked out.
+    ``pad_token_id`` and masked out. ``group_size`` n: n responses per prompt from one prefill.
     """
 
     max_new_tokens: int = 64
@@ -37,26 +53,37 @@ class GenerationConfig:
     greedy: bool = False
     stop_token_ids: tuple[int, ...] = ()
     pad_token_id: int = 0
+    group_size: int = 1
 
     def __post_init__(self) -> None:
         if self.max_new_tokens < 1:
             raise ValueError(f"max_new_tokens must be >= 1, got {self.max_new_tokens}")
         if not 0 <= self.min_new_tokens <= self.max_new_tokens:
             raise ValueError(f"min_new_tokens must be in [0, max_new_tokens], got {self.min_new_tokens}")
+        if self.group_size < 1:
+            raise ValueError(f"group_size must be >= 1, got {self.group_size}")
         self.sampling  # noqa: B018 - validates the sampling fields
 
     @property
     def sampling(self) -> SamplingConfig:
         return SamplingConfig(self.temperature, self.top_k, self.top_p, self.greedy)
 
+    @property
+    def filtered(self) -> bool:
+        """Whether tokens are drawn from a filtered distribution (top-k, top-p, or stop tokens blocked
+        by ``min_new_tokens``), so that the returned log-probs differ from a fresh forward pass's."""
+        blocks_stops = self.min_new_tokens > 0 and bool(self.stop_token_ids)
+        return not self.greedy and (self.top_k > 0 or self.top_p < 1.0 or blocks_stops)
+
 
 class Rollout(NamedTuple):
-    """Output of :func:`generate`. P = prompt length, N = max_new_tokens.
+    """Output of :func:`generate`. P = prompt length, N = max_new_tokens, R = B · group_size rows.
 
-    sequences [B, P+N]: prompt then response. sequence_mask [B, P+N]: real tokens (prompt and response).
-    response_tokens / response_mask / logprobs [B, N]: the sampled tokens (pad after a stop token), 1 up to
-    and including the stop token, and their log-probs under the tempered distribution (0 where masked).
-    stopped [B]: whether a stop token was produced.
+    sequences [R, P+N]: prompt then response. sequence_mask [R, P+N]: real tokens (prompt and response).
+    response_tokens / response_mask / logprobs [R, N]: the sampled tokens (pad after a stop token), 1 up to
+    and including the stop token, and their log-probs under the distribution they were sampled from
+    (module docstring; 0 where masked). stopped [R]: whether a stop token was produced. kl [R]: with value
+    guidance, Σ_t KL(π_β(·|s_t) ‖ π_base(·|s_t)) over the response's steps (exact per step); 0 without.
     """
 
     sequences: jax.Array
@@ -65,16 +92,83 @@ class Rollout(NamedTuple):
     response_mask: jax.Array
     logprobs: jax.Array
     stopped: jax.Array
+    kl: jax.Array | None = None
 
 
 class _Loop(NamedTuple):
     step: jax.Array
-    token: jax.Array  # [B] last sampled token
-    done: jax.Array  # [B]
+    token: jax.Array  # [R] last sampled token
+    done: jax.Array  # [R]
     cache: object
-    tokens: jax.Array  # [B, N]
-    mask: jax.Array  # [B, N]
-    logprobs: jax.Array  # [B, N]
+    tokens: jax.Array  # [R, N]
+    mask: jax.Array  # [R, N]
+    logprobs: jax.Array  # [R, N]
+    kl: jax.Array  # [R] KL to the base policy so far (value guidance)
+
+
+def check_lengths(model: LanguageModel, prompt_length: int, config: GenerationConfig) -> None:
+    """Raise when prompt + new tokens need more positions than a learned position table holds."""
+    cfg = model.config
+    total = prompt_length + config.max_new_tokens
+    if cfg.position_encoding == "learned" and total > cfg.max_position_embeddings:
+        raise ValueError(
+            f"generate: prompt length {prompt_length} + max_new_tokens {config.max_new_tokens} = {total} "
+            f"exceeds the model's learned position table (max_position_embeddings="
+            f"{cfg.max_position_embeddings})"
+        )
+
+
+def repeat_rows(tree, n: int):
+    """Each row of every [B, ...] leaf repeated n times in place: rows i·n … i·n + n − 1 copy row i."""
+    return jax.tree.map(lambda x: jnp.repeat(x, n, axis=0), tree) if n > 1 else tree
+
+
+def _repeat_cache_rows(cache, n: int):
+    """The cache's batch axis (axis 0 of a per-layer buffer, axis 1 of a stacked one) repeated n times."""
+    if n == 1:
+        return cache
+    axis = 0 if isinstance(cache.keys, (tuple, list)) else 1
+    rep = lambda x: jnp.repeat(x, n, axis=axis)
+    return cache._replace(keys=jax.tree.map(rep, cache.keys), values=jax.tree.map(rep, cache.values))
+
+
+class Prefill(NamedTuple):
+    """What :func:`prefill` hands to the decode loop, for R = B · group_size rows."""
+
+    logits: jax.Array  # [R, V] float32 next-token logits after the prompt
+    cache: object  # KVCache with the prompt's P columns written, in the decode loop's layout
+    cache_mask: jax.Array  # [R, P+N] the prompt mask, then ones for the response columns
+    params: Params  # the params in the decode loop's layout (LanguageModel.decode_params)
+    hidden: jax.Array | None = None  # [R, d] the last prompt column's hidden state (for value guidance)
+
+
+def prefill(
+    model: LanguageModel,
+    params: Params,
+    prompt_tokens: jax.Array,
+    prompt_mask: jax.Array,
+    config: GenerationConfig,
+) -> Prefill:
+    """One forward pass over each left-padded prompt [B, P]; its last-column logits and its KV cache are then
+    copied to the prompt's ``group_size`` rows (rows i·n … i·n + n − 1 for prompt i). Jittable.
+
+    FLOPs: a prefill of B rows, not B · n; the copies cost one write of the R-row cache.
+    """
+    num_prompts, prompt_len = prompt_tokens.shape
+    check_lengths(model, prompt_len, config)
+    group, n = config.group_size, config.max_new_tokens
+    prompt_mask = prompt_mask.astype(jnp.int32)
+    # Columns of future tokens are marked real; causality hides them until they are written.
+    cache_mask = jnp.concatenate([prompt_mask, jnp.ones((num_prompts, n), jnp.int32)], axis=1)
+    # Weights in the compute dtype once, outside the decode loop.
+    params = model.cast_params(params)
+    hidden, cache = model.prefill(params, prompt_tokens.astype(jnp.int32), positions_from_mask(prompt_mask),
+                                  prompt_mask, prompt_len + n)
+    logits = repeat_rows(model.logits(params, hidden[:, -1]), group)
+    # The prompt's cache, in the decode loop's layout, copied to the group's rows.
+    cache = _repeat_cache_rows(cache, group)
+    return Prefill(logits, cache, repeat_rows(cache_mask, group), model.decode_params(params),
+                   repeat_rows(hidden[:, -1], group))
 
 
 @functools.partial(jax.jit, static_argnames=("model", "config"))
@@ -85,34 +179,63 @@ def generate(
     prompt_mask: jax.Array,
     key: jax.Array,
     config: GenerationConfig,
+    guidance: ValueGuidance | None = None,
 ) -> Rollout:
-    """Sample responses to a left-padded prompt batch ``prompt_tokens``/``prompt_mask`` [B, P].
+    """Sample ``config.group_size`` responses to each prompt of a left-padded batch
+    ``prompt_tokens``/``prompt_mask`` [B, P]; returns B · group_size rows, prompt-major.
 
-    Compiles once per (B, P, config); new prompts and a new key reuse the compiled program.
+    ``guidance``: value-guided decoding (module docstring); its β is an array, so a new β reuses the
+    compiled program.
+
+    Compiles once per (B, P, config); new prompts and a new key reuse the compiled program. Raises
+    ValueError (while tracing) when P + max_new_tokens exceeds a learned position table.
     """
-    batch, prompt_len = prompt_tokens.shape
+    num_prompts, prompt_len = prompt_tokens.shape
+    group = config.group_size
+    batch = num_prompts * group
     n = config.max_new_tokens
     sampling = config.sampling
     stop_ids = jnp.asarray(config.stop_token_ids or (-1,), jnp.int32)
+    prompt_tokens = prompt_tokens.astype(jnp.int32)
     prompt_mask = prompt_mask.astype(jnp.int32)
-    # Columns of future tokens are marked real; causality hides them until they are written.
-    cache_mask = jnp.concatenate([prompt_mask, jnp.ones((batch, n), jnp.int32)], axis=1)
-    first_position = jnp.sum(prompt_mask, axis=1)  # [B] position of the first response token
+    # PREFILL: each prompt once; only the last column's logits are needed.
+    logits, cache, cache_mask, params, hidden = prefill(model, params, prompt_tokens, prompt_mask, config)
+    first_position = jnp.sum(cache_mask[:, :prompt_len], axis=1)  # [R] position of the first response token
 
-    def choose(step, logits, key, done):
-        """Sample the token at response index ``step`` from next-token ``logits`` [B, V]."""
+    def choose(step, logits, hidden, key, done):
+        """Sample the token at response index ``step`` from next-token ``logits`` [R, V] (and, guided, the
+        step's ``hidden`` [R, d]); returns (token, log-prob, done, KL to the base policy)."""
         allowed = logits
         if config.min_new_tokens > 0 and config.stop_token_ids:
             blocked = jnp.zeros(logits.shape[-1], bool).at[stop_ids].set(True)
             allowed = jnp.where((step < config.min_new_tokens) & blocked, -jnp.inf, logits)
-        token = sample_tokens(jax.random.fold_in(key, step), allowed, sampling)
-        # The log-prob comes from the unfiltered tempered distribution, as in every training forward pass.
-        logprob = token_logprobs(logits, token, sampling.temperature)
+        step_key = jax.random.fold_in(key, step)
+        kl = jnp.zeros(logits.shape[:1], jnp.float32)
+        if guidance is not None:
+            # The base is what the unguided sampler draws from: tempered and filtered.
+            guided, kl = guided_step(sampling_logits(allowed, sampling), hidden, guidance)
+            if sampling.greedy:
+                token = jnp.argmax(guided, axis=-1).astype(jnp.int32)
+            else:
+                token = inverse_cdf_sample(step_key, guided)
+            logprob = token_logprobs(guided, token)
+        elif sampling.greedy:
+            token = jnp.argmax(allowed, axis=-1).astype(jnp.int32)
+            logprob = token_logprobs(logits, token, sampling.temperature)
+        elif config.filtered:
+            # The behaviour distribution: tempered, filtered, renormalised (see the module docstring).
+            filtered = sampling_logits(allowed, sampling)
+            token = inverse_cdf_sample(step_key, filtered)
+            logprob = token_logprobs(filtered, token)
+        else:
+            token = inverse_cdf_sample(step_key, sampling_logits(logits, sampling))
+            logprob = token_logprobs(logits, token, sampling.temperature)
         token = jnp.where(done, config.pad_token_id, token)
         logprob = jnp.where(done, 0.0, logprob)
-        return token, logprob, done | jnp.isin(token, stop_ids)
+        kl = jnp.where(done, 0.0, kl)
+        return token, logprob, done | jnp.isin(token, stop_ids), kl
 
-    def record(loop: _Loop, step, token, logprob, done) -> _Loop:
+    def record(loop: _Loop, step, token, logprob, done, kl) -> _Loop:
         col = lambda arr, value: jax.lax.dynamic_update_slice(
             arr, value[:, None].astype(arr.dtype), (0, step)
         )
@@ -123,14 +246,11 @@ def generate(
             mask=col(loop.mask, ~loop.done),
             logprobs=col(loop.logprobs, logprob),
             done=done,
+            kl=loop.kl + kl,
         )
 
-    # PREFILL: the whole prompt in one pass; only the last column's logits are needed.
-    cache = model.init_cache(batch, prompt_len + n)
-    hidden, cache = model.forward(params, prompt_tokens, positions_from_mask(prompt_mask), cache_mask, cache)
-    logits = model.logits(params, hidden[:, -1])
     no = jnp.zeros((batch,), bool)
-    token, logprob, done = choose(0, logits, key, no)
+    token, logprob, done, kl = choose(0, logits, hidden, key, no)
     loop = _Loop(
         jnp.int32(0),
         token,
@@ -139,27 +259,31 @@ def generate(
         jnp.full((batch, n), config.pad_token_id, jnp.int32),
         jnp.zeros((batch, n), jnp.int32),
         jnp.zeros((batch, n), jnp.float32),
+        jnp.zeros((batch,), jnp.float32),
     )
-    loop = record(loop, 0, token, logprob, done)
+    loop = record(loop, 0, token, logprob, done, kl)
 
     # DECODE: feed the last token, sample the next, until every row stopped or N tokens exist.
     def body(loop: _Loop) -> _Loop:
         step = loop.step + 1
         positions = (first_position + loop.step)[:, None]
         hidden, cache = model.forward(params, loop.token[:, None], positions, cache_mask, loop.cache)
-        token, logprob, done = choose(step, model.logits(params, hidden[:, 0]), key, loop.done)
-        return record(loop._replace(cache=cache), step, token, logprob, done)
+        token, logprob, done, kl = choose(step, model.logits(params, hidden[:, 0]), hidden[:, 0], key,
+                                          loop.done)
+        return record(loop._replace(cache=cache), step, token, logprob, done, kl)
 
     def cond(loop: _Loop) -> jax.Array:
         return (loop.step + 1 < n) & ~jnp.all(loop.done)
 
-    loop = jax.lax.while_loop(cond, body, loop)
+    with jax.named_scope("decode_loop"):  # found by name in the compiled program (rollout.loop_copies)
+        loop = jax.lax.while_loop(cond, body, loop)
     response_mask = loop.mask
     return Rollout(
-        sequences=jnp.concatenate([prompt_tokens.astype(jnp.int32), loop.tokens], axis=1),
-        sequence_mask=jnp.concatenate([prompt_mask, response_mask], axis=1),
+        sequences=jnp.concatenate([repeat_rows(prompt_tokens, group), loop.tokens], axis=1),
+        sequence_mask=jnp.concatenate([repeat_rows(prompt_mask, group), response_mask], axis=1),
         response_tokens=loop.tokens,
         response_mask=response_mask,
         logprobs=loop.logprobs,
         stopped=loop.done if config.stop_token_ids else jnp.zeros((batch,), bool),
+        kl=loop.kl,
     )

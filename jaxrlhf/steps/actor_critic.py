@@ -27,7 +27,7 @@ from jaxrlhf.steps.experience import (
 )
 from jaxrlhf.steps.guard import update_if
 from jaxrlhf.steps.params import CriticParams, PolicyParams
-from jaxrlhf.steps.rl_config import RLConfig
+from jaxrlhf.steps.rl_config import ActorCriticConfig, RLConfig
 from jaxrlhf.steps.state import TrainState, apply_gradients
 
 
@@ -55,7 +55,7 @@ def kl_controller(cfg: RLConfig) -> KLController:
     return KLController(init=fixed.init, update=update)
 
 
-def check_critic(where: str, cfg: RLConfig, critic_model: Any, critic_optimizer: Any) -> None:
+def check_critic(where: str, cfg: ActorCriticConfig, critic_model: Any, critic_optimizer: Any) -> None:
     separate = cfg.critic == "separate"
     if separate != (critic_model is not None) or separate != (critic_optimizer is not None):
         raise ValueError(
@@ -67,7 +67,7 @@ def check_critic(where: str, cfg: RLConfig, critic_model: Any, critic_optimizer:
 def actor_critic_outputs(
     policy_model: LanguageModel,
     critic_model: LanguageModel | None,
-    cfg: RLConfig,
+    cfg: ActorCriticConfig,
     params: ActorCriticParams,
     batch: Experience,
 ) -> ResponseOutputs:
@@ -89,6 +89,18 @@ def kl_loss_term(cfg: RLConfig, logprobs: jax.Array, batch: Experience) -> jax.A
     return kl_loss(logprobs, batch.ref_logprobs, batch.response_mask, cfg.effective_kl_estimator)
 
 
+def apply_actor_critic(
+    trainables: tuple[TrainState, TrainState | None],
+    grads: ActorCriticParams,
+    policy_optimizer: optax.GradientTransformation,
+    critic_optimizer: optax.GradientTransformation | None,
+) -> tuple[TrainState, TrainState | None]:
+    """One optimiser update of the policy and (with its own optimiser) the critic: ``(policy, critic)``."""
+    policy, critic = trainables
+    new_critic = None if critic is None else apply_gradients(critic, critic_optimizer, grads.critic)
+    return apply_gradients(policy, policy_optimizer, grads.policy), new_critic
+
+
 def apply_if(
     ok: jax.Array,
     policy: TrainState,
@@ -98,19 +110,17 @@ def apply_if(
     critic_optimizer: optax.GradientTransformation | None,
 ) -> tuple[TrainState, TrainState | None]:
     """Apply ``grads`` to the policy (and the critic, with its own optimiser) where ``ok``, else keep both."""
-
-    def apply(states):
-        policy, critic = states
-        new_critic = None if critic is None else apply_gradients(critic, critic_optimizer, grads.critic)
-        return apply_gradients(policy, policy_optimizer, grads.policy), new_critic
-
-    return update_if(ok, apply, (policy, critic))
+    return update_if(ok, lambda states: apply_actor_critic(states, grads, policy_optimizer, critic_optimizer),
+                     (policy, critic))
 
 
 def update_kl_controller(
     controller: KLController, state: KLControllerState, cfg: RLConfig, batch: Experience
 ) -> KLControllerState:
-    """β update from the batch's mean sequence KL (the config's estimator), n_steps = batch size."""
+    """β update from the batch's mean sequence KL (the config's estimator), n_steps = batch size.
+
+    ``batch``: any batch with ``old_logprobs``, ``ref_logprobs``, ``response_mask`` and ``sequences`` (an
+    :class:`Experience` or the critic-free ``GroupExperience``)."""
     observed = jnp.mean(sequence_kl(batch.old_logprobs, batch.ref_logprobs, batch.response_mask,
                                     cfg.effective_kl_estimator))
     return controller.update(state, observed, batch.sequences.shape[0])

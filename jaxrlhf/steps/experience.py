@@ -27,7 +27,7 @@ from jaxrlhf.rollout.generate import Rollout
 from jaxrlhf.rollout.scoring import response_hidden, response_logits, response_values
 from jaxrlhf.steps.choice import choose
 from jaxrlhf.steps.params import CriticParams, PolicyParams
-from jaxrlhf.steps.rl_config import RLConfig
+from jaxrlhf.steps.rl_config import ActorCriticConfig
 
 if TYPE_CHECKING:
     from jaxrlhf.steps.rl_iteration import ExperienceFn
@@ -107,7 +107,8 @@ def sequence_kl(
 
 
 def make_experience_fn(
-    policy_model: LanguageModel, ref_model: LanguageModel, critic_model: LanguageModel | None, cfg: RLConfig
+    policy_model: LanguageModel, ref_model: LanguageModel, critic_model: LanguageModel | None,
+    cfg: ActorCriticConfig,
 ) -> ExperienceFn:
     """``experience(policy_params, ref_params, critic_params, rollout, scores, kl_state) -> (Experience,
     metrics)``; pure and jittable.

@@ -4,6 +4,7 @@
   backbone (``None`` otherwise). A KL reference policy is a ``PolicyParams`` without a value head.
 - :class:`CriticParams` — a separate critic: its own backbone and value head.
 - :class:`RewardModelParams` — a reward model: backbone and scalar reward head.
+- :class:`ILQLParams` — ILQL's learner: backbone, Q heads over the vocabulary, V head, target Q heads.
 
 An SFT model is its bare LM params (``jaxrlhf.models.transformer.Params``): there is nothing beside the LM.
 Checkpoints store a NamedTuple by its field names, so an RL checkpoint holds the policy's LM at
@@ -39,3 +40,14 @@ class RewardModelParams(NamedTuple):
 
     lm: Params
     reward_head: HeadParams
+
+
+class ILQLParams(NamedTuple):
+    """ILQL's Q/V learner on an LM backbone (``jaxrlhf.steps.ilql``): the backbone, the online Q heads over
+    the vocabulary (usually two), the scalar V head, and the Polyak-averaged target Q heads (never trained by
+    the gradient: the step moves them towards the online heads)."""
+
+    lm: Params
+    q_heads: tuple[HeadParams, ...]
+    v_head: HeadParams
+    target_q_heads: tuple[HeadParams, ...]

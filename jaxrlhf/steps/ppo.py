@@ -2,16 +2,14 @@
 
     update(state: RLState, batch: Experience, key) -> (state, metrics)
 
-Epochs and minibatches are nested ``lax.scan``s (a fresh permutation of the rows per epoch from ``key``);
-each minibatch's gradient may be accumulated over micro-batches; an update whose loss or gradients are not
-finite is skipped (and counted); with ``target_kl_early_stop`` the first minibatch whose approx-KL exceeds
-1.5 × target is not applied and neither is any after it. The KL controller then sees the batch's KL.
+Epochs and minibatches run in :func:`jaxrlhf.steps.minibatch_epochs.minibatch_epochs` (the loop the
+critic-free update shares: shuffled minibatches, gradient accumulation, the non-finite guard, early stopping
+on approx-KL). The KL controller then sees the batch's KL.
 """
 
 from __future__ import annotations
 
-import math
-from typing import TYPE_CHECKING, NamedTuple
+from typing import TYPE_CHECKING
 
 import jax
 import jax.numpy as jnp
@@ -20,11 +18,10 @@ import optax
 from jaxrlhf.models.transformer import LanguageModel
 from jaxrlhf.rl.masked import masked_count, masked_mean
 from jaxrlhf.rl.policy_losses import ppo_policy_loss, value_loss
-from jaxrlhf.steps.accumulate import accumulate_gradients
 from jaxrlhf.steps.actor_critic import (
     ActorCriticParams,
     actor_critic_outputs,
-    apply_if,
+    apply_actor_critic,
     as_float32,
     check_critic,
     kl_controller,
@@ -32,10 +29,9 @@ from jaxrlhf.steps.actor_critic import (
     update_kl_controller,
 )
 from jaxrlhf.steps.experience import Experience
-from jaxrlhf.steps.guard import all_finite
+from jaxrlhf.steps.minibatch_epochs import check_minibatches, minibatch_epochs
 from jaxrlhf.steps.optim import current_learning_rate
 from jaxrlhf.steps.rl_config import PPOConfig
-from jaxrlhf.steps.sharding import shard_rows
 from jaxrlhf.steps.state import RLState, TrainState
 
 if TYPE_CHECKING:
@@ -60,7 +56,7 @@ def ppo_loss(
     out = actor_critic_outputs(policy_model, critic_model, cfg, params, batch)
     mask = batch.response_mask
     pg, pg_metrics = ppo_policy_loss(out.logprobs, batch.old_logprobs, batch.advantages, mask,
-                                     cfg.clip_eps, cfg.dual_clip)
+                                     cfg.clip_eps, cfg.dual_clip, clip_eps_high=cfg.clip_eps_high)
     vf, vf_metrics = value_loss(out.values, batch.old_values, batch.returns, mask, cfg.vf_clip_eps)
     entropy = masked_mean(out.entropy, mask)
     kl = kl_loss_term(cfg, out.logprobs, batch)
@@ -87,17 +83,6 @@ AVERAGED_METRICS = (
 )
 
 
-class _Carry(NamedTuple):
-    policy: TrainState
-    critic: TrainState | None
-    stopped: jax.Array  # bool: early stop triggered
-    sums: Metrics  # metric sums over applied minibatches
-    applied: jax.Array  # float32: minibatch updates applied
-    skips: jax.Array  # float32: non-finite updates skipped
-    first_ratio_abs_dev: jax.Array
-    index: jax.Array  # int32: minibatches seen
-
-
 def make_ppo_update(
     policy_model: LanguageModel,
     critic_model: LanguageModel | None,
@@ -117,66 +102,25 @@ def make_ppo_update(
     """
     check_critic("make_ppo_update", cfg, critic_model, critic_optimizer)
     controller = kl_controller(cfg)
-    threshold = math.inf if cfg.target_kl_early_stop is None else 1.5 * cfg.target_kl_early_stop
 
     def update(state: RLState, batch: Experience, key: jax.Array) -> tuple[RLState, Metrics]:
-        rows = batch.sequences.shape[0]
-        if rows % cfg.num_minibatches or (rows // cfg.num_minibatches) % cfg.grad_accum_steps:
-            raise ValueError(f"make_ppo_update: batch size {rows} does not split into num_minibatches="
-                             f"{cfg.num_minibatches} × grad_accum_steps={cfg.grad_accum_steps} equal parts")
+        check_minibatches("make_ppo_update", batch.sequences.shape[0], cfg)
         kl_coef = state.kl.kl_coef
 
         def loss_fn(params: ActorCriticParams, minibatch: Experience):
             return ppo_loss(policy_model, critic_model, cfg, params, minibatch, kl_coef)
 
-        def train_minibatch(carry: _Carry, indices: jax.Array) -> _Carry:
-            minibatch = shard_rows(jax.tree.map(lambda x: x[indices], batch))  # rows stay split
-            critic_params = None if carry.critic is None else carry.critic.params
-            params = ActorCriticParams(carry.policy.params, critic_params)
-            loss, grads, metrics = accumulate_gradients(loss_fn, params, minibatch, cfg.grad_accum_steps)
-            metrics = {**metrics, "train/grad_norm": optax.tree.norm(grads)}
-            finite = all_finite((loss, grads))
-            first = carry.index == 0
-            stopped = carry.stopped | (metrics["policy/approxkl_avg"] > threshold)
-            apply = finite & ~stopped
-            policy, critic = apply_if(apply, carry.policy, carry.critic, grads, policy_optimizer,
-                                      critic_optimizer)
-            # where, not multiply: a skipped minibatch's metrics may be nan.
-            sums = {k: carry.sums[k] + jnp.where(apply, metrics[k], 0.0) for k in carry.sums}
-            return _Carry(
-                policy, critic, stopped, sums,
-                applied=carry.applied + apply,
-                skips=carry.skips + (~finite & ~stopped),
-                first_ratio_abs_dev=jnp.where(first, metrics["val/ratio_abs_dev"], carry.first_ratio_abs_dev),
-                index=carry.index + 1,
-            )
+        def params_of(trainables: tuple[TrainState, TrainState | None]) -> ActorCriticParams:
+            policy, critic = trainables
+            return ActorCriticParams(policy.params, None if critic is None else critic.params)
 
-        def minibatch_step(carry: _Carry, indices: jax.Array) -> tuple[_Carry, None]:
-            # Once stopped, the remaining minibatches are not even computed.
-            skip = lambda carry, _: carry._replace(index=carry.index + 1)
-            return jax.lax.cond(carry.stopped, skip, train_minibatch, carry, indices), None
+        def apply(trainables, grads: ActorCriticParams):
+            return apply_actor_critic(trainables, grads, policy_optimizer, critic_optimizer)
 
-        def epoch_step(carry: _Carry, epoch_key: jax.Array) -> tuple[_Carry, None]:
-            order = jax.random.permutation(epoch_key, rows).reshape(cfg.num_minibatches, -1)
-            return jax.lax.scan(minibatch_step, carry, order)[0], None
-
-        zero = jnp.zeros((), jnp.float32)
-        sums = {k: zero for k in AVERAGED_METRICS}
-        init = _Carry(state.policy, state.critic, jnp.zeros((), bool), sums, zero, zero, zero,
-                      jnp.zeros((), jnp.int32))
-        carry, _ = jax.lax.scan(epoch_step, init, jax.random.split(key, cfg.epochs))
-
+        (policy, critic), metrics = minibatch_epochs(loss_fn, params_of, apply, (state.policy, state.critic),
+                                                     batch, key, cfg, AVERAGED_METRICS)
         kl = update_kl_controller(controller, state.kl, cfg, batch)
-        applied = jnp.maximum(carry.applied, 1.0)
-        metrics = {k: v / applied for k, v in carry.sums.items()}
-        metrics |= {
-            "val/ratio_abs_dev_first_minibatch": carry.first_ratio_abs_dev,
-            "train/skipped_updates": carry.skips,
-            "train/early_stopped": carry.stopped,
-            "train/updates": carry.applied,
-            "lr": current_learning_rate(carry.policy.opt_state),
-            "objective/kl_coef": kl.kl_coef,
-        }
-        return RLState(carry.policy, carry.critic, kl), as_float32(metrics)
+        metrics |= {"lr": current_learning_rate(policy.opt_state), "objective/kl_coef": kl.kl_coef}
+        return RLState(policy, critic, kl), as_float32(metrics)
 
     return update

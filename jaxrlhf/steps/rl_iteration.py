@@ -15,20 +15,24 @@ phases with the same function, so a benchmark times the program a user runs.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 from collections.abc import Callable, Mapping
 from typing import NamedTuple, Protocol
 
 import jax
+import jax.numpy as jnp
 import optax
 
-from jaxrlhf.models.transformer import LanguageModel
+from jaxrlhf.models.transformer import LanguageModel, Params
 from jaxrlhf.rl.kl_control import KLControllerState
 from jaxrlhf.rollout.generate import GenerationConfig, Rollout, generate
 from jaxrlhf.steps.a2c import make_a2c_update
 from jaxrlhf.steps.experience import Experience, make_experience_fn
+from jaxrlhf.steps.group_experience import GroupExperience, make_group_experience_fn
 from jaxrlhf.steps.params import CriticParams, PolicyParams
+from jaxrlhf.steps.policy_gradient import make_pg_update
 from jaxrlhf.steps.ppo import make_ppo_update
-from jaxrlhf.steps.rl_config import A2CConfig, PPOConfig, RLConfig
+from jaxrlhf.steps.rl_config import A2CConfig, PGConfig, PPOConfig, RLConfig
 from jaxrlhf.steps.state import RLState
 
 Metrics = dict[str, jax.Array]
@@ -50,8 +54,9 @@ class ScoreFn(Protocol):
 
 
 class ExperienceFn(Protocol):
-    """Log-probs, values, KL-penalised rewards and GAE: built by
-    :func:`jaxrlhf.steps.experience.make_experience_fn`."""
+    """The training batch from a rollout and its scores: log-probs, values, KL-penalised rewards and GAE
+    (:func:`jaxrlhf.steps.experience.make_experience_fn`), or log-probs and group advantages
+    (:func:`jaxrlhf.steps.group_experience.make_group_experience_fn`, a :class:`GroupExperience`)."""
 
     def __call__(
         self,
@@ -61,14 +66,17 @@ class ExperienceFn(Protocol):
         rollout: Rollout,
         scores: jax.Array,
         kl_state: KLControllerState,
-    ) -> tuple[Experience, Metrics]: ...
+    ) -> tuple[Experience | GroupExperience, Metrics]: ...
 
 
 class UpdateFn(Protocol):
     """The policy (and critic) update and the KL controller's step: built by
-    :func:`jaxrlhf.steps.ppo.make_ppo_update` or :func:`jaxrlhf.steps.a2c.make_a2c_update`."""
+    :func:`jaxrlhf.steps.ppo.make_ppo_update`, :func:`jaxrlhf.steps.a2c.make_a2c_update` or
+    :func:`jaxrlhf.steps.policy_gradient.make_pg_update`."""
 
-    def __call__(self, state: RLState, batch: Experience, key: jax.Array) -> tuple[RLState, Metrics]: ...
+    def __call__(
+        self, state: RLState, batch: Experience | GroupExperience, key: jax.Array
+    ) -> tuple[RLState, Metrics]: ...
 
 
 class RLPhases(NamedTuple):
@@ -134,6 +142,32 @@ def make_rl_iteration(
     return iteration
 
 
+def generate_groups(
+    model: LanguageModel,
+    params: Params,
+    prompt_tokens: jax.Array,
+    prompt_mask: jax.Array,
+    key: jax.Array,
+    generation: GenerationConfig,
+    group_size: int,
+    greedy_baseline: bool = False,
+) -> Rollout:
+    """``group_size`` sampled responses per prompt, prompt-major (the G samples of prompt 0, then of prompt 1,
+    …), and with ``greedy_baseline`` one greedy response per prompt after them (ReMax's baseline): rows
+    [P·G samples; P greedy].
+
+    Each prompt is prefilled once and its cache copied to its G rows (``GenerationConfig.group_size``); the
+    samples of a group are independent: every row draws its own tokens from the one key.
+    """
+    rollout = generate(model, params, prompt_tokens, prompt_mask, key,
+                       dataclasses.replace(generation, group_size=group_size))
+    if not greedy_baseline:
+        return rollout
+    greedy_config = dataclasses.replace(generation, greedy=True)
+    greedy = generate(model, params, prompt_tokens, prompt_mask, key, greedy_config)
+    return jax.tree.map(lambda a, b: jnp.concatenate([a, b], axis=0), rollout, greedy)
+
+
 def make_rl_phases(
     policy_model: LanguageModel,
     ref_model: LanguageModel,
@@ -144,13 +178,28 @@ def make_rl_phases(
     optimizer: optax.GradientTransformation,
     critic_optimizer: optax.GradientTransformation | None = None,
 ) -> RLPhases:
-    """The pure phases of ``cfg``'s algorithm (PPO or A2C, by the config's type), not yet jitted.
+    """The pure phases of ``cfg``'s algorithm (PPO, A2C or a critic-free :class:`PGConfig`, by the config's
+    type), not yet jitted.
 
     ``generation.temperature`` must be ``cfg.temperature``: sampling and every log-prob use the same one.
+    A critic-free method samples ``cfg.group_size`` responses per prompt (:func:`generate_groups`): its
+    rollout, scores and metrics have P·G rows (plus P greedy ones with ReMax) for P prompts.
     """
     if generation.temperature != cfg.temperature:
         raise ValueError(f"make_rl_phases: generation temperature {generation.temperature} differs from the "
                          f"algorithm's {cfg.temperature} (the first ratio would not be 1)")
+    if isinstance(cfg, PGConfig):
+        if critic_model is not None or critic_optimizer is not None:
+            raise ValueError(f"make_rl_phases: {type(cfg).__name__} is critic-free; pass no critic model or "
+                             "optimiser")
+
+        def sample_groups(policy_params: PolicyParams, prompt_tokens: jax.Array, prompt_mask: jax.Array,
+                          key: jax.Array) -> Rollout:
+            return generate_groups(policy_model, policy_params.lm, prompt_tokens, prompt_mask, key,
+                                   generation, cfg.group_size, cfg.greedy_baseline)
+
+        return RLPhases(sample_groups, score, make_group_experience_fn(policy_model, ref_model, cfg),
+                        make_pg_update(policy_model, cfg, optimizer))
     if isinstance(cfg, PPOConfig):
         update = make_ppo_update(policy_model, critic_model, cfg, optimizer, critic_optimizer)
     elif isinstance(cfg, A2CConfig):

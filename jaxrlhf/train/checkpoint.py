@@ -6,6 +6,10 @@ data-loader position, config, anything JSON-able). Orbax writes each step into a
 commits it by writing ``commit_success.txt`` and renaming; :meth:`CheckpointManager.latest_step` only
 reports steps that hold that marker, so an interrupted save is never resumed from.
 
+A save that fails (disk full, permission denied — synchronously or in orbax's background threads) raises
+one :class:`CheckpointWriteError` naming the directory and the cause; the step's temporary directory is
+removed and every committed step stays, so a rerun resumes from the last good one.
+
 Typed PRNG keys (``jax.random.key``) are stored as their raw ``uint32`` key data and rebuilt on restore
 when the target holds a typed key there; legacy ``uint32`` keys are stored as they are.
 """
@@ -15,8 +19,12 @@ from __future__ import annotations
 import json
 import logging
 import os
+import shutil
+import sys
+import threading
+import time
 from collections.abc import Mapping
-from typing import Any
+from typing import Any, NoReturn
 
 import jax
 import jax.numpy as jnp
@@ -28,6 +36,7 @@ from jaxrlhf.files import write_text_atomic
 log = logging.getLogger(__name__)
 
 COMMIT_MARKER = "commit_success.txt"
+TMP_MARKER = ".orbax-checkpoint-tmp"  # orbax writes step s into "<s>.orbax-checkpoint-tmp…" first
 
 
 class NonFiniteCheckpointError(ValueError):
@@ -36,6 +45,10 @@ class NonFiniteCheckpointError(ValueError):
 
 class CheckpointMismatchError(ValueError):
     """The restore target's structure or shapes differ from the saved state's."""
+
+
+class CheckpointWriteError(RuntimeError):
+    """A checkpoint could not be written (e.g. the disk is full); the earlier ones are intact."""
 
 
 def pack_rng(key: jax.Array) -> jax.Array:
@@ -152,10 +165,12 @@ class CheckpointManager:
             save_interval_steps=save_interval_steps,
             create=False,  # made by the first save, so restoring from a mistyped path creates nothing
             enable_async_checkpointing=async_save,
+            cleanup_tmp_directories=True,  # what an interrupted or failed save left behind
         )
         # Naming the item handlers lets a fresh manager read metadata of steps it did not write.
         handlers = {"state": ocp.PyTreeCheckpointHandler(), "metadata": ocp.JsonCheckpointHandler()}
         self._manager = ocp.CheckpointManager(self.directory, options=options, item_handlers=handlers)
+        self._failure: CheckpointWriteError | None = None
 
     def save(
         self, step: int, state: Any, metadata: Mapping[str, Any] | None = None, force: bool = False
@@ -180,11 +195,14 @@ class CheckpointManager:
             json.dumps(metadata)
         except (TypeError, ValueError) as e:
             raise TypeError(f"checkpoint step {step}: metadata is not JSON-serialisable: {e}") from e
-        os.makedirs(self.directory, exist_ok=True)
         args = ocp.args.Composite(
             state=ocp.args.PyTreeSave(_keys_to_data(state)), metadata=ocp.args.JsonSave(metadata)
         )
-        saved = self._manager.save(step, args=args, force=force)
+        try:
+            os.makedirs(self.directory, exist_ok=True)
+            saved = self._manager.save(step, args=args, force=force)  # also raises a pending save's failure
+        except Exception as e:
+            self._failed(e)
         if saved:
             log.info("checkpoint step %d: saving to %s", step, self.directory)
         return saved
@@ -261,16 +279,93 @@ class CheckpointManager:
                 )
 
     def wait(self) -> None:
-        """Block until pending asynchronous saves have committed."""
-        self._manager.wait_until_finished()
+        """Block until pending asynchronous saves have committed (raises :class:`CheckpointWriteError` if one
+        failed)."""
+        try:
+            self._manager.wait_until_finished()
+        except Exception as e:
+            self._failed(e)
 
     def close(self) -> None:
-        """Wait for pending saves and release orbax's resources."""
-        self._manager.wait_until_finished()
-        self._manager.close()
+        """Wait for pending saves and release orbax's resources (a failed save raises, once)."""
+        try:
+            if self._failure is None:
+                self.wait()
+        finally:
+            try:
+                self._manager.close()
+            except Exception:  # a failure already reported by wait(); nothing is left to release
+                log.debug("closing the checkpoint manager of %s", self.directory, exc_info=True)
+
+    def _failed(self, error: Exception) -> NoReturn:
+        """Let orbax's background writes of the failed save end, remove what they left, and raise one
+        :class:`CheckpointWriteError` (their own late errors go to the log file, not the terminal)."""
+        if isinstance(error, CheckpointWriteError):
+            raise error
+        if self._failure is not None:
+            raise self._failure from error
+        _quiet_background_errors()
+        _settle_orbax_threads()
+        try:
+            self._manager.close()
+        except Exception:
+            log.debug("closing the checkpoint manager of %s after a failed save", self.directory,
+                      exc_info=True)
+        self.remove_incomplete()
+        cause = " ".join(str(error).split()) or type(error).__name__
+        if not isinstance(error, OSError):
+            cause = f"{type(error).__name__}: {cause}"
+        kept = self.all_steps()
+        self._failure = CheckpointWriteError(
+            f"cannot write a checkpoint to {self.directory}: {cause} (the checkpoints there, steps "
+            f"{kept or 'none'}, are intact; a rerun resumes from the last one)"
+        )
+        raise self._failure from error
+
+    def remove_incomplete(self) -> None:
+        """Delete the temporary directories of saves that never committed (the main process only)."""
+        if jax.process_index() != 0 or not os.path.isdir(self.directory):
+            return
+        for name in os.listdir(self.directory):
+            if TMP_MARKER in name:
+                shutil.rmtree(os.path.join(self.directory, name), ignore_errors=True)
 
     def __enter__(self) -> CheckpointManager:
         return self
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def _is_orbax_thread(thread: threading.Thread) -> bool:
+    """A thread orbax runs a save in: its own thread classes, and its event loops' executor threads."""
+    return type(thread).__module__.startswith("orbax") or thread.name.startswith("asyncio_")
+
+
+def _settle_orbax_threads(timeout: float = 30.0) -> None:
+    """Wait (up to ``timeout`` seconds) until the background threads of a failed save have ended, so
+    that nothing writes into its temporary directory after it is removed."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline and any(_is_orbax_thread(t) for t in threading.enumerate()
+                                              if t is not threading.current_thread()):
+        time.sleep(0.02)
+
+
+def _quiet_background_errors() -> None:
+    """After a failed save, the writes still in flight fail too, in threads and closed event loops: their
+    reports go to the log file (``run.log``), one line each on the terminal is already one too many."""
+    from jaxrlhf.train.metrics import FILE_ONLY
+
+    def to_log_file(unraisable: sys.UnraisableHookArgs) -> None:
+        log.warning("after the failed checkpoint save: %s", unraisable.exc_value, extra={FILE_ONLY: True},
+                    exc_info=(unraisable.exc_type, unraisable.exc_value, unraisable.exc_traceback))
+
+    sys.unraisablehook = to_log_file
+    logging.getLogger("asyncio").addFilter(_file_only_records)
+
+
+def _file_only_records(record: logging.LogRecord) -> bool:
+    from jaxrlhf.train.metrics import FILE_ONLY
+
+    setattr(record, FILE_ONLY, True)
+    return True

@@ -78,7 +78,13 @@ class Checkpointing:
         if restored is None:
             return Resumed(state, rng, 0, {})
         saved, metadata = restored
-        batches.restore(metadata["data"])
+        try:
+            batches.restore(metadata["data"])
+        except ValueError as e:  # e.g. another train file: this directory belongs to another run
+            raise ConfigError(
+                f"{self.directory} holds checkpoints of a run on other data ({e}); to start a new run, "
+                "choose a new logging.run_dir (or checkpoint.dir)"
+            ) from None
         return Resumed(saved[self.state_key], saved["rng"], int(metadata["step"]), metadata)
 
     def save(self, step: int, state: Any, metadata: Mapping[str, Any], force: bool = False) -> bool:
@@ -88,6 +94,18 @@ class Checkpointing:
         if step in self.manager.all_steps():  # e.g. the final step of a run that already finished
             return False
         return self.manager.save(step, state, {"command": self.command, "step": step, **metadata}, force=True)
+
+    def save_now(self, step: int, state: Any, rng: jax.Array, batches: Any,
+                 metadata: Mapping[str, Any]) -> None:
+        """Checkpoint ``step`` now (unless it already is) and wait until it has committed."""
+        self.manager.wait()
+        self.save(step, {self.state_key: state, "rng": rng}, {"data": batches.state(), **metadata},
+                  force=True)
+        self.manager.wait()
+
+    def wait(self) -> None:
+        """Wait for pending saves (a failed one raises ``CheckpointWriteError``)."""
+        self.manager.wait()
 
     def stops_at(self, step: int, total: int) -> bool:
         """Whether ``train.stop_at_step`` ends this invocation after ``step`` (before the last step)."""

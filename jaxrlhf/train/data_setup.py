@@ -7,6 +7,8 @@ import logging
 from collections.abc import Iterator, Sequence
 from typing import Any
 
+import numpy as np
+
 from jaxrlhf.config import ConfigError
 from jaxrlhf.data import (
     Batch,
@@ -79,12 +81,53 @@ def load_dataset(path: str, kind: Kind, tokenizer: Any, data: DataSection) -> li
     return examples
 
 
-def make_collate(kind: Kind, data: DataSection, tokenizer: Any, num_items: int | None = None) -> Collate:
-    """The batch builder of ``kind`` with this config's buckets and the tokenizer's pad id."""
+def train_and_eval_sets(kind: Kind, tokenizer: Any, data: DataSection,
+                        seed: int) -> tuple[list[Example], list[Example] | None]:
+    """The training examples and the evaluation examples: ``data.eval_file``'s, else a held-out share
+    ``data.eval_fraction`` of the train file (at least one example, leaving at least one batch to train
+    on; drawn by ``seed``, so a resumed run holds out the same ones), else None (no evaluation)."""
+    train = load_dataset(data.train_file, kind, tokenizer, data)
+    if data.eval_file:
+        return train, load_dataset(data.eval_file, kind, tokenizer, data)
+    if data.eval_fraction <= 0:
+        log.info("no data.eval_file and data.eval_fraction 0: no evaluation")
+        return train, None
+    held = min(max(1, round(data.eval_fraction * len(train))), len(train) - data.batch_size)
+    if held < 1:
+        log.warning("no data.eval_file, and %s's %d examples leave none to hold out beside a batch of %d: "
+                    "no evaluation", data.train_file, len(train), data.batch_size)
+        return train, None
+    order = np.random.default_rng([seed, 7919]).permutation(len(train))
+    chosen = set(order[:held].tolist())
+    log.info("no data.eval_file: holding out %d of the %d examples of %s for evaluation "
+             "(data.eval_fraction=%g)", held, len(train), data.train_file, data.eval_fraction)
+    return ([e for i, e in enumerate(train) if i not in chosen], [train[i] for i in sorted(chosen)])
+
+
+# The key of a prompt batch's host-side columns (a list of dicts, one per row; see make_collate).
+COLUMNS = "columns"
+
+
+def make_collate(kind: Kind, data: DataSection, tokenizer: Any, num_items: int | None = None,
+                 columns: bool = False) -> Collate:
+    """The batch builder of ``kind`` with this config's buckets and the tokenizer's pad id.
+
+    ``columns`` (prompt batches): the batch also holds ``batch[COLUMNS]``, each row's prompt as written and
+    its record's other keys (``{}`` for padding rows), for reward functions that read them; it stays on
+    the host (pop it before putting the batch on devices).
+    """
     kwargs: dict[str, Any] = {"buckets": length_buckets(data), "pad_id": pad_token_id(tokenizer)}
     if kind == "ranking":
         kwargs["num_items"] = num_items
-    return functools.partial(_BUILDERS[kind], **kwargs)
+    collate = functools.partial(_BUILDERS[kind], **kwargs)
+    return functools.partial(_with_columns, collate) if columns else collate
+
+
+def _with_columns(collate: Collate, rows: Sequence[Any], **kwargs: Any) -> Batch:
+    batch = collate(rows, **kwargs)
+    padding = len(batch["row_mask"]) - len(rows)
+    batch[COLUMNS] = [dict(getattr(r, "columns", None) or {}) for r in rows] + [{}] * padding
+    return batch
 
 
 def ranking_items(examples: Sequence[Any], data: DataSection) -> int:

@@ -9,7 +9,10 @@ draws a host batch (``timing/data``), splits a key, runs ``hooks.step`` (which t
 the per-step bookkeeping (recompilation watch, non-finite policy, metrics window), logs the window every
 ``logging.log_every`` steps (and before stopping) with ``hooks.window_metrics`` (perf/*, counters),
 evaluates every ``train.eval_every`` steps, and checkpoints on schedule, stopping after
-``train.stop_at_step``. What differs between trainers lives in the hooks.
+``train.stop_at_step``. SIGINT and SIGTERM (Ctrl-C, ``kill``, a scheduler's pre-emption) end the step in
+progress, log it, write a checkpoint and raise :class:`~jaxrlhf.train.signals.RunInterrupted`; rerunning
+the command resumes there. The first step says it is compiling and how long it took. What differs between
+trainers lives in the hooks.
 
 Steps return metrics under their final names (``loss/sft``, ``train/accuracy``, ``objective/kl``, …); the
 loop logs them as they are. A step whose ``train/skipped_updates`` is not 0 was not finite: the run gives up
@@ -19,6 +22,8 @@ after ``train.max_consecutive_nonfinite`` of those in a row and logs the total a
 from __future__ import annotations
 
 import dataclasses
+import logging
+import time
 from collections.abc import Callable, Mapping
 from typing import Any, NamedTuple
 
@@ -26,6 +31,9 @@ import jax
 
 from jaxrlhf.data import Batch, BatchIterator
 from jaxrlhf.train.run import Run, RunResult
+from jaxrlhf.train.signals import GracefulStop
+
+log = logging.getLogger("jaxrlhf")
 
 SKIPPED = "train/skipped_updates"
 
@@ -64,33 +72,51 @@ def training_loop(
     """Train ``state`` for ``total`` steps, resuming from the latest checkpoint when there is one.
 
     Returns the final state and a :class:`RunResult` (``export_dir`` left for the caller; ``stopped_early``
-    at ``train.stop_at_step``, in which case the final evaluation is skipped too).
+    at ``train.stop_at_step``, in which case the final evaluation is skipped too). SIGINT or SIGTERM end
+    the step in progress, checkpoint it and raise :class:`~jaxrlhf.train.signals.RunInterrupted`.
     """
     state, rng, step, metadata = run.checkpoints.resume(state, rng, batches)
     report = run.report
     report.nonfinite.total_skips = int(metadata.get("nonfinite_skips", 0))
     run.open(step)
+    log.info("%s: %s, checkpoints every %d step(s) in %s", run.command,
+             f"steps {step + 1}–{total}" if step else f"{total} steps", run.checkpoints.cfg.every,
+             run.checkpoints.directory)
     report.start_progress(total, step)
     stopped = False
-    while step < total:
-        with report.timers("step_total"):
-            with report.timers("data"):
-                batch = next(batches)
-            rng, key = jax.random.split(rng)
-            state, outcome = hooks.step(state, batch, key)
-            step += 1
-        report.after_step(step, outcome.metrics, finite=outcome.metrics.get(SKIPPED, 0.0) == 0.0)
-        report.window.tally(**outcome.tallies)
-        if report.should_log(step, total) or run.checkpoints.stops_at(step, total):
-            report.flush_window(step, hooks.window_metrics(step, outcome), hooks.postfix)
-        if hooks.after_step is not None:
-            hooks.after_step(step, state, outcome)
-        if hooks.evaluate is not None and hooks.eval_every and step % hooks.eval_every == 0 and step < total:
-            report.log_eval(step, hooks.evaluate(state))
-        skips = {"nonfinite_skips": report.nonfinite.total_skips}
-        if run.checkpoints.end_step(step, total, state, rng, batches, skips):
-            stopped = True
-            break
+    first = step
+    with GracefulStop() as stop:
+        while step < total:
+            if step == first:
+                log.info("step %d: compiling (the first step traces and compiles the jitted steps)", step + 1)
+                started = time.perf_counter()
+            with report.timers("step_total"):
+                with report.timers("data"):
+                    batch = next(batches)
+                rng, key = jax.random.split(rng)
+                state, outcome = hooks.step(state, batch, key)
+                step += 1
+            if step == first + 1:
+                log.info("step %d: compiled and ran in %.1f s; later steps reuse the compiled program",
+                         step, time.perf_counter() - started)
+            report.after_step(step, outcome.metrics, finite=outcome.metrics.get(SKIPPED, 0.0) == 0.0)
+            report.window.tally(**outcome.tallies)
+            interrupted = stop.requested()
+            if report.should_log(step, total) or run.checkpoints.stops_at(step, total) or interrupted:
+                report.flush_window(step, hooks.window_metrics(step, outcome), hooks.postfix)
+            if hooks.after_step is not None:
+                hooks.after_step(step, state, outcome)
+            if (hooks.evaluate is not None and hooks.eval_every and step % hooks.eval_every == 0
+                    and step < total and not interrupted):
+                report.log_eval(step, hooks.evaluate(state))
+            skips = {"nonfinite_skips": report.nonfinite.total_skips}
+            if interrupted:
+                run.checkpoints.save_now(step, state, rng, batches, skips)
+                raise stop.interrupted(step, total, run.checkpoints.directory)
+            if run.checkpoints.end_step(step, total, state, rng, batches, skips):
+                stopped = True
+                break
+        run.checkpoints.wait()  # the last checkpoint has committed (or its failure is reported) before export
     final = dict(report.last_logged)
     if hooks.evaluate is not None and not stopped:
         evaluated = hooks.evaluate(state)

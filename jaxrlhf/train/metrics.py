@@ -8,7 +8,8 @@
 JSON has no NaN or infinity, so a non-finite value is written as ``null``; :func:`read_metrics_jsonl`
 reads ``null`` back as ``nan``. TensorBoard gets the same scalars (NaN/inf included) under the same tags.
 A resumed run first cuts the file back to its checkpoint's step (:func:`truncate_jsonl`), so every step
-appears once.
+appears once. With ``wandb`` (a project name) the same scalars go to Weights & Biases under the same names,
+if the ``wandb`` package is installed (it is not a dependency).
 """
 
 from __future__ import annotations
@@ -62,10 +63,12 @@ class MetricsLogger:
         tensorboard: bool = True,
         jsonl_name: str = "metrics.jsonl",
         enabled: bool = True,
+        wandb: str | None = None,
+        config: Mapping[str, Any] | None = None,
     ):
         self.run_dir = os.fspath(run_dir)
         self.enabled = enabled
-        self._jsonl = self._text = self._tb = None
+        self._jsonl = self._text = self._tb = self._wandb = None
         if not enabled:
             return
         os.makedirs(self.run_dir, exist_ok=True)
@@ -74,6 +77,8 @@ class MetricsLogger:
             from tensorboardX import SummaryWriter  # only when asked for: it is slow to import
 
             self._tb = SummaryWriter(logdir=self.run_dir)
+        if wandb:
+            self._wandb = start_wandb(wandb, self.run_dir, config)
 
     def log(self, step: int, metrics: Mapping[str, Any], prefix: str = "") -> None:
         """Write ``{"step", "time", prefix+name: value, ...}``; values are scalars (Python, NumPy or JAX)."""
@@ -90,6 +95,8 @@ class MetricsLogger:
         if self._tb is not None:
             for name, v in values.items():
                 self._tb.add_scalar(name, v, global_step=int(step))
+        if self._wandb is not None:
+            self._wandb.log(values, step=int(step))
 
     def log_text(self, tag: str, text: str, step: int | None = None) -> None:
         """Free text (e.g. sample generations) to TensorBoard and to ``run_dir/text.jsonl``."""
@@ -112,7 +119,9 @@ class MetricsLogger:
         for sink in (self._jsonl, self._text, self._tb):
             if sink is not None:
                 sink.close()
-        self._jsonl = self._text = self._tb = None
+        if self._wandb is not None:
+            self._wandb.finish()
+        self._jsonl = self._text = self._tb = self._wandb = None
         self.enabled = False
 
     def __enter__(self) -> MetricsLogger:
@@ -120,6 +129,35 @@ class MetricsLogger:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+WANDB_ID_FILE = "wandb_run_id"
+
+
+def require_wandb() -> Any:
+    """The ``wandb`` module, or a one-line error saying how to get it (checked before a run loads
+    anything)."""
+    try:
+        import wandb
+    except ImportError:
+        from jaxrlhf.config import ConfigError
+
+        raise ConfigError("logging.wandb: the wandb package is not installed (pip install wandb), or "
+                          "leave logging.wandb null") from None
+    return wandb
+
+
+def start_wandb(project: str, run_dir: str, config: Mapping[str, Any] | None) -> Any:
+    """A Weights & Biases run for ``run_dir`` in ``project``; a resumed run continues the same W&B run (its
+    id is kept in ``run_dir/wandb_run_id``)."""
+    wandb = require_wandb()
+    id_file = Path(run_dir) / WANDB_ID_FILE
+    run_id = id_file.read_text().strip() if id_file.is_file() else None
+    if not run_id:
+        run_id = wandb.util.generate_id() if hasattr(wandb, "util") else os.urandom(8).hex()
+        write_text_atomic(id_file, run_id + "\n")
+    return wandb.init(project=project, id=run_id, resume="allow", dir=run_dir, name=Path(run_dir).name,
+                      config=dict(config or {}))
 
 
 def read_metrics_jsonl(path: str | os.PathLike) -> list[dict[str, Any]]:
@@ -168,8 +206,23 @@ def truncate_jsonl(path: str | os.PathLike, step: int) -> int:
     return dropped
 
 
+FILE_ONLY = "file_only"  # a record with this attribute set (``extra={FILE_ONLY: True}``) skips stderr
+
+
+class _ForTheTerminal(logging.Filter):
+    """Keeps off stderr what only the log file wants: records marked :data:`FILE_ONLY` (progress lines while
+    a progress bar shows them) and orbax's error reports with their thread tracebacks (the run reports a
+    failed checkpoint in one line of its own)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if getattr(record, FILE_ONLY, False):
+            return False
+        return not (record.name == "absl" and record.levelno >= logging.ERROR)
+
+
 def setup_logging(level: int | str = "INFO", run_dir: str | os.PathLike | None = None) -> logging.Logger:
-    """Send log messages to stderr and, with ``run_dir``, to ``run_dir/run.log``, in one format.
+    """Send log messages to stderr (from ``level`` up) and, with ``run_dir``, to ``run_dir/run.log`` (from
+    INFO up whatever ``level`` says, so a quiet console still leaves a full record), in one format.
 
     Configures the root logger (so every module's ``logging.getLogger(__name__)`` follows), replacing
     the handlers already there (an earlier call's, or a default one a library's import left behind).
@@ -184,14 +237,20 @@ def setup_logging(level: int | str = "INFO", run_dir: str | os.PathLike | None =
         root.removeHandler(handler)
         handler.close()
     formatter = logging.Formatter(LOG_FORMAT, datefmt=LOG_DATE_FORMAT)
-    handlers: list[logging.Handler] = [logging.StreamHandler(sys.stderr)]
+    console = logging.StreamHandler(sys.stderr)
+    console.setLevel(level)
+    console.addFilter(_ForTheTerminal())
+    handlers: list[logging.Handler] = [console]
+    file_level = min(level, logging.INFO)
     if run_dir is not None:
         os.makedirs(run_dir, exist_ok=True)
-        handlers.append(logging.FileHandler(os.path.join(run_dir, "run.log")))
+        log_file = logging.FileHandler(os.path.join(run_dir, "run.log"))
+        log_file.setLevel(file_level)
+        handlers.append(log_file)
     for handler in handlers:
         handler.setFormatter(formatter)
         root.addHandler(handler)
-    root.setLevel(level)
+    root.setLevel(file_level)  # INFO records reach a run.log opened later too (RunDirectory holds them)
     for noisy in ("absl", "jax"):
         logging.getLogger(noisy).setLevel(max(level, logging.WARNING) if level > logging.DEBUG else level)
     return logging.getLogger("jaxrlhf")

@@ -89,7 +89,10 @@ def load_model(section: ModelSection, key: jax.Array, what: str = "model") -> Lo
         model, params, tokenizer = hf_io.load(section.path, dtype=section.dtype)
         heads = hf_io.load_heads(section.path)
         if section.tokenizer:
-            tokenizer = load_tokenizer(section.tokenizer)
+            own, tokenizer = tokenizer, load_tokenizer(section.tokenizer)
+            if own is not None and own.get_vocab() != tokenizer.get_vocab():
+                log.warning("%s.tokenizer %s replaces the tokenizer of %s (%d tokens instead of %d)",
+                            what, section.tokenizer, section.path, len(tokenizer), len(own))
         if tokenizer is None:
             raise ConfigError(f"{what}.tokenizer: {section.path} holds no tokenizer; set {what}.tokenizer")
     else:
@@ -97,13 +100,12 @@ def load_model(section: ModelSection, key: jax.Array, what: str = "model") -> Lo
         tokenizer = load_tokenizer(section.tokenizer)
         model = LanguageModel(architecture_config(section.architecture, tokenizer, section.dtype))
         params, heads = model.init(key), {}
-    if len(tokenizer) > model.config.vocab_size:
-        raise ConfigError(
-            f"{what}: the tokenizer has {len(tokenizer)} tokens but the model's vocab_size is "
-            f"{model.config.vocab_size}"
-        )
+    # A token id past the embedding table would index garbage (or clamp silently): refuse it up front.
+    tokenizer_source = section.tokenizer or section.path or ""
+    hf_io.check_vocabulary(tokenizer, model.config, tokenizer_source, section.path or "")
     params = jax.tree.map(jnp.asarray, params)
-    log.info("%s: %s, %.3fM parameters", what, _describe(section), model.config.num_params() / 1e6)
+    log.info("%s: %s, %.3fM parameters, tokenizer of %d tokens (%s)", what, _describe(section),
+             model.config.num_params() / 1e6, len(tokenizer), tokenizer_source)
     return LoadedModel(model, params, tokenizer, heads)
 
 
@@ -170,10 +172,14 @@ def export_model(
     tokenizer: Any,
     heads: dict[str, Any] | None = None,
     normalization: RewardNormalization | None = None,
+    score_head: str | None = "auto",
 ) -> Path:
     """Write a Hugging Face directory (LM, heads, tokenizer, reward normalisation) atomically.
 
-    Every process takes part in gathering sharded parameters; only process 0 writes.
+    ``score_head`` (see :func:`jaxrlhf.models.hf_io.save`): the head written as a
+    ``*ForSequenceClassification`` checkpoint's ``score`` — ``"auto"`` picks a reward head,
+    ``"value_head"`` exports a separate critic that way. Every process takes part in gathering sharded
+    parameters; only process 0 writes.
     """
     lm_params, heads = parallel.to_host((lm_params, heads))
     if not parallel.is_main_process():
@@ -185,6 +191,7 @@ def export_model(
     if normalization is not None:
         gain, bias = float(normalization.gain), float(normalization.bias)
         extra = {NORMALIZATION_FILE: json.dumps({"gain": gain, "bias": bias}, indent=2) + "\n"}
-    out = hf_io.save(path, model, lm_params, tokenizer=tokenizer, heads=heads or None, extra_files=extra)
+    out = hf_io.save(path, model, lm_params, tokenizer=tokenizer, heads=heads or None, extra_files=extra,
+                     score_head=score_head)
     log.info("exported %s", out)
     return out

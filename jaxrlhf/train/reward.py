@@ -31,9 +31,9 @@ from jaxrlhf.steps.reward_model import (
 )
 from jaxrlhf.train.data_setup import (
     eval_batches,
-    load_dataset,
     make_collate,
     ranking_items,
+    train_and_eval_sets,
     train_iterator,
 )
 from jaxrlhf.train.loop import training_loop
@@ -126,13 +126,12 @@ def train_reward_model(cfg: RewardRunConfig) -> RunResult:
         head = heads.get("reward_head") or init_reward_head(head_key, model.config.hidden_size)
         params = RewardModelParams(lm, jax.tree.map(jnp.asarray, head))
 
-        train_set = load_dataset(cfg.data.train_file, kind, tokenizer, cfg.data)
-        items = ranking_items(train_set, cfg.data) if kind == "ranking" else None
+        train_set, eval_set = train_and_eval_sets(kind, tokenizer, cfg.data, cfg.train.seed)
+        items = ranking_items([*train_set, *(eval_set or [])], cfg.data) if kind == "ranking" else None
         collate = make_collate(kind, cfg.data, tokenizer, items)
         batches = train_iterator(
             train_set, cfg.data.batch_size, cfg.train.seed, collate, cfg.data.shuffle, cfg.data.train_file
         )
-        eval_set = load_dataset(cfg.data.eval_file, kind, tokenizer, cfg.data) if cfg.data.eval_file else None
         eval_size = cfg.data.eval_batch_size or cfg.data.batch_size
         evaluate = None
         if eval_set is not None:
@@ -143,7 +142,7 @@ def train_reward_model(cfg: RewardRunConfig) -> RunResult:
                 evaluate_on_mesh, state.params, eval_batches(eval_set, eval_size, collate)
             )
         else:
-            log.warning("no data.eval_file: held-out accuracy is not measured")
+            log.warning("no evaluation examples: held-out accuracy is not measured")
 
         total = total_steps(cfg.train, batches.batches_per_epoch)
         optimizer = make_optimizer(cfg.optimizer, total)

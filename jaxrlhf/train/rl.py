@@ -1,4 +1,5 @@
-"""``jaxrlhf ppo`` / ``jaxrlhf a2c``: RL fine-tuning of a policy against a reward model or reward function.
+"""``jaxrlhf ppo`` / ``a2c`` / ``grpo`` / ``rloo``: RL fine-tuning of a policy against a reward model or a
+reward function (or a verifiable reward: any oracle, e.g. ``reward.function: task:arithmetic``).
 
 Each step of the training loop is one RL iteration (:func:`jaxrlhf.steps.rl_iteration.make_rl_iteration`),
 its phases jitted by :func:`jaxrlhf.train.rl_setup.build_rl_phases` and timed (``timing/generation``,
@@ -8,9 +9,15 @@ its phases jitted by :func:`jaxrlhf.train.rl_setup.build_rl_phases` and timed (`
     experience (log-probs, reference, values, KL-penalised rewards, GAE) → update (the KL controller is
     updated inside) → log, checkpoint
 
+The critic-free commands (``grpo``, ``rloo``; REINFORCE++, ReMax, Dr. GRPO, DAPO and GSPO are configs of
+them) run the same loop with ``group_size`` samples per prompt, group advantages and no critic or value head;
+their metrics add TRL's ``reward``, ``reward_std``, ``frac_reward_zero_std``, ``completions/*``, ``kl``,
+``entropy`` and ``clip_ratio/*``.
+
 Each iteration draws a fresh key from the run's key. Checkpoints hold ``{"rl": RLState, "rng": key}`` and
 the prompt iterator's position, so a resumed run continues exactly. The reference policy (default: the
-policy's initial weights) is rebuilt at start-up, never checkpointed. ``episode`` counts sequences.
+policy's initial weights) is rebuilt at start-up, never checkpointed. ``episode`` counts sequences trained
+on (prompts × group size for the critic-free methods).
 """
 
 from __future__ import annotations
@@ -27,14 +34,19 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxrlhf import parallel
+from jaxrlhf.config import ConfigError
 from jaxrlhf.models.transformer import LanguageModel
 from jaxrlhf.parallel import ParallelConfig
 from jaxrlhf.steps import (
     A2CConfig,
+    ClippedEpochsConfig,
+    GRPOConfig,
     OptimizerConfig,
+    PGConfig,
     PolicyParams,
     PPOConfig,
     RLConfig,
+    RLOOConfig,
     RLState,
     create_rl_state,
     kl_controller,
@@ -46,6 +58,7 @@ from jaxrlhf.train.data_setup import load_dataset, make_collate, train_iterator
 from jaxrlhf.train.loop import LoopHooks, StepOutcome, training_loop
 from jaxrlhf.train.model_setup import LoadedModel, check_length, export_model, flops_per_token, load_model
 from jaxrlhf.train.reporting import Reporting, host_scalars
+from jaxrlhf.train.reward_functions import reward_metrics, take_columns
 from jaxrlhf.train.rl_setup import (
     build_rl_phases,
     load_critic,
@@ -67,6 +80,7 @@ from jaxrlhf.train.run_config import (
     TrainSection,
     check_common,
     check_rl,
+    critic_init_path,
 )
 from jaxrlhf.train.timing import mfu, throughput
 
@@ -112,6 +126,46 @@ class A2CRunConfig:
     parallel: ParallelConfig = dataclasses.field(default_factory=ParallelConfig)
 
 
+@dataclasses.dataclass(frozen=True)
+class GRPORunConfig:
+    """``jaxrlhf grpo`` (see configs/grpo.yaml; Dr. GRPO, DAPO, GSPO: configs/dr_grpo.yaml, dapo.yaml,
+    gspo.yaml)."""
+
+    model: ModelSection = dataclasses.field(default_factory=ModelSection)
+    data: DataSection = dataclasses.field(default_factory=DataSection)
+    optimizer: OptimizerConfig = dataclasses.field(default_factory=OptimizerConfig)
+    grpo: GRPOConfig = dataclasses.field(default_factory=GRPOConfig)
+    generation: GenerationSection = dataclasses.field(default_factory=GenerationSection)
+    reward: RewardSection = dataclasses.field(default_factory=RewardSection)
+    reference: ReferenceSection = dataclasses.field(default_factory=ReferenceSection)
+    checkpoint: CheckpointSection = dataclasses.field(default_factory=CheckpointSection)
+    logging: LoggingSection = dataclasses.field(default_factory=lambda: LoggingSection(run_dir="runs/grpo"))
+    train: TrainSection = dataclasses.field(default_factory=TrainSection)
+    parallel: ParallelConfig = dataclasses.field(default_factory=ParallelConfig)
+
+
+@dataclasses.dataclass(frozen=True)
+class RLOORunConfig:
+    """``jaxrlhf rloo`` (see configs/rloo.yaml; REINFORCE++, ReMax: configs/reinforce_pp.yaml, remax.yaml)."""
+
+    model: ModelSection = dataclasses.field(default_factory=ModelSection)
+    data: DataSection = dataclasses.field(default_factory=DataSection)
+    optimizer: OptimizerConfig = dataclasses.field(default_factory=OptimizerConfig)
+    rloo: RLOOConfig = dataclasses.field(default_factory=RLOOConfig)
+    generation: GenerationSection = dataclasses.field(default_factory=GenerationSection)
+    reward: RewardSection = dataclasses.field(default_factory=RewardSection)
+    reference: ReferenceSection = dataclasses.field(default_factory=ReferenceSection)
+    checkpoint: CheckpointSection = dataclasses.field(default_factory=CheckpointSection)
+    logging: LoggingSection = dataclasses.field(default_factory=lambda: LoggingSection(run_dir="runs/rloo"))
+    train: TrainSection = dataclasses.field(default_factory=TrainSection)
+    parallel: ParallelConfig = dataclasses.field(default_factory=ParallelConfig)
+
+
+RLRunConfig = PPORunConfig | A2CRunConfig | GRPORunConfig | RLOORunConfig
+# The command of each run config, which is also the name of its algorithm section.
+COMMAND_OF = {PPORunConfig: "ppo", A2CRunConfig: "a2c", GRPORunConfig: "grpo", RLOORunConfig: "rloo"}
+
+
 class RLSetup(NamedTuple):
     """An RL run's jitted phases and what they need besides the state."""
 
@@ -120,14 +174,27 @@ class RLSetup(NamedTuple):
     state: RLState  # the initial state, placed on the mesh
     critic_model: LanguageModel | None
     update_flops: Callable[[int], float]  # seq_len -> training FLOPs per token of all the update trains
-    passes: int  # passes of the update over each token (PPO epochs)
+    passes: int  # passes of the update over each token (epochs)
+    sequences: int  # sequences trained on per iteration: prompts × group size (a ReMax rollout has more)
 
 
-def build_rl(cfg: PPORunConfig | A2CRunConfig, run: Run, policy: LoadedModel, critic_key: jax.Array,
-             total: int) -> RLSetup:
+def check_minibatch_split(cfg: RLRunConfig, algo: RLConfig) -> None:
+    """The sequences of an iteration (prompts × group size) split into minibatches × micro-batches of equal
+    size: a ConfigError naming the key otherwise, before anything is loaded."""
+    key = COMMAND_OF[type(cfg)]
+    rows = cfg.data.batch_size * (algo.group_size if isinstance(algo, PGConfig) else 1)
+    minibatches = algo.num_minibatches if isinstance(algo, ClippedEpochsConfig) else 1
+    if rows % minibatches or (rows // minibatches) % algo.grad_accum_steps:
+        size = "data.batch_size" + (f" × {key}.group_size" if isinstance(algo, PGConfig) else "")
+        raise ConfigError(f"{key}.num_minibatches: {size} = {rows} sequences per iteration do not split into "
+                          f"{minibatches} minibatches × {key}.grad_accum_steps={algo.grad_accum_steps} "
+                          "micro-batches of equal size")
+
+
+def build_rl(cfg: RLRunConfig, run: Run, policy: LoadedModel, critic_key: jax.Array, total: int) -> RLSetup:
     """Reference, critic, reward, optimisers, the initial state (placed) and the jitted phases."""
     algo = rl_algorithm(cfg)
-    is_ppo = isinstance(algo, PPOConfig)
+    epochs = isinstance(algo, ClippedEpochsConfig)
     dtype, model, tokenizer = cfg.model.dtype, policy.model, policy.tokenizer
     generation = sampling_settings(cfg.generation, algo.temperature, tokenizer)
     check_length(
@@ -136,11 +203,14 @@ def build_rl(cfg: PPORunConfig | A2CRunConfig, run: Run, policy: LoadedModel, cr
         "data.max_prompt_length + generation.max_new_tokens",
     )
     ref_model, ref_params = load_reference(cfg.reference.path, policy, dtype, critic_key)
-    shared = algo.critic == "shared"
-    policy_params = policy_with_value_head(policy, shared)
-    critic_model, critic_params = (None, None) if shared else load_critic(cfg.critic.path, policy, dtype,
-                                                                           critic_key)
-    score = make_score_fn(cfg.reward, tokenizer, dtype, run.place)
+    critic_free = isinstance(algo, PGConfig)
+    separate = not critic_free and algo.critic == "separate"  # critic-free: no critic, no value head
+    policy_params = policy_with_value_head(policy, not critic_free and not separate)
+    critic_model, critic_params = (None, None)
+    if separate:  # initialised from critic.path, by default the reward model if there is one
+        critic_model, critic_params = load_critic(critic_init_path(cfg.critic, cfg.reward), policy, dtype,
+                                                  critic_key)
+    score = make_score_fn(cfg.reward, tokenizer, dtype, run.place, run.mesh)
     run.check_batch_size("data.batch_size", cfg.data.batch_size)
     if cfg.reference.offload:
         ref_params = parallel.to_host(ref_params)  # numpy: copied to the devices by each experience call
@@ -148,47 +218,53 @@ def build_rl(cfg: PPORunConfig | A2CRunConfig, run: Run, policy: LoadedModel, cr
     else:
         ref_params = run.place(ref_params, "reference params")
 
-    updates = total * (algo.epochs * algo.num_minibatches if is_ppo else 1)  # the schedule's length
+    updates = total * (algo.epochs * algo.num_minibatches if epochs else 1)  # the schedule's length
     optimizer = make_optimizer(cfg.optimizer, updates)
-    critic_optimizer = None if shared else make_optimizer(cfg.optimizer, updates)
+    critic_optimizer = make_optimizer(cfg.optimizer, updates) if separate else None
     kl_state = kl_controller(algo).init()
     state = run.place(create_rl_state(policy_params, optimizer, kl_state, critic_params, critic_optimizer),
                       "policy (+ critic) params + optimiser state")
     phases = build_rl_phases(model, ref_model, critic_model, algo, generation, score, optimizer,
                              critic_optimizer, run.state_shardings(state), run.report.watch)
     policy_flops = flops_per_token(model.config, training=True)
-    critic_flops = None if shared else flops_per_token(critic_model.config, training=True, lm_head=False)
+    critic_flops = flops_per_token(critic_model.config, training=True, lm_head=False) if separate else None
     return RLSetup(
         phases,
         ref_params,
         state,
         critic_model,
         update_flops=lambda n: policy_flops(n) + (critic_flops(n) if critic_flops is not None else 0.0),
-        passes=algo.epochs if is_ppo else 1,
+        passes=algo.epochs if epochs else 1,
+        sequences=cfg.data.batch_size * (algo.group_size if critic_free else 1),
     )
 
 
-def rl_algorithm(cfg: PPORunConfig | A2CRunConfig) -> RLConfig:
-    """The algorithm section of an RL run config (``ppo`` or ``a2c``)."""
-    return cfg.ppo if isinstance(cfg, PPORunConfig) else cfg.a2c
+def rl_algorithm(cfg: RLRunConfig) -> RLConfig:
+    """The algorithm section of an RL run config (``ppo``, ``a2c``, ``grpo`` or ``rloo``)."""
+    return getattr(cfg, COMMAND_OF[type(cfg)])
 
 
-def rl_hooks(cfg: PPORunConfig | A2CRunConfig, run: Run, setup: RLSetup, tokenizer: Any) -> LoopHooks:
+def rl_hooks(cfg: RLRunConfig, run: Run, setup: RLSetup, tokenizer: Any) -> LoopHooks:
     """The loop hooks of an RL run: each step is one timed iteration."""
     report = run.report
     iteration = make_rl_iteration(setup.phases, setup.ref_params, around=report.timers)
     last: list[IterationOutput] = []  # the latest rollout and scores, for the sample text
 
     def step(state: RLState, batch: dict, key: jax.Array) -> tuple[RLState, StepOutcome]:
+        batch = take_columns(setup.phases.score, batch)  # host columns for reward functions (TRL's form)
         state, out = iteration(state, run.shard(batch), key)
         last[:] = [out]
-        tallies = {"tokens": float(np.asarray(out.rollout.sequence_mask).sum()),
-                   "response_tokens": float(np.asarray(out.rollout.response_mask).sum())}
-        return state, StepOutcome(host_scalars(out.metrics), tallies, int(out.rollout.sequences.shape[1]))
+        # Reduced on the devices: a multi-host rollout has rows no single process holds.
+        tallies = {"tokens": float(jnp.sum(out.rollout.sequence_mask)),
+                   "response_tokens": float(jnp.sum(out.rollout.response_mask)),
+                   # ReMax's greedy baseline rows are generated but not trained on
+                   "trained_tokens": float(jnp.sum(out.rollout.sequence_mask[:setup.sequences]))}
+        metrics = {**host_scalars(out.metrics), **reward_metrics(setup.phases.score)}
+        return state, StepOutcome(metrics, tallies, int(out.rollout.sequences.shape[1]))
 
     def window_metrics(step_number: int, outcome: StepOutcome) -> dict[str, float]:
         record = rl_perf(report, outcome.seq_len, setup.update_flops, setup.passes)
-        record["episode"] = step_number * cfg.data.batch_size
+        record["episode"] = step_number * setup.sequences
         return record
 
     def after_step(step_number: int, state: RLState, outcome: StepOutcome) -> None:
@@ -198,18 +274,19 @@ def rl_hooks(cfg: PPORunConfig | A2CRunConfig, run: Run, setup: RLSetup, tokeniz
                         "training log-probs differ)", ratio)
         if cfg.logging.sample_every and step_number % cfg.logging.sample_every == 0:
             out = last[0]
-            report.log_text("samples", sample_text(tokenizer, out.rollout, float(np.asarray(out.scores)[0])),
-                            step_number)
+            score = float(parallel.to_host(out.scores[0]))
+            report.log_text("samples", sample_text(tokenizer, out.rollout, score), step_number)
 
     return LoopHooks(step, window_metrics, after_step, postfix=POSTFIX)
 
 
-def train_rl(cfg: PPORunConfig | A2CRunConfig) -> RunResult:
-    """``jaxrlhf ppo`` / ``jaxrlhf a2c``: PPO or A2C end to end (by the config's type); returns where the
-    run and its export are."""
-    command = "ppo" if isinstance(cfg, PPORunConfig) else "a2c"
+def train_rl(cfg: RLRunConfig) -> RunResult:
+    """``jaxrlhf ppo`` / ``a2c`` / ``grpo`` / ``rloo``: the method end to end (by the config's type); returns
+    where the run and its export are."""
+    command = COMMAND_OF[type(cfg)]
     check_common(cfg.model, cfg.data, cfg.checkpoint, cfg.logging, cfg.train)
     check_rl(cfg.reward)
+    check_minibatch_split(cfg, rl_algorithm(cfg))
     with Run(
         command,
         cfg,
@@ -228,7 +305,7 @@ def train_rl(cfg: PPORunConfig | A2CRunConfig) -> RunResult:
             prompts,
             cfg.data.batch_size,
             cfg.train.seed,
-            make_collate("prompt", cfg.data, tokenizer),
+            make_collate("prompt", cfg.data, tokenizer, columns=True),
             cfg.data.shuffle,
             cfg.data.train_file,
         )
@@ -255,6 +332,7 @@ def export_policy(run_dir: str, policy: LoadedModel, state: RLState, critic_mode
             state.critic.params.lm,
             policy.tokenizer,
             heads={"value_head": state.critic.params.value_head},
+            score_head="value_head",  # a *ForSequenceClassification checkpoint, as a reward model's
         )
     return export
 
@@ -262,9 +340,10 @@ def export_policy(run_dir: str, policy: LoadedModel, state: RLState, critic_mode
 def rl_perf(report: Reporting, seq_len: int, update_flops: Callable[[int], float],
             passes: int) -> dict[str, float]:
     """Throughput of the logging window's phases (real tokens: prompt + response), and the update's MFU."""
-    tokens, response = report.window.tallies["tokens"], report.window.tallies["response_tokens"]
+    tallies = report.window.tallies
+    tokens, response = tallies["tokens"], tallies["response_tokens"]
     totals = {k: report.timers.totals.get(k, 0.0) for k in ("generation", "score", "update", "step_total")}
-    trained = tokens * passes
+    trained = tallies.get("trained_tokens", tokens) * passes
     perf = {
         "perf/tokens_per_s": throughput(tokens, totals["step_total"]),
         "perf/generation_tokens_per_s": throughput(response, totals["generation"]),
@@ -279,7 +358,7 @@ def rl_perf(report: Reporting, seq_len: int, update_flops: Callable[[int], float
 def sample_text(tokenizer: Any, rollout: Any, score: float) -> str:
     """The first row of a rollout as ``prompt / response / score`` text (for ``text.jsonl``)."""
     p = rollout.sequences.shape[1] - rollout.response_mask.shape[1]
-    seq, mask = np.asarray(rollout.sequences[0]), np.asarray(rollout.sequence_mask[0])
+    seq, mask = parallel.to_host((rollout.sequences[0], rollout.sequence_mask[0]))  # row 0 on every process
     prompt = tokenizer.decode(seq[:p][mask[:p] > 0])
     response = tokenizer.decode(seq[p:][mask[p:] > 0])
     return f"prompt: {prompt!r}\nresponse: {response!r}\nscore: {score:.4g}"

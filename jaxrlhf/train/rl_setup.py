@@ -19,12 +19,12 @@ import optax
 from jaxrlhf.config import ConfigError
 from jaxrlhf.models.heads import init_value_head
 from jaxrlhf.models.transformer import LanguageModel
-from jaxrlhf.oracle import get_reward
 from jaxrlhf.rl import RewardNormalization
-from jaxrlhf.rollout.generate import GenerationConfig, Rollout
+from jaxrlhf.rollout.generate import GenerationConfig
 from jaxrlhf.steps import CriticParams, PolicyParams, RewardModelParams, RewardModelScorer, RLConfig
 from jaxrlhf.steps.rl_iteration import RLPhases, ScoreFn, make_rl_phases
 from jaxrlhf.train.model_setup import LoadedModel, load_model, load_reward_model
+from jaxrlhf.train.reward_functions import RewardFunctions
 from jaxrlhf.train.run import compile_step
 from jaxrlhf.train.run_config import GenerationSection, ModelSection, RewardSection
 
@@ -88,10 +88,14 @@ def reward_model_score_fn(
 def make_score_fn(
     reward: RewardSection, policy_tokenizer: Any, dtype: str,
     place: Callable[[Any, str], Any] = lambda tree, name: tree,
+    mesh: Any = None,
 ) -> ScoreFn:
     """The configured reward as ``score(rollout) -> [B]``: the jitted reward model (its parameters placed by
-    ``place``), or the reward ``reward.function`` names (``jaxrlhf.oracle.get_reward``: any oracle or reward
-    function), jitted when it is jittable, else called on the host once per batch."""
+    ``place``), or the reward function(s) ``reward.function`` / ``reward.functions`` name
+    (:class:`~jaxrlhf.train.reward_functions.RewardFunctions`: any oracle or reward function of
+    ``jaxrlhf.oracle.get_reward``, TRL's form included; jitted when jittable, else called on the host once
+    per batch — given ``mesh``, on each process's own rows of a multi-host rollout; a weighted sum of
+    several, each logged as ``rewards/<name>/mean``)."""
     if reward.model_path is not None:
         rm, norm = load_reward_model(reward.model_path, dtype)
         same_vocabulary(policy_tokenizer, rm.tokenizer, "reward.model_path")
@@ -99,18 +103,7 @@ def make_score_fn(
             log.warning("%s has no reward normalisation; using raw rewards", reward.model_path)
         return reward_model_score_fn(rm.model, place(rm.params, "reward model params"),
                                      norm if reward.normalize else None, reward.micro_batch_size)
-    assert reward.function is not None
-    try:
-        oracle = get_reward(reward.function, tokenizer=policy_tokenizer)
-    except ValueError as e:
-        raise ConfigError(f"reward.function: {e}") from None
-    if oracle.jittable:
-        return compile_step(oracle.score_rollout, donate=False)
-
-    def host_score(rollout: Rollout) -> jax.Array:
-        return jnp.asarray(oracle.score_rollout(rollout))
-
-    return host_score
+    return RewardFunctions.from_section(reward, policy_tokenizer, mesh=mesh)
 
 
 def load_reference(path: str | None, policy: LoadedModel, dtype: str,

@@ -45,6 +45,14 @@ def compile_step(
     )
 
 
+def _plain(config: Any) -> dict[str, Any] | None:
+    from jaxrlhf.config import to_dict
+
+    if dataclasses.is_dataclass(config):
+        return to_dict(config)
+    return dict(config) if isinstance(config, dict) else None
+
+
 def total_steps(train: TrainSection, batches_per_epoch: int) -> int:
     """``train.steps``, else ``train.epochs`` × batches per epoch."""
     if train.steps is not None:
@@ -109,7 +117,7 @@ class Run:
         """Write the run directory (config.yaml, run.log) and start the metrics logger at ``resume_step``:
         call once the inputs are validated and the checkpoint (if any) is restored."""
         self.directory.open(self.config)
-        self.report.open(self.run_dir, resume_step)
+        self.report.open(self.run_dir, resume_step, _plain(self.config))
 
     # ------------------------------------------------------------------ devices
     def place(self, state: Any, name: str = "state") -> Any:

@@ -9,7 +9,8 @@ functions that raise :class:`~jaxrlhf.config.ConfigError` naming the key.
 from __future__ import annotations
 
 import dataclasses
-from typing import Literal
+from pathlib import Path
+from typing import ClassVar, Literal
 
 from jaxrlhf.config import ConfigError
 
@@ -32,13 +33,23 @@ class ModelSection:
     """Either ``path`` (a local Hugging Face directory) or ``architecture`` + ``tokenizer`` (from scratch).
 
     ``tokenizer`` is a directory holding a Hugging Face tokenizer, or ``char:<alphabet>`` for a
-    character-level toy tokenizer; with ``path`` it overrides the directory's own tokenizer.
+    character-level toy tokenizer; with ``path`` it overrides the directory's own tokenizer. ``--set
+    model.path=…`` replaces the config file's ``architecture`` and ``tokenizer``: the model directory brings
+    its own (give ``--set model.tokenizer=…`` too to override it).
     """
 
+    # A local Hugging Face model directory (config.json + safetensors + tokenizer files).
     path: str | None = None
     architecture: ArchitectureConfig | None = None
+    # A tokenizer directory or char:<alphabet>; with path: overrides the directory's own tokenizer.
     tokenizer: str | None = None
     dtype: Literal["float32", "bfloat16"] = "float32"
+
+    # A --set of the key on the left drops these keys of the config file (jaxrlhf.config.drop_replaced).
+    REPLACES: ClassVar[dict[str, tuple[str, ...]]] = {
+        "path": ("architecture", "tokenizer"),
+        "architecture": ("path",),
+    }
 
 
 @dataclasses.dataclass(frozen=True)
@@ -46,7 +57,11 @@ class DataSection:
     """JSONL files, batch sizes and lengths (responses: at most ``max_response_length`` tokens with eos)."""
 
     train_file: str = ""
+    # Held-out examples for evaluation; without one, data.eval_fraction of the train file is held out.
     eval_file: str | None = None
+    # Without an eval_file: the share of the train file held out for evaluation (at least one example;
+    # 0: no evaluation). The split is fixed by train.seed.
+    eval_fraction: float = 0.05
     batch_size: int = 8
     eval_batch_size: int | None = None  # default: batch_size
     max_prompt_length: int = 64
@@ -78,14 +93,37 @@ class GenerationSection:
 
 
 @dataclasses.dataclass(frozen=True)
-class RewardSection:
-    """The RL reward: a trained reward model directory, or a registered / dotted-path reward function."""
+class RewardFunctionSection:
+    """One of several reward functions summed with weights into the reward (each logged as
+    ``rewards/<name>/mean``)."""
 
+    function: str  # a name or import path, as reward.function
+    weight: float = 1.0
+    name: str | None = None  # the metric name; default: the function's __name__
+
+
+@dataclasses.dataclass(frozen=True)
+class RewardSection:
+    """The RL reward: a trained reward model directory, a registered / import-path reward function, or a
+    weighted sum of several functions. Exactly one of the three; a ``--set`` of one replaces the config
+    file's other (and a separate critic then no longer starts from the reward model)."""
+
+    # A reward model directory (a jaxrlhf reward export or any *ForSequenceClassification checkpoint).
     model_path: str | None = None
+    # fn(prompt, response) -> float; fn(prompts, completions, **columns) -> list[float] (TRL's); or
+    # fn(prompt_tokens, prompt_mask, response_tokens, response_mask) -> [B]; as "module:function" or a name.
     function: str | None = None
+    # Several reward functions, summed with weights: [{function: "m:f", weight: 1.0}, ...].
+    functions: tuple[RewardFunctionSection, ...] = ()
     normalize: bool = True  # apply the reward model's saved (gain, bias)
     # Score the batch in sequential chunks of this many sequences (bounds the reward model's activations).
     micro_batch_size: int | None = None
+
+    REPLACES: ClassVar[dict[str, tuple[str, ...]]] = {
+        "model_path": ("function", "functions"),
+        "function": ("model_path", "functions"),
+        "functions": ("model_path", "function"),
+    }
 
 
 @dataclasses.dataclass(frozen=True)
@@ -103,7 +141,8 @@ class ReferenceSection:
 @dataclasses.dataclass(frozen=True)
 class CriticSection:
     """Initial weights of a separate critic (``critic: separate``): a Hugging Face directory (e.g. a reward
-    model, whose reward head then initialises the value head); default: the policy's initial weights."""
+    model, whose reward head then initialises the value head); default: the reward model
+    (``reward.model_path``) when the reward is one, else the policy's initial weights."""
 
     path: str | None = None
 
@@ -130,6 +169,8 @@ class LoggingSection:
     level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
     mfu_matmul_size: int = 2048
     sample_every: int = 0  # RL: log a decoded sample generation every N steps (0: never)
+    # A Weights & Biases project: metrics go there too, under the same names (needs the wandb package).
+    wandb: str | None = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -159,6 +200,26 @@ def check_model(model: ModelSection, key: str = "model") -> None:
         raise ConfigError(f"{key}.tokenizer: required when training {key}.architecture from scratch")
 
 
+def check_exists(key: str, path: str | None, kind: Literal["file", "directory"] = "file",
+                 what: str = "") -> None:
+    """A config key naming an input that must exist: a one-line error naming the key and the path
+    (checked before anything is loaded, so a mistyped path fails in a second, not after model loading)."""
+    if path is None or path == "":
+        return
+    p = Path(path)
+    ok = p.is_file() if kind == "file" else p.is_dir()
+    if not ok:
+        wrong = f"is not a {kind}" if p.exists() else f"{what} not found" if what else f"no such {kind}"
+        raise ConfigError(f"{key}: {path}: {wrong}")
+
+
+def check_model_inputs(model: ModelSection, key: str = "model") -> None:
+    """The model directory and a tokenizer directory exist."""
+    check_exists(f"{key}.path", model.path, "directory", "model directory")
+    if model.tokenizer and not model.tokenizer.startswith("char:"):
+        check_exists(f"{key}.tokenizer", model.tokenizer, "directory", "tokenizer directory")
+
+
 def check_common(
     model: ModelSection,
     data: DataSection,
@@ -166,12 +227,14 @@ def check_common(
     logging: LoggingSection,
     train: TrainSection,
 ) -> None:
-    """The rules every command shares."""
+    """The rules every command shares, then the inputs it names (data files, model directory) exist."""
     check_model(model)
     if not data.train_file:
         raise ConfigError("data.train_file: required (a JSONL file)")
     for key in ("batch_size", "eval_batch_size", "max_prompt_length", "max_response_length"):
         _positive(f"data.{key}", getattr(data, key))
+    if not 0.0 <= data.eval_fraction < 1.0:
+        raise ConfigError(f"data.eval_fraction: must be in [0, 1), got {data.eval_fraction}")
     _positive("checkpoint.every", checkpoint.every)
     _positive("checkpoint.keep", checkpoint.keep)
     _positive("logging.log_every", logging.log_every)
@@ -180,10 +243,30 @@ def check_common(
     _positive("train.max_consecutive_nonfinite", train.max_consecutive_nonfinite)
     if train.steps is None and train.epochs is None:
         raise ConfigError("train: give train.steps or train.epochs")
+    check_exists("data.train_file", data.train_file)
+    check_exists("data.eval_file", data.eval_file)
+    check_model_inputs(model)
+
+
+def reward_sources(reward: RewardSection) -> list[str]:
+    """The keys of ``reward`` that name a reward source (a valid config has exactly one)."""
+    given = {"model_path": reward.model_path is not None, "function": reward.function is not None,
+             "functions": bool(reward.functions)}
+    return [f"reward.{k}" for k, v in given.items() if v]
 
 
 def check_rl(reward: RewardSection) -> None:
-    """Exactly one reward source."""
-    if (reward.model_path is None) == (reward.function is None):
-        raise ConfigError("reward: give exactly one of reward.model_path or reward.function")
+    """Exactly one reward source, and a reward model directory that exists."""
+    if len(reward_sources(reward)) != 1:
+        given = reward_sources(reward)
+        raise ConfigError(
+            "reward: give exactly one of reward.model_path, reward.function or reward.functions"
+            + (f" (got {' and '.join(given)})" if given else "")
+        )
     _positive("reward.micro_batch_size", reward.micro_batch_size)
+    check_exists("reward.model_path", reward.model_path, "directory", "reward model directory")
+
+
+def critic_init_path(critic: CriticSection, reward: RewardSection) -> str | None:
+    """Where a separate critic starts: ``critic.path``, else the reward model, else None (the policy)."""
+    return critic.path if critic.path is not None else reward.model_path

@@ -18,7 +18,7 @@ from jaxrlhf.models.transformer import LanguageModel, positions_from_mask
 from jaxrlhf.parallel import ParallelConfig
 from jaxrlhf.steps import OptimizerConfig, SFTConfig, create_train_state, make_optimizer, make_sft_step
 from jaxrlhf.steps.sft import sft_loss, target_mask
-from jaxrlhf.train.data_setup import eval_batches, load_dataset, make_collate, train_iterator
+from jaxrlhf.train.data_setup import eval_batches, make_collate, train_and_eval_sets, train_iterator
 from jaxrlhf.train.loop import training_loop
 from jaxrlhf.train.model_setup import check_length, export_model, flops_per_token, load_model
 from jaxrlhf.train.reporting import host_scalars
@@ -86,13 +86,12 @@ def train_sft(cfg: SFTRunConfig) -> RunResult:
         model, params, tokenizer, _ = load_model(cfg.model, init_key)
         check_length(model.config, cfg.data.max_prompt_length + cfg.data.max_response_length)
         collate = make_collate("sft", cfg.data, tokenizer)
-        train_set = load_dataset(cfg.data.train_file, "sft", tokenizer, cfg.data)
+        train_set, eval_set = train_and_eval_sets("sft", tokenizer, cfg.data, cfg.train.seed)
         batches = train_iterator(
             train_set, cfg.data.batch_size, cfg.train.seed, collate, cfg.data.shuffle, cfg.data.train_file
         )
         evaluate = None
-        if cfg.data.eval_file:
-            eval_set = load_dataset(cfg.data.eval_file, "sft", tokenizer, cfg.data)
+        if eval_set is not None:
             evaluate_batch = make_sft_eval(model)
             size = cfg.data.eval_batch_size or cfg.data.batch_size
             run.check_batch_size("data.eval_batch_size", size)

@@ -159,3 +159,58 @@ def test_quick_demo_report_table_plots_and_summary(quick_run):
     assert [p["x"] for p in results["curves"]["PPO"]] == [0, 3, 6]
     assert results["policies"]["SFT"]["kl"] == 0.0
     assert f"run directory: {root}" in quick_run.summary.splitlines()
+
+
+def _tree(root: Path) -> dict[str, tuple[int, int]]:
+    return {str(p.relative_to(root)): (p.stat().st_size, p.stat().st_mtime_ns)
+            for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+def test_the_reports_reuse_commands_start_a_new_run_and_leave_the_demo_alone(quick_run, tmp_path,
+                                                                             monkeypatch, capsys):
+    """The commands report.md prints for running the stages' configs again (the demo's own trainer configs
+    and exports are their inputs): run as printed (two steps each) from another directory, each trains in
+    a new run directory beside the demo's, and not one file of the demo's run directory changes."""
+    import shlex
+
+    from jaxrlhf import cli
+
+    root = Path(quick_run.run_dir)
+    report = (root / "report.md").read_text()
+    block = report.split("These commands run the same pipeline again")[1].split("```")[1]
+    commands = [shlex.split(line) for line in block.strip().splitlines()]
+    assert [c[1] for c in commands] == ["sft", "reward", "ppo", "a2c"]
+    before = _tree(root)
+    monkeypatch.chdir(tmp_path)
+    for argv in commands:
+        tiny = ["--set", "train.steps=2", "--set", "logging.progress_bar=false", "--set",
+                "logging.tensorboard=false", "--set", "logging.mfu_matmul_size=0"]
+        assert cli.main([*argv[1:], *tiny]) == 0, (argv, capsys.readouterr().err[-2000:])
+    assert _tree(root) == before
+    again = root.with_name(root.name + "-again")
+    for stage in ("sft", "reward", "ppo", "a2c"):
+        assert (again / stage / "export" / "config.json").is_file(), stage
+
+
+@pytest.mark.parametrize("source, message", [
+    ("def score(prompt, response):\n    return (\n", r"task\.oracle: reward 'user_gold_{i}:score': importing "
+     r"'user_gold_{i}' raised SyntaxError: .*user_gold_{i}\.py:2\)"),
+    ("def score(prompt, response):\n    return {{}}['missing']\n", r"reward 'user_gold_{i}:score' raised "
+     r"KeyError: 'missing' \(.*user_gold_{i}\.py:2\) on prompt "),
+], ids=["cannot-import", "raises"])
+def test_a_failing_user_oracle_is_one_line(tmp_path, monkeypatch, capsys, source, message):
+    """`jaxrlhf demo --set task.oracle=module:function` with a module in the working directory that does
+    not import, or whose function raises when the demo first scores with it: one line, naming it."""
+    import re
+
+    from jaxrlhf import cli
+
+    i = len(source)  # a fresh module name per case
+    (tmp_path / f"user_gold_{i}.py").write_text(source.format())
+    monkeypatch.chdir(tmp_path)
+    code = cli.main(["demo", "--quick", "--set", f"task.oracle=user_gold_{i}:score", "--set", "sft.steps=2",
+                     "--set", f"run.dir={tmp_path / 'run'}", "--set", "run.progress_bar=false"])
+    err = capsys.readouterr().err
+    assert code == 1 and "Traceback" not in err
+    line = err.strip().splitlines()[-1]
+    assert line.startswith("jaxrlhf demo: error: ") and re.search(message.format(i=i), line), line

@@ -6,7 +6,13 @@ import numpy as np
 
 from jaxrlhf.experiments.curves import CurvePoint
 from jaxrlhf.experiments.plots import plot_reward_vs_sqrt_kl
-from jaxrlhf.experiments.report import comparison_table, render_report, render_summary, table_rows
+from jaxrlhf.experiments.report import (
+    comparison_table,
+    render_report,
+    render_summary,
+    reuse_commands,
+    table_rows,
+)
 
 
 def _policy(gold, gold_ci, proxy, kl, optimal):
@@ -86,7 +92,8 @@ def test_report_sections_links_and_numbers():
     assert "| 12 | 1.134 | 0.679 ± 0.040 | 1.180 | 50.0% |" in lines  # the PPO curve
     assert "| rl | 1m18s |" in lines and "| total | 3m14s |" in lines
     assert "- final policy, PPO (Hugging Face format): `ppo/export`" in lines
-    assert "jaxrlhf sft --config configs/sft.yaml --set data.train_file=your.jsonl" in lines
+    assert ("jaxrlhf sft --config /runs/demo-1/configs/sft.yaml --set logging.run_dir=/runs/demo-1-again/sft"
+            in lines)
     assert "(--quick)" in render_report({**make_results(), "quick": True}).splitlines()[0]
 
 
@@ -116,3 +123,43 @@ def test_plots_are_valid_pngs(tmp_path):
         image = matplotlib.image.imread(path)
         assert image.shape[0] > 100 and image.shape[1] > 100
         assert np.ptp(image) > 0  # not a blank canvas
+
+
+def test_reuse_commands_write_a_new_run_and_read_nothing_the_demo_wrote_as_output(tmp_path):
+    """The report's "run it again" commands: each stage's run directory, and every input that was another
+    stage's output (exports, checkpoints), move to <run>-again; the demo's data files and tokenizer are
+    read where they are. Loaded as the CLI loads them, no path a command writes lies in the demo's run."""
+    import shlex
+
+    import yaml
+
+    from jaxrlhf import cli
+
+    root = tmp_path / "demo-1"
+    (root / "configs").mkdir(parents=True)
+    stage_configs = {
+        "sft": {"model": {"architecture": {"hidden_size": 16}, "tokenizer": str(root / "tokenizer")},
+                "data": {"train_file": str(root / "data/demos.jsonl")},
+                "logging": {"run_dir": str(root / "sft")}},
+        "reward": {"model": {"path": str(root / "sft/export")}, "logging": {"run_dir": str(root / "reward")},
+                   "checkpoint": {"dir": str(root / "reward/checkpoints")}},
+        "ppo": {"model": {"path": str(root / "sft/export")},
+                "reward": {"model_path": str(root / "reward/export")},
+                "logging": {"run_dir": str(root / "ppo")}},
+    }
+    for name, config in stage_configs.items():
+        (root / "configs" / f"{name}.yaml").write_text(yaml.safe_dump(config))
+    results = {"run_dir": str(root), "configs": {n: f"configs/{n}.yaml" for n in stage_configs}}
+    again = tmp_path / "demo-1-again"
+    commands = reuse_commands(results)
+    assert commands[0] == (f"jaxrlhf sft --config {root}/configs/sft.yaml --set logging.run_dir={again}/sft")
+    for command in commands:
+        argv = shlex.split(command)
+        assert argv[0] == "jaxrlhf"
+        sets = [argv[i + 1] for i, a in enumerate(argv) if a == "--set"]
+        config = cli.load_command_config(argv[1], argv[3], sets)
+        for written in (config.logging.run_dir, config.checkpoint.dir):
+            assert written is None or not written.startswith(str(root) + "/"), (command, written)
+        for read in (config.model.path, getattr(getattr(config, "reward", None), "model_path", None)):
+            assert read is None or read.startswith(str(again)), (command, read)
+        assert config.model.tokenizer in (None, str(root / "tokenizer"))  # an input: read where it is

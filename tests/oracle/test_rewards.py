@@ -7,8 +7,10 @@ import numpy as np
 import pytest
 
 from jaxrlhf.oracle import (
+    BatchFunctionOracle,
     FunctionOracle,
     Oracle,
+    RewardFunctionError,
     RewardSpecError,
     TokenFunctionOracle,
     build_task_tokenizer,
@@ -92,7 +94,7 @@ def test_task_oracles_by_name_and_import_paths():
     by_path = get_reward("jaxrlhf.oracle.token_rewards:length_reward")
     assert not by_path.jittable  # no `jittable` attribute: a host function
     np.testing.assert_allclose(by_path.score_rollout(make_rollout()), [3 / 4, 1, 1 / 4])
-    assert get_reward("jaxrlhf.oracle.token_rewards.length_reward").fn is by_path.fn
+    assert get_reward("jaxrlhf.oracle.token_rewards.length_reward").fn.__wrapped__ is by_path.fn.__wrapped__
     instance = get_task("digit_sort").oracle
     register_reward("test_digit_sort", instance, overwrite=True)
     assert get_reward("test_digit_sort") is instance and isinstance(instance, Oracle)
@@ -120,3 +122,71 @@ def test_registration_errors_and_shape_checks():
     register_reward("test_bad_shape", lambda p, pm, r, rm: np.zeros(2), overwrite=True)
     with pytest.raises(ValueError, match=r"returned shape \(2,\), expected \(3,\)"):
         get_reward("test_bad_shape").score_rollout(make_rollout())
+
+
+# ------------------------------------------------------------------------------------ TRL's signature
+
+
+def exact_answer(prompts, completions, answer, **kwargs):
+    """A reward written for TRL's GRPOTrainer: the dataset's `answer` column arrives as a keyword."""
+    return [1.0 if c.strip() == a else 0.0 for c, a in zip(completions, answer)]
+
+
+def test_trl_reward_functions_get_the_columns_as_keywords():
+    assert reward_form(exact_answer) == "batch"
+    oracle = get_reward("tests.oracle.test_rewards:exact_answer", tokenizer=TOK)
+    assert isinstance(oracle, BatchFunctionOracle) and not oracle.jittable
+    scores = oracle.score_batch(["2+2=", "3+3="], [" 4", "7"], {"answer": ["4", "6"], "level": [1, 2]})
+    np.testing.assert_array_equal(scores, [1.0, 0.0])
+    assert scores.dtype == np.float32
+    # A function naming only some keywords gets only those; a conversational prompt gets its completion
+    # as one assistant message (TRL's convention); None is "does not apply" (NaN).
+    seen = {}
+
+    def conversational(completions, prompts):
+        seen.update(prompts=prompts, completions=completions)
+        return [None, 0.5]
+
+    chat = BatchFunctionOracle(conversational)
+    prompts = [[{"role": "user", "content": "hi"}], "plain"]
+    out = chat.score_batch(prompts, ["yo", "ok"], {"answer": ["a", "b"]}, completion_ids=[[5], [6]])
+    assert np.isnan(out[0]) and out[1] == 0.5
+    assert seen["completions"] == [[{"role": "assistant", "content": "yo"}], "ok"]
+    # A required column the data lacks is one error naming it and the columns there are.
+    with pytest.raises(RewardFunctionError, match=r"needs the column 'answer'.*its columns: level"):
+        oracle.score_batch(["q"], ["a"], {"level": [1]})
+    # Without columns (the demo's gold reward, texts decoded from tokens) a function needing none works.
+    np.testing.assert_array_equal(chat.score_texts(["a", "b"], ["x", "y"])[1:], [0.5])
+
+
+@pytest.mark.parametrize("fn, message", [
+    (lambda prompt, response: 1 / 0,
+     r"reward 'bad' raised ZeroDivisionError: division by zero \(.*test_rewards\.py:\d+\) on prompt 'a'"),
+    (lambda prompt, response: "high", r"reward 'bad' returned str 'high'; expected a float"),
+    (lambda prompts, completions: [1.0], r"reward 'bad' returned 1 scores for 2 completions"),
+    (lambda prompts, completions: ["x", 1.0], r"returned str 'x' for completion 0; expected a float or None"),
+    (lambda prompts, completions: [float("nan"), 1.0], r"returned nan for completion 0"),
+    (lambda prompts, completions: {}["answer"], r"reward 'bad' raised KeyError: 'answer'"),
+])
+def test_a_failing_user_function_is_one_error_naming_it(fn, message):
+    register_reward("bad", fn, overwrite=True)
+    with pytest.raises(RewardFunctionError, match=message) as info:
+        get_reward("bad", tokenizer=TOK).score_texts(["a", "a b"], ["b", "c"])
+    assert "\n" not in str(info.value)
+
+
+def test_import_paths_find_modules_in_the_working_directory(tmp_path, monkeypatch):
+    """As `python -m` would: the console script does not put the working directory on sys.path."""
+    import sys
+
+    (tmp_path / "my_gold.py").write_text("def score(prompt, response):\n    return float(len(response))\n")
+    (tmp_path / "broken_gold.py").write_text("def score(prompt, response):\n    return (\n")
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(sys, "path", [p for p in sys.path if p not in ("", str(tmp_path))])
+    np.testing.assert_array_equal(get_reward("my_gold:score").score_texts(["p"], ["abc"]), [3.0])
+    assert sys.path[0] == str(tmp_path)
+    with pytest.raises(RewardSpecError, match=r"'broken_gold:score': importing 'broken_gold' raised "
+                                              r"SyntaxError: .*broken_gold\.py:2\)"):
+        get_reward("broken_gold:score")
+    with pytest.raises(RewardSpecError, match=r"cannot import module 'no_such_module'"):
+        get_reward("no_such_module:score")

@@ -57,3 +57,43 @@ def test_distributed_is_not_started_without_a_coordinator(monkeypatch):
     assert initialize_distributed(ParallelConfig(distributed="never")) is False
     with pytest.raises(ValueError, match="expected auto"):
         initialize_distributed(ParallelConfig(distributed="sometimes"))
+
+
+def test_distributed_settings_come_from_the_config_else_the_environment(monkeypatch):
+    from jaxrlhf.parallel import distributed_settings
+
+    monkeypatch.setenv("JAX_COORDINATOR_ADDRESS", "10.0.0.1:4000")
+    monkeypatch.setenv("JAX_NUM_PROCESSES", "4")
+    monkeypatch.setenv("JAX_PROCESS_ID", "3")
+    assert distributed_settings(ParallelConfig()) == {
+        "coordinator_address": "10.0.0.1:4000",
+        "num_processes": 4,
+        "process_id": 3,
+    }
+    given = ParallelConfig(coordinator_address="host0:1234", num_processes=2, process_id=0)
+    assert distributed_settings(given) == {
+        "coordinator_address": "host0:1234",
+        "num_processes": 2,
+        "process_id": 0,
+    }
+    for var in ("JAX_COORDINATOR_ADDRESS", "JAX_NUM_PROCESSES", "JAX_PROCESS_ID"):
+        monkeypatch.delenv(var)
+    assert distributed_settings(ParallelConfig()) == {}  # left to JAX's cluster detection (SLURM, …)
+    monkeypatch.setenv("JAX_PROCESS_ID", "first")
+    with pytest.raises(ValueError, match="JAX_PROCESS_ID='first' is not an integer"):
+        distributed_settings(ParallelConfig())
+
+
+def test_cpu_collectives_default_to_gloo():
+    from jaxrlhf.parallel import _use_cpu_collectives
+
+    before = jax.config.jax_cpu_collectives_implementation
+    try:
+        jax.config.update("jax_cpu_collectives_implementation", None)
+        _use_cpu_collectives()
+        assert jax.config.jax_cpu_collectives_implementation == "gloo"
+        jax.config.update("jax_cpu_collectives_implementation", "mpi")
+        _use_cpu_collectives()  # a deliberate choice is kept
+        assert jax.config.jax_cpu_collectives_implementation == "mpi"
+    finally:
+        jax.config.update("jax_cpu_collectives_implementation", before)

@@ -133,3 +133,43 @@ def test_dpo_against_numpy_vmap_over_beta_and_gradient(maybe_jit):
     )
     grads = jax.jit(jax.grad(lambda *a: dpo_loss(*a)[0], argnums=(0, 2)))(pc, pr, rc, rr)
     assert np.all(np.asarray(grads[0]) < 0) and np.all(np.asarray(grads[1]) == 0)  # raise chosen; ref frozen
+
+
+def _sigmoid(x):
+    return 1.0 / (1.0 + np.exp(-x))
+
+
+# dℓ/dh of each DPO-family loss per pair, h = (π_c − ref_c) − (π_r − ref_r): what each loss optimises.
+DPO_LOSS_SLOPES = {
+    # DPO: −log σ(βh) → −β·σ(−βh)
+    "sigmoid": (dict(variant="sigmoid"), lambda h, b: -b * _sigmoid(-b * h)),
+    # cDPO: −(1−ε)·log σ(βh) − ε·log σ(−βh) → −β·[(1−ε)·σ(−βh) − ε·σ(βh)]: zero at σ(βh) = 1 − ε
+    "cdpo": (dict(variant="sigmoid", label_smoothing=0.2),
+             lambda h, b: -b * (0.8 * _sigmoid(-b * h) - 0.2 * _sigmoid(b * h))),
+    # IPO: (h − 1/(2β))² → 2·(h − 1/(2β)): regresses h onto 1/(2β)
+    "ipo": (dict(variant="ipo"), lambda h, b: 2.0 * (h - 1.0 / (2.0 * b))),
+    # SLiC hinge: relu(1 − βh) → −β while βh < 1, else 0
+    "hinge": (dict(variant="hinge"), lambda h, b: np.where(b * h < 1.0, -b, 0.0)),
+}
+
+
+@pytest.mark.parametrize("name", sorted(DPO_LOSS_SLOPES))
+def test_dpo_family_gradients_are_their_formulas(maybe_jit, name):
+    """∂L/∂log π(y_c) = w·ℓ'(h)/Σw and ∂L/∂log π(y_r) = −w·ℓ'(h)/Σw; nothing flows into the reference."""
+    kwargs, slope = DPO_LOSS_SLOPES[name]
+    rng = np.random.default_rng(7)
+    pc, pr, rc, rr = (rng.normal(-10.0, 4.0, 8).astype(np.float32) for _ in range(4))
+    weights = np.array([1, 1, 1, 0, 1, 1, 1, 1], np.float32)  # one padded pair
+    beta = 0.5
+    h = ((pc - rc) - (pr - rr)).astype(np.float64)
+    assert np.all(np.abs(beta * h - 1.0) > 1e-3)  # away from the hinge's kink
+
+    def loss(*logps):
+        return dpo_loss(*logps, beta=beta, weights=jnp.asarray(weights), **kwargs)[0]
+
+    grads = maybe_jit(jax.grad(loss, argnums=(0, 1, 2, 3)))(pc, pr, rc, rr)
+    expected = weights * slope(h, beta) / weights.sum()
+    np.testing.assert_allclose(grads[0], expected, rtol=1e-4, atol=1e-7)
+    np.testing.assert_allclose(grads[1], -expected, rtol=1e-4, atol=1e-7)
+    assert np.all(np.asarray(grads[2]) == 0) and np.all(np.asarray(grads[3]) == 0)
+    assert np.asarray(grads[0])[3] == 0.0  # the padded pair

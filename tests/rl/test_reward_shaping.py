@@ -29,3 +29,18 @@ def test_against_formula_and_continuity():
 def test_bad_window(cache):
     with pytest.raises(ValueError, match=f"cache_length={cache}, max_length=10"):
         soft_overlong_penalty(np.array([1]), 10, cache)
+
+
+def test_score_at_last_token_hand_values(maybe_jit):
+    from jaxrlhf.rl.reward_shaping import score_at_last_token
+
+    mask = np.array([[1, 1, 1, 0], [1, 1, 1, 1], [1, 0, 0, 0], [0, 0, 0, 0]], np.int32)
+    rewards = maybe_jit(score_at_last_token)(np.array([2.0, -1.0, 0.5, 9.0], np.float32), mask)
+    want = np.zeros((4, 4), np.float32)
+    want[0, 2], want[1, 3], want[2, 0] = 2.0, -1.0, 0.5  # the empty row gets nothing
+    np.testing.assert_array_equal(np.asarray(rewards), want)
+    # Every score survives the mask (the point of the helper: [:, -1] would drop rows 0 and 2).
+    np.testing.assert_array_equal(np.asarray(rewards * mask).sum(1), [2.0, -1.0, 0.5, 0.0])
+    assert rewards.dtype == np.float32
+    with pytest.raises(AssertionError):
+        score_at_last_token(np.zeros(3, np.float32), mask)

@@ -1,6 +1,9 @@
-"""Generation: KV-cache correctness, log-prob parity with a fresh forward pass, stopping, recompilation."""
+"""Generation: KV-cache correctness, log-prob parity with a fresh forward pass (and the behaviour
+distribution's log-probs under filtering), stopping, recompilation, group sampling, position limits."""
 
 from __future__ import annotations
+
+import dataclasses
 
 import jax
 import jax.numpy as jnp
@@ -65,15 +68,35 @@ def test_cached_decode_equals_full_forward(model_and_params):
     np.testing.assert_allclose(got, np.asarray(ref)[:, p - 1 : p + n - 1], atol=1e-5, rtol=0)
 
 
-@pytest.mark.parametrize(
-    "sampling",
-    [dict(temperature=0.7), dict(temperature=1.3, top_k=5), dict(temperature=1.0, top_p=0.8)],
-    ids=["t0.7", "t1.3-topk", "topp"],
-)
+@pytest.mark.parametrize("scan_decode", [False, True], ids=["per-layer", "stacked"])
+def test_prefill_equals_a_forward_over_an_empty_cache(model_and_params, scan_decode):
+    model, params = model_and_params
+    model = LanguageModel(dataclasses.replace(model.config, scan_decode=scan_decode))
+    tokens, mask = prompts()
+    b, p = tokens.shape
+    pos = positions_from_mask(jnp.asarray(mask))
+    full_mask = np.concatenate([mask, np.ones((b, 5), np.int32)], 1)
+    want_hidden, want = model.forward(params, tokens, pos, full_mask, model.init_cache(b, p + 5))
+    hidden, got = model.prefill(params, tokens, pos, mask, p + 5)
+    real = mask > 0  # padded query rows compute garbage in both, and are never attended to
+    np.testing.assert_allclose(np.asarray(hidden)[real], np.asarray(want_hidden)[real], atol=1e-5, rtol=0)
+    assert int(got.index) == p and isinstance(got.keys, tuple) == (not scan_decode)
+    want = model.decode_cache(want)
+    cols = np.concatenate([real, np.ones((b, 5), bool)], 1)  # [B, S]
+    for k_got, k_want in zip(got.keys, want.keys):  # [..., B, K, hd, S]
+        np.testing.assert_allclose(np.moveaxis(np.asarray(k_got), -1, -3)[..., cols, :, :],
+                                   np.moveaxis(np.asarray(k_want), -1, -3)[..., cols, :, :], atol=1e-5)
+    for v_got, v_want in zip(got.values, want.values):  # [..., B, K, S, hd]
+        np.testing.assert_allclose(np.moveaxis(np.asarray(v_got), -2, -3)[..., cols, :, :],
+                                   np.moveaxis(np.asarray(v_want), -2, -3)[..., cols, :, :], atol=1e-5)
+
+
+@pytest.mark.parametrize("sampling", [dict(temperature=0.7), dict(temperature=1.3)], ids=["t0.7", "t1.3"])
 def test_sampled_logprobs_equal_fresh_forward(model_and_params, sampling):
     model, params = model_and_params
     tokens, mask = prompts()
     config = GenerationConfig(max_new_tokens=10, stop_token_ids=(2,), **sampling)
+    assert not config.filtered
     out = generate(model, params, tokens, mask, jax.random.key(3), config)
     fresh = response_logprobs(
         model, params, out.sequences, out.sequence_mask, tokens.shape[1], config.temperature
@@ -110,9 +133,59 @@ def test_min_new_tokens_blocks_stop_tokens(model_and_params):
     out = jax.device_get(generate(model, params, tokens, mask, jax.random.key(0), config))
     assert np.all(out.response_mask[:, :4] == 1)
     assert not np.isin(out.response_tokens[:, :3], stop).any()
-    # Log-probs stay those of the unfiltered distribution (what the training forward pass computes).
-    fresh = response_logprobs(model, params, out.sequences, out.sequence_mask, tokens.shape[1], 1.0)
-    np.testing.assert_allclose(out.logprobs, np.asarray(fresh), atol=1e-5)
+
+
+def _numpy_behaviour_logprobs(logits, tokens, config: GenerationConfig) -> np.ndarray:
+    """log of the renormalised probability of each token under temperature, stop-token blocking before
+    min_new_tokens, top-k then top-p (kept: tokens whose strictly-more-likely mass is < p), in float64."""
+    logits = np.asarray(logits, np.float64).copy()  # [B, N, V]
+    if config.min_new_tokens and config.stop_token_ids:
+        logits[:, : config.min_new_tokens, list(config.stop_token_ids)] = -np.inf
+    z = logits / config.temperature
+    if config.top_k:
+        kth = np.sort(z, axis=-1)[..., -config.top_k][..., None]
+        z = np.where(z < kth, -np.inf, z)
+    if config.top_p < 1.0:
+        desc = -np.sort(-z, axis=-1)
+        p = np.exp(desc - desc.max(-1, keepdims=True))
+        p /= p.sum(-1, keepdims=True)
+        n_keep = ((np.cumsum(p, -1) - p) < config.top_p).sum(-1, keepdims=True)
+        cutoff = np.take_along_axis(desc, n_keep - 1, -1)
+        z = np.where(z < cutoff, -np.inf, z)
+    z = z - z.max(-1, keepdims=True)
+    logp = z - np.log(np.exp(z).sum(-1, keepdims=True))
+    return np.take_along_axis(logp, np.asarray(tokens)[..., None], -1)[..., 0]
+
+
+@pytest.mark.parametrize(
+    "sampling",
+    [
+        dict(temperature=1.3, top_k=5),
+        dict(temperature=1.0, top_p=0.8),
+        dict(temperature=0.9, top_k=8, top_p=0.9),
+        dict(temperature=1.0, min_new_tokens=4, stop_token_ids=tuple(range(3, 20))),
+    ],
+    ids=["topk", "topp", "topk-topp", "min-new-tokens"],
+)
+def test_filtered_sampling_returns_the_behaviour_logprobs(model_and_params, sampling):
+    """With filtering, each log-prob is that of the tempered, filtered, renormalised distribution the
+    token was drawn from (NumPy reference from a fresh forward pass's logits), not the fresh pass's own."""
+    model, params = model_and_params
+    tokens, mask = prompts()
+    config = GenerationConfig(max_new_tokens=8, **{"stop_token_ids": (2,), **sampling})
+    assert config.filtered
+    out = jax.device_get(generate(model, params, tokens, mask, jax.random.key(3), config))
+    p = tokens.shape[1]
+    logits, _, _ = model.apply(params, out.sequences, positions_from_mask(jnp.asarray(out.sequence_mask)),
+                               out.sequence_mask)
+    want = _numpy_behaviour_logprobs(np.asarray(logits)[:, p - 1 : -1], out.response_tokens, config)
+    real = out.response_mask > 0
+    np.testing.assert_allclose(out.logprobs[real], want[real], atol=1e-5, rtol=0)
+    assert np.all(out.logprobs[~real] == 0)
+    # Filtering removed mass, so the behaviour log-probs exceed the fresh forward pass's somewhere.
+    fresh = response_logprobs(model, params, out.sequences, out.sequence_mask, p, config.temperature)
+    assert np.all(out.logprobs[real] >= np.asarray(fresh)[real] - 1e-6)
+    assert np.any(out.logprobs[real] > np.asarray(fresh)[real] + 1e-3)
 
 
 def test_no_recompilation_for_new_prompts_and_keys(model_and_params):
@@ -159,3 +232,53 @@ def test_first_token_distribution_matches_tempered_softmax():
     from scipy.stats import chi2 as chi2_dist
 
     assert chi2 < chi2_dist.ppf(0.999, dof), (chi2, dof)
+
+
+def test_group_rows_equal_generation_from_repeated_prompts(model_and_params):
+    """Group sampling prefills each prompt once; every row equals, token for token and log-prob for
+    log-prob, the row generated from n repeated copies of the prompt with the same key."""
+    model, params = model_and_params
+    tokens, mask = prompts(batch=3)
+    n = 4
+    grouped_cfg = GenerationConfig(max_new_tokens=8, temperature=1.1, stop_token_ids=(2,), group_size=n)
+    repeated_cfg = GenerationConfig(max_new_tokens=8, temperature=1.1, stop_token_ids=(2,))
+    run = lambda p, t, m, k, c: generate(model, p, t, m, k, c)
+    grouped = jax.device_get(run(params, tokens, mask, jax.random.key(7), grouped_cfg))
+    repeated = jax.device_get(
+        run(params, np.repeat(tokens, n, 0), np.repeat(mask, n, 0), jax.random.key(7), repeated_cfg)
+    )
+    assert grouped.sequences.shape == (3 * n, tokens.shape[1] + 8)
+    np.testing.assert_array_equal(grouped.sequences[:, : tokens.shape[1]], np.repeat(tokens, n, 0))
+    np.testing.assert_array_equal(grouped.response_tokens, repeated.response_tokens)
+    np.testing.assert_array_equal(grouped.response_mask, repeated.response_mask)
+    np.testing.assert_allclose(grouped.logprobs, repeated.logprobs, atol=1e-6, rtol=0)
+    # A group's responses are distinct samples, and their log-probs equal a fresh forward pass.
+    for i in range(3):
+        rows = {tuple(r) for r in grouped.response_tokens[i * n : (i + 1) * n]}
+        assert len(rows) > 1
+    fresh = response_logprobs(model, params, grouped.sequences, grouped.sequence_mask, tokens.shape[1], 1.1)
+    np.testing.assert_allclose(grouped.logprobs, np.asarray(fresh), atol=1e-5, rtol=0)
+
+
+def test_group_size_is_validated():
+    with pytest.raises(ValueError, match="group_size"):
+        GenerationConfig(group_size=0)
+
+
+def test_learned_position_table_overflow_is_an_error():
+    model = MODELS["gpt2"]  # max_position_embeddings=64
+    params = model.init(jax.random.key(0))
+    tokens = np.ones((2, 40), np.int32)
+    with pytest.raises(ValueError, match=r"prompt length 40 \+ max_new_tokens 30 = 70 exceeds .*=64\)"):
+        generate(model, params, tokens, np.ones_like(tokens), jax.random.key(0), GenerationConfig(30))
+    long = np.ones((1, 65), np.int32)
+    for fn in (model.apply, jax.jit(model.apply)):
+        with pytest.raises(ValueError, match=r"sequence length 65 exceeds .*max_position_embeddings=64"):
+            fn(params, long, positions_from_mask(jnp.asarray(long)), long)
+    # At the limit it still works, and RoPE models have no table to overflow.
+    ok, _, _ = model.apply(params, long[:, :64], positions_from_mask(jnp.asarray(long[:, :64])), long[:, :64])
+    assert np.isfinite(np.asarray(ok)).all()
+    rope = MODELS["llama-gqa"]
+    out, _, _ = rope.apply(rope.init(jax.random.key(0)), np.ones((1, 80), np.int32),
+                           jnp.arange(80)[None], np.ones((1, 80), np.int32))
+    assert np.isfinite(np.asarray(out)).all()

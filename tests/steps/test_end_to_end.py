@@ -1,6 +1,6 @@
-"""End to end on the CPU: the one RL iteration (generate → programmatic reward → experience → PPO / A2C
-update), jitted as a whole, raises the reward "share of response tokens equal to X" from ≈ 1/V to > 0.5;
-and the same iteration with per-phase timing gives the same result."""
+"""End to end on the CPU: the one RL iteration (generate → programmatic reward → experience → PPO / A2C /
+GRPO / RLOO update), jitted as a whole, raises the reward "share of response tokens equal to X" from ≈ 1/V
+to > 0.5; and the same iteration with per-phase timing gives the same result."""
 
 import contextlib
 
@@ -14,9 +14,12 @@ from jaxrlhf.oracle import get_reward
 from jaxrlhf.rollout.generate import GenerationConfig
 from jaxrlhf.steps import (
     A2CConfig,
+    GRPOConfig,
     OptimizerConfig,
+    PGConfig,
     PolicyParams,
     PPOConfig,
+    RLOOConfig,
     create_rl_state,
     kl_controller,
     make_optimizer,
@@ -28,15 +31,16 @@ V, X, B, P, N = 16, 5, 16, 4, 8
 
 def setup(model, params, cfg, learning_rate):
     optimizer = make_optimizer(OptimizerConfig(learning_rate=learning_rate, schedule="constant"), 1000)
-    state = create_rl_state(PolicyParams(params, init_value_head(32)), optimizer, kl_controller(cfg).init())
+    value_head = None if isinstance(cfg, PGConfig) else init_value_head(32)  # critic-free: none
+    state = create_rl_state(PolicyParams(params, value_head), optimizer, kl_controller(cfg).init())
     generation = GenerationConfig(max_new_tokens=N, temperature=cfg.temperature)
     score = get_reward(f"token_count:{X}").score_rollout
     phases = make_rl_phases(model, model, None, cfg, generation, score, optimizer)
     return state, phases, PolicyParams(params)  # the initial policy is the reference
 
 
-def prompts(rng):
-    tokens = jnp.asarray(rng.randint(3, V, (B, P)), jnp.int32)
+def prompts(rng, rows=B):
+    tokens = jnp.asarray(rng.randint(3, V, (rows, P)), jnp.int32)
     return {"tokens": tokens, "mask": jnp.ones_like(tokens)}
 
 
@@ -46,10 +50,11 @@ def train(model, params, cfg, learning_rate, iterations=40):
     iteration = jax.jit(make_rl_iteration(phases, ref))
     rng = np.random.RandomState(0)
     key = jax.random.key(1)
+    rows = B // cfg.group_size if isinstance(cfg, PGConfig) else B  # the same sequences per iteration
     scores = []
     for _ in range(iterations):
         key, subkey = jax.random.split(key)
-        state, out = iteration(state, prompts(rng), subkey)
+        state, out = iteration(state, prompts(rng, rows), subkey)
         metrics = out.metrics
         scores.append(float(metrics["objective/scores"]))
         assert float(metrics["val/ratio_abs_dev_first_minibatch"]) <= 1e-6
@@ -65,6 +70,17 @@ def test_rl_raises_a_programmatic_reward(algorithm, tiny_model, tiny_params):
     else:
         cfg = A2CConfig(kl_coef=0.01, missing_eos_penalty=0.0)
         scores = train(tiny_model, tiny_params, cfg, 1e-2)
+    assert np.mean(scores[:3]) < 0.2  # ≈ 1/V at the start
+    assert np.mean(scores[-5:]) > 0.5, scores
+
+
+@pytest.mark.parametrize("algorithm", ["grpo", "rloo"])
+def test_critic_free_rl_raises_a_programmatic_reward(algorithm, tiny_model, tiny_params):
+    """Four prompts × four samples: GRPO (group-normalised, KL k2 in the loss, per-sequence means) and RLOO
+    (leave-one-out, KL k1 in the reward, token sum / constant), 16 sequences per iteration as above."""
+    common = dict(group_size=4, epochs=2, num_minibatches=2, kl_coef=0.01, missing_eos_penalty=0.0)
+    cfg = GRPOConfig(**common) if algorithm == "grpo" else RLOOConfig(**common)
+    scores = train(tiny_model, tiny_params, cfg, 1e-3)
     assert np.mean(scores[:3]) < 0.2  # ≈ 1/V at the start
     assert np.mean(scores[-5:]) > 0.5, scores
 

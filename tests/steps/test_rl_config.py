@@ -1,19 +1,46 @@
 """The RL config: each field defined once, the algorithms' own defaults, the KL estimator's default and the
-refusal of k1 as a KL in the loss."""
+refusal of k1 as a KL in the loss; the critic-free config's defaults and bad-input errors."""
 
 import dataclasses
 
 import pytest
 
-from jaxrlhf.steps.rl_config import A2CConfig, PPOConfig, RLConfig
+from jaxrlhf.steps.rl_config import (
+    A2CConfig,
+    ActorCriticConfig,
+    ClippedEpochsConfig,
+    GRPOConfig,
+    PGConfig,
+    PPOConfig,
+    RLConfig,
+    RLOOConfig,
+)
+
+CLASSES = (RLConfig, ActorCriticConfig, ClippedEpochsConfig, PPOConfig, A2CConfig, PGConfig, GRPOConfig,
+           RLOOConfig)
+
+
+def own_fields(cls) -> set[str]:
+    return {name for name in vars(cls).get("__annotations__", {}) if name != "ALGORITHM_DEFAULTS"}
 
 
 def test_every_field_is_defined_once():
-    shared = {f.name for f in dataclasses.fields(RLConfig)}
-    for cls in (PPOConfig, A2CConfig):
-        own = [name for name in vars(cls).get("__annotations__", {}) if name != "ALGORITHM_DEFAULTS"]
-        assert not shared & set(own), (cls.__name__, shared & set(own))
-    assert {f.name for f in dataclasses.fields(A2CConfig)} == shared
+    for cls in CLASSES:
+        inherited = set().union(*(own_fields(base) for base in cls.__mro__[1:] if base in CLASSES))
+        assert not inherited & own_fields(cls), (cls.__name__, inherited & own_fields(cls))
+    names = lambda cls: {f.name for f in dataclasses.fields(cls)}
+    assert names(A2CConfig) == names(ActorCriticConfig)
+    # The critic-free configs carry nothing of a critic.
+    critic = own_fields(ActorCriticConfig)
+    assert not critic & {f.name for f in dataclasses.fields(GRPOConfig)}
+    assert own_fields(GRPOConfig) == own_fields(RLOOConfig) == set()
+
+
+def test_no_field_is_left_none_that_an_algorithm_must_set():
+    for cls in (PPOConfig, A2CConfig, GRPOConfig, RLOOConfig):
+        config = cls()
+        for key in ("kl_in_reward", "lam", "vf_coef", "epochs", "advantage", "loss_agg"):
+            assert getattr(config, key, 0) is not None, (cls.__name__, key)
 
 
 def test_algorithm_defaults_fill_the_fields_left_none():
@@ -40,3 +67,37 @@ def test_k1_in_the_loss_is_refused_with_the_reason():
         A2CConfig(kl_in_reward=False, kl_estimator="k1")
     with pytest.raises(ValueError, match="kl_estimator: expected k1, k2, k3 or null"):
         PPOConfig(kl_estimator="k4")
+
+
+def test_critic_free_defaults_follow_the_papers():
+    grpo, rloo = GRPOConfig(), RLOOConfig()
+    assert (grpo.advantage, grpo.kl_in_reward, grpo.effective_kl_estimator, grpo.loss_agg, grpo.epochs) == (
+        "grpo", False, "k2", "sequence_mean", 1)
+    assert (rloo.advantage, rloo.kl_in_reward, rloo.effective_kl_estimator, rloo.loss_agg) == (
+        "rloo", True, "k1", "token_sum_norm")
+    assert PPOConfig().epochs == 4 and PPOConfig().clip_eps_high is None
+    assert GRPOConfig(advantage="remax").greedy_baseline and not grpo.greedy_baseline
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    ({"group_size": 1}, r"GRPOConfig\.group_size: 1 is below 2, but the 'grpo' baseline"),
+    ({"group_size": 1, "advantage": "rloo"}, r"group_size: 1 is below 2"),
+    ({"group_size": 1, "advantage": "reinforce_pp_baseline"}, r"group_size: 1 is below 2"),
+    ({"group_size": 1, "advantage": "reinforce_pp", "dynamic_sampling": True}, r"dynamic_sampling compares"),
+    ({"advantage": "a2c"}, r"GRPOConfig\.advantage: expected one of grpo, dr_grpo"),
+    ({"ratio": "none", "epochs": 2}, r"GRPOConfig\.ratio: 'none' .* first minibatch only"),
+    ({"ratio": "sequence", "loss_agg": "token_mean"}, r"GRPOConfig\.loss_agg: GSPO"),
+    ({"loss_agg": "mean"}, r"GRPOConfig\.loss_agg: expected one of"),
+    ({"overlong_buffer": -1}, r"overlong_buffer must be >= 0"),
+    ({"kl_estimator": "k1"}, r"GRPOConfig\.kl_estimator: k1 cannot be the KL in the loss"),
+    ({"epochs": 0}, r"epochs \(0\) and num_minibatches"),
+])
+def test_critic_free_bad_input_names_the_key(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        GRPOConfig(**kwargs)
+
+
+def test_estimators_without_a_group_accept_one_sample_per_prompt():
+    assert GRPOConfig(group_size=1, advantage="reinforce_pp").group_size == 1
+    assert RLOOConfig(group_size=1, advantage="remax", ratio="none").advantage == "remax"
+    assert RLOOConfig(kl_estimator="k1").effective_kl_estimator == "k1"  # k1 in the reward is fine

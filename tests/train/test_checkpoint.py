@@ -17,6 +17,7 @@ from jax.sharding import PartitionSpec as P
 from jaxrlhf.train.checkpoint import (
     CheckpointManager,
     CheckpointMismatchError,
+    CheckpointWriteError,
     NonFiniteCheckpointError,
     pack_rng,
     save_json_atomic,
@@ -207,3 +208,31 @@ def test_save_json_atomic_replaces_whole_file(tmp_path):
         save_json_atomic(path, {"bad": object()})
     assert json.loads(path.read_text()) == {"step": 2, "items": [1, 2]}
     assert os.listdir(tmp_path) == ["progress.json"]
+
+
+@pytest.mark.parametrize("async_save", [True, False], ids=["async", "sync"])
+def test_a_save_that_cannot_be_written_is_one_error_and_keeps_the_earlier_steps(tmp_path, disk_full_at,
+                                                                                async_save):
+    """The disk fills up at the third save: one CheckpointWriteError naming the directory and the cause (at
+    that save, or at the next call when it failed in the background), steps 1 and 2 intact, no temporary
+    directory left, and the directory usable again."""
+    disk_full_at(3)
+    tree = {"w": jnp.arange(3.0)}
+    manager = CheckpointManager(tmp_path, max_to_keep=5, async_save=async_save)
+    with pytest.raises(CheckpointWriteError) as info:
+        for step in (1, 2, 3, 4):
+            manager.save(step, jax.tree.map(lambda x, s=step: x + s, tree), {"step": step})
+        manager.wait()
+    manager.close()
+    message = str(info.value)
+    assert message == (f"cannot write a checkpoint to {tmp_path}: [Errno 28] No space left on device: "
+                       f"{message.split('device: ')[1].split(' (')[0]} (the checkpoints there, steps [1, 2], "
+                       "are intact; a rerun resumes from the last one)")
+    assert "\n" not in message
+    assert sorted(os.listdir(tmp_path)) == ["1", "2"]
+    with CheckpointManager(tmp_path, max_to_keep=5) as again:
+        restored, metadata = again.restore(target=tree)
+        assert metadata == {"step": 2}
+        np.testing.assert_array_equal(restored["w"], [2.0, 3.0, 4.0])
+        again.save(3, tree, {"step": 3})
+    assert CheckpointManager(tmp_path).all_steps() == [1, 2, 3]

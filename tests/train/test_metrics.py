@@ -167,3 +167,52 @@ def test_progress_is_disabled_off_a_terminal_and_does_not_crash():
         bar.update(3)
         bar.close()
         assert bar.disable  # pytest's stderr is not a TTY
+
+
+def test_run_log_keeps_info_lines_when_the_console_is_quieter(tmp_path, restore_root_logging, capsys):
+    """A WARNING console (the demo's default) still leaves every INFO line in run.log; lines marked
+    file-only (progress under a progress bar) and orbax's thread tracebacks stay off the console."""
+    setup_logging("WARNING", run_dir=tmp_path)
+    log = logging.getLogger("jaxrlhf.test")
+    log.info("step 10/100 (10%)")
+    log.warning("careful")
+    log.warning("bar shows this", extra={metrics_module.FILE_ONLY: True})
+    try:
+        raise OSError(28, "No space left on device")
+    except OSError:
+        logging.getLogger("absl").error("background save thread failed", exc_info=True)
+    for handler in logging.getLogger().handlers:
+        handler.flush()
+    logged = (tmp_path / "run.log").read_text()
+    for text in ("INFO jaxrlhf.test: step 10/100 (10%)", "careful", "bar shows this", "Traceback"):
+        assert text in logged, text
+    err = capsys.readouterr().err
+    assert "careful" in err and "step 10/100" not in err and "bar shows this" not in err
+    assert "Traceback" not in err and "background save" not in err
+
+
+def test_wandb_gets_the_same_metric_names_and_resumes_the_same_run(tmp_path, fake_wandb):
+    fake = fake_wandb
+    with MetricsLogger(tmp_path, tensorboard=False, wandb="my-project", config={"train": {"steps": 3}}) as m:
+        m.log(1, {"objective/kl": 0.5, "episode": 64})
+    init = fake.calls[0]
+    assert init[0] == "init" and init[1]["project"] == "my-project" and init[1]["id"] == "abc123"
+    assert init[1]["resume"] == "allow" and init[1]["config"] == {"train": {"steps": 3}}
+    assert fake.calls[1] == ("log", 1, {"objective/kl": 0.5, "episode": 64})
+    assert fake.calls[-1] == ("finish",)
+    assert read_metrics_jsonl(tmp_path / "metrics.jsonl")[0]["objective/kl"] == 0.5  # the same names
+    fake.util.generate_id = staticmethod(lambda: "other")
+    MetricsLogger(tmp_path, tensorboard=False, wandb="my-project").close()
+    assert fake.calls[-2][1]["id"] == "abc123"  # a resumed run logs to the same W&B run
+
+
+def test_wandb_without_the_package_is_a_one_line_config_error(monkeypatch):
+    import sys
+
+    from jaxrlhf.config import ConfigError
+    from jaxrlhf.train.reporting import Reporting
+    from jaxrlhf.train.run_config import LoggingSection, TrainSection
+
+    monkeypatch.setitem(sys.modules, "wandb", None)  # import wandb raises ImportError
+    with pytest.raises(ConfigError, match=r"logging\.wandb: the wandb package is not installed"):
+        Reporting("sft", LoggingSection(wandb="p", mfu_matmul_size=0), TrainSection(steps=1))

@@ -9,7 +9,12 @@ cache serves the repeated runs).
 from __future__ import annotations
 
 import json
+import os
 import random
+import signal
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import jax
@@ -142,6 +147,24 @@ def assert_export_loads_in_transformers(export: Path) -> None:
     np.testing.assert_allclose(np.asarray(got), want, atol=1e-4)
 
 
+def assert_scores_in_transformers(export: Path, head: str) -> None:
+    """The export loads with AutoModelForSequenceClassification (num_labels 1) and scores as jaxrlhf's
+    ``head`` does at the last token (HF's score layer has no bias: jaxrlhf's minus the head's bias)."""
+    torch = pytest.importorskip("torch")
+    transformers = pytest.importorskip("transformers")
+    from jaxrlhf.rollout.scoring import sequence_scores
+
+    hf_model = transformers.AutoModelForSequenceClassification.from_pretrained(export).eval()
+    assert hf_model.config.num_labels == 1
+    model, params, _ = hf_io.load(export)
+    heads = hf_io.load_heads(export)
+    tokens = np.array([[8, 9, 10, 11, 2], [9, 9, 8, 2, 10]], np.int32)
+    with torch.no_grad():
+        want = hf_model(input_ids=torch.tensor(tokens, dtype=torch.long)).logits[:, 0].numpy()
+    got = np.asarray(sequence_scores(model, params, heads[head], tokens, np.ones_like(tokens)))
+    np.testing.assert_allclose(got - float(heads[head]["proj"]["bias"][0]), want, atol=1e-5)
+
+
 def test_sft_writes_metrics_checkpoints_and_a_transformers_export(sft_run):
     record = last_record_with(sft_run, "loss/sft")
     assert record["step"] == 4
@@ -180,7 +203,7 @@ def test_reward_model_export_holds_head_and_unit_normalisation(reward_run):
     assert norm["gain"] * fit["val/reward_std_raw"] == pytest.approx(1.0, rel=1e-4)
     assert 0.0 <= last_record_with(reward_run, "eval/accuracy")["eval/accuracy"] <= 1.0
     assert "loss/reward" in last_record_with(reward_run, "loss/reward")
-    assert_export_loads_in_transformers(export)
+    assert_scores_in_transformers(export, "reward_head")
 
 
 def test_ppo_logs_reference_metric_names_and_exports_policy_with_value_head(ppo_run):
@@ -240,6 +263,76 @@ def test_a2c_with_reward_function_and_separate_critic(workdir, sft_run, reward_r
     critic_heads = hf_io.load_heads(run_dir / "export_critic")
     assert "value_head" in critic_heads
     assert not (run_dir / "export" / hf_io.HEADS_FILE).exists()  # the policy export is the LM only
+    # The critic is a sequence classifier whose score is its value head, as a reward model's export is.
+    config = json.loads((run_dir / "export_critic" / "config.json").read_text())
+    assert config["architectures"][0].endswith("ForSequenceClassification")
+    assert_scores_in_transformers(run_dir / "export_critic", "value_head")
+
+
+def grpo_config(workdir: Path, policy: Path, run_dir: str) -> dict:
+    """DAPO-style GRPO on the share of 'a' tokens: clip-higher, token means, dynamic sampling, over-long
+    penalty, two minibatches; 2 prompts × 4 samples per iteration."""
+    return {
+        "model": {"path": str(policy / "export")},
+        "data": {"train_file": str(workdir / "prompts.jsonl"), **SHAPES, "batch_size": 2},
+        "optimizer": {"learning_rate": 1e-3},
+        "grpo": {"group_size": 4, "num_minibatches": 2, "clip_eps_high": 0.28, "loss_agg": "token_mean",
+                 "dynamic_sampling": True, "overlong_buffer": 4, "kl_coef": 0.1},
+        "generation": {"max_new_tokens": 8},
+        "reward": {"function": "token_count:8"},  # share of 'a' tokens
+        "train": {"steps": 3, "seed": 3},
+        "checkpoint": {"every": 1, "keep": 5},
+        "logging": {"run_dir": str(workdir / run_dir), **QUIET, "sample_every": 1},
+    }
+
+
+def test_grpo_logs_trl_metric_names_exports_the_bare_policy_and_resumes(workdir, sft_run):
+    assert run_command("grpo", grpo_config(workdir, sft_run, "grpo"), workdir) == 0
+    run_dir = workdir / "grpo"
+    record = last_record_with(run_dir, "reward")
+    assert record["episode"] == 3 * 2 * 4  # sequences: steps × prompts × group size
+    for name in ("reward", "reward_std", "frac_reward_zero_std", "groups/dropped", "completions/mean_length",
+                 "completions/clipped_ratio", "kl", "entropy", "clip_ratio/low_mean", "clip_ratio/high_mean",
+                 "clip_ratio/region_mean", "objective/kl", "objective/scores", "objective/kl_coef",
+                 "loss/policy_avg", "loss/kl_avg", "policy/approxkl_avg", "val/ratio", "lr",
+                 "timing/generation", "timing/score", "timing/update", "perf/tokens_per_s", "perf/mfu"):
+        assert np.isfinite(record[name]), name
+    assert 0 <= record["frac_reward_zero_std"] <= 1 and record["train/updates"] == 2
+    first = read_metrics_jsonl(run_dir / "metrics.jsonl")[0]
+    assert first["val/ratio_abs_dev_first_minibatch"] < 1e-5
+    assert not (run_dir / "export" / hf_io.HEADS_FILE).exists()  # no value head, no critic
+    assert not (run_dir / "export_critic").exists()
+    assert_export_loads_in_transformers(run_dir / "export")
+    # Stopped after step 1 and resumed: the uninterrupted run's parameters.
+    config = grpo_config(workdir, sft_run, "grpo-resumed")
+    assert run_command("grpo", config, workdir, "train.stop_at_step=1") == 0
+    assert run_command("grpo", config, workdir) == 0
+    want, got = _tensors(run_dir / "export"), _tensors(workdir / "grpo-resumed" / "export")
+    for name in want:
+        np.testing.assert_allclose(got[name], want[name], atol=1e-6, rtol=0, err_msg=name)
+
+
+def test_rloo_remax_scores_greedy_baselines_and_trains_on_the_samples(workdir, sft_run):
+    """ReMax through ``jaxrlhf rloo``: 4 prompts × 1 sample + 4 greedy responses per iteration; a host
+    reward function (TRL's fn(prompt, completion) form) is called once per batch on all 8."""
+    config = grpo_config(workdir, sft_run, "remax")
+    del config["grpo"]
+    config["rloo"] = {"group_size": 1, "advantage": "remax", "ratio": "none", "kl_coef": 0.05}
+    config["data"]["batch_size"] = 4
+    calls = []
+
+    def count_b(prompt: str, response: str) -> float:
+        calls.append(prompt)
+        return float(response.count("b"))
+
+    register_reward("test_count_b", count_b, overwrite=True)
+    config["reward"] = {"function": "test_count_b"}
+    config["train"]["steps"] = 2
+    assert run_command("rloo", config, workdir) == 0
+    assert len(calls) == 2 * 8  # every sample and every greedy response, each iteration
+    record = last_record_with(workdir / "remax", "reward")
+    assert record["episode"] == 2 * 4 and np.isfinite(record["remax/greedy_reward"])
+    assert record["loss/kl_avg"] == 0.0 and record["val/ratio_abs_dev_first_minibatch"] < 1e-5
 
 
 def _tensors(export: Path) -> dict[str, np.ndarray]:
@@ -352,3 +445,158 @@ def test_nonfinite_rewards_stop_the_run_and_keep_the_last_good_checkpoint(
     for a, b in zip(jax.tree.leaves(good["rl"]), jax.tree.leaves(skipped["rl"])):
         np.testing.assert_array_equal(a, b)
     assert not (workdir / "a2c-nan" / "export").exists()
+
+
+# ------------------------------------------------------------------ TRL-style reward functions
+
+RECEIVED: list[dict] = []
+
+
+def reversed_answer(prompts, completions, answer, completion_ids, **kwargs):
+    """TRL's signature: the prompts, the decoded completions and the dataset's `answer` column."""
+    RECEIVED.append(dict(prompts=prompts, completions=completions, answer=answer, ids=completion_ids,
+                         other=sorted(kwargs)))
+    return [1.0 if c == a else 0.0 for c, a in zip(completions, answer)]
+
+
+def test_trl_reward_functions_get_the_dataset_columns_and_sum_with_weights(workdir, sft_run, reward_run):
+    """reward.functions: a TRL-style function reading each prompt's `answer` (carried through batching to
+    the host call, once per batch) plus a built-in, weighted; each logged as rewards/<name>/mean."""
+    rows = [json.loads(line) for line in (workdir / "prompts.jsonl").read_text().splitlines()]
+    answers = [{"prompt": r["prompt"], "answer": r["prompt"][::-1], "level": i} for i, r in enumerate(rows)]
+    write_jsonl(workdir / "prompts_answers.jsonl", answers)
+    register_reward("test_reversed_answer", reversed_answer, overwrite=True)
+    config = a2c_config(workdir, sft_run, reward_run, "a2c-trl")
+    config["data"]["train_file"] = str(workdir / "prompts_answers.jsonl")
+    config["reward"] = {"functions": [{"function": "test_reversed_answer", "name": "answer"},
+                                      {"function": "token_count:8", "weight": 0.5}]}
+    RECEIVED.clear()
+    assert run_command("a2c", config, workdir) == 0
+    assert len(RECEIVED) == 2  # once per batch (2 steps)
+    for call in RECEIVED:
+        assert len(call["prompts"]) == len(call["completions"]) == len(call["ids"]) == 4
+        assert call["answer"] == [p[::-1] for p in call["prompts"]]  # each row's own column
+        assert call["other"] == ["level"] and all(isinstance(c, str) for c in call["completions"])
+    records = read_metrics_jsonl(workdir / "a2c-trl" / "metrics.jsonl")
+    last = [r for r in records if "rewards/answer/mean" in r][-1]
+    hits = [s == a for s, a in zip(RECEIVED[-1]["completions"], RECEIVED[-1]["answer"])]
+    assert last["rewards/answer/mean"] == pytest.approx(np.mean(hits))
+    assert 0.0 <= last["rewards/token_count:8/mean"] <= 1.0 and "rewards/token_count:8/std" in last
+
+
+# ------------------------------------------------------------------ never lose work
+
+
+def test_held_out_evaluation_without_an_eval_file(workdir, sft_run):
+    config = sft_config(workdir, "sft-held-out")
+    del config["data"]["eval_file"]
+    config["data"]["eval_fraction"] = 0.25
+    config["train"]["steps"] = 1
+    assert run_command("sft", config, workdir) == 0
+    log_text = (workdir / "sft-held-out" / "run.log").read_text()
+    assert "no data.eval_file: holding out 4 of the 16 examples of" in log_text
+    assert np.isfinite(last_record_with(workdir / "sft-held-out", "eval/loss")["eval/loss"])
+
+
+def test_a_checkpoint_that_cannot_be_written_stops_in_one_line(workdir, sft_run, disk_full_at, capfd):
+    """The disk fills up at the third checkpoint: one line on stderr naming the directory and the cause,
+    checkpoints 1 and 2 intact, nothing a rerun trips on; the rerun resumes and ends as an uninterrupted
+    run does."""
+    config = sft_config(workdir, "sft-disk-full")
+    config["checkpoint"] = {"every": 1, "keep": 5}
+    config["logging"].update(level="WARNING", tensorboard=False)
+    capfd.readouterr()
+    disk_full_at(3)
+    assert run_command("sft", config, workdir) == 1
+    err = capfd.readouterr().err
+    checkpoints = workdir / "sft-disk-full" / "checkpoints"
+    where = err.split("device: ")[1].split(" (")[0]  # orbax's temporary file of step 3
+    assert err.splitlines() == [
+        f"jaxrlhf sft: error: cannot write a checkpoint to {checkpoints}: [Errno 28] No space left on "
+        f"device: {where} (the checkpoints there, steps [1, 2], are intact; a rerun resumes from the last "
+        "one)"]
+    assert sorted(os.listdir(checkpoints)) == ["1", "2"]
+    assert not (workdir / "sft-disk-full" / "export").exists()
+    disk_full_at(0)
+    assert run_command("sft", config, workdir) == 0
+    want, got = _tensors(sft_run / "export"), _tensors(workdir / "sft-disk-full" / "export")
+    for name in want:
+        np.testing.assert_array_equal(got[name], want[name], err_msg=name)
+
+
+def test_checkpoints_of_a_run_on_other_data_are_a_one_line_error(workdir, sft_run, capsys):
+    """Reusing a finished run's config with another train file (the demo's reuse commands did) must not
+    crash on the data iterator: it says the directory belongs to another run."""
+    config = sft_config(workdir, "sft")
+    config["data"]["train_file"] = str(workdir / "prefs_as_sft.jsonl")
+    write_jsonl(workdir / "prefs_as_sft.jsonl", [{"prompt": "ab", "completion": "ba"}] * 5)
+    assert run_command("sft", config, workdir) == 1
+    line = capsys.readouterr().err.strip().splitlines()[-1]
+    assert line.startswith(f"jaxrlhf sft: error: {sft_run / 'checkpoints'} holds checkpoints of a run on "
+                           "other data (")
+    assert line.endswith("choose a new logging.run_dir (or checkpoint.dir)")
+
+
+def _jaxrlhf(*args: str, cwd: Path) -> subprocess.Popen:
+    """The real console script, in a subprocess (the signal test needs a process of its own)."""
+    script = Path(sys.executable).with_name("jaxrlhf")
+    command = [str(script)] if script.is_file() else [sys.executable, "-m", "jaxrlhf.cli"]
+    env = {**os.environ, "JAX_PLATFORMS": "cpu", "PYTHONPATH": str(Path(__file__).resolve().parents[2])}
+    return subprocess.Popen([*command, *args], cwd=cwd, env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+
+
+def _interrupt_when_logged(process: subprocess.Popen, metrics: Path, signum: int, after_step: int) -> tuple:
+    deadline = time.monotonic() + 240
+    while time.monotonic() < deadline and process.poll() is None:
+        if metrics.is_file() and any(r["step"] >= after_step for r in read_metrics_jsonl(metrics)):
+            process.send_signal(signum)
+            break
+        time.sleep(0.05)
+    _, err = process.communicate(timeout=240)
+    return process.returncode, err
+
+
+def test_ctrl_c_and_kill_checkpoint_and_the_rerun_ends_as_an_uninterrupted_run(workdir, sft_run):
+    """SIGINT, then (on the rerun) SIGTERM, to the `jaxrlhf sft` process (the console script): each time
+    the current step ends, a checkpoint commits, the process exits 128 + signal with one line saying where
+    to resume, no traceback and no temporary directory; the third invocation (in-process: it needs no
+    signal) finishes with the parameters of an uninterrupted run."""
+    steps = 400  # the steps take milliseconds: enough of them that the signal lands mid-run
+    config = sft_config(workdir, "sft-signals")
+    config["train"]["steps"] = steps
+    config["checkpoint"] = {"every": 1, "keep": 2}  # asynchronous saves in flight when the signal comes
+    config["logging"].update(tensorboard=False, log_every=1, level="WARNING")
+    path = workdir / "sft-signals.yaml"
+    path.write_text(yaml.safe_dump(config))
+    reference = sft_config(workdir, "sft-signals-reference")
+    reference["train"]["steps"] = steps
+    reference["logging"].update(tensorboard=False, log_every=100)
+    assert run_command("sft", reference, workdir) == 0
+
+    run_dir = workdir / "sft-signals"
+    stops = []
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        started = time.monotonic()
+        after = stops[-1][0] + 3 if stops else 3
+        code, err = _interrupt_when_logged(_jaxrlhf("sft", "--config", str(path), cwd=workdir),
+                                           run_dir / "metrics.jsonl", signum, after_step=after)
+        lines = err.strip().splitlines()
+        assert code == 128 + signum, err
+        assert "Traceback" not in err
+        name = signal.Signals(signum).name
+        assert lines[-1].startswith(f"jaxrlhf sft: interrupted by {name} after step "), err
+        assert lines[-1].endswith(f": checkpoint saved in {run_dir / 'checkpoints'}; run the same command "
+                                  "again to resume")
+        step = int(lines[-1].split(" after step ")[1].split()[0])
+        names = sorted(os.listdir(run_dir / "checkpoints"))
+        assert str(step) in names and all(n.isdigit() for n in names), names
+        stops.append((step, time.monotonic() - started))
+    assert stops[1][0] > stops[0][0]  # the second invocation resumed rather than restarted
+    assert cli.main(["sft", "--config", str(path)]) == 0  # the same command, run to the end
+    want, got = _tensors(workdir / "sft-signals-reference" / "export"), _tensors(run_dir / "export")
+    for name in want:
+        np.testing.assert_array_equal(got[name], want[name], err_msg=name)
+    logged = [r["step"] for r in read_metrics_jsonl(run_dir / "metrics.jsonl") if "loss/sft" in r]
+    assert logged == list(range(1, steps + 1))  # every step once, across the three invocations
+    print("signal stops (step, seconds):", stops)

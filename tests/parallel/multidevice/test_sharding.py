@@ -43,10 +43,11 @@ def test_fsdp_really_shards_parameters_and_optimizer_state(params):
     # Every large leaf is split 4 ways; only the small vectors (< 1024 elements) stay whole.
     small = sum(x.nbytes for x in jax.tree.leaves(state) if x.size < 1024)
     assert per_device_bytes(sharded) == pytest.approx((total - small) / 4 + small)
-    qkv = sharded["params"]["layers"][0]["attn"]["qkv"]["kernel"]
-    assert qkv.sharding.spec == jax.sharding.PartitionSpec(None, "fsdp")
-    assert {s.data.shape for s in qkv.addressable_shards} == {(64, 48)}
-    mu = sharded["opt"][0].mu["layers"][0]["attn"]["qkv"]["kernel"]
+    # Block params are stacked [layers, d, 3d]: the largest divisible axis (3d) is split, not the layers.
+    qkv = sharded["params"]["layers"]["attn"]["qkv"]["kernel"]
+    assert qkv.sharding.spec == jax.sharding.PartitionSpec(None, None, "fsdp")
+    assert {s.data.shape for s in qkv.addressable_shards} == {(2, 64, 48)}
+    mu = sharded["opt"][0].mu["layers"]["attn"]["qkv"]["kernel"]
     assert mu.sharding == qkv.sharding  # Adam moments follow their parameters
 
 
@@ -110,5 +111,6 @@ def test_checkpoint_saved_on_one_restores_on_eight(tmp_path, params):
         make_mesh(ParallelConfig(), devices=jax.devices()[:1]),
         make_mesh(ParallelConfig(data=2, fsdp=4)),
     )
-    qkv = restored["params"]["layers"][0]["attn"]["qkv"]["kernel"]
-    assert len(qkv.sharding.device_set) == 8 and qkv.sharding.spec == jax.sharding.PartitionSpec(None, "fsdp")
+    qkv = restored["params"]["layers"]["attn"]["qkv"]["kernel"]
+    assert len(qkv.sharding.device_set) == 8
+    assert qkv.sharding.spec == jax.sharding.PartitionSpec(None, None, "fsdp")

@@ -1,5 +1,6 @@
-"""PPO, A2C and reward-model steps on 8 devices (data=8; data=2 × fsdp=4) equal the single-device result on
-the same global batch (float32, ≤ 1e-5): parallelism is a property of the shardings, not of the step."""
+"""PPO, A2C, critic-free (GRPO) and reward-model steps on 8 devices (data=8; data=2 × fsdp=4) equal the
+single-device result on the same global batch (float32, ≤ 1e-5): parallelism is a property of the shardings,
+not of the step."""
 
 from __future__ import annotations
 
@@ -106,6 +107,30 @@ def test_a2c_update_with_separate_critic_matches_one_device(experience_batch, me
 
 
 @pytest.mark.parametrize("mesh_name", sorted(MESHES))
+def test_critic_free_update_matches_one_device(experience_batch, mesh_name):
+    """GRPO (4 prompts × 4 samples, clip-higher, token means, DAPO's filter) from the same rows."""
+    policy, ppo_batch = experience_batch
+    cfg = S.GRPOConfig(group_size=4, epochs=2, num_minibatches=2, grad_accum_steps=2, clip_eps_high=0.28,
+                       loss_agg="token_mean", dynamic_sampling=True, temperature=0.7)
+    rollout = Rollout(ppo_batch.sequences, ppo_batch.sequence_mask, ppo_batch.sequences[:, P:],
+                      ppo_batch.response_mask, jnp.zeros((B, N)), jnp.ones((B,), bool))
+    scores = jnp.asarray(np.repeat([1.0, 0.0, 2.0, 0.5], 4) * np.tile([1, 0, 1, 2], 4), jnp.float32)
+    experience = jax.jit(S.make_group_experience_fn(MODEL, MODEL, cfg))
+    ref = S.PolicyParams(MODEL.init(jax.random.key(1)))
+    batch, metrics = experience(S.PolicyParams(policy.lm), ref, None, rollout, scores,
+                                S.kl_controller(cfg).init())
+    assert float(metrics["groups/dropped"]) == 1  # the group of zeros
+    opt = S.make_optimizer(S.OptimizerConfig(learning_rate=1e-3), 10)
+    step = S.make_pg_update(MODEL, cfg, opt)
+    state = lambda: S.create_rl_state(S.PolicyParams(policy.lm), opt, S.kl_controller(cfg).init())
+    assert_same(
+        run_step(step, state(), jax.device_get(batch), one_device()),
+        run_step(step, state(), jax.device_get(batch), make_mesh(MESHES[mesh_name])),
+        f"GRPO {mesh_name}",
+    )
+
+
+@pytest.mark.parametrize("mesh_name", sorted(MESHES))
 def test_reward_model_step_matches_one_device(mesh_name):
     rng = np.random.RandomState(1)
     L = 10
@@ -158,4 +183,48 @@ def test_ppo_update_really_splits_the_work(experience_batch, mesh_name):
     one = _flops_per_device(step, state, batch, one_device())
     many = _flops_per_device(step, state, batch, make_mesh(MESHES[mesh_name]))
     # Measured: 0.36 (data8) and 0.16 (data2-fsdp4) of one device; 1.0 and 0.26 when rows were replicated.
+    assert many < 0.5 * one, (many, one)
+
+
+@pytest.fixture(scope="module")
+def dpo_batch():
+    """A fixed batch of preference pairs with a reference's log-probs (computed once, on one device)."""
+    rng = np.random.RandomState(2)
+    L = 10
+    batch = {}
+    for side in ("chosen", "rejected"):
+        tokens = rng.randint(3, V, (B, L)).astype(np.int32)
+        mask = np.ones_like(tokens)
+        mask[1::4, :2] = 0  # left-padded prompts
+        mask[::3, -3:] = 0  # right-padded responses of different lengths
+        tokens[mask == 0] = 0
+        loss_mask = mask.copy()
+        loss_mask[:, :P] = 0
+        batch.update({f"{side}_tokens": tokens, f"{side}_mask": mask, f"{side}_loss_mask": loss_mask})
+    batch["row_mask"] = np.ones(B, np.int32)
+    batch["row_mask"][-2:] = 0
+    refs = jax.jit(S.make_reference_logps(MODEL))(MODEL.init(jax.random.key(1)), batch)
+    return {**batch, **jax.device_get(refs)}
+
+
+@pytest.mark.parametrize("mesh_name", sorted(MESHES))
+def test_dpo_step_matches_one_device(dpo_batch, mesh_name):
+    opt = S.make_optimizer(S.OptimizerConfig(learning_rate=1e-3), 10)
+    step = S.make_dpo_step(MODEL, opt, S.DPOConfig(grad_accum_steps=2))
+    state = lambda: S.create_train_state(S.PolicyParams(MODEL.init(jax.random.key(0))), opt)
+    one = run_step(step, state(), dpo_batch, one_device())
+    many = run_step(step, state(), dpo_batch, make_mesh(MESHES[mesh_name]))
+    assert_same(one, many, f"DPO {mesh_name}")
+    assert float(one[1]["loss/dpo"]) > 0 and float(one[1]["train/grad_norm"]) > 0
+
+
+@pytest.mark.parametrize("mesh_name", sorted(MESHES))
+def test_dpo_step_really_splits_the_work(dpo_batch, mesh_name):
+    """Chosen and rejected rows are interleaved into one forward pass, which must stay split by rows."""
+    opt = S.make_optimizer(S.OptimizerConfig(learning_rate=1e-3), 10)
+    step = S.make_dpo_step(MODEL, opt, S.DPOConfig(grad_accum_steps=2))
+    state = S.create_train_state(S.PolicyParams(MODEL.init(jax.random.key(0))), opt)
+    one = _flops_per_device(step, state, dpo_batch, one_device())
+    many = _flops_per_device(step, state, dpo_batch, make_mesh(MESHES[mesh_name]))
+    print(f"DPO {mesh_name}: {many / one:.3f} of one device's FLOPs")
     assert many < 0.5 * one, (many, one)
