@@ -26,6 +26,7 @@ class Command(NamedTuple):
     run: str  # "module:function", called with the loaded config; may return an object with run_dir
     help: str
     quick: str | None = None  # "module:OVERRIDES": a --quick flag applies these before the --set ones
+    full: str | None = None  # "module:OVERRIDES": a --full flag applies these before the --set ones
 
 
 COMMANDS: dict[str, Command] = {
@@ -82,10 +83,37 @@ COMMANDS: dict[str, Command] = {
         "jaxrlhf.experiments.demo_config:DemoConfig",
         "jaxrlhf.experiments.demo:demo",
         "the whole RLHF pipeline on a synthetic task with a known gold reward: SFT, reward model "
-        "from simulated feedback, PPO and A2C, best-of-n; writes a report with plots",
+        "from simulated feedback; PPO, A2C, GRPO, RLOO, DPO, best-of-n, GRPO on the gold reward and PPO "
+        "against reward-model ensembles compared on held-out prompts; writes a report with plots",
         quick="jaxrlhf.experiments.demo_config:QUICK_OVERRIDES",
+        full="jaxrlhf.experiments.demo_config:FULL_OVERRIDES",
     ),
 }
+
+# ``jaxrlhf study <name>``: the studies on the pure pipeline (jaxrlhf.experiments.studies).
+STUDIES: dict[str, Command] = {
+    "choices": Command(
+        "jaxrlhf.experiments.studies.choices:ChoicesStudyConfig",
+        "jaxrlhf.experiments.studies.choices:run_choices_study",
+        "PPO implementation choices, each toggled alone from the defaults, paired across seeds: gold "
+        "reward and KL with intervals over seeds",
+        quick="jaxrlhf.experiments.studies.choices:QUICK_OVERRIDES",
+    ),
+    "feedback": Command(
+        "jaxrlhf.experiments.studies.feedback:FeedbackStudyConfig",
+        "jaxrlhf.experiments.studies.feedback:run_feedback_study",
+        "feedback type (pairwise, k-wise, ratings), annotator noise and set size at an equal annotation "
+        "budget: reward-model agreement with the oracle and the gold reward PPO reaches",
+        quick="jaxrlhf.experiments.studies.feedback:QUICK_OVERRIDES",
+    ),
+}
+STUDY_HELP = "studies on the pure pipeline, across seeds: 'choices' or 'feedback'"
+
+
+def command_spec(name: str) -> Command:
+    """The command ``name``: a key of :data:`COMMANDS`, or ``"study <name>"`` for a study."""
+    group, _, study = name.partition(" ")
+    return STUDIES[study] if group == "study" and study else COMMANDS[name]
 
 EXIT_OK, EXIT_ERROR, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
 
@@ -136,7 +164,9 @@ class _HelpWithConfigKeys(argparse.Action):
 
         from jaxrlhf.config import format_config_help
 
-        config_class = _resolve(COMMANDS[parser.prog.split()[-1]].config)
+        words = parser.prog.split()
+        name = " ".join(words[-2:]) if words[-2] == "study" else words[-1]
+        config_class = _resolve(command_spec(name).config)
         width = max(60, min(shutil.get_terminal_size((100, 24)).columns, 100) - 2)
         keys = format_config_help(config_class, width=width)
         print(parser.format_help())
@@ -156,29 +186,41 @@ def build_parser() -> argparse.ArgumentParser:
     )
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     for name, command in COMMANDS.items():
-        p = sub.add_parser(name, help=command.help, description=command.help, add_help=False)
-        p.add_argument(
-            "-h", "--help", action=_HelpWithConfigKeys, help="show this help and every config key, then exit"
-        )
-        p.add_argument("--config", metavar="YAML", help="config file (see configs/); defaults when omitted")
-        p.add_argument(
-            "--set",
-            dest="overrides",
-            metavar="KEY=VALUE",
-            action="append",
-            default=[],
-            help="override a config value, e.g. --set train.steps=100 (repeatable; values are "
-            "YAML: 3, 1e-5, true, [1,2], null)",
-        )
-        if command.quick is not None:
-            p.add_argument("--quick", action="store_true", help="small sizes for a smoke run (≤ 2 minutes)")
-        p.add_argument(
-            "--print-config",
-            action="store_true",
-            help="print the resolved config (YAML, after --config and --set) and exit without running",
-        )
-        p.add_argument("--debug", action="store_true", help="show the full traceback on an error")
+        _command_arguments(sub.add_parser(name, help=command.help, description=command.help, add_help=False),
+                           command)
+    study = sub.add_parser("study", help=STUDY_HELP, description=STUDY_HELP)
+    studies = study.add_subparsers(dest="study", metavar="STUDY", required=True)
+    for name, command in STUDIES.items():
+        _command_arguments(studies.add_parser(name, help=command.help, description=command.help,
+                                              add_help=False), command)
     return parser
+
+
+def _command_arguments(p: argparse.ArgumentParser, command: Command) -> None:
+    """The options every command takes (and --quick where it has a preset)."""
+    p.add_argument(
+        "-h", "--help", action=_HelpWithConfigKeys, help="show this help and every config key, then exit"
+    )
+    p.add_argument("--config", metavar="YAML", help="config file (see configs/); defaults when omitted")
+    p.add_argument(
+        "--set",
+        dest="overrides",
+        metavar="KEY=VALUE",
+        action="append",
+        default=[],
+        help="override a config value, e.g. --set train.steps=100 (repeatable; values are "
+        "YAML: 3, 1e-5, true, [1,2], null)",
+    )
+    if command.quick is not None:
+        p.add_argument("--quick", action="store_true", help="small sizes for a smoke run (≤ 2 minutes)")
+    if command.full is not None:
+        p.add_argument("--full", action="store_true", help="the full study: every method over four seeds")
+    p.add_argument(
+        "--print-config",
+        action="store_true",
+        help="print the resolved config (YAML, after --config and --set) and exit without running",
+    )
+    p.add_argument("--debug", action="store_true", help="show the full traceback on an error")
 
 
 def config_yaml(config: Any) -> str:
@@ -200,11 +242,12 @@ def config_yaml(config: Any) -> str:
 
 
 def load_command_config(name: str, path: str | None, overrides: Sequence[str]) -> Any:
-    """The command's config from ``path`` and ``overrides``; every invalid value is a ``ConfigError``."""
+    """The command's config (``name`` as :func:`command_spec` reads it) from ``path`` and ``overrides``;
+    every invalid value is a ``ConfigError``."""
     from jaxrlhf.config import ConfigError, load_config
 
     try:
-        return load_config(_resolve(COMMANDS[name].config), path, overrides)
+        return load_config(_resolve(command_spec(name).config), path, overrides)
     except ConfigError:
         raise
     except (ValueError, TypeError) as e:  # a section's own validation (__post_init__)
@@ -215,15 +258,23 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Run a command; returns the process exit code (0 on success)."""
     args = build_parser().parse_args(argv)
     expected = _expected_errors()
+    name = f"study {args.study}" if args.command == "study" else args.command
+    command = command_spec(name)
     try:
         overrides = list(args.overrides)
+        if getattr(args, "quick", False) and getattr(args, "full", False):
+            from jaxrlhf.config import ConfigError
+
+            raise ConfigError("--quick and --full: choose one preset")
         if getattr(args, "quick", False):
-            overrides = [*_resolve(COMMANDS[args.command].quick), *overrides]
-        config = load_command_config(args.command, args.config, overrides)
+            overrides = [*_resolve(command.quick), *overrides]
+        if getattr(args, "full", False):
+            overrides = [*_resolve(command.full), *overrides]
+        config = load_command_config(name, args.config, overrides)
         if args.print_config:
             print(config_yaml(config), end="")
             return EXIT_OK
-        result = _resolve(COMMANDS[args.command].run)(config)
+        result = _resolve(command.run)(config)
     except KeyboardInterrupt:
         print(f"jaxrlhf {args.command}: interrupted", file=sys.stderr)
         return EXIT_INTERRUPTED
@@ -235,7 +286,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             return e.exit_code
         if args.debug or not isinstance(e, expected):
             raise
-        print(f"jaxrlhf {args.command}: error: {_one_line(e)}", file=sys.stderr)
+        print(f"jaxrlhf {name}: error: {_one_line(e)}", file=sys.stderr)
         return EXIT_ERROR
     run_dir = getattr(result, "run_dir", None)
     if run_dir is not None and getattr(result, "summary", None) is None:  # a summary already names it

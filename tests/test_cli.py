@@ -251,6 +251,19 @@ def test_demo_config_and_quick_flag():
         cli.build_parser().parse_args(["sft", "--quick"])
 
 
+def test_demo_full_flag(capsys):
+    """--full: every method over four seeds (before any --set); with --quick, a one-line error."""
+    assert cli.main(["demo", "--full", "--print-config"]) == 0
+    run = yaml.safe_load(capsys.readouterr().out)["run"]
+    assert run["full"] is True and run["seeds"] == 4
+    assert cli.main(["demo", "--full", "--set", "run.seeds=6", "--print-config"]) == 0
+    assert yaml.safe_load(capsys.readouterr().out)["run"]["seeds"] == 6
+    assert cli.main(["demo", "--quick", "--full", "--print-config"]) == 1
+    assert capsys.readouterr().err.strip().endswith("--quick and --full: choose one preset")
+    with pytest.raises(SystemExit):
+        cli.build_parser().parse_args(["ppo", "--full"])
+
+
 # The recipes that are configs of another command: configs/<name>.yaml runs with `jaxrlhf <command>`.
 RECIPES = {"dr_grpo": "grpo", "dapo": "grpo", "gspo": "grpo", "reinforce_pp": "rloo", "remax": "rloo",
            "sft_arithmetic": "sft"}
@@ -384,7 +397,10 @@ def test_every_path_in_the_shipped_configs_exists_or_is_documented_as_the_users(
     assert seen >= 6  # the parser found the data and model paths
 
 
-@pytest.mark.parametrize("command", sorted(set(cli.COMMANDS) - {"demo"}))
+WITH_CONFIG = sorted(c for c in set(cli.COMMANDS) - {"demo"} if (CONFIGS / f"{c}.yaml").exists())
+
+
+@pytest.mark.parametrize("command", WITH_CONFIG)
 def test_shipped_configs_name_a_missing_input_before_loading_anything(command, tmp_path, monkeypatch, capsys):
     """Run as written where none of the user's files exist: one line naming the key and the file, before
     any model or tokenizer is loaded."""
@@ -401,10 +417,14 @@ def test_shipped_configs_name_a_missing_input_before_loading_anything(command, t
     line = error_line(capsys)
     config = cli.load_command_config(command, str(CONFIGS / f"{command}.yaml"), [])
     assert line == f"jaxrlhf {command}: error: data.train_file: {config.data.train_file}: no such file"
+    (tmp_path / config.data.train_file).parent.mkdir(parents=True, exist_ok=True)
     (tmp_path / config.data.train_file).write_text('{"prompt": "a", "completion": "b", "chosen": "b", '
                                                    '"rejected": "c"}\n')
+    eval_file = getattr(config.data, "eval_file", None)
+    if eval_file is not None:  # a config's eval file is an input too: present, so the model is next
+        (tmp_path / eval_file).write_text((tmp_path / config.data.train_file).read_text())
     if config.model.path is not None:
         assert cli.main([command, "--config", str(CONFIGS / f"{command}.yaml")]) == 1
         assert error_line(capsys) == (f"jaxrlhf {command}: error: model.path: {config.model.path}: model "
                                       "directory not found")
-    assert not (tmp_path / "runs").exists()
+    assert not (tmp_path / config.logging.run_dir).exists()  # no run directory was written

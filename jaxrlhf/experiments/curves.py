@@ -1,5 +1,5 @@
-"""The demo's curves: confidence intervals, best-of-n points, the proxy's agreement with the oracle, and
-the over-optimisation verdict on a reward-vs-√KL curve.
+"""The demo's curves: confidence intervals, best-of-n points and the proxy's agreement with the oracle.
+(The over-optimisation verdict is :func:`jaxrlhf.experiments.statistics.overoptimization_test`.)
 
 Pure functions on NumPy arrays. Samples come in a [M prompts, K samples] grid. Confidence intervals are
 taken over the M per-prompt means: the prompts are drawn independently, the K samples of one prompt are not
@@ -103,59 +103,6 @@ def pair_agreement(proxy: np.ndarray, gold: np.ndarray) -> tuple[float, int]:
         return math.nan, 0
     agree = np.where(proxy_sign[keep] == 0, 0.5, (proxy_sign[keep] == gold_sign[keep]).astype(np.float64))
     return float(agree.mean()), int(keep.sum())
-
-
-@dataclasses.dataclass(frozen=True)
-class Verdict:
-    """Whether a curve shows over-optimisation, and the two points that decide it."""
-
-    overoptimized: bool
-    peak: CurvePoint
-    worst: CurvePoint  # the point after the peak with the largest gold drop (the peak itself if none)
-    text: str
-
-
-OVEROPTIMIZATION_RULE = (
-    "over-optimised when, after the point of highest gold reward, some later point has a higher proxy "
-    "reward but a gold reward whose 95% interval lies entirely below the peak's "
-    "(peak gold − later gold > the sum of the two half-widths)"
-)
-
-
-def overoptimization_verdict(points: Sequence[CurvePoint], unit: str = "step") -> Verdict:
-    """Apply :data:`OVEROPTIMIZATION_RULE` to ``points`` in the order of optimisation (steps or n)."""
-    if not points:
-        raise ValueError("overoptimization_verdict: no points")
-    i_peak = int(np.argmax([p.gold for p in points]))
-    peak = points[i_peak]
-
-    def drop(p: CurvePoint) -> float:
-        return peak.gold - p.gold
-
-    later = points[i_peak + 1 :]
-    worst = max(later, key=drop) if later else peak
-    significant = [
-        p for p in later if p.proxy > peak.proxy and drop(p) > _finite(peak.gold_ci) + _finite(p.gold_ci)
-    ]
-    if significant:
-        bad = max(significant, key=drop)
-        text = (f"yes: gold fell from {peak.gold:.3f} ± {peak.gold_ci:.3f} ({unit} {peak.x}, √KL "
-                f"{peak.sqrt_kl:.2f}) to {bad.gold:.3f} ± {bad.gold_ci:.3f} ({unit} {bad.x}, √KL "
-                f"{bad.sqrt_kl:.2f}) while the proxy rose from {peak.proxy:.3f} to {bad.proxy:.3f}")
-        return Verdict(True, peak, bad, text)
-    if worst is peak:
-        text = (f"no: gold is highest at the last point ({unit} {peak.x}: {peak.gold:.3f} ± "
-                f"{peak.gold_ci:.3f})")
-    else:
-        text = (f"no: gold peaks at {peak.gold:.3f} ± {peak.gold_ci:.3f} ({unit} {peak.x}); the lowest "
-                f"later point, {worst.gold:.3f} ± {worst.gold_ci:.3f} ({unit} {worst.x}, proxy "
-                f"{worst.proxy:.3f} vs {peak.proxy:.3f} at the peak), is not a significant drop with a "
-                "rising proxy")
-    return Verdict(False, peak, worst, text)
-
-
-def _finite(x: float) -> float:
-    return x if math.isfinite(x) else 0.0
 
 
 def intervals_separated(a_mean: float, a_half: float, b_mean: float, b_half: float) -> bool:

@@ -1,8 +1,11 @@
 """Configuration of ``jaxrlhf demo`` (configs/demo.yaml): one frozen dataclass per stage.
 
-The defaults are the demo (≤ 10 minutes on 2 CPU cores); :data:`QUICK_OVERRIDES` shrinks every stage for a
-smoke run (``--quick``, ≤ 2 minutes). Each stage's trainer config (``SFTRunConfig``, ``RewardRunConfig``,
-``PPORunConfig``, ``A2CRunConfig``) is built from these sections by :mod:`jaxrlhf.experiments.demo`.
+The defaults are the demo; :data:`QUICK_OVERRIDES` shrinks every stage for a smoke run (``--quick``) and
+:data:`FULL_OVERRIDES` runs every method over four seeds (``--full``); the README gives each preset's
+measured cost. Each stage's trainer config (``SFTRunConfig``, ``RewardRunConfig``, ``PPORunConfig``,
+``A2CRunConfig``, ``GRPORunConfig``, ``RLOORunConfig``, ``DPORunConfig``) is built from these sections by
+:mod:`jaxrlhf.experiments.demo_stages`; ``methods`` lists which entries of the method table
+(:data:`jaxrlhf.experiments.demo_methods.METHODS`) the comparison runs.
 """
 
 from __future__ import annotations
@@ -15,7 +18,8 @@ from typing import Any, Literal
 
 from jaxrlhf.config import ConfigError, load_config
 from jaxrlhf.oracle import AnnotatorConfig
-from jaxrlhf.steps import A2CConfig, OptimizerConfig, PPOConfig, RewardModelConfig
+from jaxrlhf.steps import A2CConfig, GRPOConfig, OptimizerConfig, PPOConfig, RewardModelConfig, RLOOConfig
+from jaxrlhf.steps.dpo import DPOConfig
 from jaxrlhf.train.run_config import ArchitectureConfig
 
 
@@ -30,7 +34,11 @@ class DemoRunSection:
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "WARNING"
     log_every: int = 10
     mfu_matmul_size: int = 0  # the trainers' peak-FLOP/s probe (0: no MFU, saves a second per stage)
+    # Each method's training runs with this many seeds (run.seed, run.seed + 1, ...); SFT, the feedback and
+    # the reward model are shared, so the spread over seeds is that of the method's own sampling.
+    seeds: int = 1
     quick: bool = False  # set by --quick together with the preset's values; only labels the report
+    full: bool = False  # set by --full together with the preset's values; only labels the report
 
 
 @dataclasses.dataclass(frozen=True)
@@ -44,9 +52,11 @@ class TaskSection:
     demonstrations and the tokenizer, and "optimal answer" keeps the task's meaning (e.g. a shortest path).
     """
 
-    name: str = "random_walk"
+    name: str = "digit_sort"
     seed: int = 0
-    options: dict[str, Any] = field(default_factory=dict)  # the task's keyword arguments
+    # the task's keyword arguments (digit_sort: 3–4 digits, 11 000 prompts, ~2 750 in each split)
+    options: dict[str, Any] = field(default_factory=lambda: {"min_digits": 3, "max_digits": 4,
+                                                             "max_response_tokens": 8})
     oracle: str | None = None
     add_bos: bool = False
 
@@ -67,7 +77,7 @@ class SFTStage:
 class FeedbackStage:
     """Responses sampled from the SFT policy, labelled by the simulated annotator."""
 
-    prompts: int = 1024
+    prompts: int = 2048
     responses_per_prompt: int = 2
     eval_fraction: float = 0.1  # of the records, held out for the reward model's accuracy
     temperature: float = 1.0  # sampling temperature of the SFT policy
@@ -110,6 +120,52 @@ class A2CStage:
 
 
 @dataclasses.dataclass(frozen=True)
+class GRPOStage:
+    """GRPO against the proxy (and, as the upper reference, against the gold reward itself): ``batch_size``
+    prompts × ``algorithm.group_size`` samples per iteration (the same sequences per iteration as PPO)."""
+
+    iterations: int = 100
+    batch_size: int = 16
+    optimizer: OptimizerConfig = field(
+        default_factory=partial(OptimizerConfig, learning_rate=1e-4, end_lr_factor=0.1))
+    algorithm: GRPOConfig = field(default_factory=partial(GRPOConfig, kl_coef=0.05, group_size=4))
+
+
+@dataclasses.dataclass(frozen=True)
+class RLOOStage:
+    """RLOO against the proxy: leave-one-out baselines over ``algorithm.group_size`` samples per prompt."""
+
+    iterations: int = 100
+    batch_size: int = 16
+    optimizer: OptimizerConfig = field(
+        default_factory=partial(OptimizerConfig, learning_rate=1e-4, end_lr_factor=0.1))
+    algorithm: RLOOConfig = field(default_factory=partial(RLOOConfig, kl_coef=0.05, group_size=4))
+
+
+@dataclasses.dataclass(frozen=True)
+class DPOStage:
+    """DPO directly on the annotator's preference pairs (the reward model's training file)."""
+
+    steps: int = 200
+    batch_size: int = 64
+    optimizer: OptimizerConfig = field(
+        default_factory=partial(OptimizerConfig, learning_rate=2e-4, warmup_steps=10, end_lr_factor=0.1))
+    algorithm: DPOConfig = field(default_factory=partial(DPOConfig, beta=0.1, identical_pairs="drop"))
+
+
+@dataclasses.dataclass(frozen=True)
+class EnsembleStage:
+    """K reward models (Coste et al. 2024) trained as one vmapped computation on the same feedback, each from
+    its own head initialisation and (``bootstrap``) its own resample of the records; PPO then optimises
+    their worst case (``wco``: min over members) or the uncertainty-weighted mean (``uwo``: mean − λ·var),
+    each member normalised on fresh samples of the SFT policy first. Steps and optimiser: ``reward``'s."""
+
+    members: int = 4
+    bootstrap: bool = True
+    uwo_lambda: float = 0.5  # λ of mean − λ·var (on the normalised scale)
+
+
+@dataclasses.dataclass(frozen=True)
 class EvaluationStage:
     """Held-out evaluation: K samples on M prompts per policy; best-of-n from N samples per prompt."""
 
@@ -118,7 +174,7 @@ class EvaluationStage:
     best_of_n_prompts: int = 128
     best_of_n_samples: int = 128
     best_of_n: tuple[int, ...] = (1, 2, 4, 8, 16, 32, 64)
-    rl_points: int = 8  # RL checkpoints evaluated along training (the SFT policy is the point at step 0)
+    rl_points: int = 5  # RL checkpoints evaluated along training (the SFT policy is the point at step 0)
     chunk_size: int = 512  # rows sampled per call (one compiled shape)
     temperature: float = 1.0
 
@@ -136,7 +192,13 @@ class DemoConfig:
     reward: RewardStage = field(default_factory=RewardStage)
     ppo: PPOStage = field(default_factory=PPOStage)
     a2c: A2CStage = field(default_factory=A2CStage)
+    grpo: GRPOStage = field(default_factory=GRPOStage)
+    rloo: RLOOStage = field(default_factory=RLOOStage)
+    dpo: DPOStage = field(default_factory=DPOStage)
+    ensemble: EnsembleStage = field(default_factory=EnsembleStage)
     evaluation: EvaluationStage = field(default_factory=EvaluationStage)
+    # The methods compared (keys of jaxrlhf.experiments.demo_methods.METHODS), in the table's order.
+    methods: tuple[str, ...] = ("ppo", "a2c", "grpo", "rloo", "dpo", "grpo_gold", "ppo_wco", "ppo_uwo")
 
     def __post_init__(self) -> None:
         check_demo(self)
@@ -149,7 +211,7 @@ QUICK_OVERRIDES: tuple[str, ...] = (
     "sft.eval_demonstrations=64",
     "sft.batch_size=32",
     "sft.steps=60",
-    "feedback.prompts=96",
+    "feedback.prompts=256",
     "reward.batch_size=32",
     "reward.steps=30",
     "ppo.iterations=6",
@@ -157,12 +219,25 @@ QUICK_OVERRIDES: tuple[str, ...] = (
     "ppo.prompts=128",
     "a2c.iterations=6",
     "a2c.batch_size=32",
-    "evaluation.prompts=32",
-    "evaluation.samples_per_prompt=4",
+    "grpo.iterations=6",
+    "grpo.batch_size=8",
+    "rloo.iterations=6",
+    "rloo.batch_size=8",
+    "dpo.steps=6",
+    "dpo.batch_size=32",
+    "ensemble.members=2",
+    "evaluation.prompts=64",
+    "evaluation.samples_per_prompt=2",
     "evaluation.best_of_n_prompts=8",
     "evaluation.best_of_n_samples=64",
-    "evaluation.rl_points=2",
+    "evaluation.rl_points=3",
     "evaluation.chunk_size=128",
+)
+
+# The --full preset: every method over four seeds (the intervals over seeds need S >= 4 to mean much).
+FULL_OVERRIDES: tuple[str, ...] = (
+    "run.full=true",
+    "run.seeds=4",
 )
 
 
@@ -175,6 +250,10 @@ def check_demo(cfg: DemoConfig) -> None:
         "reward.steps": cfg.reward.steps, "ppo.iterations": cfg.ppo.iterations,
         "ppo.batch_size": cfg.ppo.batch_size, "ppo.prompts": cfg.ppo.prompts,
         "a2c.iterations": cfg.a2c.iterations, "a2c.batch_size": cfg.a2c.batch_size,
+        "grpo.iterations": cfg.grpo.iterations, "grpo.batch_size": cfg.grpo.batch_size,
+        "rloo.iterations": cfg.rloo.iterations, "rloo.batch_size": cfg.rloo.batch_size,
+        "dpo.steps": cfg.dpo.steps, "dpo.batch_size": cfg.dpo.batch_size, "run.seeds": cfg.run.seeds,
+        "ensemble.members": cfg.ensemble.members,
         "evaluation.prompts": cfg.evaluation.prompts, "evaluation.rl_points": cfg.evaluation.rl_points,
         "evaluation.best_of_n_prompts": cfg.evaluation.best_of_n_prompts,
         "evaluation.chunk_size": cfg.evaluation.chunk_size,
@@ -197,13 +276,33 @@ def check_demo(cfg: DemoConfig) -> None:
     if cfg.ppo.batch_size > cfg.ppo.prompts or cfg.a2c.batch_size > cfg.ppo.prompts:
         raise ConfigError(f"ppo.prompts: {cfg.ppo.prompts} prompts cannot fill a batch of "
                           f"{max(cfg.ppo.batch_size, cfg.a2c.batch_size)} (ppo/a2c.batch_size)")
-    if cfg.ppo.algorithm.temperature != cfg.evaluation.temperature:
-        raise ConfigError("evaluation.temperature: must equal ppo.algorithm.temperature (the KL is measured "
-                          "between the policies as trained)")
+    for key in ("ppo", "a2c", "grpo", "rloo"):
+        if getattr(cfg, key).algorithm.temperature != cfg.evaluation.temperature:
+            raise ConfigError(f"evaluation.temperature: must equal {key}.algorithm.temperature (the KL is "
+                              "measured between the policies as trained)")
+    for key in ("grpo", "rloo"):
+        if getattr(cfg, key).batch_size > cfg.ppo.prompts:
+            raise ConfigError(f"ppo.prompts: {cfg.ppo.prompts} prompts cannot fill a batch of "
+                              f"{getattr(cfg, key).batch_size} ({key}.batch_size)")
+    from jaxrlhf.experiments.demo_methods import METHODS  # the table imports this module
+
+    unknown = [m for m in cfg.methods if m not in METHODS]
+    if unknown or len(set(cfg.methods)) != len(cfg.methods):
+        raise ConfigError(f"methods: {unknown or list(cfg.methods)} — each must be one of {list(METHODS)}, "
+                          "listed once")
+    if cfg.ensemble.members < 2 and any(METHODS[m].ensemble for m in cfg.methods):
+        raise ConfigError(f"ensemble.members: an ensemble needs >= 2 reward models, got "
+                          f"{cfg.ensemble.members}")
+    if cfg.evaluation.rl_points < 3:
+        raise ConfigError(f"evaluation.rl_points: the Gao et al. fit needs >= 3 checkpoints with KL > 0, "
+                          f"got {cfg.evaluation.rl_points}")
 
 
 def load_demo_config(path: str | None = None, overrides: Sequence[str] = (),
-                     quick: bool = False) -> DemoConfig:
-    """The demo's config: defaults < YAML file < the quick preset (``quick``) < ``overrides``; every
-    invalid value is a :class:`ConfigError` naming the key."""
-    return load_config(DemoConfig, path, [*(QUICK_OVERRIDES if quick else ()), *overrides])
+                     quick: bool = False, full: bool = False) -> DemoConfig:
+    """The demo's config: defaults < YAML file < the quick / full preset < ``overrides``; every invalid
+    value is a :class:`ConfigError` naming the key."""
+    if quick and full:
+        raise ConfigError("--quick and --full: choose one preset")
+    preset = QUICK_OVERRIDES if quick else FULL_OVERRIDES if full else ()
+    return load_config(DemoConfig, path, [*preset, *overrides])

@@ -30,8 +30,9 @@ from jaxrlhf.experiments.policy_scoring import sample_rollouts
 from jaxrlhf.models.transformer import LanguageModel, Params
 from jaxrlhf.oracle import Oracle, Task, decode_batch, get_reward, get_task, rollout_reward_inputs
 from jaxrlhf.rollout.generate import GenerationConfig
+from jaxrlhf.train.dpo import DPORunConfig
 from jaxrlhf.train.reward import RewardRunConfig
-from jaxrlhf.train.rl import A2CRunConfig, PPORunConfig
+from jaxrlhf.train.rl import A2CRunConfig, GRPORunConfig, PPORunConfig, RLOORunConfig
 from jaxrlhf.train.run_config import (
     CheckpointSection,
     DataSection,
@@ -125,7 +126,7 @@ def feedback_pool(
     """
     fb = cfg.feedback
     p_len, n_len = lengths(task, cfg.task.add_bos)
-    prompts = task.sample_prompts(np.random.default_rng([cfg.run.seed, 2]), fb.prompts)
+    prompts = task.sample_prompts(np.random.default_rng([cfg.run.seed, 2]), fb.prompts, split="feedback")
     tokens, mask = prompt_arrays(prompts, tokenizer, p_len, cfg.task.add_bos)
     tokens, mask = np.repeat(tokens, fb.responses_per_prompt, 0), np.repeat(mask, fb.responses_per_prompt, 0)
     gen = generation_config(tokenizer, n_len, fb.temperature)
@@ -198,22 +199,43 @@ def reward_config(cfg: DemoConfig, task: Task, paths: DemoPaths, train_file: str
     )
 
 
-def rl_config(cfg: DemoConfig, task: Task, paths: DemoPaths, algo: str, prompts_file: str):
-    """The PPO or A2C trainer config: checkpoints every ``iterations / rl_points`` steps, all kept, so the
-    evaluation can follow the policy along training."""
-    stage = cfg.ppo if algo == "ppo" else cfg.a2c
-    every = max(1, stage.iterations // cfg.evaluation.rl_points)
+def checkpoint_every(iterations: int, points: int) -> CheckpointSection:
+    """Checkpoints every ``iterations / points`` steps, all kept, so the evaluation can follow the policy
+    along training."""
+    every = max(1, iterations // points)
+    return CheckpointSection(every=every, keep=iterations // every + 2)
+
+
+def rl_config(cfg: DemoConfig, task: Task, paths: DemoPaths, algo: str, prompts_file: str,
+              stage: str | None = None, seed: int | None = None, reward: RewardSection | None = None):
+    """The PPO / A2C / GRPO / RLOO trainer config of the demo section ``algo`` in the sub-directory ``stage``
+    (default: ``algo``), with training seed ``seed`` (default ``run.seed``) and ``reward`` (default: the
+    proxy reward model): checkpoints every ``iterations / rl_points`` steps, all kept."""
+    section = getattr(cfg, algo)
+    stage = stage or algo
     common = dict(
         model=ModelSection(path=str(paths.export("sft"))),
-        data=_data(cfg, task, prompts_file, None, stage.batch_size), optimizer=stage.optimizer,
+        data=_data(cfg, task, prompts_file, None, section.batch_size), optimizer=section.optimizer,
         generation=GenerationSection(max_new_tokens=lengths(task, cfg.task.add_bos)[1]),
-        reward=RewardSection(model_path=str(paths.export("reward"))),
-        checkpoint=CheckpointSection(every=every, keep=stage.iterations // every + 2),
-        logging=_logging(cfg, paths, algo), train=TrainSection(steps=stage.iterations, seed=cfg.run.seed),
+        reward=reward or RewardSection(model_path=str(paths.export("reward"))),
+        checkpoint=checkpoint_every(section.iterations, cfg.evaluation.rl_points),
+        logging=_logging(cfg, paths, stage),
+        train=TrainSection(steps=section.iterations, seed=cfg.run.seed if seed is None else seed),
     )
-    if algo == "ppo":
-        return PPORunConfig(ppo=stage.algorithm, **common)
-    return A2CRunConfig(a2c=stage.algorithm, **common)
+    run_configs = {"ppo": PPORunConfig, "a2c": A2CRunConfig, "grpo": GRPORunConfig, "rloo": RLOORunConfig}
+    return run_configs[algo](**{algo: section.algorithm}, **common)
+
+
+def dpo_config(cfg: DemoConfig, task: Task, paths: DemoPaths, stage: str, seed: int, train_file: str,
+               eval_file: str) -> DPORunConfig:
+    """DPO on the annotator's preference pairs (the reward model's train and held-out files), from SFT."""
+    d = cfg.dpo
+    return DPORunConfig(
+        model=ModelSection(path=str(paths.export("sft"))),
+        data=_data(cfg, task, train_file, eval_file, d.batch_size), optimizer=d.optimizer, dpo=d.algorithm,
+        checkpoint=checkpoint_every(d.steps, cfg.evaluation.rl_points),
+        logging=_logging(cfg, paths, stage), train=TrainSection(steps=d.steps, seed=seed),
+    )
 
 
 def write_stage_config(paths: DemoPaths, name: str, config: Any) -> str:

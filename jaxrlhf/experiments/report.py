@@ -2,16 +2,20 @@
 
 The results dict is plain JSON (the demo saves it as ``results.json``); its keys:
 
-- ``run_dir``, ``quick`` (bool), ``task``: ``{"name", "description", "oracle"}``
+- ``run_dir``, ``quick``, ``full`` (bools), ``task``: ``{"name", "description", "oracle"}``
 - ``settings``: ``[[name, value], ...]``; ``timings``: ``{stage: seconds}`` (``"total"`` last)
 - ``data``: ``{"files": {label: path}, "feedback": {"kind", "train_records", "eval_records",
   "dropped_unfinished", "coverage": coverage_report(...)}}``
 - ``sft`` (optional): ``{"eval_loss", "eval_token_accuracy"}``; ``reward_model``: ``{"eval_accuracy",
-  "agreement", "agreement_pairs"}``
-- ``policies``: ``{"SFT" | "PPO" | "A2C": PolicyEval fields}``; ``best_of_n``: ``[CurvePoint fields]`` (x = n)
-- ``curves``: ``{"PPO" | "A2C": [CurvePoint fields]}`` (x = step); ``verdicts``: ``{name: {"overoptimized",
-  "text"}}``; ``rule``: the over-optimisation rule; ``acceptance``: ``{"ppo_beats_sft": bool}``
-- ``exports``, ``plots``, ``configs``, ``logs``: ``{label: path relative to run_dir}``
+  "eval_records", "agreement", "agreement_pairs"}``
+- ``methods``: the method keys in the table's order; ``analysis``: what
+  :func:`jaxrlhf.experiments.demo_analysis.analyse` returns (per method: per-seed intervals over prompts,
+  the summary over seeds, the paired comparison with SFT, the over-optimisation tests, the Gao fit, the
+  first seed's curve; best-of-n; the best method; the ensemble comparison; the rule)
+- ``normalization`` (optional): the reward normalisation refitted on fresh SFT samples; ``ensemble``
+  (optional): the reward-model ensemble; ``prompt_overlap`` (optional): prompt counts and overlaps
+- ``exports``, ``plots``, ``configs``, ``logs``: ``{label: path relative to run_dir}``; ``commands``:
+  ``{config label: the trainer command that runs it}`` (default: the label)
 
 Paths are relative to the run directory, so the report's links work wherever the directory is moved.
 """
@@ -20,6 +24,7 @@ from __future__ import annotations
 
 import math
 import os
+import textwrap
 from pathlib import Path
 from typing import Any
 
@@ -27,8 +32,9 @@ import yaml
 
 TABLE_BEST_OF_N = (4, 16, 64)
 TABLE_HEADER = (
-    "| policy | gold reward (95% CI) | proxy reward | KL to SFT (nats) | √KL | optimal answers |",
-    "|---|---:|---:|---:|---:|---:|",
+    "| policy | trained against | gold reward, final (95% CI over prompts) | gold over seeds (95% CI over "
+    "seeds) | proxy | KL to SFT (nats) | √KL | optimal answers | over-optimised? |",
+    "|---|---|---:|---:|---:|---:|---:|---:|---|",
 )
 
 
@@ -42,40 +48,69 @@ def _pct(x: Any) -> str:
     return "n/a" if x is None or not math.isfinite(x) else f"{100 * x:.1f}%"
 
 
-def _gold(row: dict) -> str:
-    return f"{_num(row['gold'])} ± {_num(row['gold_ci'])}"
+def _sqrt(kl: Any) -> float:
+    return math.sqrt(max(kl, 0.0)) if kl is not None and math.isfinite(kl) else math.nan
+
+
+def _interval(d: dict) -> str:
+    """``value ± half (95% CI over n unit)`` of an Estimate dict (its ``text`` when it has one)."""
+    if "text" in d:
+        return d["text"]
+    return f"{_num(d['value'])} ± {_num(d.get('half_width'))}"
 
 
 def table_rows(results: dict) -> list[dict]:
-    """The comparison rows: SFT, best-of-n for the n of :data:`TABLE_BEST_OF_N` that were measured, PPO,
-    A2C; each ``{"policy", "gold", "gold_ci", "proxy", "kl", "optimal"}``."""
-    pol = results["policies"]
-    rows = [dict(policy="SFT", **_pick(pol["SFT"]))]
-    bon = {p["x"]: p for p in results.get("best_of_n", [])}
-    rows += [dict(policy=f"best-of-{n}", **_pick(bon[n])) for n in TABLE_BEST_OF_N if n in bon]
-    rows += [dict(policy=name, **_pick(pol[name])) for name in ("PPO", "A2C") if name in pol]
+    """The comparison rows: SFT, best-of-n for the n of :data:`TABLE_BEST_OF_N` that were measured, then every
+    method; each ``{"policy", "optimises", "gold", "gold_seeds", "proxy", "kl", "kl_note", "optimal",
+    "overoptimized"}`` (strings where they are formatted intervals)."""
+    a = results["analysis"]
+    sft = a["sft"]
+    rows = [dict(policy="SFT", optimises="the demonstrations", gold=sft["gold"]["text"], gold_seeds="—",
+                 gold_value=sft["gold"]["value"], proxy=sft["proxy"], kl=sft["kl"], kl_note="",
+                 optimal=sft["optimal"], overoptimized="—")]
+    bon = {p["x"]: p for p in a["best_of_n"]["points"]}
+    prompts = a["best_of_n"]["prompts"]
+    for n in TABLE_BEST_OF_N:
+        if n in bon:
+            p = bon[n]
+            rows.append(dict(policy=f"best-of-{n}", optimises="the reward model (reranking)",
+                             gold=f"{_num(p['gold'])} ± {_num(p['gold_ci'])} (95% CI over {prompts} prompts)",
+                             gold_seeds="—", gold_value=p["gold"], proxy=p["proxy"], kl=p["kl"],
+                             kl_note=f" (bound {_num(p['kl_bound'])})", optimal=p["optimal"],
+                             overoptimized="—"))
+    for key in results["methods"]:
+        m = a["methods"][key]
+        first = m["per_seed"][0]
+        seeds_text = m["gold"]["text"] if m["seeds"] > 1 else "n/a (1 seed; --full runs 4)"
+        verdicts = [o["overoptimized"] for o in m["overoptimization"]]
+        over = (f"{sum(verdicts)} of {len(verdicts)} seeds" if len(verdicts) > 1
+                else "yes" if verdicts[0] else "no")
+        rows.append(dict(policy=m["name"], optimises=m["optimises"], gold=first["gold"]["text"],
+                         gold_seeds=seeds_text, gold_value=m["gold"]["mean"], proxy=m["proxy"],
+                         kl=m["kl"]["mean"], kl_note="", optimal=m["optimal"], overoptimized=over))
     return rows
-
-
-def _pick(d: dict) -> dict:
-    return {k: d.get(k, math.nan) for k in ("gold", "gold_ci", "proxy", "kl", "optimal")}
 
 
 def comparison_table(results: dict) -> list[str]:
     """The markdown lines of the comparison table."""
     lines = list(TABLE_HEADER)
     for r in table_rows(results):
-        sqrt_kl = math.sqrt(max(r["kl"], 0.0)) if math.isfinite(r["kl"]) else math.nan
-        lines.append(f"| {r['policy']} | {_gold(r)} | {_num(r['proxy'])} | {_num(r['kl'])} | "
-                     f"{_num(sqrt_kl)} | {_pct(r['optimal'])} |")
+        lines.append(f"| {r['policy']} | {r['optimises']} | {r['gold']} | {r['gold_seeds']} | "
+                     f"{_num(r['proxy'])} "
+                     f"| {_num(r['kl'])}{r['kl_note']} | {_num(_sqrt(r['kl']))} | {_pct(r['optimal'])} | "
+                     f"{r['overoptimized']} |")
     return lines
 
 
-def _curve_table(points: list[dict], unit: str) -> list[str]:
-    lines = [f"| {unit} | √KL | gold (95% CI) | proxy | optimal |", "|---:|---:|---:|---:|---:|"]
+def _curve_table(points: list[dict], unit: str, bound: bool = False) -> list[str]:
+    extra = " | KL bound log n − (n−1)/n" if bound else ""
+    lines = [f"| {unit} | KL (nats) | √KL | gold (95% CI over prompts) | proxy | optimal{extra} |",
+             "|---:|---:|---:|---:|---:|---:|" + ("---:|" if bound else "")]
     for p in points:
-        lines.append(f"| {p['x']} | {_num(math.sqrt(max(p['kl'], 0.0)))} | {_gold(p)} | {_num(p['proxy'])} | "
-                     f"{_pct(p.get('optimal', math.nan))} |")
+        tail = f" | {_num(p['kl_bound'])}" if bound else ""
+        lines.append(f"| {p['x']} | {_num(p['kl'])} | {_num(_sqrt(p['kl']))} | {_num(p['gold'])} ± "
+                     f"{_num(p['gold_ci'])} | {_num(p['proxy'])} | "
+                     f"{_pct(p.get('optimal', math.nan))}{tail} |")
     return lines
 
 
@@ -84,37 +119,107 @@ def _duration(seconds: float) -> str:
     return f"{m}m{s:02d}s" if m else f"{s}s"
 
 
-def acceptance_line(results: dict) -> str:
-    """Whether PPO's gold beats SFT's with non-overlapping 95% intervals, with the numbers."""
-    sft, ppo = results["policies"]["SFT"], results["policies"].get("PPO")
-    if ppo is None:
-        return "PPO was not run."
-    verdict = "yes" if results["acceptance"]["ppo_beats_sft"] else "no"
-    return (f"PPO beats SFT on gold reward with non-overlapping 95% intervals: **{verdict}** "
-            f"(PPO {_gold(ppo)} vs SFT {_gold(sft)}).")
+def _fit_cell(fit: dict, key: str) -> str:
+    value, se = fit.get(key), fit.get(f"{key}_se")
+    return f"{_num(value)} ± {_num(se)}"
+
+
+def gao_table(results: dict) -> list[str]:
+    """Markdown rows of the Gao et al. fits: method, form, α, β (± 1 s.e.), R², points, fitted peak."""
+    a = results["analysis"]
+    lines = ["| curve | form | α (± 1 s.e.) | β (± 1 s.e.) | R² | points with KL > 0 | fitted peak √KL |",
+             "|---|---|---:|---:|---:|---:|---:|"]
+    fits = [(a["methods"][k]["name"], a["methods"][k]["gao"]) for k in results["methods"]]
+    fits.append(("best-of-n", a["best_of_n"]["gao"]))
+    for name, fit in fits:
+        if "error" in fit:
+            lines.append(f"| {name} | {fit['form'] or '—'} | n/a | n/a | n/a | — | {fit['error']} |")
+            continue
+        lines.append(f"| {name} | {fit['formula']} | {_fit_cell(fit, 'alpha')} | {_fit_cell(fit, 'beta')} | "
+                     f"{_num(fit['r2'])} | {fit['n_points']} | {_num(fit['peak_d'], 2)} |")
+    return lines
+
+
+def overlap_lines(overlap: dict) -> list[str]:
+    """The prompt counts and the overlap of the evaluation prompts with every training prompt list."""
+    out = ["| prompt list | prompts | distinct |", "|---|---:|---:|"]
+    out += [f"| {k} | {n} | {overlap['distinct'][k]} |" for k, n in overlap["counts"].items()]
+    out += ["", "| evaluation / training list | prompts in both |", "|---|---:|"]
+    out += [f"| {k} | {n} |" for k, n in overlap["overlaps"].items()]
+    verdict = ("0: every evaluation prompt is unseen by SFT, the reward model and RL"
+               if overlap["max_overlap"] == 0 else
+               f"{overlap['max_overlap']} — NOT held out (the task's prompt space is too small for disjoint "
+               "splits; use task.name=digit_sort or arithmetic)")
+    return [*out, "", f"Largest overlap: {verdict}."]
 
 
 def render_report(results: dict) -> str:
     """The full ``report.md``."""
     task, fb, rm = results["task"], results["data"]["feedback"], results["reward_model"]
+    a = results["analysis"]
     cov = fb["coverage"]
-    out = [f"# jaxrlhf demo{' (--quick)' if results.get('quick') else ''}: {task['name']}", ""]
+    preset = " (--quick)" if results.get("quick") else " (--full)" if results.get("full") else ""
+    out = [f"# jaxrlhf demo{preset}: {task['name']}", ""]
     out += [task["description"], "", f"Gold reward (oracle): {task['oracle']}.", ""]
     out += ["## Results", "", *comparison_table(results), ""]
-    out += ["Gold and proxy are means over held-out prompts of the samples' rewards (temperature 1); the 95% "
-            "interval is mean ± 1.96·s/√M over the M per-prompt means. KL(π ‖ π_SFT) is the mean over "
-            "samples of Σ_t (log π − log π_SFT) on the sampled tokens; best-of-n uses KL = log n − (n−1)/n "
-            "and the unbiased estimator over N samples per prompt. The proxy is the reward model, "
-            "normalised to mean 0 and std 1 on SFT samples.", ""]
-    out += [acceptance_line(results), ""]
-    out += ["## Over-optimisation", "", f"Rule: {results['rule']}.", ""]
-    out += [f"- **{name}**: {v['text']}." for name, v in results["verdicts"].items()]
+    out += [f"Gold and proxy are means over {a['prompts']} held-out prompts of the samples' rewards "
+            "(temperature 1), every policy sampled on the same prompts with the same keys. The interval over "
+            "prompts is a studentized bootstrap (2000 resamples) of the per-prompt means of the first seed's "
+            "run; the interval over seeds is a t-interval of the per-seed means, with the mean per-run "
+            "half-width beside it. KL(π ‖ π_SFT) is the mean over samples of Σ_t (log π − log π_SFT); "
+            "best-of-n is plotted at the sample-based estimate of its KL (exact for the empirical score "
+            "distribution, `rl.best_of_n_kl_estimate`), with the bound log n − (n−1)/n beside it. The proxy "
+            "is "
+            "the reward model, normalised to mean 0 and std 1 on fresh SFT samples.", ""]
+    best = a.get("best")
+    if best:
+        out += [f"**Highest gold reward**: {best['text']}.", ""]
+    out += ["Each method against SFT (final policy of the first seed, paired per-prompt difference in gold):",
+            ""]
+    out += [f"- {a['methods'][k]['name']}: {a['methods'][k]['vs_sft']['text']}" for k in results["methods"]]
+    out += ["", "## Over-optimisation", "", a["rule"], ""]
+    for k in results["methods"]:
+        m = a["methods"][k]
+        for o, seed in zip(m["overoptimization"], m["per_seed"]):
+            out.append(f"- **{m['name']}** (seed {seed['seed_index']}): {o['text']}.")
+    out.append(f"- **best-of-n**: {a['best_of_n']['overoptimization']['text']}.")
+    out += ["", "## Gao et al. (2022) fits", "",
+            "Gold reward change from the initial policy against d = √KL, least squares over the checkpoints "
+            "(all seeds pooled; best-of-n over n at the KL estimate): R_bon(d) = d(α − βd), "
+            "R_RL(d) = d(α − β log d). Dashed on the gold plot.", "", *gao_table(results), ""]
+    ens = results.get("ensemble")
+    if ens:
+        out += ["## Reward-model ensembles (Coste et al. 2024)", "",
+                f"{ens['members']} reward models trained as one vmapped computation ({ens['steps']} steps, "
+                f"{_duration(ens['seconds'])}), each with its own head initialisation"
+                f"{' and bootstrap resample of the feedback' if ens['bootstrap'] else ''}; held-out accuracy "
+                f"per member: {', '.join(_num(x) for x in ens['eval_accuracy'])}. Each member normalised on "
+                f"the fresh SFT samples; WCO = min over members, UWO = mean − "
+                f"{ens['uwo_lambda']:g}·variance.",
+                ""]
+        out += [f"- {e['text']}." for e in a["ensembles"]]
+        out += [""]
+    ov = results.get("prompt_overlap")
+    if ov:
+        out += ["## Held-out prompts", "", *overlap_lines(ov), ""]
+    norm = results.get("normalization")
+    if norm:
+        line = (f"- fitted on {norm['samples']} fresh samples of the SFT policy on RL-split prompts: raw "
+                f"reward mean {_num(norm['raw_mean'])}, std {_num(norm['raw_std'])} → gain "
+                f"{_num(norm['gain'])}, bias {_num(norm['bias'])}")
+        if "dataset_gain" in norm:
+            line += (f"; the trainer's fit on the feedback's responses (gain {_num(norm['dataset_gain'])}, "
+                     "bias "
+                     f"{_num(norm['dataset_bias'])}) gives these samples mean "
+                     f"{_num(norm['dataset_fit_on_fresh_mean'])}, std "
+                     f"{_num(norm['dataset_fit_on_fresh_std'])}")
+        out += ["## Reward normalisation", "", line, ""]
     plots = results["plots"]
-    out += ["", "## Plots", ""]
+    out += ["## Plots", ""]
     out += [f"![{label} reward against √KL]({path})" for label, path in plots.items()]
     out += ["", "## Reward model", ""]
     out += [f"- held-out pairwise accuracy on annotator labels: {_num(rm['eval_accuracy'])} "
-            f"({fb['eval_records']} held-out records)",
+            f"({rm.get('eval_records', fb['eval_records'])} held-out records)",
             f"- agreement with the oracle on fresh SFT samples: {_num(rm['agreement'])} "
             f"({rm['agreement_pairs']} pairs the oracle does not tie)", ""]
     sft = results.get("sft")
@@ -127,9 +232,11 @@ def render_report(results: dict) -> str:
             f"- coverage (train): {cov['distinct_prompts']} distinct prompts, {cov['distinct_responses']} "
             f"distinct responses, {cov['distinct_prompt_responses']} distinct (prompt, response) pairs, "
             f"{cov['comparisons']} comparisons ({cov['distinct_comparisons']} distinct)", ""]
-    for name, points in results["curves"].items():
-        out += [f"## {name} along training", "", *_curve_table(points, "step"), ""]
-    out += ["## Best-of-n from the SFT policy", "", *_curve_table(results["best_of_n"], "n"), ""]
+    for k in results["methods"]:
+        m = a["methods"][k]
+        out += [f"## {m['name']} along training (first seed)", "", *_curve_table(m["curve"], "step"), ""]
+    out += ["## Best-of-n from the SFT policy", "",
+            *_curve_table(a["best_of_n"]["points"], "n", bound=True), ""]
     out += ["## Run", "", "| setting | value |", "|---|---|"]
     out += [f"| {k} | {v} |" for k, v in results["settings"]]
     out += ["", "| stage | wall time |", "|---|---:|"]
@@ -142,7 +249,9 @@ def render_report(results: dict) -> str:
     out += ["", "Each stage ran the ordinary trainer on the JSONL files above. These commands run the same "
             "pipeline again as a new run in a new directory (each stage reading the previous one's export "
             "from there; nothing here is written to); point `data.train_file` and the other paths at your "
-            "own files to train on them:", "", "```"]
+            "own files to train on them (the ensemble runs optimise an in-process reward and have no "
+            "command):",
+            "", "```"]
     out += reuse_commands(results)
     out += ["```", ""]
     return "\n".join(out)
@@ -175,7 +284,8 @@ def reuse_commands(results: dict, into: str | os.PathLike | None = None) -> list
                 continue
             if stage in stages:
                 sets.append(f"{key}={into.joinpath(stage, *rest)}")
-        commands.append(f"jaxrlhf {name} --config {config_path} " + " ".join(f"--set {s}" for s in sets))
+        command = results.get("commands", {}).get(name, name)
+        commands.append(f"jaxrlhf {command} --config {config_path} " + " ".join(f"--set {s}" for s in sets))
     return commands
 
 
@@ -191,17 +301,23 @@ def _flat(data: Any, prefix: str = "") -> dict[str, Any]:
 
 def render_summary(results: dict) -> str:
     """The console summary (fits one screen) naming the run directory."""
+    a = results["analysis"]
     total = results["timings"].get("total", math.nan)
     lines = [f"jaxrlhf demo finished in {_duration(total)}: {results['task']['name']}", ""]
-    lines.append(f"{'policy':<12} {'gold (95% CI)':>17} {'proxy':>7} {'√KL':>6} {'optimal':>8}")
+    lines.append(f"{'policy':<18} {'gold (95% CI over prompts)':>26} {'over seeds':>17} {'√KL':>5} "
+                 f"{'optimal':>7}  over-optimised?")
     for r in table_rows(results):
-        sqrt_kl = math.sqrt(max(r["kl"], 0.0)) if math.isfinite(r["kl"]) else math.nan
-        lines.append(f"{r['policy']:<12} {_gold(r):>17} {_num(r['proxy'], 2):>7} {_num(sqrt_kl, 2):>6} "
-                     f"{_pct(r['optimal']):>8}")
+        gold = r["gold"].split(" (")[0]
+        seeds = r["gold_seeds"].split(" (")[0] if r["gold_seeds"].startswith(("0", "1", "-")) else "—"
+        lines.append(f"{r['policy']:<18} {gold:>26} {seeds:>17} {_num(_sqrt(r['kl']), 2):>5} "
+                     f"{_pct(r['optimal']):>7}  {r['overoptimized']}")
     rm = results["reward_model"]
     lines += ["", f"reward model: held-out accuracy {_num(rm['eval_accuracy'])}, agreement with the oracle "
-              f"{_num(rm['agreement'])} ({rm['agreement_pairs']} fresh pairs)",
-              acceptance_line(results).replace("**", "")]
-    lines += [f"over-optimised? {name}: {v['text'].split(':')[0]}" for name, v in results["verdicts"].items()]
+              f"{_num(rm['agreement'])} ({rm['agreement_pairs']} fresh pairs)"]
+    notes = ([a["best"]["text"]] if a.get("best") else []) + [e["text"] for e in a["ensembles"]]
+    lines += [wrapped for note in notes for wrapped in textwrap.wrap(note, 110, subsequent_indent="  ")]
+    ov = results.get("prompt_overlap")
+    if ov:
+        lines.append(f"evaluation prompts seen in training: {ov['max_overlap']}")
     lines += ["", f"run directory: {results['run_dir']}", f"report:        {results['run_dir']}/report.md"]
     return "\n".join(lines)

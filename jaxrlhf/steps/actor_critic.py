@@ -17,6 +17,7 @@ from jaxrlhf.rl.kl_control import (
     adaptive_kl_controller,
     fixed_kl_controller,
 )
+from jaxrlhf.steps.choice import choose, is_static_flag
 from jaxrlhf.steps.experience import (
     Experience,
     ResponseOutputs,
@@ -38,10 +39,20 @@ class ActorCriticParams(NamedTuple):
 
 
 def kl_controller(cfg: RLConfig) -> KLController:
-    """The adaptive controller (from β = kl_coef towards kl_target over kl_horizon) or a fixed β."""
-    if cfg.adaptive_kl:
-        return adaptive_kl_controller(cfg.kl_coef, cfg.kl_target, cfg.kl_horizon)
-    return fixed_kl_controller(cfg.kl_coef)
+    """The adaptive controller (from β = kl_coef towards kl_target over kl_horizon) or a fixed β.
+
+    ``cfg.adaptive_kl`` may be a traced 0./1. (a sweep): the update then computes both and selects.
+    """
+    adaptive = adaptive_kl_controller(cfg.kl_coef, cfg.kl_target, cfg.kl_horizon)
+    fixed = fixed_kl_controller(cfg.kl_coef)
+    if is_static_flag(cfg.adaptive_kl):
+        return adaptive if cfg.adaptive_kl else fixed
+
+    def update(state: KLControllerState, observed_kl: jax.Array, n_steps: jax.Array) -> KLControllerState:
+        return choose(cfg.adaptive_kl, lambda: adaptive.update(state, observed_kl, n_steps),
+                      lambda: fixed.update(state, observed_kl, n_steps))
+
+    return KLController(init=fixed.init, update=update)
 
 
 def check_critic(where: str, cfg: ActorCriticConfig, critic_model: Any, critic_optimizer: Any) -> None:

@@ -37,6 +37,7 @@ from jaxrlhf.rl.policy_losses import entropy_from_logits, token_logprobs
 from jaxrlhf.rollout.generate import Rollout
 from jaxrlhf.rollout.scoring import response_hidden, response_logits, response_values
 from jaxrlhf.steps.accumulate import merge_microbatches, split_microbatches
+from jaxrlhf.steps.choice import choose
 from jaxrlhf.steps.params import CriticParams, PolicyParams
 from jaxrlhf.steps.rl_config import ActorCriticConfig, RLConfig
 
@@ -187,7 +188,8 @@ def make_experience_fn(
     policy (no value head needed); critic_params: the separate critic, or None. scores [B]; kl_state: the
     KL controller's state, whose β = ``kl_state.kl_coef`` weighs the KL.
     Token rewards r_t = −β·KL_t (KL in the reward only) + 1[t = last]·(score − penalty·1[no EOS]);
-    advantages and returns by GAE(γ, λ); advantages whitened over the batch when configured.
+    advantages and returns by GAE(γ, λ); advantages whitened over the batch when configured
+    (``cfg.whiten_advantages`` / ``whiten_rewards`` may be traced 0./1.: :func:`jaxrlhf.steps.choice.choose`).
     Metrics: objective/kl, objective/entropy, objective/non_score_reward, objective/rlhf_reward,
     objective/scores, val/num_eos_tokens, val/var_explained, objective/kl_coef (the β used); with
     ``cfg.tis_cap`` also tis/weight_mean and tis/capped_frac (:func:`tis_metrics`).
@@ -247,14 +249,14 @@ def make_experience_fn(
         eos = rollout.stopped.astype(bool)
         beta = kl_coef if cfg.kl_in_reward else jnp.zeros((), jnp.float32)
         rewards, non_score = kl_penalized_rewards(scores, kl, mask, beta, eos, cfg.missing_eos_penalty)
-        if cfg.whiten_rewards:
-            rewards = masked_whiten(rewards, mask, shift_mean=False)
+        rewards = choose(cfg.whiten_rewards, lambda: masked_whiten(rewards, mask, shift_mean=False),
+                         lambda: rewards)
 
         # ADVANTAGES: GAE; a finished response ends in a terminal state, a truncated one may bootstrap.
         bootstrap = jnp.where(eos | (not cfg.bootstrap_truncated), 0.0, bootstrap)
         advantages, returns = batched_gae_advantages(rewards, values, mask, bootstrap, cfg.gamma, cfg.lam)
-        if cfg.whiten_advantages:
-            advantages = masked_whiten(advantages, mask)
+        advantages = choose(cfg.whiten_advantages, lambda: masked_whiten(advantages, mask),
+                            lambda: advantages)
 
         batch = Experience(sequences, sequence_mask, mask, old_logprobs, ref_logprobs, values,
                            advantages, returns, scores, tis)

@@ -45,14 +45,16 @@ class OptimizerConfig:
             raise ValueError(f"OptimizerConfig.learning_rate must be >= 0, got {self.learning_rate}")
 
 
-def learning_rate_at(cfg: OptimizerConfig, total_steps: int, step: Any) -> jax.Array:
+def learning_rate_at(cfg: OptimizerConfig, total_steps: int, step: Any, peak: Any = None) -> jax.Array:
     """The learning rate of update number ``step`` (0-based; a traced or concrete integer) as float32.
 
     warm-up (step < W): lr·step/W;  then with p = clip((step − W)/(total_steps − W), 0, 1):
     linear lr·(1 − (1 − f)·p), cosine lr·(f + (1 − f)·½(1 + cos πp)), constant lr;  f = end_lr_factor.
+    lr = ``peak`` when given (it may be traced: a learning-rate sweep), else ``cfg.learning_rate``.
     """
     step = jnp.asarray(step, jnp.float32)
-    peak, end = cfg.learning_rate, cfg.end_lr_factor
+    peak = cfg.learning_rate if peak is None else peak
+    end = cfg.end_lr_factor
     warmup = float(cfg.warmup_steps)
     progress = jnp.clip((step - warmup) / max(float(total_steps) - warmup, 1.0), 0.0, 1.0)
     if cfg.schedule == "linear":
@@ -66,11 +68,15 @@ def learning_rate_at(cfg: OptimizerConfig, total_steps: int, step: Any) -> jax.A
     return decayed.astype(jnp.float32)
 
 
-def make_optimizer(cfg: OptimizerConfig, total_steps: int) -> optax.GradientTransformation:
+def make_optimizer(
+    cfg: OptimizerConfig, total_steps: int, learning_rate: Any = None
+) -> optax.GradientTransformation:
     """``clip_by_global_norm(max_grad_norm)`` then AdamW with the scheduled learning rate.
 
     ``total_steps`` is the number of optimiser updates of the whole run (for PPO: iterations × epochs ×
-    minibatches), over which the schedule decays.
+    minibatches), over which the schedule decays. ``learning_rate``, when given, replaces
+    ``cfg.learning_rate`` as the schedule's peak; it may be a traced scalar (a vmapped learning-rate sweep
+    builds the optimiser inside the traced function).
     """
     if total_steps < 1:
         raise ValueError(f"make_optimizer: total_steps must be >= 1, got {total_steps}")
@@ -78,7 +84,7 @@ def make_optimizer(cfg: OptimizerConfig, total_steps: int) -> optax.GradientTran
     def adamw(learning_rate):
         return optax.adamw(learning_rate, b1=cfg.b1, b2=cfg.b2, eps=cfg.eps, weight_decay=cfg.weight_decay)
 
-    schedule = lambda count: learning_rate_at(cfg, total_steps, count)
+    schedule = lambda count: learning_rate_at(cfg, total_steps, count, learning_rate)
     scheduled = optax.inject_hyperparams(adamw)(learning_rate=schedule)
     if cfg.max_grad_norm is None or cfg.max_grad_norm <= 0:
         return scheduled

@@ -54,6 +54,11 @@ class RLConfig:
     filtered sampling. tis_cap: truncated importance sampling — with "recompute", weigh each token's
     policy-gradient term by min(π_old/π_sampler, tis_cap), π_sampler the rollout's log-prob (for samplers
     that differ from the trainer by design); ``None``: off.
+
+    Traced values: inside a jitted function (the vmapped sweeps of ``jaxrlhf.experiments.pipeline``) the
+    numeric fields kl_coef, missing_eos_penalty, vf_coef, entropy_coef, kl_target (and PPO's clip_eps and
+    vf_clip_eps) may hold traced scalars, and so may the choices whiten_advantages, whiten_rewards and
+    adaptive_kl as 0./1. (:func:`jaxrlhf.steps.choice.choose`); the other fields shape the program.
     """
 
     #: The algorithm's defaults for the fields left ``None``.
@@ -161,9 +166,15 @@ class ClippedEpochsConfig(RLConfig):
         if self.epochs < 1 or self.num_minibatches < 1:
             raise ValueError(f"{name}: epochs ({self.epochs}) and num_minibatches "
                              f"({self.num_minibatches}) must be >= 1")
-        if self.clip_eps <= 0 or (self.clip_eps_high is not None and self.clip_eps_high <= 0):
+        # clip_eps may be a traced scalar in a vmapped sweep: only a Python number is checked here.
+        if _nonpositive(self.clip_eps) or _nonpositive(self.clip_eps_high):
             raise ValueError(f"{name}.clip_eps / clip_eps_high must be > 0, got {self.clip_eps} / "
                              f"{self.clip_eps_high}")
+
+
+def _nonpositive(value: Any) -> bool:
+    """``value <= 0`` for a Python number; False for None and for arrays (traced in a sweep)."""
+    return isinstance(value, (int, float)) and value <= 0
 
 
 @dataclasses.dataclass(frozen=True)

@@ -396,9 +396,11 @@ def checkpoint_steps(run_dir: str | os.PathLike) -> list[int]:
     return CheckpointManager(Path(run_dir) / "checkpoints", max_to_keep=None, async_save=False).all_steps()
 
 
-def policy_lm_params(run_dir: str | os.PathLike, step: int, model: LanguageModel) -> Any:
+def policy_lm_params(run_dir: str | os.PathLike, step: int, model: LanguageModel,
+                     location: tuple[str, ...] = ("rl", "policy", "params", "lm")) -> Any:
     """The policy's LM params at ``step`` of an RL run's checkpoints (as :func:`train_rl` writes them:
-    ``{"rl": RLState, "rng"}``), e.g. to evaluate a policy along training.
+    ``{"rl": RLState, "rng"}``), e.g. to evaluate a policy along training. ``location``: the keys of the LM
+    params inside the checkpoint (a DPO run's: ``("train", "params", "lm")``).
 
     Restored without a target (which would need the optimiser's state layout) and rebuilt in the model's
     params structure by path; a missing leaf or a wrong shape is an error naming both.
@@ -407,9 +409,12 @@ def policy_lm_params(run_dir: str | os.PathLike, step: int, model: LanguageModel
     state, _ = manager.restore(step)
     manager.close()
     try:
-        saved = state["rl"]["policy"]["params"]["lm"]
+        saved = state
+        for key in location:
+            saved = saved[key]
     except (KeyError, TypeError) as e:
-        raise ValueError(f"{run_dir}/checkpoints step {step}: no policy params at rl.policy.params.lm") from e
+        where = ".".join(location)
+        raise ValueError(f"{run_dir}/checkpoints step {step}: no policy params at {where}") from e
 
     def leaf(path: tuple, abstract: jax.ShapeDtypeStruct) -> jax.Array:
         node = saved

@@ -23,7 +23,7 @@ from jaxrlhf.rl import RewardNormalization
 from jaxrlhf.rollout.generate import GenerationConfig
 from jaxrlhf.steps import CriticParams, PolicyParams, RewardModelParams, RewardModelScorer, RLConfig
 from jaxrlhf.steps.rl_iteration import RLPhases, ScoreFn, make_rl_phases
-from jaxrlhf.train.model_setup import LoadedModel, load_model, load_reward_model
+from jaxrlhf.train.model_setup import LoadedModel, load_model, load_reward_model, read_normalization
 from jaxrlhf.train.reward_functions import RewardFunctions
 from jaxrlhf.train.run import compile_step
 from jaxrlhf.train.run_config import GenerationSection, ModelSection, RewardSection
@@ -119,15 +119,33 @@ def load_reference(path: str | None, policy: LoadedModel, dtype: str,
 def load_critic(path: str | None, policy: LoadedModel, dtype: str,
                 key: jax.Array) -> tuple[LanguageModel, CriticParams]:
     """A separate critic: from ``critic.path`` (its reward or value head initialising the value head) or the
-    policy's initial weights with a zero value head."""
+    policy's initial weights with a zero value head.
+
+    A reward head comes with the reward model's normalisation folded in (w' = gain·w, b' = gain·b + bias,
+    so that V = gain·r + bias): the critic starts on the scale of the normalised rewards it will predict."""
+    normalization = None
     if path is None:
         model, lm, heads = policy.model, fresh_copy(policy.params), policy.heads
     else:
         critic = load_model(ModelSection(path=path, dtype=dtype), key, what="critic.path")
         same_vocabulary(policy.tokenizer, critic.tokenizer, "critic.path")
         model, lm, heads = critic.model, critic.params, critic.heads
-    head = heads.get("value_head") or heads.get("reward_head") or init_value_head(model.config.hidden_size)
+        normalization = read_normalization(path)
+    head = heads.get("value_head")
+    if head is None and heads.get("reward_head") is not None:
+        head = heads["reward_head"]
+        if normalization is not None:
+            head = normalized_head(head, normalization)
+    head = head or init_value_head(model.config.hidden_size)
     return model, CriticParams(lm, jax.tree.map(jnp.asarray, head))
+
+
+def normalized_head(head: Any, normalization: RewardNormalization) -> Any:
+    """A scalar head ``h·w + b`` rescaled to ``gain·(h·w + b) + bias``."""
+    gain, bias = jnp.float32(normalization.gain), jnp.float32(normalization.bias)
+    proj = head["proj"]
+    return {**head, "proj": {**proj, "kernel": jnp.asarray(proj["kernel"]) * gain,
+                             "bias": jnp.asarray(proj["bias"]) * gain + bias}}
 
 
 def policy_with_value_head(policy: LoadedModel, shared_critic: bool) -> PolicyParams:

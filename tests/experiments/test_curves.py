@@ -13,7 +13,6 @@ from jaxrlhf.experiments.curves import (
     best_of_n_points,
     intervals_separated,
     mean_ci,
-    overoptimization_verdict,
     pair_agreement,
     prompt_mean_ci,
 )
@@ -112,27 +111,3 @@ def test_pair_agreement():
 
 def _curve(golds, proxies, ci=0.05):
     return [CurvePoint(10 * i, 0.1 * i, g, ci, p) for i, (g, p) in enumerate(zip(golds, proxies))]
-
-
-def test_verdict_rising_gold_is_not_overoptimised():
-    v = overoptimization_verdict(_curve([0.1, 0.3, 0.5], [0.0, 0.5, 1.0]))
-    assert not v.overoptimized and v.peak.x == 20
-    assert v.text.startswith("no: gold is highest at the last point (step 20")
-
-
-def test_verdict_significant_drop_with_rising_proxy():
-    v = overoptimization_verdict(_curve([0.1, 0.6, 0.4, 0.3], [0.0, 0.5, 1.0, 1.5]))
-    assert v.overoptimized and (v.peak.x, v.worst.x) == (10, 30)
-    assert v.text.startswith(
-        "yes: gold fell from 0.600 ± 0.050 (step 10, √KL 0.32) to 0.300 ± 0.050 (step 30")
-
-
-def test_verdict_needs_a_significant_drop_and_a_rising_proxy():
-    within_ci = overoptimization_verdict(_curve([0.1, 0.6, 0.55], [0.0, 0.5, 1.0]))
-    assert not within_ci.overoptimized and within_ci.worst.x == 20
-    proxy_falls_too = overoptimization_verdict(_curve([0.1, 0.6, 0.2], [0.0, 0.5, 0.4]))
-    assert not proxy_falls_too.overoptimized
-    assert overoptimization_verdict(_curve([0.5], [0.0]), unit="n").text.startswith("no: gold is highest")
-
-
-# ------------------------------------------------------------------------------------------ policies

@@ -11,11 +11,12 @@ import numpy as np
 import pytest
 
 from jaxrlhf.config import ConfigError
-from jaxrlhf.experiments.demo_config import QUICK_OVERRIDES, DemoConfig, load_demo_config
+from jaxrlhf.experiments.demo_config import FULL_OVERRIDES, QUICK_OVERRIDES, DemoConfig, load_demo_config
 from jaxrlhf.experiments.demo_stages import build_task, split_feedback
 from jaxrlhf.oracle import FunctionOracle, TokenFunctionOracle, register_reward
 
 REPO = Path(__file__).resolve().parents[2]
+METHOD_KEYS = ("ppo", "a2c", "grpo", "rloo", "dpo", "grpo_gold", "ppo_wco", "ppo_uwo")
 
 
 # ------------------------------------------------------------------------------------------ config
@@ -28,14 +29,39 @@ def test_configs_demo_yaml_writes_down_the_defaults():
 def test_quick_preset_sits_between_the_file_and_the_overrides():
     quick = load_demo_config(str(REPO / "configs" / "demo.yaml"), ["sft.steps=7"], quick=True)
     assert quick.sft.steps == 7  # --set wins over the preset
-    assert quick.ppo.iterations == 6 and quick.evaluation.rl_points == 2  # the preset wins over the file
-    assert all(o.split("=")[0].count(".") >= 1 for o in QUICK_OVERRIDES)
+    assert quick.ppo.iterations == 6 and quick.evaluation.rl_points == 3  # the preset wins over the file
+    assert all(o.split("=")[0].count(".") >= 1 for o in QUICK_OVERRIDES + FULL_OVERRIDES)
+    full = load_demo_config(str(REPO / "configs" / "demo.yaml"), ["run.seeds=5"], full=True)
+    assert full.run.full and full.run.seeds == 5 and load_demo_config(None, full=True).run.seeds == 4
+    with pytest.raises(ConfigError, match="choose one preset"):
+        load_demo_config(None, quick=True, full=True)
+
+
+def test_every_method_is_a_table_entry_and_the_gold_spec_is_the_tasks_oracle():
+    from jaxrlhf.experiments.demo_methods import METHODS, gold_reward_spec
+    from jaxrlhf.oracle import get_reward
+
+    cfg = DemoConfig()
+    assert list(cfg.methods) == list(METHODS)  # the default compares every entry
+    assert cfg.task.name == "digit_sort"
+    spec = gold_reward_spec(cfg)
+    assert spec == "task:digit_sort,seed=0,min_digits=3,max_digits=4,max_response_tokens=8"
+    task, oracle = build_task(cfg.task)
+    gold = get_reward(spec, tokenizer=task.tokenizer)
+    prompts, responses = ["3 1 2 9", "5 4 0"], ["1 2 3 9", "0 4 4 5"]
+    expected = oracle.score_texts(prompts, responses)
+    np.testing.assert_array_equal(gold.score_texts(prompts, responses), expected)
+    with pytest.raises(ConfigError, match=r"methods: \['ilql'\]"):
+        load_demo_config(None, ["methods=[ppo,ilql]"])
 
 
 @pytest.mark.parametrize("override, key", [
     ("evaluation.best_of_n=[1,2,500]", "evaluation.best_of_n"),
     ("feedback.responses_per_prompt=1", "feedback.responses_per_prompt"),
     ("ppo.batch_size=2048", "ppo.prompts"),
+    ("grpo.batch_size=2048", "ppo.prompts"),
+    ("evaluation.rl_points=2", "evaluation.rl_points"),
+    ("ensemble.members=1", "ensemble.members"),
     ("sft.stepz=3", "sft.stepz"),
     ("ppo.optimizer.learning_rate=fast", "ppo.optimizer.learning_rate"),
 ])
@@ -102,23 +128,28 @@ def test_quick_demo_writes_run_directory(quick_run):
                  "eval_prompts", "best_of_n_prompts"):
         assert (root / "data" / f"{name}.jsonl").stat().st_size > 0, name
     # Metrics JSONL and TensorBoard events: the demo's evaluation and every trainer's.
-    for d in (root, root / "sft", root / "reward", root / "ppo", root / "a2c"):
+    for d in (root, root / "sft", root / "reward", *(root / m for m in METHOD_KEYS)):
         records = [json.loads(line) for line in (d / "metrics.jsonl").read_text().splitlines()]
         assert records and all("step" in r for r in records), d
         assert any(f.startswith("events.out.tfevents") for f in os.listdir(d)), d
     evaluated = [json.loads(line) for line in (root / "metrics.jsonl").read_text().splitlines()]
-    assert {"sft/eval/gold", "ppo/eval/gold", "a2c/eval/kl", "best_of_n/eval/gold"} <= set().union(*evaluated)
-    # Checkpoints: the RL runs keep every evaluated step.
+    assert {"sft/eval/gold", "ppo/eval/gold", "a2c/eval/kl", "dpo/eval/gold", "grpo_gold/eval/gold",
+            "best_of_n/eval/gold", "best_of_n/eval/kl_bound"} <= set().union(*evaluated)
+    # Checkpoints: every method's run keeps every evaluated step.
     for stage in ("sft", "reward"):
         assert any((root / stage / "checkpoints").iterdir()), stage
-    for stage in ("ppo", "a2c"):
+    for stage in METHOD_KEYS:
         steps = sorted(int(p.name) for p in (root / stage / "checkpoints").iterdir() if p.name.isdigit())
-        assert steps == [3, 6], stage
+        assert steps == [2, 4, 6], stage
     # The stages' trainer configs load back as the trainers' own configs (jaxrlhf <stage> --config ...).
     from jaxrlhf.config import load_config
     from jaxrlhf.train import A2CRunConfig, PPORunConfig, RewardRunConfig, SFTRunConfig
+    from jaxrlhf.train.dpo import DPORunConfig
+    from jaxrlhf.train.rl import GRPORunConfig, RLOORunConfig
 
-    classes = {"sft": SFTRunConfig, "reward": RewardRunConfig, "ppo": PPORunConfig, "a2c": A2CRunConfig}
+    classes = {"sft": SFTRunConfig, "reward": RewardRunConfig, "ppo": PPORunConfig, "a2c": A2CRunConfig,
+               "grpo": GRPORunConfig, "rloo": RLOORunConfig, "dpo": DPORunConfig, "grpo_gold": GRPORunConfig}
+    assert set((root / "configs").iterdir()) == {root / "configs" / f"{c}.yaml" for c in classes}
     for stage, cls in classes.items():
         cfg = load_config(cls, root / "configs" / f"{stage}.yaml")
         assert cfg.logging.run_dir == str(root / stage)
@@ -129,7 +160,7 @@ def test_quick_demo_exports_load_in_transformers(quick_run):
     import transformers
 
     root = Path(quick_run.run_dir)
-    for stage in ("sft", "ppo", "a2c", "reward"):
+    for stage in ("sft", "reward", *METHOD_KEYS):
         export = root / stage / "export"
         tokenizer = transformers.AutoTokenizer.from_pretrained(export)
         model = transformers.AutoModelForCausalLM.from_pretrained(export).eval()
@@ -144,20 +175,41 @@ def test_quick_demo_report_table_plots_and_summary(quick_run):
     root = Path(quick_run.run_dir)
     report = (root / "report.md").read_text()
     lines = report.splitlines()
-    header = "| policy | gold reward (95% CI) | proxy reward | KL to SFT (nats) | √KL | optimal answers |"
-    start = lines.index(header)
-    rows = [line.split(" | ")[0].lstrip("| ") for line in lines[start + 2 : start + 8]]
-    assert rows == ["SFT", "best-of-4", "best-of-16", "best-of-64", "PPO", "A2C"]
+    header = next(i for i, line in enumerate(lines) if line.startswith("| policy | trained against |"))
+    table = lines[header + 2 : header + 14]
+    assert [line.split(" | ")[0].lstrip("| ") for line in table] == [
+        "SFT", "best-of-4", "best-of-16", "best-of-64", "PPO", "A2C", "GRPO", "RLOO", "DPO", "GRPO (gold)",
+        "PPO (RM ens. WCO)", "PPO (RM ens. UWO)"]
+    assert all("(95% CI over 64 prompts)" in line for line in table[:1] + table[4:])
     for metric in ("gold", "proxy"):
         link = f"plots/{metric}_vs_sqrt_kl.png"
         assert f"]({link})" in report
         assert (root / link).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    assert "PPO beats SFT on gold reward with non-overlapping 95% intervals:" in report
-    assert "## Over-optimisation" in report and "Rule: over-optimised when" in report
+    assert "**Highest gold reward**: " in report and "## Gao et al. (2022) fits" in report
+    assert "## Over-optimisation" in report
+    assert "Over-optimisation rule: the evaluation prompts are split" in report
+    assert "## Reward-model ensembles (Coste et al. 2024)" in report
     results = json.loads((root / "results.json").read_text(), parse_constant=pytest.fail)  # strict JSON
-    assert set(results["policies"]) == {"SFT", "PPO", "A2C"}
-    assert [p["x"] for p in results["curves"]["PPO"]] == [0, 3, 6]
-    assert results["policies"]["SFT"]["kl"] == 0.0
+    a = results["analysis"]
+    assert set(a["methods"]) == set(METHOD_KEYS)
+    assert [p["x"] for p in a["methods"]["ppo"]["curve"]] == [0, 2, 4, 6]
+    assert [p["x"] for p in a["methods"]["dpo"]["curve"]] == [0, 2, 4, 6]
+    assert a["methods"]["ppo"]["curve"][0]["kl"] == 0.0
+    for m in a["methods"].values():  # every run ends at a policy that moved away from SFT
+        assert m["per_seed"][0]["kl"] > 0, m["name"]
+        assert {"alpha", "beta", "r2"} <= set(m["gao"]) or "error" in m["gao"]
+    # Best-of-n at the sample-based KL estimate, never above the bound log n − (n−1)/n.
+    for p in a["best_of_n"]["points"]:
+        assert 0 <= p["kl"] <= p["kl_bound"] + 1e-9
+    # Held-out prompts: disjoint from every training list.
+    overlap = results["prompt_overlap"]
+    assert overlap["max_overlap"] == 0 and overlap["counts"]["evaluation"] == 64
+    assert set(overlap["counts"]) == {"SFT", "feedback", "RL", "evaluation", "best-of-n evaluation"}
+    # Reward normalisation refitted on fresh SFT samples: the export's file holds the new fit.
+    norm = json.loads((root / "reward" / "export" / "reward_normalization.json").read_text())
+    assert norm == {"gain": pytest.approx(results["normalization"]["gain"]),
+                    "bias": pytest.approx(results["normalization"]["bias"])}
+    assert results["ensemble"]["members"] == 2 and len(results["ensemble"]["eval_accuracy"]) == 2
     assert f"run directory: {root}" in quick_run.summary.splitlines()
 
 
@@ -179,7 +231,7 @@ def test_the_reports_reuse_commands_start_a_new_run_and_leave_the_demo_alone(qui
     report = (root / "report.md").read_text()
     block = report.split("These commands run the same pipeline again")[1].split("```")[1]
     commands = [shlex.split(line) for line in block.strip().splitlines()]
-    assert [c[1] for c in commands] == ["sft", "reward", "ppo", "a2c"]
+    assert [c[1] for c in commands] == ["sft", "reward", "ppo", "a2c", "grpo", "rloo", "dpo", "grpo"]
     before = _tree(root)
     monkeypatch.chdir(tmp_path)
     for argv in commands:
@@ -188,7 +240,7 @@ def test_the_reports_reuse_commands_start_a_new_run_and_leave_the_demo_alone(qui
         assert cli.main([*argv[1:], *tiny]) == 0, (argv, capsys.readouterr().err[-2000:])
     assert _tree(root) == before
     again = root.with_name(root.name + "-again")
-    for stage in ("sft", "reward", "ppo", "a2c"):
+    for stage in ("sft", "reward", "ppo", "a2c", "grpo", "rloo", "dpo", "grpo_gold"):
         assert (again / stage / "export" / "config.json").is_file(), stage
 
 

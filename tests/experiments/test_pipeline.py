@@ -1,0 +1,115 @@
+"""``make_train(config) -> train(key, hparams)``: the pools' splits, the output's shapes, and the two promises
+of the pure pipeline on a tiny configuration — a vmapped member equals the same seed run alone, and a member
+of a vmapped hyper-parameter sweep equals the run with those values set statically in the config.
+
+One vmapped program holds both kinds of member (two seeds at the defaults, a third seed with every RL
+hyper-parameter changed), so the module compiles three programs in all.
+"""
+
+import dataclasses
+
+import jax
+import numpy as np
+import pytest
+
+from jaxrlhf.config import ConfigError
+from jaxrlhf.experiments.pipeline import make_train, replace_config
+from jaxrlhf.experiments.pipeline_config import (
+    load_pipeline_config,
+    stack_hparams,
+    static_hparams,
+)
+from jaxrlhf.experiments.pipeline_data import prepare_data
+
+TINY = (
+    "model.hidden_size=32", "model.num_layers=2", "model.num_heads=2",
+    "task.options={min_digits: 3, max_digits: 3, max_response_tokens: 5}",
+    "sft.demonstrations=64", "sft.batch_size=8", "sft.steps=4",
+    "feedback.responses=16", "feedback.prompt_pool=16",
+    "reward.batch_size=4", "reward.steps=3", "reward.normalization_samples=8", "reward.agreement_pairs=8",
+    "rl.iterations=2", "rl.batch_size=4", "rl.prompt_pool=16", "rl.ppo.epochs=2",
+    "evaluation.prompts=8", "evaluation.points=2",
+)
+# Every RL hyper-parameter a sweep may trace, away from its default (adaptive KL with a target it acts on).
+CHANGED = {"rl.learning_rate": 3e-4, "rl.kl_coef": 0.2, "rl.clip_eps": 0.1, "rl.whiten_advantages": False,
+           "rl.adaptive_kl": True, "rl.missing_eos_penalty": 0.5, "rl.normalize_reward": False}
+
+
+@pytest.fixture(scope="module")
+def config():
+    return load_pipeline_config(None, [*TINY, "rl.ppo.kl_target=0.01", "rl.ppo.kl_horizon=100"])
+
+
+@pytest.fixture(scope="module")
+def runs(config):
+    """(keys, vmapped outputs, single-run outputs) for members: seed 0 and seed 1 at the defaults, seed 2
+    with CHANGED; the vmapped program traces every hyper-parameter, the single runs hold them static."""
+    train = make_train(config)
+    keys = jax.random.split(jax.random.key(7), 3)
+    members = [static_hparams(config), static_hparams(config), static_hparams(config, **CHANGED)]
+    vmapped = jax.jit(jax.vmap(train))(keys, stack_hparams(members))
+    single = jax.jit(train)
+    changed_config = replace_config(
+        config, rl={"optimizer": dataclasses.replace(config.rl.optimizer, learning_rate=3e-4),
+                    "ppo": dataclasses.replace(config.rl.ppo, kl_coef=0.2, clip_eps=0.1,
+                                               whiten_advantages=False, adaptive_kl=True,
+                                               missing_eos_penalty=0.5)},
+        reward={"normalize": False})
+    changed = jax.jit(make_train(changed_config, data=train.pipeline.data))
+    static = [single(keys[0]), single(keys[1]), changed(keys[2])]
+    return keys, vmapped, static, train.pipeline
+
+
+def assert_trees_close(a, b, where):
+    flat_a, flat_b = jax.tree_util.tree_leaves_with_path(a), jax.tree.leaves(b)
+    assert len(flat_a) == len(flat_b)
+    for (path, x), y in zip(flat_a, flat_b):
+        np.testing.assert_allclose(np.asarray(x), np.asarray(y), rtol=1e-5, atol=1e-5,
+                                   err_msg=f"{where}: {jax.tree_util.keystr(path)}")
+
+
+def test_pools_come_from_disjoint_splits(config):
+    data = prepare_data(config)
+    assert data.overlap.max_overlap == 0
+    assert data.demonstrations["tokens"].shape == (64, 3 + 5)
+    assert {k: len(v) for k, v in data.prompts.items()} == {"feedback": 16, "rl": 16, "eval": 8}
+    # The loss covers the completion and its eos, never the prompt.
+    assert np.all(data.demonstrations["loss_mask"][:, :3] == 0)
+    assert np.all(data.demonstrations["tokens"][data.demonstrations["loss_mask"].sum(1) > 0] >= 0)
+
+
+def test_vmapped_members_equal_their_single_runs(runs):
+    _, vmapped, static, _ = runs
+    for i in range(3):
+        assert_trees_close(jax.tree.map(lambda x, i=i: x[i], vmapped), static[i], f"member {i}")
+
+
+def test_sweep_members_differ_where_their_hyper_parameters_do(runs):
+    _, vmapped, _, _ = runs
+    assert float(vmapped.rl["objective/kl_coef"][2, 0]) != pytest.approx(0.05)
+    assert float(vmapped.rl["lr"][2, 0]) > float(vmapped.rl["lr"][0, 0])
+    np.testing.assert_array_equal(vmapped.sft["loss/sft"][2] != vmapped.sft["loss/sft"][0], True)
+
+
+def test_output_shapes_and_values(runs, config):
+    _, vmapped, _, pipeline = runs
+    m = config.evaluation.prompts
+    for field in ("gold", "proxy", "kl", "optimal", "finished", "length"):
+        assert getattr(vmapped.curve, field).shape == (3, config.evaluation.points + 1, m)
+    assert pipeline.evaluation_steps == (0, 1, 2)
+    assert vmapped.sft["loss/sft"].shape == (3, config.sft.steps)
+    assert vmapped.reward["loss/reward"].shape == (3, 1, config.reward.steps)
+    assert vmapped.rl["objective/kl"].shape == (3, config.rl.iterations)
+    # The first point is the SFT policy itself: KL 0; gold within the oracle's range.
+    np.testing.assert_allclose(vmapped.curve.kl[:, 0], 0.0, atol=1e-5)
+    assert np.all((vmapped.curve.gold >= -1) & (vmapped.curve.gold <= 1))
+    assert np.all(np.isfinite(vmapped.reward["reward/oracle_agreement"]))
+
+
+def test_bad_pipeline_config_names_the_key():
+    with pytest.raises(ConfigError, match=r"evaluation\.points"):
+        load_pipeline_config(None, [*TINY, "evaluation.points=3"])
+    with pytest.raises(ConfigError, match=r"feedback\.prompt_pool"):
+        load_pipeline_config(None, [*TINY, "feedback.annotator.kind=rating", "feedback.prompt_pool=8"])
+    with pytest.raises(ConfigError, match=r"hyper-parameter 'rl\.beta'"):
+        static_hparams(load_pipeline_config(None, TINY), **{"rl.beta": 0.1})
