@@ -32,6 +32,7 @@ from jaxrlhf.experiments.pipeline_stages import RewardOutput, SFTOutput
 from jaxrlhf.experiments.statistics import UNIT_SEEDS, across_seeds, paired_comparison
 from jaxrlhf.experiments.studies.study_plots import plot_curves, plot_differences
 from jaxrlhf.experiments.studies.study_run import (
+    PIPELINE_QUICK,
     ProgramClock,
     StudyResult,
     StudyRunSection,
@@ -86,15 +87,7 @@ class FeedbackStudyConfig:
 
 
 QUICK_OVERRIDES: tuple[str, ...] = (
-    "run.quick=true", "run.seeds=3",
-    "pipeline.model.hidden_size=32", "pipeline.model.num_heads=2",
-    "pipeline.task.options={min_digits: 3, max_digits: 3, max_response_tokens: 5}",
-    "pipeline.sft.demonstrations=128", "pipeline.sft.batch_size=16", "pipeline.sft.steps=20",
-    "pipeline.feedback.responses=64", "pipeline.feedback.prompt_pool=64",
-    "pipeline.reward.batch_size=16", "pipeline.reward.steps=10", "pipeline.reward.normalization_samples=32",
-    "pipeline.reward.agreement_pairs=32",
-    "pipeline.rl.iterations=4", "pipeline.rl.batch_size=16", "pipeline.rl.prompt_pool=64",
-    "pipeline.rl.ppo.epochs=2", "pipeline.evaluation.prompts=32", "pipeline.evaluation.points=2",
+    *PIPELINE_QUICK,
     "flip_probs=[0.25]", "temperatures=[1.0]", "responses=[32]",
 )
 

@@ -32,6 +32,19 @@ from jaxrlhf.experiments.statistics import (
     paired_comparison,
 )
 
+# Both studies' --quick presets start from this: a tiny pipeline and 3 seeds.
+PIPELINE_QUICK: tuple[str, ...] = (
+    "run.quick=true", "run.seeds=3",
+    "pipeline.model.hidden_size=32", "pipeline.model.num_heads=2",
+    "pipeline.task.options={min_digits: 3, max_digits: 3, max_response_tokens: 5}",
+    "pipeline.sft.demonstrations=128", "pipeline.sft.batch_size=16", "pipeline.sft.steps=20",
+    "pipeline.feedback.responses=64", "pipeline.feedback.prompt_pool=64",
+    "pipeline.reward.batch_size=16", "pipeline.reward.steps=10", "pipeline.reward.normalization_samples=32",
+    "pipeline.reward.agreement_pairs=32",
+    "pipeline.rl.iterations=4", "pipeline.rl.batch_size=16", "pipeline.rl.prompt_pool=64",
+    "pipeline.rl.ppo.epochs=2", "pipeline.evaluation.prompts=32", "pipeline.evaluation.points=2",
+)
+
 
 @dataclasses.dataclass(frozen=True)
 class StudyRunSection:
