@@ -25,6 +25,7 @@ import jax
 import numpy as np
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
 
+from jaxrlhf.collective_order import maybe_sequence_loops
 from jaxrlhf.steps.sharding import BATCH_AXES
 from jaxrlhf.steps.state import FrozenApart, detach_frozen
 
@@ -265,6 +266,7 @@ def jit_step(step: Callable, mesh: Mesh, state: Any, donate: bool = True, min_si
     (LoRA's base: the RL reference shares them), which go in as an argument of their own and live on.
     ``step(state, batch, key) -> (state, metrics)``."""
     state_sh = state_shardings(mesh, state, min_size)
+    step = maybe_sequence_loops(step)  # several CPU processes: one collective order on every device
     if not donate:
         jitted = jax.jit(step, in_shardings=(state_sh, None, replicated(mesh)),
                          out_shardings=(state_sh, replicated(mesh)))

@@ -202,7 +202,8 @@ def test_the_readme_follows_the_test_convention():
     run = [b for b in blocks if not b.skipped]
     commands = [c for b in run if b.language == "bash" for c in block_commands(b)]
     assert {"sft", "reward", "ppo", "a2c", "demo"} <= {c[0] for c in commands}
-    assert all(c[0] in cli.COMMANDS for c in commands), [c[0] for c in commands]
+    assert all(c[0] in cli.COMMANDS or (c[0] == "study" and c[1] in cli.STUDIES) for c in commands), (
+        [c[:2] for c in commands])
     assert any(b.file_name == "my_rewards.py" for b in run) and any(
         b.language == "python" and b.file_name is None for b in run)
     for b in blocks:

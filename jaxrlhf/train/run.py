@@ -18,6 +18,7 @@ import jax
 import numpy as np
 
 from jaxrlhf import parallel
+from jaxrlhf.collective_order import maybe_sequence_loops
 from jaxrlhf.config import ConfigError
 from jaxrlhf.steps.state import FrozenApart, detach_frozen
 from jaxrlhf.train.checkpointing import Checkpointing
@@ -36,11 +37,14 @@ def compile_step(
 ) -> Any:
     """``jax.jit`` of a step, donating its first argument (the state) when ``donate``.
 
-    The one place steps are compiled. Input shardings follow the (placed) arguments; for a
+    The one place steps are compiled. On several CPU processes the step's loops are fenced
+    (:mod:`jaxrlhf.collective_order`), so that gloo sees every device's collectives in one order.
+    Input shardings follow the (placed) arguments; for a
     ``step(state, ...) -> (state, metrics)``, ``state_shardings`` pins the returned state to the layout it
     came in with, so the next call neither recompiles nor loses the donation.
     """
     out = None if state_shardings is None else (state_shardings, None)
+    fn = maybe_sequence_loops(fn)  # several CPU processes: one collective order on every device
     if not donate:
         return jax.jit(fn, static_argnums=static_argnums, out_shardings=out)
     # The state's frozen params (LoRA's base) go in as an argument of their own that is not donated.
