@@ -341,6 +341,10 @@ def _results(cfg: DemoConfig, quick: bool, task: Any, oracle: Any, paths: DemoPa
         ["DPO", f"{cfg.dpo.steps} steps × {cfg.dpo.batch_size} pairs, "
                 f"lr {cfg.dpo.optimizer.learning_rate:g}, "
                 f"β={cfg.dpo.algorithm.beta:g}, {cfg.dpo.algorithm.loss} loss"],
+        ["value-guided decoding",
+         f"ILQL on {cfg.vgd.samples_per_prompt} SFT samples × {cfg.ppo.prompts} RL prompts scored by the "
+         f"reward model, {cfg.vgd.steps} steps × {cfg.vgd.batch_size} rows, lr {cfg.vgd.learning_rate:g}, "
+         f"frozen backbone; β ∈ {list(cfg.vgd.betas)}"],
         ["RM ensemble", f"{cfg.ensemble.members} members (one vmapped computation), bootstrap "
                         f"{cfg.ensemble.bootstrap}, UWO λ={cfg.ensemble.uwo_lambda:g}"],
         ["methods", ", ".join(m.name for m in methods)],
@@ -354,10 +358,12 @@ def _results(cfg: DemoConfig, quick: bool, task: Any, oracle: Any, paths: DemoPa
     ]
     exports = {"SFT": relative(paths.export("sft"), root),
                "reward model": relative(paths.export("reward"), root)}
-    exports.update({m.name: relative(paths.export(m.key), root) for m in methods})
+    exports.update({m.name: relative(paths.export(m.key), root) for m in methods if m.exports})
     logs = {"demo evaluation metrics (JSONL, TensorBoard)": "metrics.jsonl"}
     logs.update({f"{s} trainer metrics, TensorBoard events, checkpoints": s
-                 for s in ("sft", "reward", *(m.key for m in methods))})
+                 for s in ("sft", "reward", *(m.key for m in methods if m.exports))})
+    logs.update({f"{m.key} ILQL step metrics (JSONL)": f"{m.key}/ilql_metrics.jsonl"
+                 for m in methods if not m.exports})
     return {
         "run_dir": str(root), "quick": quick, "full": cfg.run.full,
         "task": {"name": cfg.task.name, "description": task.describe(),

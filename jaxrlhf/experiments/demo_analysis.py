@@ -136,6 +136,7 @@ def analyse_method(method: Method, runs: list[MethodRun], sft_gold: np.ndarray, 
         ],
         "gao": gao_fit_dict(kl_all, gold_all, method.gao_form, gold_at_zero=float(sft_gold.mean())),
         "curve": [dataclasses.asdict(p) for p in runs[0].points],
+        "x_label": method.x_label,
     }
 
 

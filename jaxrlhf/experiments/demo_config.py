@@ -20,6 +20,7 @@ from jaxrlhf.config import ConfigError, load_config
 from jaxrlhf.oracle import AnnotatorConfig
 from jaxrlhf.steps import A2CConfig, GRPOConfig, OptimizerConfig, PPOConfig, RewardModelConfig, RLOOConfig
 from jaxrlhf.steps.dpo import DPOConfig
+from jaxrlhf.steps.ilql import ILQLConfig
 from jaxrlhf.train.run_config import ArchitectureConfig
 
 
@@ -154,6 +155,19 @@ class DPOStage:
 
 
 @dataclasses.dataclass(frozen=True)
+class VGDStage:
+    """Value-guided decoding: ILQL trained offline (frozen SFT backbone) on ``samples_per_prompt`` SFT samples
+    of each RL prompt, scored once by the reward model; evaluated at each β of ``betas`` (x = β)."""
+
+    samples_per_prompt: int = 4
+    steps: int = 300
+    batch_size: int = 64
+    learning_rate: float = 1e-3
+    betas: tuple[int, ...] = (1, 2, 4, 8, 16)
+    algorithm: ILQLConfig = field(default_factory=partial(ILQLConfig, freeze_backbone=True))
+
+
+@dataclasses.dataclass(frozen=True)
 class EnsembleStage:
     """K reward models (Coste et al. 2024) trained as one vmapped computation on the same feedback, each from
     its own head initialisation and (``bootstrap``) its own resample of the records; PPO then optimises
@@ -195,10 +209,11 @@ class DemoConfig:
     grpo: GRPOStage = field(default_factory=GRPOStage)
     rloo: RLOOStage = field(default_factory=RLOOStage)
     dpo: DPOStage = field(default_factory=DPOStage)
+    vgd: VGDStage = field(default_factory=VGDStage)
     ensemble: EnsembleStage = field(default_factory=EnsembleStage)
     evaluation: EvaluationStage = field(default_factory=EvaluationStage)
     # The methods compared (keys of jaxrlhf.experiments.demo_methods.METHODS), in the table's order.
-    methods: tuple[str, ...] = ("ppo", "a2c", "grpo", "rloo", "dpo", "grpo_gold", "ppo_wco", "ppo_uwo")
+    methods: tuple[str, ...] = ("ppo", "a2c", "grpo", "rloo", "dpo", "vgd", "grpo_gold", "ppo_wco", "ppo_uwo")
 
     def __post_init__(self) -> None:
         check_demo(self)
@@ -225,6 +240,10 @@ QUICK_OVERRIDES: tuple[str, ...] = (
     "rloo.batch_size=8",
     "dpo.steps=6",
     "dpo.batch_size=32",
+    "vgd.steps=30",
+    "vgd.samples_per_prompt=2",
+    "vgd.batch_size=32",
+    "vgd.betas=[1,4,16]",
     "ensemble.members=2",
     "evaluation.prompts=64",
     "evaluation.samples_per_prompt=2",
@@ -253,6 +272,8 @@ def check_demo(cfg: DemoConfig) -> None:
         "grpo.iterations": cfg.grpo.iterations, "grpo.batch_size": cfg.grpo.batch_size,
         "rloo.iterations": cfg.rloo.iterations, "rloo.batch_size": cfg.rloo.batch_size,
         "dpo.steps": cfg.dpo.steps, "dpo.batch_size": cfg.dpo.batch_size, "run.seeds": cfg.run.seeds,
+        "vgd.steps": cfg.vgd.steps, "vgd.samples_per_prompt": cfg.vgd.samples_per_prompt,
+        "vgd.batch_size": cfg.vgd.batch_size,
         "ensemble.members": cfg.ensemble.members,
         "evaluation.prompts": cfg.evaluation.prompts, "evaluation.rl_points": cfg.evaluation.rl_points,
         "evaluation.best_of_n_prompts": cfg.evaluation.best_of_n_prompts,
@@ -293,6 +314,11 @@ def check_demo(cfg: DemoConfig) -> None:
     if cfg.ensemble.members < 2 and any(METHODS[m].ensemble for m in cfg.methods):
         raise ConfigError(f"ensemble.members: an ensemble needs >= 2 reward models, got "
                           f"{cfg.ensemble.members}")
+    if not cfg.vgd.betas or min(cfg.vgd.betas) < 1 or list(cfg.vgd.betas) != sorted(set(cfg.vgd.betas)):
+        raise ConfigError(f"vgd.betas: increasing integers >= 1 (β = 0 is the SFT policy, the curve's first "
+                          f"point), got {list(cfg.vgd.betas)}")
+    if not cfg.vgd.learning_rate > 0:
+        raise ConfigError(f"vgd.learning_rate: must be > 0, got {cfg.vgd.learning_rate}")
     if cfg.evaluation.rl_points < 3:
         raise ConfigError(f"evaluation.rl_points: the Gao et al. fit needs >= 3 checkpoints with KL > 0, "
                           f"got {cfg.evaluation.rl_points}")

@@ -23,6 +23,7 @@ import numpy as np
 
 from jaxrlhf.experiments.demo_config import DemoConfig
 from jaxrlhf.experiments.demo_stages import DemoPaths, dpo_config, rl_config
+from jaxrlhf.experiments.demo_vgd import build_vgd, train_vgd, vgd_points
 from jaxrlhf.train.dpo import train_dpo
 from jaxrlhf.train.rl import checkpoint_steps, policy_lm_params, train_rl
 from jaxrlhf.train.run_config import RewardSection
@@ -33,7 +34,8 @@ class DemoContext:
     """What every method's training and evaluation may read: the config, the task and its gold reward, the
     run directory, the data files written so far, and the rewards the RL methods can optimise
     (``rewards``: ``"proxy"`` → the reward model export, ``"gold"`` → the oracle's ``reward.function``
-    spec, ``"wco"`` / ``"uwo"`` → the registered ensemble rewards)."""
+    spec, ``"wco"`` / ``"uwo"`` → the registered ensemble rewards); ``trained``: what a method keeps in
+    memory for its evaluation (value-guided decoding's learned heads), by stage."""
 
     cfg: DemoConfig
     task: Any
@@ -41,6 +43,7 @@ class DemoContext:
     paths: DemoPaths
     files: dict[str, str]
     rewards: dict[str, RewardSection] = dataclasses.field(default_factory=dict)
+    trained: dict[str, Any] = dataclasses.field(default_factory=dict)  # stage -> an in-memory result (VGD)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -57,7 +60,8 @@ class Method:
     its curve's points; ``points``: for a method whose curve is not its checkpoints (value-guided decoding
     at several β, say), ``points(ctx, seed_index, evaluator, tokens, mask, key) -> [(x, per-sample
     scores)]`` replaces :meth:`score_points`' default (the first point should be its SFT-like start, or
-    the curve starts at the SFT policy, which the evaluation prepends as x = 0).
+    the curve starts at the SFT policy, which the evaluation prepends as x = 0); ``exports``: its run
+    leaves a Hugging Face export (value-guided decoding has no policy weights of its own).
     """
 
     key: str
@@ -71,6 +75,7 @@ class Method:
     ensemble: bool = False
     x_label: str = "step"
     points: Callable[..., list[tuple[int, dict[str, np.ndarray]]]] | None = None
+    exports: bool = True
 
     def stage(self, seed_index: int) -> str:
         """The stage directory of the run with the ``seed_index``-th seed."""
@@ -136,6 +141,18 @@ METHODS: dict[str, Method] = {
             params_at=("train", "params", "lm"),
         ),
         Method(
+            "vgd",
+            "Value-guided (ILQL)",
+            "the reward model, offline: ILQL on the SFT policy's scored samples, decoding at each β",
+            None,
+            build_vgd,
+            train_vgd,
+            gao_form=None,
+            x_label="β",
+            points=vgd_points,
+            exports=False,
+        ),
+        Method(
             "grpo_gold",
             "GRPO (gold)",
             "the gold reward itself (upper reference)",
@@ -163,6 +180,7 @@ METHODS: dict[str, Method] = {
         ),
     )
 }
+
 
 
 def gold_reward_spec(cfg: DemoConfig) -> str:

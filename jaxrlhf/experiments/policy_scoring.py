@@ -67,18 +67,20 @@ def summarize(name: str, scores: dict[str, np.ndarray], samples_per_prompt: int)
 
 def sample_rollouts(model: LanguageModel, params: Any, prompt_tokens: np.ndarray, prompt_mask: np.ndarray,
                     key: jax.Array, generation: GenerationConfig,
-                    chunk_size: int) -> Iterator[tuple[slice, Rollout]]:
+                    chunk_size: int, sampler: Any = None) -> Iterator[tuple[slice, Rollout]]:
     """Rollouts for [R, P] prompts, ``chunk_size`` rows at a time: (the chunk's real rows, rollout).
 
     Every chunk has the same shape (the last one wraps around to the first prompts; ``rows`` trims those),
-    so generation compiles once; chunk i samples with ``fold_in(key, i)``.
+    so generation compiles once; chunk i samples with ``fold_in(key, i)``. ``sampler(tokens, mask, key) ->
+    Rollout``, if given, samples instead of ``generate`` on ``params`` (value-guided decoding).
     """
     total = prompt_tokens.shape[0]
     size = min(chunk_size, total)
     for i, start in enumerate(range(0, total, size)):
         idx = np.arange(start, start + size) % total
-        rollout = generate(model, params, jnp.asarray(prompt_tokens[idx]), jnp.asarray(prompt_mask[idx]),
-                           jax.random.fold_in(key, i), generation)
+        chunk = (jnp.asarray(prompt_tokens[idx]), jnp.asarray(prompt_mask[idx]), jax.random.fold_in(key, i))
+        rollout = (generate(model, params, *chunk[:2], chunk[2], generation) if sampler is None
+                   else sampler(*chunk))
         yield slice(0, min(size, total - start)), rollout
 
 
@@ -122,14 +124,23 @@ class PolicyEvaluator:
         self._score = jax.jit(score)
 
     def scores(self, params: Any, prompt_tokens: np.ndarray, prompt_mask: np.ndarray, key: jax.Array,
-               keep_rollouts: bool = False) -> tuple[dict[str, np.ndarray], list[Rollout]]:
+               keep_rollouts: bool = False,
+               sampler: Any = None) -> tuple[dict[str, np.ndarray], list[Rollout]]:
         """Per-row scores (:data:`SCORE_KEYS`, each [R]) of samples of ``params``; the rollouts too when
-        ``keep_rollouts`` (the last chunk's wrapped-around rows trimmed)."""
+        ``keep_rollouts`` (the last chunk's wrapped-around rows trimmed).
+
+        ``sampler(tokens, mask, key) -> Rollout`` samples instead of ``params`` (value-guided decoding: a
+        policy with no parameters of its own); the KL score is then the rollouts' own ``kl`` (the exact
+        per-step KL to the reference, summed over each response), which it must report."""
         parts: dict[str, list[np.ndarray]] = {k: [] for k in SCORE_KEYS}
         rollouts = []
         for rows, rollout in sample_rollouts(self.model, params, prompt_tokens, prompt_mask, key,
-                                             self.generation, self.chunk_size):
+                                             self.generation, self.chunk_size, sampler):
             out = jax.device_get(self._score(params, self.reference_params, self.reward_params, rollout))
+            if sampler is not None:
+                if rollout.kl is None:
+                    raise ValueError("PolicyEvaluator.scores: the sampler's rollouts carry no kl")
+                out["kl"] = np.asarray(rollout.kl)
             host_inputs = None
             if "gold" not in out or "optimal" not in out:  # host oracles: once per chunk
                 host_inputs = [np.asarray(x) for x in rollout_reward_inputs(rollout)]

@@ -234,7 +234,9 @@ def render_report(results: dict) -> str:
             f"{cov['comparisons']} comparisons ({cov['distinct_comparisons']} distinct)", ""]
     for k in results["methods"]:
         m = a["methods"][k]
-        out += [f"## {m['name']} along training (first seed)", "", *_curve_table(m["curve"], "step"), ""]
+        x = m.get("x_label", "step")
+        title = "along training" if x == "step" else f"at each {x}"
+        out += [f"## {m['name']} {title} (first seed)", "", *_curve_table(m["curve"], x), ""]
     out += ["## Best-of-n from the SFT policy", "",
             *_curve_table(a["best_of_n"]["points"], "n", bound=True), ""]
     out += ["## Run", "", "| setting | value |", "|---|---|"]

@@ -16,7 +16,9 @@ from jaxrlhf.experiments.demo_stages import build_task, split_feedback
 from jaxrlhf.oracle import FunctionOracle, TokenFunctionOracle, register_reward
 
 REPO = Path(__file__).resolve().parents[2]
+# The methods trained by a trainer (checkpoints, metrics, export); value-guided decoding ("vgd") beside them.
 METHOD_KEYS = ("ppo", "a2c", "grpo", "rloo", "dpo", "grpo_gold", "ppo_wco", "ppo_uwo")
+VGD_BETAS_QUICK = [1, 4, 16]
 
 
 # ------------------------------------------------------------------------------------------ config
@@ -62,6 +64,8 @@ def test_every_method_is_a_table_entry_and_the_gold_spec_is_the_tasks_oracle():
     ("grpo.batch_size=2048", "ppo.prompts"),
     ("evaluation.rl_points=2", "evaluation.rl_points"),
     ("ensemble.members=1", "ensemble.members"),
+    ("vgd.betas=[4,1]", "vgd.betas"),
+    ("vgd.steps=0", "vgd.steps"),
     ("sft.stepz=3", "sft.stepz"),
     ("ppo.optimizer.learning_rate=fast", "ppo.optimizer.learning_rate"),
 ])
@@ -134,7 +138,8 @@ def test_quick_demo_writes_run_directory(quick_run):
         assert any(f.startswith("events.out.tfevents") for f in os.listdir(d)), d
     evaluated = [json.loads(line) for line in (root / "metrics.jsonl").read_text().splitlines()]
     assert {"sft/eval/gold", "ppo/eval/gold", "a2c/eval/kl", "dpo/eval/gold", "grpo_gold/eval/gold",
-            "best_of_n/eval/gold", "best_of_n/eval/kl_bound"} <= set().union(*evaluated)
+            "vgd/eval/gold", "vgd/eval/kl", "best_of_n/eval/gold",
+            "best_of_n/eval/kl_bound"} <= set().union(*evaluated)
     # Checkpoints: every method's run keeps every evaluated step.
     for stage in ("sft", "reward"):
         assert any((root / stage / "checkpoints").iterdir()), stage
@@ -176,10 +181,10 @@ def test_quick_demo_report_table_plots_and_summary(quick_run):
     report = (root / "report.md").read_text()
     lines = report.splitlines()
     header = next(i for i, line in enumerate(lines) if line.startswith("| policy | trained against |"))
-    table = lines[header + 2 : header + 14]
+    table = lines[header + 2 : header + 15]
     assert [line.split(" | ")[0].lstrip("| ") for line in table] == [
-        "SFT", "best-of-4", "best-of-16", "best-of-64", "PPO", "A2C", "GRPO", "RLOO", "DPO", "GRPO (gold)",
-        "PPO (RM ens. WCO)", "PPO (RM ens. UWO)"]
+        "SFT", "best-of-4", "best-of-16", "best-of-64", "PPO", "A2C", "GRPO", "RLOO", "DPO",
+        "Value-guided (ILQL)", "GRPO (gold)", "PPO (RM ens. WCO)", "PPO (RM ens. UWO)"]
     assert all("(95% CI over 64 prompts)" in line for line in table[:1] + table[4:])
     for metric in ("gold", "proxy"):
         link = f"plots/{metric}_vs_sqrt_kl.png"
@@ -191,7 +196,14 @@ def test_quick_demo_report_table_plots_and_summary(quick_run):
     assert "## Reward-model ensembles (Coste et al. 2024)" in report
     results = json.loads((root / "results.json").read_text(), parse_constant=pytest.fail)  # strict JSON
     a = results["analysis"]
-    assert set(a["methods"]) == set(METHOD_KEYS)
+    assert set(a["methods"]) == {*METHOD_KEYS, "vgd"}
+    # Value-guided decoding: one point per β after SFT's, its KL (exact per step) growing with β.
+    vgd = a["methods"]["vgd"]["curve"]
+    assert [p["x"] for p in vgd] == [0, *VGD_BETAS_QUICK]
+    assert 0 < vgd[1]["kl"] < vgd[-1]["kl"]
+    assert a["methods"]["vgd"]["gao"]["form"] is None
+    ilql = [json.loads(line) for line in (root / "vgd" / "ilql_metrics.jsonl").read_text().splitlines()]
+    assert len(ilql) == 30 and all(np.isfinite(r["loss/ilql"]) for r in ilql)
     assert [p["x"] for p in a["methods"]["ppo"]["curve"]] == [0, 2, 4, 6]
     assert [p["x"] for p in a["methods"]["dpo"]["curve"]] == [0, 2, 4, 6]
     assert a["methods"]["ppo"]["curve"][0]["kl"] == 0.0

@@ -70,3 +70,29 @@ def test_policy_evaluator_jitted_and_host_oracles_agree(tiny_evaluator_parts):
     finished = scores["finished"] > 0  # the text form cannot tell an unfinished walk from a finished one
     np.testing.assert_allclose(host_scores["gold"][finished], scores["gold"][finished])
     np.testing.assert_array_equal(host_scores["proxy"], scores["proxy"])
+
+
+def test_a_sampler_replaces_the_policy_and_its_rollouts_kl_is_the_kl_score(tiny_evaluator_parts):
+    """Value-guided decoding has no parameters of its own: the evaluator samples through ``sampler`` and
+    reads the KL from the rollouts (the exact per-step KL); the other scores are of those very samples."""
+    from jaxrlhf.experiments.demo_stages import prompt_arrays
+    from jaxrlhf.experiments.policy_scoring import PolicyEvaluator
+    from jaxrlhf.rollout.generate import generate
+
+    task, model, params, rm_params, gen = tiny_evaluator_parts
+    tokens, mask = prompt_arrays(task.sample_prompts(0, 6), task.tokenizer, 1, add_bos=False)
+    key = jax.random.key(3)
+    evaluator = PolicyEvaluator(model, params, model, rm_params, None, task.oracle, task, gen, chunk_size=4)
+    calls = []
+
+    def sampler(t, m, k):  # the policy itself, with a made-up per-row KL to tell it from the default
+        rollout = generate(model, params, t, m, k, gen)
+        calls.append(t.shape[0])
+        return rollout._replace(kl=jax.numpy.arange(t.shape[0], dtype=jax.numpy.float32) / 10)
+
+    plain, _ = evaluator.scores(params, tokens, mask, key)
+    guided, _ = evaluator.scores(params, tokens, mask, key, sampler=sampler)
+    assert calls == [4, 4]  # two chunks of 4 rows (the last wraps around)
+    np.testing.assert_allclose(guided["kl"], np.array([0, 1, 2, 3, 0, 1]) / 10, rtol=1e-6)
+    for k in ("gold", "proxy", "finished", "length"):  # the same samples as sampling the policy
+        np.testing.assert_array_equal(guided[k], plain[k])
