@@ -4,7 +4,8 @@ The convention (also in the README's "Development" paragraph):
 
 - Every ```` ```bash ```` block runs: each line (``\\`` continues a line; ``#`` starts a comment) must be a
   ``jaxrlhf`` command. The suite appends tiny sizes (:data:`TINY`: two steps, no TensorBoard, no progress
-  bar, no FLOP probe) for the keys the command's config has and the command does not set itself.
+  bar, no FLOP probe; a smaller demo) for the keys the command's config has and the command does not set
+  itself.
 - Every ```` ```python ```` block runs (``exec``), in README order with the commands; one whose first line is
   ``# file: NAME`` is instead written to ``NAME`` before anything runs (a user's module, e.g. the reward
   functions the commands name).
@@ -45,13 +46,24 @@ REPO = Path(__file__).resolve().parents[1]
 README = REPO / "README.md"
 DATA_FILES = ("sft.jsonl", "prefs.jsonl", "prompts.jsonl")
 MODEL_DIR = "my-model"
-# Appended to every command whose config has the key (and that does not set it): a run of two steps.
+# Appended to every command whose config has the key (and that does not set it): a run of two steps, and
+# for the demo (after its --quick preset) a smaller SFT, feedback and evaluation: the stages still all run.
 TINY = (
     "train.steps=2",
     "logging.progress_bar=false",
     "logging.tensorboard=false",
     "logging.mfu_matmul_size=0",
     "logging.log_every=1",
+    "sft.demonstrations=128",
+    "sft.steps=10",
+    "feedback.prompts=128",
+    "reward.steps=4",
+    "evaluation.prompts=16",
+    "evaluation.best_of_n_prompts=4",
+    "evaluation.best_of_n_samples=16",
+    "evaluation.best_of_n=[1,4,16]",
+    "evaluation.chunk_size=64",
+    "run.progress_bar=false",
 )
 MARKER = re.compile(r"^<!--\s*readme-test:\s*(.*?)\s*-->\s*$")
 

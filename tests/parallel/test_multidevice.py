@@ -24,6 +24,8 @@ def test_multidevice_suite():
             "-q",
             "-p",
             "no:cacheprovider",
+            "-n",
+            "0",  # one process: its 8 simulated devices already use the cores
             "--rootdir",
             str(HERE.parent.parent),
         ],

@@ -36,7 +36,7 @@ from jaxrlhf.models.transformer import LanguageModel
 HERE = Path(__file__).parent
 ALPHABET = "abcdef"
 # Seconds per launch: generous for a loaded 2-core machine, never a hang (JAXRLHF_MULTIHOST_TIMEOUT: more).
-TIMEOUT = int(os.environ.get("JAXRLHF_MULTIHOST_TIMEOUT", 300))
+TIMEOUT = int(os.environ.get("JAXRLHF_MULTIHOST_TIMEOUT", 600))
 PROCESSES, LOCAL_DEVICES = 2, 4
 TOLERANCE = 1e-5
 

@@ -562,7 +562,7 @@ def test_ctrl_c_and_kill_checkpoint_and_the_rerun_ends_as_an_uninterrupted_run(w
     the current step ends, a checkpoint commits, the process exits 128 + signal with one line saying where
     to resume, no traceback and no temporary directory; the third invocation (in-process: it needs no
     signal) finishes with the parameters of an uninterrupted run."""
-    steps = 400  # the steps take milliseconds: enough of them that the signal lands mid-run
+    steps = 100  # each step saves a checkpoint (~0.1 s): enough of them that the signals land mid-run
     config = sft_config(workdir, "sft-signals")
     config["train"]["steps"] = steps
     config["checkpoint"] = {"every": 1, "keep": 2}  # asynchronous saves in flight when the signal comes
