@@ -1,0 +1,6 @@
+"""tests/parallel/multidevice/test_trainers_sharded.py with 8 simulated CPU devices: SFT and PPO trainers on
+an FSDP mesh."""
+
+
+def test_multidevice_trainers(run_multidevice):
+    run_multidevice("test_trainers_sharded.py")
