@@ -17,6 +17,7 @@ from typing import Any
 import jax
 import numpy as np
 
+from jaxrlhf.data import write_jsonl
 from jaxrlhf.experiments.demo_stages import generation_config, lengths, prompt_arrays
 from jaxrlhf.experiments.value_based import ValueBasedBudget, ValueBasedResult, train_value_based
 from jaxrlhf.steps.reward_model import RewardModelScorer
@@ -60,8 +61,7 @@ def train_vgd(run: VGDRun) -> ValueBasedResult:
     ctx.trained[run.stage] = result
     history = paths.stage(run.stage)
     history.mkdir(parents=True, exist_ok=True)
-    (history / "ilql_metrics.jsonl").write_text("".join(json.dumps({"step": i + 1, **m}) + "\n"
-                                                        for i, m in enumerate(result.history)))
+    write_jsonl(history / "ilql_metrics.jsonl", [{"step": i + 1, **m} for i, m in enumerate(result.history)])
     return result
 
 
