@@ -85,8 +85,35 @@ def worker(args: argparse.Namespace) -> None:
     run_cpu_s = time.process_time() - c0
     leaves = jax.tree_util.tree_leaves_with_path(out)
     np.savez(args.npz, **{jax.tree_util.keystr(path): np.asarray(x) for path, x in leaves})
+    hidden = train.pipeline.model.config.hidden_size
+    probe = matmul_probe(hidden, args.seeds) if args.worker == "vmapped" else None
     print(json.dumps({"compile_s": compile_s, "run_s": run_s, "run_cpu_s": run_cpu_s, "per_seed_s": per_seed,
-                      "params": train.pipeline.model.config.num_params()}))
+                      "params": train.pipeline.model.config.num_params(), "matmul_probe": probe}))
+
+
+def matmul_probe(hidden: int, seeds: int, rows: int = 704, repeats: int = 30) -> dict:
+    """GFLOP/s of the model's MLP matmul ([rows, d] @ [d, 4d], rows = 64 sequences x 11 tokens) for one
+    member, the same for ``seeds`` members with their own weights in one batched dot (what vmap makes of
+    it), and a 2048³ matmul (the machine's large-matmul peak). Says whether batching members can pay."""
+    import jax
+    import jax.numpy as jnp
+
+    def rate(fn, *args, flops):
+        jax.block_until_ready(fn(*args))
+        t0 = time.perf_counter()
+        for _ in range(repeats):
+            jax.block_until_ready(fn(*args))
+        return flops / ((time.perf_counter() - t0) / repeats) / 1e9
+
+    d, out = {}, 4 * hidden
+    x, w = jnp.ones((seeds, rows, hidden)), jnp.ones((seeds, hidden, out))
+    d["one_member_gflops"] = rate(jax.jit(jnp.matmul), x[0], w[0], flops=2 * rows * hidden * out)
+    d["batched_members_gflops"] = rate(jax.jit(lambda a, b: jnp.einsum("sbk,skn->sbn", a, b)), x, w,
+                                       flops=2 * seeds * rows * hidden * out)
+    big = jnp.ones((2048, 2048))
+    d["matmul_2048_gflops"] = rate(jax.jit(jnp.matmul), big, big, flops=2 * 2048 ** 3)
+    d["shape"] = f"[{rows}, {hidden}] @ [{hidden}, {out}], batched over {seeds}"
+    return d
 
 
 def measure(kind: str, args: argparse.Namespace, npz: Path, cache: str) -> dict:
@@ -129,7 +156,7 @@ def report(args: argparse.Namespace, runs: dict[str, list[dict]], tmp: Path) -> 
                 "sequential jit(train) calls, each kind in its own process, alternating",
         "machine": {"platform": platform.machine(), "cpu_count": os.cpu_count(),
                     "python": platform.python_version(),
-                    "shared": "the machine was shared with other jobs; see load averages"},
+                    "load_averages": "load_before / load_after of every measurement (1, 5, 15 min)"},
         "seeds": args.seeds, "repeats_asked": args.repeats,
         "pairs_done": min(len(runs["sequential"]), len(runs["vmapped"])),
         "overrides": overrides, "config": to_dict(load_pipeline_config(None, overrides)),
@@ -149,6 +176,8 @@ def report(args: argparse.Namespace, runs: dict[str, list[dict]], tmp: Path) -> 
         "speedup_run_only": spread([s / v for s, v in zip(s_run, v_run)]),
         "speedup_run_only_cpu_time": spread([s["run_cpu_s"] / v["run_cpu_s"]
                                              for s, v in zip(runs["sequential"], runs["vmapped"])]),
+        "matmul_probe": runs["vmapped"][0].get("matmul_probe"),
+        "max_load_1min": max(max(m["load_before"][0], m["load_after"][0]) for k in runs for m in runs[k]),
         "speedup_with_cold_compile": (cold["sequential"] + statistics.median(s_run))
         / (cold["vmapped"] + statistics.median(v_run)),
     })

@@ -164,7 +164,7 @@ def value_loss(
     """Clipped value loss: ½·masked_mean(max((v − R)², (clip(v, v_old − ε, v_old + ε) − R)²)).
 
     `clip_eps=None` gives the unclipped ½·masked_mean((v − R)²). Metrics: "clipfrac" (share of tokens
-    where the clipped error is the larger one; 0 when unclipped).
+    where the clip acts and the clipped error is the larger one; 0 when unclipped).
     """
     chex.assert_equal_shape([values, old_values, returns, mask])
     old_values = jax.lax.stop_gradient(old_values)
@@ -172,7 +172,9 @@ def value_loss(
     unclipped = jnp.square(values - returns)
     if clip_eps is None:
         return 0.5 * masked_mean(unclipped, mask), {"clipfrac": jnp.zeros((), unclipped.dtype)}
-    clipped_values = old_values + jnp.clip(values - old_values, -clip_eps, clip_eps)
+    # clip(v, v_old − ε, v_old + ε) is v itself, bit for bit, inside the band; v_old + clip(v − v_old, ±ε)
+    # is not (rounding), which made an inactive clip count tokens in clipfrac and ε = ∞ differ from None.
+    clipped_values = jnp.clip(values, old_values - clip_eps, old_values + clip_eps)
     clipped = jnp.square(clipped_values - returns)
     loss = 0.5 * masked_mean(jnp.maximum(unclipped, clipped), mask)
     return loss, {"clipfrac": masked_mean(jax.lax.stop_gradient(clipped > unclipped), mask)}

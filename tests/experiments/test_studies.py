@@ -82,6 +82,34 @@ def test_choices_study_quick_smoke_run(tmp_path):
     # steps move the KL, not yet the sampled answers' gold).
     assert results["variants"]["separate_critic"]["per_seed"]["kl"] != \
         results["variants"]["default"]["per_seed"]["kl"]
+    mechanisms = dict(results["mechanisms"])
+    assert set(mechanisms) == {"value-loss clipping (defaults)", "policy-ratio clipping (defaults)",
+                               "missing-EOS penalty (defaults)"}
+    assert "## How often each mechanism acted" in report
+    assert mechanisms["value-loss clipping (defaults)"] in report
+
+
+def test_mechanism_activity_reads_the_default_and_adaptive_runs():
+    from types import SimpleNamespace
+
+    import numpy as np
+
+    from jaxrlhf.experiments.studies.choices import mechanism_activity
+
+    default = SimpleNamespace(metrics={  # 2 seeds x 2 iterations, batch 4
+        "val/clipfrac_avg": np.array([[0.0, 0.02], [0.0, 0.0]]),
+        "policy/clipfrac_avg": np.array([[0.1, 0.3], [0.2, 0.2]]),
+        "val/num_eos_tokens": np.array([[4.0, 3.0], [2.0, 4.0]]),
+    })
+    adaptive = SimpleNamespace(metrics={"objective/kl_coef": np.array([[0.05, 0.04], [0.05, 0.06]])})
+    rows = dict(mechanism_activity({"default": default, "adaptive_kl": adaptive}, batch_size=4))
+    assert rows["value-loss clipping (defaults)"].startswith("0.5% of value-loss tokens clipped")
+    assert "at most 2% in one iteration" in rows["value-loss clipping (defaults)"]
+    assert rows["policy-ratio clipping (defaults)"].startswith("20% of tokens clipped (mean; at most 30%)")
+    assert rows["missing-EOS penalty (defaults)"].startswith("18.8% of RL responses without eos")  # 3/16
+    assert rows["adaptive KL controller"] == (
+        "β from 0.05 to 0.05 (mean over seeds; range over all iterations 0.04–0.06)")
+    assert mechanism_activity({}, 4) == []
 
 
 def test_feedback_study_quick_smoke_run(tmp_path):

@@ -239,6 +239,25 @@ def test_value_loss(maybe_jit):
     np.testing.assert_allclose(loss, 0.5 * per[mask].mean(), rtol=1e-5)
 
 
+def test_an_inactive_value_clip_is_exactly_no_clip(maybe_jit):
+    # Values inside the band (|v − v_old| ≤ ε) must give the unclipped loss bit for bit and clipfrac 0, and
+    # ε = ∞ (the studies' traced "off") must equal clip_eps=None: v_old + (v − v_old) rounds away from v.
+    rng = np.random.default_rng(0)
+    # values near 0 that change sign within the band: v − v_old is then inexact in float32
+    old = rng.normal(scale=0.05, size=(64, 16)).astype(np.float32)
+    v = (old + rng.uniform(-0.1, 0.1, size=old.shape)).astype(np.float32)
+    ret = rng.normal(size=old.shape).astype(np.float32)
+    mask = np.ones(old.shape, bool)
+    assert np.any((old + (v - old)) != v)  # the rounding the old formula suffered from is present here
+    none, _ = value_loss(v, old, ret, mask, None)
+    for eps in (0.2, np.inf):
+        loss, metrics = maybe_jit(value_loss)(v, old, ret, mask, eps)
+        assert metrics["clipfrac"] == 0.0
+        assert loss == none
+        grad = jax.grad(lambda x, e=eps: value_loss(x, old, ret, mask, e)[0])(v)
+        np.testing.assert_array_equal(grad, jax.grad(lambda x: value_loss(x, old, ret, mask, None)[0])(v))
+
+
 def test_a2c_losses(maybe_jit):
     # logp = [−1, −2, −9], A = [2, −1, 5], mask = [1, 1, 0] → (2·1 + (−1)·2)/2 = (−(2·−1) − (−1·−2))/2 = 0
     logp, adv, mask = jnp.array([-1.0, -2.0, -9.0]), jnp.array([2.0, -1.0, 5.0]), jnp.array([1, 1, 0])
