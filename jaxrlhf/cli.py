@@ -214,7 +214,7 @@ def _command_arguments(p: argparse.ArgumentParser, command: Command) -> None:
     if command.quick is not None:
         p.add_argument("--quick", action="store_true", help="small sizes for a smoke run (≤ 2 minutes)")
     if command.full is not None:
-        p.add_argument("--full", action="store_true", help="the full study: every method over four seeds")
+        p.add_argument("--full", action="store_true", help="the full study: every method over eight seeds")
     p.add_argument(
         "--print-config",
         action="store_true",

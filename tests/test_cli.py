@@ -252,10 +252,10 @@ def test_demo_config_and_quick_flag():
 
 
 def test_demo_full_flag(capsys):
-    """--full: every method over four seeds (before any --set); with --quick, a one-line error."""
+    """--full: every method over eight seeds (before any --set); with --quick, a one-line error."""
     assert cli.main(["demo", "--full", "--print-config"]) == 0
     run = yaml.safe_load(capsys.readouterr().out)["run"]
-    assert run["full"] is True and run["seeds"] == 4
+    assert run["full"] is True and run["seeds"] == 8
     assert cli.main(["demo", "--full", "--set", "run.seeds=6", "--print-config"]) == 0
     assert yaml.safe_load(capsys.readouterr().out)["run"]["seeds"] == 6
     assert cli.main(["demo", "--quick", "--full", "--print-config"]) == 1

@@ -228,8 +228,8 @@ def ensemble_comparison(methods: dict[str, dict], baseline: str = "ppo") -> list
             entry["reduces"] = None
             entry["text"] = (
                 f"{m['name']}: drop from peak to end {entry['ensemble_drop_text'][0]} vs "
-                f"{single['name']} {entry['single_drop_text'][0]} (one seed: run --full for an "
-                "interval over seeds)"
+                f"{single['name']} {entry['single_drop_text'][0]} (one seed: run with "
+                "run.seeds >= 2 for an interval over seeds)"
             )
         out.append(entry)
     return out

@@ -81,7 +81,7 @@ def table_rows(results: dict) -> list[dict]:
     for key in results["methods"]:
         m = a["methods"][key]
         first = m["per_seed"][0]
-        seeds_text = m["gold"]["text"] if m["seeds"] > 1 else "n/a (1 seed; --full runs 4)"
+        seeds_text = m["gold"]["text"] if m["seeds"] > 1 else "n/a (1 seed; the default runs 4)"
         verdicts = [o["overoptimized"] for o in m["overoptimization"]]
         over = (f"{sum(verdicts)} of {len(verdicts)} seeds" if len(verdicts) > 1
                 else "yes" if verdicts[0] else "no")

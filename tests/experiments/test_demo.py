@@ -33,8 +33,9 @@ def test_quick_preset_sits_between_the_file_and_the_overrides():
     assert quick.sft.steps == 7  # --set wins over the preset
     assert quick.ppo.iterations == 6 and quick.evaluation.rl_points == 3  # the preset wins over the file
     assert all(o.split("=")[0].count(".") >= 1 for o in QUICK_OVERRIDES + FULL_OVERRIDES)
+    assert quick.run.seeds == 1 and DemoConfig().run.seeds == 4  # the default reports intervals over seeds
     full = load_demo_config(str(REPO / "configs" / "demo.yaml"), ["run.seeds=5"], full=True)
-    assert full.run.full and full.run.seeds == 5 and load_demo_config(None, full=True).run.seeds == 4
+    assert full.run.full and full.run.seeds == 5 and load_demo_config(None, full=True).run.seeds == 8
     with pytest.raises(ConfigError, match="choose one preset"):
         load_demo_config(None, quick=True, full=True)
 
