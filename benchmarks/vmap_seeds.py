@@ -94,9 +94,12 @@ def worker(args: argparse.Namespace) -> None:
 def matmul_probe(hidden: int, seeds: int, rows: int = 704, repeats: int = 30) -> dict:
     """GFLOP/s of the model's MLP matmul ([rows, d] @ [d, 4d], rows = 64 sequences x 11 tokens) for one
     member, the same for ``seeds`` members with their own weights in one batched dot (what vmap makes of
-    it), and a 2048³ matmul (the machine's large-matmul peak). Says whether batching members can pay."""
+    it), and the trainers' MFU probe (``matmul_peak_flops``: 2048³, best of 5). Says whether batching members
+    can pay."""
     import jax
     import jax.numpy as jnp
+
+    from jaxrlhf.train.timing import matmul_peak_flops
 
     def rate(fn, *args, flops):
         jax.block_until_ready(fn(*args))
@@ -110,8 +113,7 @@ def matmul_probe(hidden: int, seeds: int, rows: int = 704, repeats: int = 30) ->
     d["one_member_gflops"] = rate(jax.jit(jnp.matmul), x[0], w[0], flops=2 * rows * hidden * out)
     d["batched_members_gflops"] = rate(jax.jit(lambda a, b: jnp.einsum("sbk,skn->sbn", a, b)), x, w,
                                        flops=2 * seeds * rows * hidden * out)
-    big = jnp.ones((2048, 2048))
-    d["matmul_2048_gflops"] = rate(jax.jit(jnp.matmul), big, big, flops=2 * 2048 ** 3)
+    d["matmul_2048_gflops"] = matmul_peak_flops(2048) / 1e9
     d["shape"] = f"[{rows}, {hidden}] @ [{hidden}, {out}], batched over {seeds}"
     return d
 

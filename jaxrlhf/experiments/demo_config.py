@@ -5,8 +5,7 @@ smoke run of one seed (``--quick``) and :data:`FULL_OVERRIDES` runs every method
 (``--full``); the README gives each preset's measured cost. Each stage's trainer config (``SFTRunConfig``,
 ``RewardRunConfig``, ``PPORunConfig``, ``A2CRunConfig``, ``GRPORunConfig``, ``RLOORunConfig``,
 ``DPORunConfig``) is built from these sections by :mod:`jaxrlhf.experiments.demo_stages`; ``methods`` lists
-which entries of the method table
-(:data:`jaxrlhf.experiments.demo_methods.METHODS`) the comparison runs.
+which entries of the method table (:data:`jaxrlhf.experiments.demo_methods.METHODS`) the comparison runs.
 """
 
 from __future__ import annotations
