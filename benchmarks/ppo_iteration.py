@@ -18,13 +18,19 @@ against a large matmul of the compute dtype timed in the same run (on a CPU that
 "peak"; on accelerators pass ``--peak-tflops`` for the vendor number too).
 
 ``iteration_mfu`` (issue 13 §1) is the whole iteration's: the *necessary* FLOPs ÷ (iteration time × that
-in-run matmul peak, probed before and after the timed iterations; the higher is used and the JSON names the
-probe). Necessary means the work an iteration cannot avoid (``necessary_flops``): generation (one forward
+in-run matmul peak), the median over the timed iterations, each against the higher of the probes taken just
+before and just after it (a shared machine's speed drifts by 2× within minutes; the JSON names the probe
+and gives the range, and ``iteration_mfu_vs_best_probe`` the median time against the run's best probe).
+Necessary means the work an iteration cannot avoid (``necessary_flops``): generation (one forward
 over each prompt and its response, LM head on the response tokens only), the reference's forward, the
 reward model's forward (no LM head), a separate critic's forward, and the update's forward + backward
 (3 × a forward per epoch, the critic's too). Anything else — a recompute of the policy's log-probs
-(``--logprobs-from recompute``, the default, which buys the bit-exact first ratio), a forward for a shared
-critic's values — counts as overhead. ``phase_share`` says which phase dominates.
+(``--logprobs-from recompute``, the default, which buys the bit-exact first ratio, and gives a shared critic's
+values on the way) — counts as overhead. With ``--logprobs-from rollout`` a shared critic's values are read
+off the decode steps (``generate(..., value_head=…)``): the experience phase runs no policy forward at all.
+The update's backward saves only the blocks' matmul outputs (``ModelConfig.remat``, default "dots") and the
+LM head's backward is written out (``jaxrlhf.models.transformer.head_logits``); ``--remat`` picks another
+policy for comparison. ``phase_share`` says which phase dominates.
 
 Runs on whatever devices JAX sees, data-parallel by default (``--data``/``--fsdp`` shape the mesh), so
 the same script reports tokens/s/device and MFU on a multi-GPU or TPU host
@@ -48,6 +54,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import itertools
 import json
 import statistics
 
@@ -113,6 +120,8 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--critic", default="shared", choices=["shared", "separate"], help="ppo: the critic")
     p.add_argument("--logprobs-from", default="recompute", choices=["recompute", "rollout"],
                    help="the old log-probs: a forward in the experience phase, or the sampled ones")
+    p.add_argument("--remat", default="dots", choices=["none", "dots", "dots_no_batch", "full"],
+                   help="what the blocks' backward saves (ModelConfig.remat)")
     p.add_argument("--lora-rank", type=int, default=0, help="> 0: LoRA of this rank vs full fine-tuning")
     p.add_argument("--lora-targets", default="q,k,v,o,up,down", help="LoRA: the adapted projections")
     p.add_argument("--shapes-only", action="store_true",
@@ -234,7 +243,7 @@ def main() -> None:
     pcfg = parallel.ParallelConfig(data=args.data, fsdp=args.fsdp)
     parallel.initialize_distributed(pcfg)
     mesh = parallel.make_mesh(pcfg)
-    cfg = dataclasses.replace(PRESETS[args.preset](args.vocab), dtype=args.dtype)
+    cfg = dataclasses.replace(PRESETS[args.preset](args.vocab), dtype=args.dtype, remat=args.remat)
     model = LanguageModel(cfg)
     d = cfg.hidden_size
     B, P, N = args.batch, args.prompt, args.response
@@ -324,14 +333,16 @@ def main() -> None:
 
         firsts = {name: timed_iteration(0, r)[0] for name, r in runs.items()}  # compiles every phase
         probe_n = 8192 if jax.default_backend() != "cpu" else 2048
-        peaks = [matmul_peak_flops(probe_n, jnp.dtype(args.dtype))]  # before and after the timed iterations
+        # Probed before the timed iterations and after each one: on a shared machine whose speed drifts, each
+        # iteration is measured against the peak of the probes either side of it.
+        peaks = [matmul_peak_flops(probe_n, jnp.dtype(args.dtype))]
         timed = {name: [] for name in runs}
         for i in range(args.iterations):
             for name, r in runs.items():  # alternating: the variants see the same machine load
                 times, metrics = timed_iteration(i + 1, r)
                 timed[name].append(times)
                 r["metrics"] = metrics
-        peaks.append(matmul_peak_flops(probe_n, jnp.dtype(args.dtype)))
+            peaks.append(matmul_peak_flops(probe_n, jnp.dtype(args.dtype)))
     phase_names = ("generation", "score", "update", "total")
     med = {k: statistics.median(t[k] for t in timed["full"]) for k in phase_names}
     first, metrics = firsts["full"], runs["full"]["metrics"]
@@ -355,6 +366,11 @@ def main() -> None:
     seq_tokens = B * (P + N)
     peak = max(peaks)
     necessary = necessary_flops(cfg, B // G, B, P, N, args.epochs, separate)
+    # Per timed iteration (of the full run): necessary FLOPs ÷ (its time × the better probe either side).
+    around = [max(a, b) for a, b in itertools.pairwise(peaks)]
+    per_device = 1 if jax.default_backend() == "cpu" else mesh.size
+    per_iteration = [necessary["total"] / t["total"] / (p * per_device)
+                     for t, p in zip(timed["full"], around, strict=True)]
     # Simulated CPU devices share one processor, whose measured peak is already the whole machine's.
     machine_peak = peak if jax.default_backend() == "cpu" else peak * devices
     flops = update_flops(cfg, seq_tokens, P + N, args.epochs)
@@ -372,6 +388,7 @@ def main() -> None:
         "preset": args.preset,
         "params": cfg.num_params(),
         "dtype": args.dtype,
+        "remat": args.remat,
         "shape": shape,
         # How a group's prompt is prefilled (GenerationConfig.group_size).
         **({"group_prefill": "shared: one prefill per prompt"} if grpo else {}),
@@ -391,12 +408,16 @@ def main() -> None:
         "first_minibatch_ratio_error": float(metrics["val/ratio_abs_dev_first_minibatch"]),
         "logprobs_from": args.logprobs_from,
         "necessary_tflops": {k: v / 1e12 for k, v in necessary.items()},
-        "iteration_mfu": necessary["total"] / med["total"] / machine_peak,
+        # Median over the timed iterations, each against the probes either side of it (range beside it).
+        "iteration_mfu": statistics.median(per_iteration),
+        "iteration_mfu_range": [min(per_iteration), max(per_iteration)],
+        # The median iteration time against the best probe of the whole run (a lower bound).
+        "iteration_mfu_vs_best_probe": necessary["total"] / med["total"] / machine_peak,
         "phase_mfu": {k: necessary[k] / med[k] / machine_peak for k in ("generation", "score", "update")},
         "phase_share": {k: med[k] / med["total"] for k in ("generation", "score", "update")},
         "matmul_probe": {
             "what": f"jnp.matmul of two {probe_n}x{probe_n} {args.dtype} arrays, one jitted call, best of 5, "
-                    "on device 0, in this process before and after the timed iterations",
+                    "on device 0, in this process before the timed iterations and after each one",
             "tflops": [x / 1e12 for x in peaks],
         },
     }

@@ -14,6 +14,10 @@ from typing import Any, Literal
 SUPPORTED_MODEL_TYPES = ("gpt2", "llama", "mistral", "qwen2")
 
 
+# ModelConfig.remat's choices.
+REMAT_POLICIES = ("none", "dots", "dots_no_batch", "full")
+
+
 class UnsupportedModelError(ValueError):
     """A Hugging Face config describes an architecture or option this model does not implement."""
 
@@ -65,12 +69,23 @@ class ModelConfig:
     # buffer per layer unless this is set: a rolled loop must slice each layer's weights and KV cache out
     # of the stacks every step, and XLA's CPU and GPU matmuls copy such a slice before reading it.
     scan_decode: bool = False
+    # What a block's backward pass keeps from its forward (a jax.checkpoint policy; the forward's values are
+    # the same whichever). "dots": every matmul output (projections and attention products), so the
+    # backward recomputes only the elementwise work (norms, GELU/SiLU, softmax) from them; "dots_no_batch":
+    # the projections' outputs only (attention recomputed: less memory at long context); "full": nothing
+    # but the block's input (a whole extra forward); "none": whatever autodiff saves. Measured on the RL
+    # update (benchmarks/ppo_iteration.py): "dots" is the fastest there, ~1.3-2x "none", whose many stacked
+    # elementwise residuals cost more memory traffic than recomputing them. Multi-process CPU runs keep
+    # "none" whatever is set (jaxrlhf.models.transformer._remat says why).
+    remat: Literal["none", "dots", "dots_no_batch", "full"] = "dots"
 
     def __post_init__(self) -> None:
         if self.num_heads % self.num_kv_heads:
             raise ValueError(
                 f"num_heads ({self.num_heads}) must be a multiple of num_kv_heads ({self.num_kv_heads})"
             )
+        if self.remat not in REMAT_POLICIES:
+            raise ValueError(f"remat must be one of {', '.join(REMAT_POLICIES)}, got {self.remat!r}")
         if self.position_encoding == "rope" and self.head_dim % 2:
             raise ValueError(f"RoPE needs an even head_dim, got {self.head_dim}")
 

@@ -18,6 +18,12 @@ checkpoint I/O splits and joins them. The blocks' parameters are stacked: every 
 depth (``ModelConfig.scan_layers``; the unrolled loop over the same params is kept for comparison).
 :func:`unstack_layers` / :func:`stack_layers` convert to and from one subtree per layer.
 
+The backward pass. Differentiated, the scanned blocks save per layer only what ``ModelConfig.remat`` says
+(default: the matmul outputs) and recompute the elementwise work from it: autodiff's own choice stacks a
+dozen [layers, B, T, ·] residual buffers, each zero-filled and written every step, which made the RL update
+~1.5× slower on the CPU. The LM head's backward is written out (:func:`head_logits`) so the vocabulary-sized
+gradient is never copied into a transposed layout.
+
 Decoding is the exception. In a rolled layer loop every weight and KV-cache read is a dynamic slice of a
 stack, and XLA (CPU, and GPU without dynamic-slice fusion) copies such a slice into a buffer of its own
 before a matmul reads it: a decode step, which should read each weight and cache byte once, would copy them
@@ -39,6 +45,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from jaxrlhf.collective_order import needs_sequencing
 from jaxrlhf.models.config import ModelConfig, rope_inverse_frequencies
 from jaxrlhf.models.lora import Slot, has_lora, is_lora_leaf_name, projection_slots
 
@@ -304,8 +311,45 @@ class Transformer(nnx.Module):
     def logits(self, hidden: jax.Array) -> jax.Array:
         # Inputs in the compute dtype, accumulation and output in float32: bfloat16 logits would quantise
         # every log-prob by ~1e-2, enough to move the PPO ratio off 1 whenever two passes round differently.
-        kernel = self.embed[...].T if self.cfg.tie_word_embeddings else self.lm_head.kernel[...]
-        return jnp.matmul(hidden, kernel.astype(hidden.dtype), preferred_element_type=jnp.float32)
+        if self.cfg.tie_word_embeddings:
+            return head_logits(hidden, self.embed[...], True)
+        return head_logits(hidden, self.lm_head.kernel[...], False)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
+def head_logits(hidden: jax.Array, weight: jax.Array, vocab_major: bool) -> jax.Array:
+    """LM-head logits ``hidden · W`` with the inputs in ``hidden``'s dtype and float32 accumulation and
+    output: [..., d] → [..., V]. ``weight`` is [V, d] (``vocab_major``: a tied embedding table, used
+    transposed) or [d, V] (an LM-head kernel).
+
+    The backward pass is written out for one reason: the weight gradient gᵀ·h (or hᵀ·g) contracts over
+    the tokens, and left to itself XLA's CPU backend lays out the [tokens, V] logits gradient transposed
+    for it, a strided copy of the largest tensor of the step (~10% of a small model's update). Here it is
+    always computed as hᵀ·g, transposing the [tokens, d] activations instead, then the [d, V] result.
+    """
+    kernel = weight.astype(hidden.dtype)
+    return jnp.matmul(hidden, kernel.T if vocab_major else kernel, preferred_element_type=jnp.float32)
+
+
+def _head_logits_fwd(hidden, weight, vocab_major):
+    return head_logits(hidden, weight, vocab_major), (hidden, weight)
+
+
+def _head_logits_bwd(vocab_major, residuals, g):
+    hidden, weight = residuals
+    kernel = weight.astype(hidden.dtype)
+    h, g = hidden.reshape(-1, hidden.shape[-1]), g.reshape(-1, g.shape[-1])
+    # As autodiff of the forward would: the float32 cotangent times the compute-dtype operands, float32
+    # accumulation, each gradient rounded through the dtype its input was used in.
+    # dh = g·Wᵀ (W the [d, V] kernel); dW = hᵀ·g, transposed to [V, d] for a table.
+    dh = jax.lax.dot_general(g, kernel, (((1,), (0 if vocab_major else 1,)), ((), ())),
+                             preferred_element_type=jnp.float32)
+    dw = jax.lax.dot_general(h, g, (((0,), (0,)), ((), ())), preferred_element_type=jnp.float32)
+    dw = (dw.T if vocab_major else dw).astype(kernel.dtype).astype(weight.dtype)
+    return dh.astype(hidden.dtype).reshape(hidden.shape), dw
+
+
+head_logits.defvjp(_head_logits_fwd, _head_logits_bwd)
 
 
 def check_positions(cfg: ModelConfig, length: int, where: str) -> None:
@@ -372,6 +416,28 @@ def _block(cfg: ModelConfig, layer_params: Params, lora_alpha: float | None = No
     return nnx.merge(graphdef, state)
 
 
+def _remat(cfg: ModelConfig, fn, in_scan: bool = False):
+    """``fn`` under ``cfg.remat``'s ``jax.checkpoint`` policy (see :class:`ModelConfig`); it only changes
+    what a backward pass saves or recomputes. Inside a scan CSE cannot merge the recomputation into the
+    forward, so ``prevent_cse`` (which would add optimisation barriers) is off there.
+
+    Not on a CPU backend with several processes (``collective_order.needs_sequencing``): there XLA's CPU
+    runtime may run a loop body's independent collectives in a different order on each device, and the
+    recomputed forward adds such collectives (the FSDP all-gathers) beside the gradients' own inside the
+    backward scan; two-process CPU runs then read mismatched messages (non-finite gradients,
+    tests/parallel/test_multihost.py). Accelerators order collectives per device stream.
+    """
+    policy = {
+        "none": None,
+        "dots": jax.checkpoint_policies.checkpoint_dots,
+        "dots_no_batch": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+        "full": jax.checkpoint_policies.nothing_saveable,
+    }[cfg.remat]
+    if policy is None or needs_sequencing():
+        return fn
+    return jax.checkpoint(fn, policy=policy, prevent_cse=not in_scan)
+
+
 def _scanned_blocks(cfg: ModelConfig, layers: Params, x, rope, bias, kv, index, collect: bool = False,
                     lora_alpha: float | None = None):
     """The blocks as one ``lax.scan`` over the stacked params: XLA compiles a single block.
@@ -392,7 +458,8 @@ def _scanned_blocks(cfg: ModelConfig, layers: Params, x, rope, bias, kv, index, 
             return (x, None), (layer_cache.keys, layer_cache.values)
         return (x, None if kv is None else (layer_cache.keys, layer_cache.values)), None
 
-    (x, kv), fresh = jax.lax.scan(body, (x, kv), (layers, jnp.arange(cfg.num_layers)))
+    (x, kv), fresh = jax.lax.scan(_remat(cfg, body, in_scan=True), (x, kv),
+                                  (layers, jnp.arange(cfg.num_layers)))
     return x, fresh if collect else kv
 
 
@@ -410,8 +477,9 @@ def _unrolled_blocks(cfg: ModelConfig, layers: Params | tuple, x, rope, bias, kv
             layer_params = jax.tree.map(lambda w, i=i: w[i], layers)
         if collect:
             layer_cache = FreshKV()
-        elif kv is None:
-            layer_cache = None
+        elif kv is None:  # no cache: a pass that may be differentiated, under the remat policy
+            x = _remat(cfg, lambda p, x: _block(cfg, p, lora_alpha)(x, rope, bias, None)[0])(layer_params, x)
+            continue
         elif stacked_cache:
             layer_cache = LayerCache(kv[0], kv[1], i, index)
         else:

@@ -56,6 +56,7 @@ from jaxrlhf.rl.policy_losses import (
     gspo_policy_loss,
     ppo_policy_loss,
     token_logprobs,
+    token_logprobs_and_entropy,
     value_loss,
 )
 from jaxrlhf.rl.preference import (
@@ -154,6 +155,7 @@ __all__ = [
     "split_groups",
     "td_loss",
     "token_logprobs",
+    "token_logprobs_and_entropy",
     "value_guided_kl",
     "value_guided_logits",
     "value_loss",

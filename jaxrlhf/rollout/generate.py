@@ -30,6 +30,7 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 
+from jaxrlhf.models.heads import HeadParams, head_apply
 from jaxrlhf.models.transformer import LanguageModel, Params, positions_from_mask
 from jaxrlhf.rl.policy_losses import token_logprobs
 from jaxrlhf.rollout.guidance import ValueGuidance, guided_step
@@ -93,6 +94,11 @@ class Rollout(NamedTuple):
     logprobs: jax.Array
     stopped: jax.Array
     kl: jax.Array | None = None
+    # With a value head (``generate(..., value_head=…)``): the value of the state before each response token
+    # [R, N] (0 where masked) and of the state after the last column [R], read off the decode steps' hidden
+    # states, so an actor-critic with a shared critic needs no separate forward pass for them.
+    values: jax.Array | None = None
+    bootstrap_values: jax.Array | None = None
 
 
 class _Loop(NamedTuple):
@@ -104,6 +110,7 @@ class _Loop(NamedTuple):
     mask: jax.Array  # [R, N]
     logprobs: jax.Array  # [R, N]
     kl: jax.Array  # [R] KL to the base policy so far (value guidance)
+    values: jax.Array | None  # [R, N] value of the state before each token (with a value head)
 
 
 def check_lengths(model: LanguageModel, prompt_length: int, config: GenerationConfig) -> None:
@@ -180,12 +187,16 @@ def generate(
     key: jax.Array,
     config: GenerationConfig,
     guidance: ValueGuidance | None = None,
+    value_head: HeadParams | None = None,
 ) -> Rollout:
     """Sample ``config.group_size`` responses to each prompt of a left-padded batch
     ``prompt_tokens``/``prompt_mask`` [B, P]; returns B · group_size rows, prompt-major.
 
     ``guidance``: value-guided decoding (module docstring); its β is an array, so a new β reuses the
-    compiled program.
+    compiled program. ``value_head``: a value head on the policy's backbone; the rollout then carries the
+    values of every response state (``Rollout.values``, ``Rollout.bootstrap_values``), the head applied to
+    the hidden states the decode steps compute anyway (plus one step over the last token for the final
+    state). They equal a fresh forward pass's up to float rounding (the cache changes the summation order).
 
     Compiles once per (B, P, config); new prompts and a new key reuse the compiled program. Raises
     ValueError (while tracing) when P + max_new_tokens exceeds a learned position table.
@@ -235,10 +246,13 @@ def generate(
         kl = jnp.where(done, 0.0, kl)
         return token, logprob, done | jnp.isin(token, stop_ids), kl
 
-    def record(loop: _Loop, step, token, logprob, done, kl) -> _Loop:
+    def record(loop: _Loop, step, token, logprob, done, kl, hidden) -> _Loop:
         col = lambda arr, value: jax.lax.dynamic_update_slice(
             arr, value[:, None].astype(arr.dtype), (0, step)
         )
+        values = loop.values
+        if value_head is not None:  # the state the token was sampled in; 0 once the row has stopped
+            values = col(values, jnp.where(loop.done, 0.0, head_apply(value_head, hidden)))
         return loop._replace(
             step=step,
             token=token,
@@ -247,6 +261,7 @@ def generate(
             logprobs=col(loop.logprobs, logprob),
             done=done,
             kl=loop.kl + kl,
+            values=values,
         )
 
     no = jnp.zeros((batch,), bool)
@@ -260,8 +275,9 @@ def generate(
         jnp.zeros((batch, n), jnp.int32),
         jnp.zeros((batch, n), jnp.float32),
         jnp.zeros((batch,), jnp.float32),
+        None if value_head is None else jnp.zeros((batch, n), jnp.float32),
     )
-    loop = record(loop, 0, token, logprob, done, kl)
+    loop = record(loop, 0, token, logprob, done, kl, hidden)
 
     # DECODE: feed the last token, sample the next, until every row stopped or N tokens exist.
     def body(loop: _Loop) -> _Loop:
@@ -270,7 +286,7 @@ def generate(
         hidden, cache = model.forward(params, loop.token[:, None], positions, cache_mask, loop.cache)
         token, logprob, done, kl = choose(step, model.logits(params, hidden[:, 0]), hidden[:, 0], key,
                                           loop.done)
-        return record(loop._replace(cache=cache), step, token, logprob, done, kl)
+        return record(loop._replace(cache=cache), step, token, logprob, done, kl, hidden[:, 0])
 
     def cond(loop: _Loop) -> jax.Array:
         return (loop.step + 1 < n) & ~jnp.all(loop.done)
@@ -278,6 +294,9 @@ def generate(
     with jax.named_scope("decode_loop"):  # found by name in the compiled program (rollout.loop_copies)
         loop = jax.lax.while_loop(cond, body, loop)
     response_mask = loop.mask
+    bootstrap = None
+    if value_head is not None:
+        bootstrap = _final_state_values(model, params, value_head, loop, first_position, cache_mask, n)
     return Rollout(
         sequences=jnp.concatenate([repeat_rows(prompt_tokens, group), loop.tokens], axis=1),
         sequence_mask=jnp.concatenate([repeat_rows(prompt_mask, group), response_mask], axis=1),
@@ -286,4 +305,23 @@ def generate(
         logprobs=loop.logprobs,
         stopped=loop.done if config.stop_token_ids else jnp.zeros((batch,), bool),
         kl=loop.kl,
+        values=loop.values,
+        bootstrap_values=bootstrap,
     )
+
+
+def _final_state_values(model: LanguageModel, params: Params, value_head: HeadParams, loop: _Loop,
+                        first_position: jax.Array, cache_mask: jax.Array, n: int) -> jax.Array:
+    """Values [R] of the state after each response's last column: one more decode step, feeding the last
+    sampled token, when some row ran to ``n`` tokens without stopping (only those are bootstrapped); zeros
+    when every row stopped, and for the rows that did."""
+
+    def last_step(_):
+        positions = (first_position + n - 1)[:, None]
+        hidden, _ = model.forward(params, loop.token[:, None], positions, cache_mask, loop.cache)
+        return head_apply(value_head, hidden[:, 0])
+
+    truncated = ~loop.done & (loop.step + 1 == n)
+    values = jax.lax.cond(jnp.any(truncated), last_step, lambda _: jnp.zeros(truncated.shape, jnp.float32),
+                          None)
+    return jnp.where(truncated, values, 0.0)

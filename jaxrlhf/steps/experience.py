@@ -1,7 +1,8 @@
 """From a rollout and its scores to the PPO/A2C training batch: log-probs, values, KL, token rewards, GAE.
 
 Every response log-prob (old, new, reference) comes from :func:`response_logprobs_and_values`, the one
-forward pass the update uses too, through ``rl.token_logprobs(logits, tokens, temperature)``.
+forward pass the update uses too, through ``rl.token_logprobs_and_entropy(logits, tokens, temperature)``
+(``rl.token_logprobs``'s values, with a written-out backward).
 
 Batch invariance. A matmul's rounding depends on its shapes (a CPU or GPU kernel blocks a [4096, d] product
 differently from a [1024, d] one), which in bfloat16 moves a log-prob by ~1e-2. The old log-probs are
@@ -33,7 +34,7 @@ from jaxrlhf.rl.advantages import batched_gae_advantages
 from jaxrlhf.rl.kl import kl_estimate, kl_penalized_rewards
 from jaxrlhf.rl.kl_control import KLControllerState
 from jaxrlhf.rl.masked import explained_variance, masked_whiten
-from jaxrlhf.rl.policy_losses import entropy_from_logits, token_logprobs
+from jaxrlhf.rl.policy_losses import token_logprobs_and_entropy
 from jaxrlhf.rollout.generate import Rollout
 from jaxrlhf.rollout.scoring import response_hidden, response_logits, response_values
 from jaxrlhf.steps.accumulate import merge_microbatches, split_microbatches
@@ -83,15 +84,16 @@ def response_logprobs_and_values(
 ) -> ResponseOutputs:
     """The one forward pass behind every response log-prob, entropy and (shared-critic) value.
 
-    log π(y_j) = token_logprobs(logits_j, y_j, T), 0 where masked; H_j = entropy of softmax(logits_j / T);
+    log π(y_j) = token_logprobs(logits_j, y_j, T), 0 where masked; H_j = entropy of softmax(logits_j / T)
+    (both from :func:`~jaxrlhf.rl.token_logprobs_and_entropy`, one backward pass over the vocabulary);
     values from ``params.value_head`` when the policy has one (else ``None``).
     """
     hidden = response_hidden(model, params.lm, sequences, sequence_mask, prompt_length)
     logits = response_logits(model, params.lm, hidden)
     tokens = sequences[:, prompt_length:]
     real = sequence_mask[:, prompt_length:] > 0
-    logprobs = jnp.where(real, token_logprobs(logits, tokens, temperature), 0.0)
-    entropy = entropy_from_logits(logits / temperature)
+    logprobs, entropy = token_logprobs_and_entropy(logits, tokens, temperature)
+    logprobs = jnp.where(real, logprobs, 0.0)
     values = bootstrap = None
     if params.value_head is not None:
         values, bootstrap = response_values(params.value_head, hidden)
@@ -223,7 +225,9 @@ def make_experience_fn(
         micro = update_micro_batch_rows(cfg, sequences.shape[0])
         if cfg.logprobs_from == "rollout":
             old_logprobs = jnp.where(mask > 0, rollout.logprobs, 0.0)
-            if shared:  # the value head on a backbone forward: no vocabulary logits
+            if shared and rollout.values is not None:  # read off the decode steps (generate's value_head)
+                values, bootstrap = rollout.values, rollout.bootstrap_values
+            elif shared:  # the value head on a backbone forward: no vocabulary logits
                 values, bootstrap = in_micro_batches(
                     lambda s, m: critic_values(policy_model, CriticParams(policy_params.lm,
                                                                           policy_params.value_head), s, m, p),

@@ -48,8 +48,8 @@ class RLConfig:
     logprobs_from: where the behaviour (old) log-probs come from. "recompute" (default): a forward pass of
     the policy over the finished sequences in the experience phase, in the update's micro-batch shapes, so
     that the first minibatch's PPO ratio is 1 to the last bit, also in bfloat16
-    (``jaxrlhf.steps.experience``). "rollout": the log-probs generation sampled with (no second policy
-    forward; a shared critic's values then come from a forward without the LM head); equal to a recompute
+    (``jaxrlhf.steps.experience``). "rollout": the log-probs generation sampled with, and a shared critic's
+    values read off the same decode steps (no policy forward in the experience phase); equal to a recompute
     only up to the rounding of a different program (~1e-7 in float32, ~1e-2 in bfloat16), and refused with
     filtered sampling. tis_cap: truncated importance sampling — with "recompute", weigh each token's
     policy-gradient term by min(π_old/π_sampler, tis_cap), π_sampler the rollout's log-prob (for samplers

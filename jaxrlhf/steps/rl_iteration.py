@@ -214,8 +214,14 @@ def make_rl_phases(
     else:
         raise TypeError(f"make_rl_phases: no update for {type(cfg).__name__}")
 
+    # Sampled log-probs as the old ones and a shared critic: the values come from the decode steps too, and
+    # the experience phase runs no policy forward at all.
+    values_from_rollout = cfg.logprobs_from == "rollout" and critic_model is None
+
     def sample(policy_params: PolicyParams, prompt_tokens: jax.Array, prompt_mask: jax.Array,
                key: jax.Array) -> Rollout:
-        return generate(policy_model, policy_params.lm, prompt_tokens, prompt_mask, key, generation)
+        value_head = policy_params.value_head if values_from_rollout else None
+        return generate(policy_model, policy_params.lm, prompt_tokens, prompt_mask, key, generation,
+                        value_head=value_head)
 
     return RLPhases(sample, score, make_experience_fn(policy_model, ref_model, critic_model, cfg), update)

@@ -7,6 +7,7 @@ normalisation (``r' = gain·r + bias``) goes to ``reward_normalization.json``.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import os
@@ -100,6 +101,8 @@ def load_model(section: ModelSection, key: jax.Array, what: str = "model") -> Lo
         tokenizer = load_tokenizer(section.tokenizer)
         model = LanguageModel(architecture_config(section.architecture, tokenizer, section.dtype))
         params, heads = model.init(key), {}
+    if model.config.remat != section.remat:
+        model = dataclasses.replace(model, config=dataclasses.replace(model.config, remat=section.remat))
     # A token id past the embedding table would index garbage (or clamp silently): refuse it up front.
     tokenizer_source = section.tokenizer or section.path or ""
     hf_io.check_vocabulary(tokenizer, model.config, tokenizer_source, section.path or "")

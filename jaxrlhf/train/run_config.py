@@ -44,6 +44,8 @@ class ModelSection:
     # A tokenizer directory or char:<alphabet>; with path: overrides the directory's own tokenizer.
     tokenizer: str | None = None
     dtype: Literal["float32", "bfloat16"] = "float32"
+    # What the blocks' backward pass saves vs recomputes (ModelConfig.remat): dots, dots_no_batch, full, none.
+    remat: Literal["none", "dots", "dots_no_batch", "full"] = "dots"
 
     # A --set of the key on the left drops these keys of the config file (jaxrlhf.config.drop_replaced).
     REPLACES: ClassVar[dict[str, tuple[str, ...]]] = {

@@ -188,6 +188,28 @@ def test_logprobs_from_rollout_takes_the_sampled_logprobs_and_the_recompute_agre
     assert out["rollout"].tis_weights is None
 
 
+def test_logprobs_from_rollout_reads_the_values_off_the_decode_steps(tiny_model, tiny_params, other_params):
+    """With the rollout's own values (generate's value_head) the experience runs no policy forward: its
+    output does not depend on the policy's weights at all, and matches the forward-pass values'."""
+    from jaxrlhf.rollout.generate import GenerationConfig, generate
+
+    head = jax.tree.map(lambda x: x + 0.3, init_value_head(tiny_model.config.hidden_size))
+    vocab = tiny_model.config.vocab_size
+    prompts = jnp.asarray(np.random.RandomState(0).randint(3, vocab, (4, 4)), jnp.int32)
+    rollout = generate(tiny_model, tiny_params, prompts, jnp.ones((4, 4), jnp.int32), jax.random.key(0),
+                       GenerationConfig(max_new_tokens=6), value_head=head)
+    fn = jax.jit(make_experience_fn(tiny_model, tiny_model, None, PPOConfig(logprobs_from="rollout")))
+    policy = PolicyParams(tiny_params, head)
+    with_values, _ = fn(policy, PolicyParams(other_params), None, rollout, jnp.asarray(SCORES), beta(0.1))
+    nan_lm = PolicyParams(jax.tree.map(lambda x: jnp.full_like(x, jnp.nan), tiny_params), head)
+    blind, _ = fn(nan_lm, PolicyParams(other_params), None, rollout, jnp.asarray(SCORES), beta(0.1))
+    jax.tree.map(np.testing.assert_array_equal, blind, with_values)  # the policy's weights are not read
+    no_values = rollout._replace(values=None, bootstrap_values=None)
+    forward, _ = fn(policy, PolicyParams(other_params), None, no_values, jnp.asarray(SCORES), beta(0.1))
+    np.testing.assert_allclose(with_values.old_values, forward.old_values, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(with_values.advantages, forward.advantages, rtol=1e-4, atol=1e-4)
+
+
 @pytest.mark.parametrize("minibatches,accum", [(2, 2), (4, 1)])
 def test_first_minibatch_ratio_is_one_in_bfloat16(minibatches, accum):
     """The old log-probs come from the update's micro-batch shapes: in bfloat16 on the CPU the first
