@@ -64,7 +64,7 @@ import numpy as np
 
 from jaxrlhf import parallel
 from jaxrlhf import steps as S
-from jaxrlhf.models.config import ModelConfig, gpt2_config, llama_config
+from jaxrlhf.models.config import REMAT_POLICIES, ModelConfig, gpt2_config, llama_config
 from jaxrlhf.models.heads import init_reward_head, init_value_head
 from jaxrlhf.models.lora import LoRAConfig, init_lora
 from jaxrlhf.models.transformer import LanguageModel
@@ -120,7 +120,7 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--critic", default="shared", choices=["shared", "separate"], help="ppo: the critic")
     p.add_argument("--logprobs-from", default="recompute", choices=["recompute", "rollout"],
                    help="the old log-probs: a forward in the experience phase, or the sampled ones")
-    p.add_argument("--remat", default="dots", choices=["none", "dots", "dots_no_batch", "full"],
+    p.add_argument("--remat", default="dots", choices=REMAT_POLICIES,
                    help="what the blocks' backward saves (ModelConfig.remat)")
     p.add_argument("--lora-rank", type=int, default=0, help="> 0: LoRA of this rank vs full fine-tuning")
     p.add_argument("--lora-targets", default="q,k,v,o,up,down", help="LoRA: the adapted projections")

@@ -279,14 +279,18 @@ def generate(
     )
     loop = record(loop, 0, token, logprob, done, kl, hidden)
 
+    def feed_last_token(loop: _Loop):
+        """One decode step, the last sampled token at its position: (hidden [R, d], cache)."""
+        positions = (first_position + loop.step)[:, None]
+        hidden, cache = model.forward(params, loop.token[:, None], positions, cache_mask, loop.cache)
+        return hidden[:, 0], cache
+
     # DECODE: feed the last token, sample the next, until every row stopped or N tokens exist.
     def body(loop: _Loop) -> _Loop:
         step = loop.step + 1
-        positions = (first_position + loop.step)[:, None]
-        hidden, cache = model.forward(params, loop.token[:, None], positions, cache_mask, loop.cache)
-        token, logprob, done, kl = choose(step, model.logits(params, hidden[:, 0]), hidden[:, 0], key,
-                                          loop.done)
-        return record(loop._replace(cache=cache), step, token, logprob, done, kl, hidden[:, 0])
+        hidden, cache = feed_last_token(loop)
+        token, logprob, done, kl = choose(step, model.logits(params, hidden), hidden, key, loop.done)
+        return record(loop._replace(cache=cache), step, token, logprob, done, kl, hidden)
 
     def cond(loop: _Loop) -> jax.Array:
         return (loop.step + 1 < n) & ~jnp.all(loop.done)
@@ -296,7 +300,12 @@ def generate(
     response_mask = loop.mask
     bootstrap = None
     if value_head is not None:
-        bootstrap = _final_state_values(model, params, value_head, loop, first_position, cache_mask, n)
+        # The state after the last column: one more step, when some row ran to n tokens without stopping
+        # (only those are bootstrapped); zeros when every row stopped, and for the rows that did.
+        truncated = ~loop.done & (loop.step + 1 == n)
+        values = jax.lax.cond(jnp.any(truncated), lambda: head_apply(value_head, feed_last_token(loop)[0]),
+                              lambda: jnp.zeros(truncated.shape, jnp.float32))
+        bootstrap = jnp.where(truncated, values, 0.0)
     return Rollout(
         sequences=jnp.concatenate([repeat_rows(prompt_tokens, group), loop.tokens], axis=1),
         sequence_mask=jnp.concatenate([repeat_rows(prompt_mask, group), response_mask], axis=1),
@@ -309,19 +318,3 @@ def generate(
         bootstrap_values=bootstrap,
     )
 
-
-def _final_state_values(model: LanguageModel, params: Params, value_head: HeadParams, loop: _Loop,
-                        first_position: jax.Array, cache_mask: jax.Array, n: int) -> jax.Array:
-    """Values [R] of the state after each response's last column: one more decode step, feeding the last
-    sampled token, when some row ran to ``n`` tokens without stopping (only those are bootstrapped); zeros
-    when every row stopped, and for the rows that did."""
-
-    def last_step(_):
-        positions = (first_position + n - 1)[:, None]
-        hidden, _ = model.forward(params, loop.token[:, None], positions, cache_mask, loop.cache)
-        return head_apply(value_head, hidden[:, 0])
-
-    truncated = ~loop.done & (loop.step + 1 == n)
-    values = jax.lax.cond(jnp.any(truncated), last_step, lambda _: jnp.zeros(truncated.shape, jnp.float32),
-                          None)
-    return jnp.where(truncated, values, 0.0)
