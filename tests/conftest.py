@@ -9,8 +9,15 @@ os.environ.setdefault(
 )
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.5")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# The tests' programs are tiny and compiled once each: LLVM's -O2 costs more time than it saves (the whole
+# pipeline of tests/experiments/test_pipeline.py compiles in 18 s instead of 28 s at -O0). XLA's HLO passes,
+# which decide what the program computes, run as always; only the machine code is less optimised. Set
+# before the backend starts, and inherited by the subprocess tests (multi-device, multi-process, CLI).
+_xla_flags = os.environ.get("XLA_FLAGS", "")
+if "xla_backend_optimization_level" not in _xla_flags:
+    os.environ["XLA_FLAGS"] = f"{_xla_flags} --xla_backend_optimization_level=0".strip()
 
-import jax
+import jax  # noqa: E402  (after the environment above)
 
 jax.config.update("jax_compilation_cache_dir", os.environ["JAX_COMPILATION_CACHE_DIR"])
 jax.config.update(
@@ -123,3 +130,12 @@ def left_padded_batch(seed: int = 0, batch: int = 3, length: int = 9, pads=(0, 3
 @pytest.fixture(scope="session")
 def padded_batch():
     return left_padded_batch
+
+
+def pytest_collection_modifyitems(config, items):
+    """Files holding a test marked ``slow`` (a whole run end to end, seconds to minutes) are collected
+    first, each file's tests kept in order: xdist hands out files in collection order, so the long ones
+    start at once instead of leaving one worker busy while the other has finished. ``-m "not slow"``
+    leaves them out."""
+    slow_files = {item.path for item in items if item.get_closest_marker("slow")}
+    items.sort(key=lambda item: item.path not in slow_files)  # stable: the order within each group stays

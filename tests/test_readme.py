@@ -223,6 +223,7 @@ def test_the_readme_follows_the_test_convention():
             f"README.md:{b.line}: unknown readme-test directive {b.directive!r}")
 
 
+@pytest.mark.slow
 def test_every_readme_command_runs_as_written(workdir, monkeypatch, capsys):
     """Each bash and python block of the README, in order, in the user's directory. Reports the README
     line of the first that fails, with its stderr."""
@@ -232,7 +233,7 @@ def test_every_readme_command_runs_as_written(workdir, monkeypatch, capsys):
             (workdir / block.file_name).write_text(block.code)
     monkeypatch.chdir(workdir)
     monkeypatch.setenv("TOKENIZERS_PARALLELISM", "false")
-    ran, through_console_script = [], False
+    ran, ran_argv, through_console_script = [], [], False
     for block in blocks:
         if block.file_name:
             continue
@@ -263,6 +264,7 @@ def test_every_readme_command_runs_as_written(workdir, monkeypatch, capsys):
                     code = cli.main(argv)
                 assert code == 0, f"{where}\n{capsys.readouterr().err[-3000:]}"
             ran.append(f"{time.perf_counter() - started:5.1f} s  jaxrlhf {shlex.join(argv)}")
+            ran_argv.append(argv)
     assert through_console_script, "no README command names a module of the working directory"
     print("\n".join(["README commands run:", *ran]))
     # What the commands promise, checked on what they left.
@@ -272,6 +274,67 @@ def test_every_readme_command_runs_as_written(workdir, monkeypatch, capsys):
     two = workdir / "runs" / "a2c-two-rewards" / "metrics.jsonl"
     metrics = [json.loads(line) for line in two.read_text().splitlines()]
     assert any("rewards/exact_answer/mean" in r and "rewards/brevity/mean" in r for r in metrics)
+    # The studies' --quick smoke runs are the README's (each runs once in the suite); check what they wrote.
+    studies = [argv for argv in ran_argv if argv[0] == "study"]
+    assert sorted(argv[1] for argv in studies) == ["choices", "feedback"], [a[:2] for a in studies]
+    for argv in studies:
+        check_study_run(argv, workdir)
+
+
+# ----------------------------------------------------------------------------- the studies' smoke runs
+
+
+def study_config(argv: list[str]):
+    """The config a ``jaxrlhf study NAME [--quick] [--set k=v …]`` command ran with."""
+    args = cli.build_parser().parse_args(argv)
+    name = f"study {args.study}"
+    quick = cli._resolve(cli.command_spec(name).quick) if args.quick else []
+    return cli.load_command_config(name, args.config, [*quick, *(args.overrides or [])])
+
+
+def check_study_run(argv: list[str], workdir: Path) -> None:
+    """What a ``--quick`` study leaves: the report, results.json with intervals over its seeds for every
+    variant, curves.npz, the plots and a config.yaml that reloads to the config it ran with; and, per
+    study, that its variants did what they change."""
+    cfg = study_config(argv)
+    name, seeds = argv[1], cfg.run.seeds
+    found = sorted((workdir / "runs").glob(f"study-{name}-*"))
+    assert len(found) == 1, f"jaxrlhf {shlex.join(argv)}: expected one runs/study-{name}-* directory, {found}"
+    root = found[0]
+    for artefact in ("report.md", "results.json", "config.yaml", "curves.npz", "plots/gold_vs_sqrt_kl.png",
+                     "plots/differences.png"):
+        assert (root / artefact).is_file(), f"{root}: no {artefact}"
+    assert cli.load_command_config(f"study {name}", str(root / "config.yaml"), []) == cfg
+    results = json.loads((root / "results.json").read_text())
+    variants = results["variants"]
+    for variant, entry in variants.items():
+        gold = entry["final_gold"]["estimate"]
+        assert gold["unit"] == "seeds" and gold["n"] == seeds and gold["low"] <= gold["value"] <= gold["high"]
+        assert (variant == "default") == ("delta_gold" not in entry), variant
+    import numpy as np
+
+    points = cfg.pipeline.evaluation.points
+    assert np.load(root / "curves.npz")["default/gold"].shape[:2] == (seeds, points + 1)  # SFT + points
+    report = (root / "report.md").read_text()
+    assert f"over {seeds} seeds" in report and "Quick preset" in report
+    if name == "choices":
+        from jaxrlhf.experiments.studies.choices import CHOICES
+
+        assert list(variants) == list(cfg.choices)
+        assert CHOICES["separate_critic"].label in report
+        # The structural variant moves the policy elsewhere than the defaults do (its own program; a few
+        # tiny steps move the KL, not yet the sampled answers' gold).
+        assert variants["separate_critic"]["per_seed"]["kl"] != variants["default"]["per_seed"]["kl"]
+        mechanisms = dict(results["mechanisms"])
+        assert set(mechanisms) == {"value-loss clipping (defaults)", "policy-ratio clipping (defaults)",
+                                   "missing-EOS penalty (defaults)"}
+        assert "## How often each mechanism acted" in report
+        assert mechanisms["value-loss clipping (defaults)"] in report
+    else:
+        assert list(variants) == ["default", "rating", "flip_0.25"]
+        agreement = {v: variants[v]["label_agreement"]["estimate"]["value"] for v in ("flip_0.25", "default")}
+        assert agreement["flip_0.25"] < agreement["default"], agreement
+        assert "ratings" in report
 
 
 def run_console_script(argv: list[str], cwd: Path) -> subprocess.CompletedProcess:

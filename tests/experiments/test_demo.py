@@ -125,6 +125,7 @@ def quick_run(tmp_path_factory):
                            summary=out.getvalue())
 
 
+@pytest.mark.slow
 def test_quick_demo_writes_run_directory(quick_run):
     root = Path(quick_run.run_dir)
     assert (root / "config.yaml").is_file()
@@ -161,6 +162,7 @@ def test_quick_demo_writes_run_directory(quick_run):
         assert cfg.logging.run_dir == str(root / stage)
 
 
+@pytest.mark.slow
 def test_quick_demo_exports_load_in_transformers(quick_run):
     torch = pytest.importorskip("torch")
     import transformers
@@ -177,6 +179,7 @@ def test_quick_demo_exports_load_in_transformers(quick_run):
     assert (root / "reward" / "export" / "reward_normalization.json").is_file()
 
 
+@pytest.mark.slow
 def test_quick_demo_report_table_plots_and_summary(quick_run):
     root = Path(quick_run.run_dir)
     report = (root / "report.md").read_text()
@@ -231,6 +234,7 @@ def _tree(root: Path) -> dict[str, tuple[int, int]]:
             for p in sorted(root.rglob("*")) if p.is_file()}
 
 
+@pytest.mark.slow
 def test_the_reports_reuse_commands_start_a_new_run_and_leave_the_demo_alone(quick_run, tmp_path,
                                                                              monkeypatch, capsys):
     """The commands report.md prints for running the stages' configs again (the demo's own trainer configs

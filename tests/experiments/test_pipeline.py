@@ -78,12 +78,14 @@ def test_pools_come_from_disjoint_splits(config):
     assert np.all(data.demonstrations["tokens"][data.demonstrations["loss_mask"].sum(1) > 0] >= 0)
 
 
+@pytest.mark.slow
 def test_vmapped_members_equal_their_single_runs(runs):
     _, vmapped, static, _ = runs
     for i in range(3):
         assert_trees_close(jax.tree.map(lambda x, i=i: x[i], vmapped), static[i], f"member {i}")
 
 
+@pytest.mark.slow
 def test_sweep_members_differ_where_their_hyper_parameters_do(runs):
     _, vmapped, _, _ = runs
     assert float(vmapped.rl["objective/kl_coef"][2, 0]) != pytest.approx(0.05)
@@ -91,6 +93,7 @@ def test_sweep_members_differ_where_their_hyper_parameters_do(runs):
     np.testing.assert_array_equal(vmapped.sft["loss/sft"][2] != vmapped.sft["loss/sft"][0], True)
 
 
+@pytest.mark.slow
 def test_output_shapes_and_values(runs, config):
     _, vmapped, _, pipeline = runs
     m = config.evaluation.prompts

@@ -1,9 +1,11 @@
-"""``jaxrlhf study choices|feedback``: the configs, the variants, and one ``--quick`` smoke run of each (on a
-subset of the variants: one numeric and one structural choice; two feedback types and one noise variant) that
-writes every artefact — the report, results.json with intervals over seeds, curves.npz, the plots and a
-config.yaml that reloads to the same config."""
+"""``jaxrlhf study choices|feedback``: the configs, the variants and the mechanism table.
 
-import json
+The ``--quick`` smoke run of each study (on a subset of the variants: one numeric and one structural choice;
+two feedback types and one noise variant) is the README's command, run once in the suite by
+``tests/test_readme.py``, which checks every artefact it writes (``check_study_run``: the report,
+results.json with intervals over seeds, curves.npz, the plots, a config.yaml that reloads to the same
+config, and what each variant changes)."""
+
 from pathlib import Path
 
 import numpy as np
@@ -11,11 +13,10 @@ import pytest
 
 from jaxrlhf import cli
 from jaxrlhf.config import ConfigError
-from jaxrlhf.experiments.studies.choices import CHOICES, ChoicesStudyConfig, run_choices_study
+from jaxrlhf.experiments.studies.choices import ChoicesStudyConfig
 from jaxrlhf.experiments.studies.feedback import (
     FeedbackStudyConfig,
     feedback_variants,
-    run_feedback_study,
 )
 
 REPO = Path(__file__).resolve().parents[2]
@@ -53,46 +54,8 @@ def test_feedback_variants_change_one_thing_each():
     assert all(v.kind == "preference" for k, v in variants.items() if k not in ("ranking", "rating"))
 
 
-def _check_run_dir(result, variants):
-    root = Path(result.run_dir)
-    for name in ("report.md", "results.json", "config.yaml", "curves.npz", "plots/gold_vs_sqrt_kl.png",
-                 "plots/differences.png"):
-        assert (root / name).is_file(), name
-    results = json.loads((root / "results.json").read_text())
-    assert list(results["variants"]) == variants
-    for name, entry in results["variants"].items():
-        gold = entry["final_gold"]["estimate"]
-        assert gold["unit"] == "seeds" and gold["n"] == 3 and gold["low"] <= gold["value"] <= gold["high"]
-        assert (name == "default") == ("delta_gold" not in entry)
-    curves = np.load(root / "curves.npz")
-    assert curves["default/gold"].shape[:2] == (3, 3)  # seeds × (SFT + 2 points)
-    report = (root / "report.md").read_text()
-    assert "95% CI over 3 seeds" in report or "over 3 seeds" in report
-    return results, report
-
-
-def test_choices_study_quick_smoke_run(tmp_path):
-    cfg = quick("choices", f"run.dir={tmp_path / 'choices'}",
-                "choices=[default,no_whitening,separate_critic]")
-    result = run_choices_study(cfg)
-    results, report = _check_run_dir(result, ["default", "no_whitening", "separate_critic"])
-    assert cli.load_command_config("study choices", str(Path(result.run_dir) / "config.yaml"), []) == cfg
-    assert CHOICES["separate_critic"].label in report and "Quick preset" in report
-    # The structural variant moves the policy elsewhere than the defaults do (its own program; a few tiny
-    # steps move the KL, not yet the sampled answers' gold).
-    assert results["variants"]["separate_critic"]["per_seed"]["kl"] != \
-        results["variants"]["default"]["per_seed"]["kl"]
-    mechanisms = dict(results["mechanisms"])
-    assert set(mechanisms) == {"value-loss clipping (defaults)", "policy-ratio clipping (defaults)",
-                               "missing-EOS penalty (defaults)"}
-    assert "## How often each mechanism acted" in report
-    assert mechanisms["value-loss clipping (defaults)"] in report
-
-
 def test_mechanism_activity_reads_the_default_and_adaptive_runs():
     from types import SimpleNamespace
-
-    import numpy as np
 
     from jaxrlhf.experiments.studies.choices import mechanism_activity
 
@@ -110,14 +73,3 @@ def test_mechanism_activity_reads_the_default_and_adaptive_runs():
     assert rows["adaptive KL controller"] == (
         "β from 0.05 to 0.05 (mean over seeds; range over all iterations 0.04–0.06)")
     assert mechanism_activity({}, 4) == []
-
-
-def test_feedback_study_quick_smoke_run(tmp_path):
-    cfg = quick("feedback", f"run.dir={tmp_path / 'feedback'}", "kinds=[preference,rating]",
-                "temperatures=[]", "responses=[]")
-    result = run_feedback_study(cfg)
-    results, report = _check_run_dir(result, ["default", "rating", "flip_0.25"])
-    assert cli.load_command_config("study feedback", str(Path(result.run_dir) / "config.yaml"), []) == cfg
-    agreement = results["variants"]["flip_0.25"]["label_agreement"]["estimate"]["value"]
-    assert agreement < results["variants"]["default"]["label_agreement"]["estimate"]["value"]
-    assert "ratings" in report

@@ -46,6 +46,7 @@ ALGORITHMS = {
     "grpo": ("grpo", {"grpo": {"group_size": 2, "epochs": 1, "num_minibatches": 2}}),  # 16 sequences
 }
 STEPS = 3
+pytestmark = pytest.mark.slow  # every case launches processes that compile a whole run
 
 
 @pytest.fixture(scope="module")

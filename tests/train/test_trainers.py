@@ -557,6 +557,7 @@ def _interrupt_when_logged(process: subprocess.Popen, metrics: Path, signum: int
     return process.returncode, err
 
 
+@pytest.mark.slow
 def test_ctrl_c_and_kill_checkpoint_and_the_rerun_ends_as_an_uninterrupted_run(workdir, sft_run):
     """SIGINT, then (on the rerun) SIGTERM, to the `jaxrlhf sft` process (the console script): each time
     the current step ends, a checkpoint commits, the process exits 128 + signal with one line saying where
