@@ -41,6 +41,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jaxrlhf.host_memory import retain_freed_memory
 from jaxrlhf.models import hf_io
 from jaxrlhf.models.config import ModelConfig, gpt2_config, llama_config
 from jaxrlhf.models.transformer import LanguageModel
@@ -187,7 +188,7 @@ class TorchBaseline:
         hf_io.save(path, LanguageModel(dataclasses.replace(cfg, dtype="float32")), params)
         cmd = [sys.executable, os.path.abspath(__file__), "--torch-worker", path, "--batch", str(args.batch),
                "--prompt", str(args.prompt), "--new", str(args.new), "--repeats", str(args.repeats),
-               "--dtype", args.dtype]
+               "--dtype", args.dtype, "--malloc", args.malloc]  # the same allocator settings as ours
         self.proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
         self.info = json.loads(self.proc.stdout.readline())
 
@@ -268,12 +269,16 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--group-prompts", type=int, default=4)
     parser.add_argument("--group-prompt-len", type=int, default=256)
     parser.add_argument("--group-size", type=int, default=8)
+    parser.add_argument("--malloc", default="retain", choices=["retain", "glibc"],
+                        help="retain: keep freed host memory for the next call (jaxrlhf.host_memory, as the "
+                        "jaxrlhf command does), in both processes; glibc: the C library's defaults")
     parser.add_argument("--torch-worker", metavar="MODEL_DIR", help=argparse.SUPPRESS)
     return parser.parse_args()
 
 
 def main() -> None:
     args = parse_args()
+    host_memory_retained = args.malloc == "retain" and retain_freed_memory()  # before the runtime's threads
     if args.torch_worker:
         torch_worker(args)
         return
@@ -337,6 +342,7 @@ def main() -> None:
         "cpu_count": os.cpu_count(),
         # Other work on a shared machine: the 1-minute load average when the run started and ended.
         "load_average": [load_at_start, os.getloadavg()[0]],
+        "host_memory_retained": host_memory_retained,
         "shape": {
             "preset": args.preset,
             "layers": cfg.num_layers,

@@ -64,6 +64,7 @@ import numpy as np
 
 from jaxrlhf import parallel
 from jaxrlhf import steps as S
+from jaxrlhf.host_memory import retain_freed_memory
 from jaxrlhf.models.config import REMAT_POLICIES, ModelConfig, gpt2_config, llama_config
 from jaxrlhf.models.heads import init_reward_head, init_value_head
 from jaxrlhf.models.lora import LoRAConfig, init_lora
@@ -120,6 +121,9 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--critic", default="shared", choices=["shared", "separate"], help="ppo: the critic")
     p.add_argument("--logprobs-from", default="recompute", choices=["recompute", "rollout"],
                    help="the old log-probs: a forward in the experience phase, or the sampled ones")
+    p.add_argument("--malloc", default="retain", choices=["retain", "glibc"],
+                   help="retain: keep freed host memory for the next call (jaxrlhf.host_memory, as the "
+                   "jaxrlhf command does); glibc: the C library's defaults, for comparison")
     p.add_argument("--remat", default="dots", choices=REMAT_POLICIES,
                    help="what the blocks' backward saves (ModelConfig.remat)")
     p.add_argument("--lora-rank", type=int, default=0, help="> 0: LoRA of this rank vs full fine-tuning")
@@ -240,6 +244,7 @@ def lora_ratios(out: dict) -> dict[str, float]:
 
 def main() -> None:
     args = parse_args()
+    host_memory_retained = args.malloc == "retain" and retain_freed_memory()  # before the runtime's threads
     pcfg = parallel.ParallelConfig(data=args.data, fsdp=args.fsdp)
     parallel.initialize_distributed(pcfg)
     mesh = parallel.make_mesh(pcfg)
@@ -389,6 +394,7 @@ def main() -> None:
         "params": cfg.num_params(),
         "dtype": args.dtype,
         "remat": args.remat,
+        "host_memory_retained": host_memory_retained,
         "shape": shape,
         # How a group's prompt is prefilled (GenerationConfig.group_size).
         **({"group_prefill": "shared: one prefill per prompt"} if grpo else {}),

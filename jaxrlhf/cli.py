@@ -299,5 +299,14 @@ def _one_line(e: BaseException) -> str:
     return text if isinstance(e, ValueError | RuntimeError) else f"{type(e).__name__}: {text}"
 
 
+def console() -> int:
+    """The ``jaxrlhf`` console script (and ``python -m jaxrlhf.cli``): :func:`main` in a process that keeps
+    its freed host memory for the next step instead of faulting it in again (:mod:`jaxrlhf.host_memory`)."""
+    from jaxrlhf.host_memory import retain_freed_memory
+
+    retain_freed_memory()
+    return main()
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(console())
