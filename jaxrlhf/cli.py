@@ -254,23 +254,36 @@ def load_command_config(name: str, path: str | None, overrides: Sequence[str]) -
         raise ConfigError(f"{path or 'defaults'}: {e}") from None
 
 
+def command_name(args: argparse.Namespace) -> str:
+    """``ppo``, ``study choices``, …: the name :func:`command_spec` takes, from a parsed command line."""
+    return f"study {args.study}" if args.command == "study" else args.command
+
+
+def config_from_args(args: argparse.Namespace) -> Any:
+    """The config a parsed command line runs with: defaults, ``--config``, the ``--quick``/``--full`` preset,
+    then the ``--set`` overrides."""
+    name = command_name(args)
+    command = command_spec(name)
+    overrides = list(args.overrides)
+    if getattr(args, "quick", False) and getattr(args, "full", False):
+        from jaxrlhf.config import ConfigError
+
+        raise ConfigError("--quick and --full: choose one preset")
+    if getattr(args, "quick", False):
+        overrides = [*_resolve(command.quick), *overrides]
+    if getattr(args, "full", False):
+        overrides = [*_resolve(command.full), *overrides]
+    return load_command_config(name, args.config, overrides)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Run a command; returns the process exit code (0 on success)."""
     args = build_parser().parse_args(argv)
     expected = _expected_errors()
-    name = f"study {args.study}" if args.command == "study" else args.command
+    name = command_name(args)
     command = command_spec(name)
     try:
-        overrides = list(args.overrides)
-        if getattr(args, "quick", False) and getattr(args, "full", False):
-            from jaxrlhf.config import ConfigError
-
-            raise ConfigError("--quick and --full: choose one preset")
-        if getattr(args, "quick", False):
-            overrides = [*_resolve(command.quick), *overrides]
-        if getattr(args, "full", False):
-            overrides = [*_resolve(command.full), *overrides]
-        config = load_command_config(name, args.config, overrides)
+        config = config_from_args(args)
         if args.print_config:
             print(config_yaml(config), end="")
             return EXIT_OK

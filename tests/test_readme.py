@@ -37,6 +37,7 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from jaxrlhf import cli
@@ -244,8 +245,6 @@ def test_every_readme_command_runs_as_written(workdir, monkeypatch, capsys):
                 exec(compile(block.code, f"README.md:{block.line}", "exec"), namespace)
             ran.append(f"{time.perf_counter() - started:5.1f} s  python block at README.md:{block.line}")
             if "generate" in block.code:  # the library snippet: host arrays the tokenizer decodes
-                import numpy as np
-
                 out = namespace["out"]
                 assert isinstance(out.response_tokens, np.ndarray)
                 texts = namespace["tokenizer"].batch_decode(out.response_tokens, skip_special_tokens=True)
@@ -286,10 +285,7 @@ def test_every_readme_command_runs_as_written(workdir, monkeypatch, capsys):
 
 def study_config(argv: list[str]):
     """The config a ``jaxrlhf study NAME [--quick] [--set k=v …]`` command ran with."""
-    args = cli.build_parser().parse_args(argv)
-    name = f"study {args.study}"
-    quick = cli._resolve(cli.command_spec(name).quick) if args.quick else []
-    return cli.load_command_config(name, args.config, [*quick, *(args.overrides or [])])
+    return cli.config_from_args(cli.build_parser().parse_args(argv))
 
 
 def check_study_run(argv: list[str], workdir: Path) -> None:
@@ -311,8 +307,6 @@ def check_study_run(argv: list[str], workdir: Path) -> None:
         gold = entry["final_gold"]["estimate"]
         assert gold["unit"] == "seeds" and gold["n"] == seeds and gold["low"] <= gold["value"] <= gold["high"]
         assert (variant == "default") == ("delta_gold" not in entry), variant
-    import numpy as np
-
     points = cfg.pipeline.evaluation.points
     assert np.load(root / "curves.npz")["default/gold"].shape[:2] == (seeds, points + 1)  # SFT + points
     report = (root / "report.md").read_text()

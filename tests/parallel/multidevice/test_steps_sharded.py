@@ -54,17 +54,12 @@ def run_step(step_fn, state, batch, mesh, check=None):
 _ONE_DEVICE: dict[str, tuple] = {}
 
 
-def on_one_device(name: str, step_fn, state, batch, check=None):
-    """:func:`run_step` on one device, once per ``name`` in the module (both meshes compare to it)."""
-    if name not in _ONE_DEVICE:
-        _ONE_DEVICE[name] = run_step(step_fn, state, batch, one_device(), check)
-    return _ONE_DEVICE[name]
-
-
 def compare(name, step_fn, make_state, batch, mesh_name, check=None):
     """(one device, the mesh): outputs and FLOPs per device of the same step, after checking the outputs
-    agree."""
-    one, one_flops = on_one_device(name, step_fn, make_state(), batch, check)
+    agree. The one-device run happens once per ``name`` in the module (both meshes compare to it)."""
+    if name not in _ONE_DEVICE:
+        _ONE_DEVICE[name] = run_step(step_fn, make_state(), batch, one_device(), check)
+    one, one_flops = _ONE_DEVICE[name]
     many, many_flops = run_step(step_fn, make_state(), batch, make_mesh(MESHES[mesh_name]), check)
     assert_same(one, many, f"{name} {mesh_name}")
     return one, many, one_flops, many_flops
