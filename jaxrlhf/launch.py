@@ -10,7 +10,8 @@ last output lines, so a failed launch never hangs.
     python -m jaxrlhf.launch --processes 2 --local-devices 4 -- ppo --config configs/ppo.yaml
     python -m jaxrlhf.launch -n 2 --program -- python benchmarks/ppo_iteration.py --data 8
 
-``{process_id}`` in an argument is replaced by each process's id (e.g. a per-process ``logging.run_dir``).
+``{process_id}`` in an argument or in an environment variable's value is replaced by each process's id
+(e.g. a per-process ``logging.run_dir``, or ``XLA_FLAGS=--xla_dump_to=hlo-{process_id}``).
 This simulates a cluster on one machine; on a real cluster start the command on every host yourself with
 the same three variables (see the README).
 """
@@ -177,8 +178,9 @@ def launch(
 ) -> list[ProcessResult]:
     """Run ``argv`` as ``num_processes`` processes of one JAX job on this machine; returns their results.
 
-    ``{process_id}`` in an argument becomes each process's id. ``local_devices`` simulates that many CPU
-    devices per process; ``env`` replaces ``os.environ`` as the base environment. Raises
+    ``{process_id}`` in an argument or in a value of the environment becomes each process's id.
+    ``local_devices`` simulates that many CPU devices per process; ``env`` replaces ``os.environ`` as the base
+    environment. Raises
     :class:`LaunchError` naming the process at fault (and its last output lines) when one cannot start,
     exits non-zero or runs past ``timeout`` seconds; the other processes are stopped first. A coordinator
     port taken between choosing it and binding it is retried with a new port ``port_retries`` times.
@@ -214,7 +216,9 @@ def _launch_once(
     try:
         for i in range(num_processes):
             args = [a.replace("{process_id}", str(i)) for a in argv]
-            penv = process_env(i, num_processes, coordinator, local_devices, env)
+            base = os.environ if env is None else env
+            base = {k: v.replace("{process_id}", str(i)) for k, v in base.items()}
+            penv = process_env(i, num_processes, coordinator, local_devices, base)
             procs.append(_Process(i, args, penv, log_root / f"process_{i}.log", echo=echo and i == 0))
         deadline = time.monotonic() + timeout
         exited: list[_Process] = []  # in the order they were seen to end: the first failure is the cause

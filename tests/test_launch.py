@@ -36,13 +36,15 @@ def test_process_env_sets_the_multihost_variables_and_simulated_devices():
     assert (L.NUM_PROCESSES_ENV, L.PROCESS_ID_ENV) == (parallel.NUM_PROCESSES_ENV, parallel.PROCESS_ID_ENV)
 
 
-def test_launch_collects_each_process_output(tmp_path):
-    code = "import os; print('hello from', os.environ['JAX_PROCESS_ID'], os.environ['JAX_NUM_PROCESSES'])"
+def test_launch_collects_each_process_output(tmp_path, monkeypatch):
+    code = ("import os, sys; e = os.environ; "
+            "print('hello from', e['JAX_PROCESS_ID'], e['JAX_NUM_PROCESSES'], sys.argv[1], e['WHERE'])")
+    monkeypatch.setenv("WHERE", "dump/{process_id}")  # {process_id} in an environment value, as in argv
     results = L.launch([PY, "-c", code, "{process_id}"], 3, timeout=60, log_dir=tmp_path)
     assert [r.process_id for r in results] == [0, 1, 2]
-    assert [r.output.strip() for r in results] == [f"hello from {i} 3" for i in range(3)]
+    assert [r.output.strip() for r in results] == [f"hello from {i} 3 {i} dump/{i}" for i in range(3)]
     assert all(r.returncode == 0 for r in results)
-    assert (tmp_path / "process_2.log").read_text().strip() == "hello from 2 3"
+    assert (tmp_path / "process_2.log").read_text().strip() == "hello from 2 3 2 dump/2"
 
 
 def test_a_dying_process_is_named_with_its_last_lines_and_the_others_are_stopped(tmp_path):
