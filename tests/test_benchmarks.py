@@ -1,0 +1,31 @@
+"""The pure parts of the benchmark scripts (their timed runs are the benchmarks themselves, not tests)."""
+
+import argparse
+import importlib.util
+from pathlib import Path
+
+import pytest
+
+BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
+
+
+def load(name: str):
+    spec = importlib.util.spec_from_file_location(name, BENCHMARKS / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_xla_cpu_flags_variants_and_summary():
+    m = load("xla_cpu_flags")
+    assert m.parse_variant("eigen=--xla_cpu_use_xnnpack=false") == ("eigen", "--xla_cpu_use_xnnpack=false")
+    assert m.parse_variant("plain=") == ("plain", "")
+    with pytest.raises(argparse.ArgumentTypeError, match="NAME=FLAGS"):
+        m.parse_variant("--xla_cpu_use_xnnpack=false")  # flags without a name
+    runs = [{"iteration_mfu": mfu, "wall_s": {"update": u, "total": t}, "compile_s": {"total": 10.0},
+             "matmul_peak_tflops_per_device": 0.4} for mfu, u, t in ((0.4, 2.0, 4.0), (0.5, 1.0, 3.0),
+                                                                     (0.3, 3.0, 5.0))]
+    s = m.summarise(runs)
+    assert s["iteration_mfu"] == {"median": 0.4, "min": 0.3, "max": 0.5}
+    assert s["wall_s"]["total"] == {"median": 4.0, "min": 3.0, "max": 5.0}
+    assert s["wall_s"]["update"]["median"] == 2.0 and s["matmul_peak_tflops"]["median"] == 0.4
