@@ -34,6 +34,8 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 DEVICE_COUNT_FLAG = "--xla_force_host_platform_device_count"
+# Replaced by each process's id in the arguments and in the values of the environment.
+PROCESS_ID_PLACEHOLDER = "{process_id}"
 # What jaxrlhf.parallel.initialize_distributed reads (kept apart so that this module does not import JAX).
 COORDINATOR_ENV, NUM_PROCESSES_ENV, PROCESS_ID_ENV = (
     "JAX_COORDINATOR_ADDRESS",
@@ -78,10 +80,12 @@ def process_env(
     local_devices: int | None = None,
     base: Mapping[str, str] | None = None,
 ) -> dict[str, str]:
-    """The environment of process ``process_id``: the multi-host variables (none for a single process, which
-    then runs as it would on its own), and with ``local_devices`` a CPU platform with that many simulated
-    devices (replacing any device count already in ``XLA_FLAGS``)."""
-    env = dict(os.environ if base is None else base)
+    """The environment of process ``process_id``: ``base`` (default ``os.environ``) with ``{process_id}`` in
+    its values replaced by the id, the multi-host variables (none for a single process, which then runs as it
+    would on its own), and with ``local_devices`` a CPU platform with that many simulated devices (replacing
+    any device count already in ``XLA_FLAGS``)."""
+    env = {k: v.replace(PROCESS_ID_PLACEHOLDER, str(process_id))
+           for k, v in (os.environ if base is None else base).items()}
     env["PYTHONUNBUFFERED"] = "1"  # so the last lines before a crash reach the log
     for name in (COORDINATOR_ENV, NUM_PROCESSES_ENV, PROCESS_ID_ENV):
         env.pop(name, None)
@@ -180,10 +184,10 @@ def launch(
 
     ``{process_id}`` in an argument or in a value of the environment becomes each process's id.
     ``local_devices`` simulates that many CPU devices per process; ``env`` replaces ``os.environ`` as the base
-    environment. Raises
-    :class:`LaunchError` naming the process at fault (and its last output lines) when one cannot start,
-    exits non-zero or runs past ``timeout`` seconds; the other processes are stopped first. A coordinator
-    port taken between choosing it and binding it is retried with a new port ``port_retries`` times.
+    environment. Raises :class:`LaunchError` naming the process at fault (and its last output lines) when one
+    cannot start, exits non-zero or runs past ``timeout`` seconds; the other processes are stopped first. A
+    coordinator port taken between choosing it and binding it is retried with a new port ``port_retries``
+    times.
     """
     if num_processes < 1:
         raise ValueError(f"num_processes must be >= 1, got {num_processes}")
@@ -215,10 +219,8 @@ def _launch_once(
     procs: list[_Process] = []
     try:
         for i in range(num_processes):
-            args = [a.replace("{process_id}", str(i)) for a in argv]
-            base = os.environ if env is None else env
-            base = {k: v.replace("{process_id}", str(i)) for k, v in base.items()}
-            penv = process_env(i, num_processes, coordinator, local_devices, base)
+            args = [a.replace(PROCESS_ID_PLACEHOLDER, str(i)) for a in argv]
+            penv = process_env(i, num_processes, coordinator, local_devices, env)
             procs.append(_Process(i, args, penv, log_root / f"process_{i}.log", echo=echo and i == 0))
         deadline = time.monotonic() + timeout
         exited: list[_Process] = []  # in the order they were seen to end: the first failure is the cause
