@@ -8,9 +8,12 @@ current step, write a checkpoint and exit with :class:`RunInterrupted`.
                 ...checkpoint, then raise stop.interrupted(step, total, directory)
 
 The handlers only set a flag, so a step, and an asynchronous checkpoint being written, are never cut in
-the middle. A second signal gives up waiting: it raises ``KeyboardInterrupt`` at once (the run then stops
-where it is; pending checkpoint writes are still waited for by the run's ``close``). In a multi-process run
-every process stops at the same step (each checkpoint is a collective save): :meth:`GracefulStop.requested`
+the middle. They write nothing either: a signal can land while the main thread is inside a write to stderr,
+and a log call from the handler would then be a reentrant write (Python's logging prints that as a
+"Logging error" traceback); the warning is logged by :meth:`GracefulStop.requested` instead. A second
+signal gives up waiting: it raises ``KeyboardInterrupt`` at once (the run then stops where it is;
+pending checkpoint writes are still waited for by the run's ``close``). In a multi-process run every
+process stops at the same step (each checkpoint is a collective save): :meth:`GracefulStop.requested`
 agrees on it across processes.
 """
 
@@ -47,6 +50,7 @@ class GracefulStop:
 
     def __init__(self) -> None:
         self.signum: int | None = None
+        self._announced = False
         self._previous: dict[int, Any] = {}
 
     def __enter__(self) -> GracefulStop:
@@ -67,21 +71,21 @@ class GracefulStop:
         if self.signum is not None:
             self._restore()
             raise KeyboardInterrupt(f"second {signal.Signals(signum).name}: stopping without a checkpoint")
-        self.signum = signum
-        log.warning("%s: finishing the current step, then writing a checkpoint (send it again to stop at "
-                    "once)", signal.Signals(signum).name)
+        self.signum = signum  # only the flag: see the module docstring on why the handler logs nothing
 
     def requested(self) -> bool:
         """Whether a signal arrived (in any process of a multi-process run, which then all stop)."""
-        local = self.signum is not None
-        if jax.process_count() == 1:
-            return local
-        from jax.experimental import multihost_utils
+        if jax.process_count() > 1:
+            from jax.experimental import multihost_utils
 
-        flags = np.asarray(multihost_utils.process_allgather(np.asarray([self.signum or 0], np.int32)))
-        if self.signum is None and flags.any():
-            self.signum = int(flags[flags > 0][0])
-        return bool(flags.any())
+            flags = np.asarray(multihost_utils.process_allgather(np.asarray([self.signum or 0], np.int32)))
+            if self.signum is None and flags.any():
+                self.signum = int(flags[flags > 0][0])
+        if self.signum is not None and not self._announced:
+            self._announced = True
+            log.warning("%s: finishing the current step, then writing a checkpoint (send it again to stop at "
+                        "once)", signal.Signals(self.signum).name)
+        return self.signum is not None
 
     def interrupted(self, step: int, total: int, checkpoint_dir: str) -> RunInterrupted:
         assert self.signum is not None

@@ -135,6 +135,30 @@ def test_a_signal_ends_the_step_checkpoints_and_resuming_ends_as_if_uninterrupte
     assert [r["step"] for r in records if "eval/sum" in r] == [6, 7]  # step 3's was skipped to stop fast
 
 
+def test_the_signal_handler_writes_nothing_and_the_loop_logs_the_warning_once(caplog):
+    """A signal can land mid-write to stderr; a log call from the handler would be a reentrant write (the
+    `jaxrlhf sft` process once printed a "Logging error" traceback that way). The handler only records the
+    signal; :meth:`GracefulStop.requested`, called by the loop, logs the warning once; a second signal
+    raises KeyboardInterrupt and puts the previous handler back."""
+    from jaxrlhf.train.signals import GracefulStop
+
+    before = signal.getsignal(signal.SIGINT)
+    with caplog.at_level(logging.WARNING, logger="jaxrlhf"):
+        with GracefulStop() as stop:
+            assert not stop.requested()
+            handler = signal.getsignal(signal.SIGINT)
+            handler(signal.SIGTERM, None)
+            assert stop.signum == signal.SIGTERM and caplog.records == []  # the handler wrote nothing
+            assert stop.requested() and stop.requested()
+            assert [r.getMessage() for r in caplog.records] == [
+                "SIGTERM: finishing the current step, then writing a checkpoint (send it again to stop at "
+                "once)"]
+            with pytest.raises(KeyboardInterrupt, match="second SIGINT: stopping without a checkpoint"):
+                handler(signal.SIGINT, None)
+            assert signal.getsignal(signal.SIGINT) is before
+    assert signal.getsignal(signal.SIGINT) is before
+
+
 def test_the_first_step_says_it_compiles_and_each_window_is_a_progress_line(tmp_path, restore_root_logging):
     with make_run(tmp_path, TrainSection(steps=5)) as run:
         training_loop(run, *start(), batches(), 5, toy_hooks(run, evaluate=False))
