@@ -9,13 +9,48 @@ os.environ.setdefault(
 )
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.5")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-# The tests' programs are tiny and compiled once each: LLVM's -O2 costs more time than it saves (the whole
-# pipeline of tests/experiments/test_pipeline.py compiles in 18 s instead of 28 s at -O0). XLA's HLO passes,
-# which decide what the program computes, run as always; only the machine code is less optimised. Set
-# before the backend starts, and inherited by the subprocess tests (multi-device, multi-process, CLI).
-_xla_flags = os.environ.get("XLA_FLAGS", "")
-if "xla_backend_optimization_level" not in _xla_flags:
-    os.environ["XLA_FLAGS"] = f"{_xla_flags} --xla_backend_optimization_level=0".strip()
+# The tests' programs are tiny and compiled once each, so compile time is most of the suite's time (71% of
+# the README test's, 99% of tests/experiments/test_pipeline.py's, measured with jax.monitoring). Two XLA CPU
+# settings cut it without touching what is computed (XLA's HLO passes run as always; only the emission of
+# machine code changes):
+# - LLVM at -O0: its -O2 costs more time than it saves on programs this small;
+# - fusions emitted by XLA's elemental IR emitter instead of the MLIR fusion emitters, whose pipeline costs
+#   about 3x the compile time here (test_pipeline.py: 47 s instead of 77 s from a cold cache).
+# Set before the backend starts, and inherited by the subprocess tests (multi-device, multi-process, CLI).
+TEST_XLA_FLAGS = ("--xla_backend_optimization_level=0", "--xla_cpu_use_fusion_emitters=false")
+
+
+def _xla_accepts(flags: list[str]) -> bool:
+    """Whether this jaxlib's XLA knows ``flags``: it aborts any process whose XLA_FLAGS names one it does
+    not have (a later jaxlib may drop one), so a child process tries them first. The answer is kept per
+    jaxlib version beside the compilation cache, so that only the suite's first processes pay the ~2 s."""
+    import hashlib
+    import subprocess
+    import sys
+    from importlib.metadata import version
+
+    key = hashlib.sha1(" ".join([version("jaxlib"), *flags]).encode()).hexdigest()[:16]
+    marker = os.path.join(os.environ["JAX_COMPILATION_CACHE_DIR"], f"xla-flags-{key}")
+    for answer in (True, False):
+        if os.path.exists(f"{marker}.{answer}"):
+            return answer
+    env = {**os.environ, "XLA_FLAGS": " ".join(flags), "JAX_PLATFORMS": "cpu"}
+    child = subprocess.run([sys.executable, "-c", "import jax; jax.devices()"], env=env, capture_output=True)
+    answer = child.returncode == 0
+    os.makedirs(os.path.dirname(marker), exist_ok=True)
+    open(f"{marker}.{answer}", "w").close()
+    return answer
+
+
+def _with_test_flags(xla_flags: str) -> str:
+    """``xla_flags`` plus each of :data:`TEST_XLA_FLAGS` it does not set itself and XLA accepts."""
+    wanted = [f for f in TEST_XLA_FLAGS if f.split("=")[0] not in xla_flags]
+    if wanted and not _xla_accepts(wanted):
+        wanted = [f for f in wanted if _xla_accepts([f])]
+    return " ".join([xla_flags, *wanted]).strip()
+
+
+os.environ["XLA_FLAGS"] = _with_test_flags(os.environ.get("XLA_FLAGS", ""))
 
 import jax  # noqa: E402  (after the environment above)
 

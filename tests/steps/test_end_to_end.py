@@ -104,6 +104,8 @@ def test_timed_phases_run_the_same_iteration(tiny_model, tiny_params):
     assert entered == list(PHASE_TIMERS)
     np.testing.assert_array_equal(timed_out.rollout.sequences, whole_out.rollout.sequences)
     np.testing.assert_allclose(timed_out.scores, whole_out.scores, rtol=1e-6)
+    # One program against four: only the rounding differs. Adam's first step moves a parameter by
+    # lr·g/(|g| + ε), so where |g| is near ε a rounding-sized change of g shows at up to ~1e-4 of lr (1e-2).
     for a, b in zip(jax.tree.leaves(timed), jax.tree.leaves(whole)):
-        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
     assert set(timed_out.metrics) == set(whole_out.metrics)
