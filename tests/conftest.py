@@ -12,7 +12,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 # The tests' programs are tiny and compiled once each, so compile time is most of the suite's time (71% of
 # the README test's, 99% of tests/experiments/test_pipeline.py's, measured with jax.monitoring). Two XLA CPU
 # settings cut it; XLA's HLO passes, which decide the operations, run as always, and only the emission of
-# machine code changes (so results can differ from the defaults' in the last bits, never more):
+# machine code changes (so results can differ from the defaults' by rounding):
 # - LLVM at -O0: its -O2 costs more time than it saves on programs this small;
 # - fusions emitted by XLA's elemental IR emitter instead of the MLIR fusion emitters, whose pipeline costs
 #   about 3x the compile time here (test_pipeline.py: 47 s instead of 77 s from a cold cache).
