@@ -53,7 +53,12 @@ def _with_test_flags(xla_flags: str) -> str:
     return " ".join([xla_flags, *wanted]).strip()
 
 
-os.environ["XLA_FLAGS"] = _with_test_flags(os.environ.get("XLA_FLAGS", ""))
+# JAXRLHF_TEST_PRODUCT_XLA=1 leaves XLA's settings as a user's run has them: tests/test_product_xla.py runs
+# the numerics tests that way too, so that the code users compile is tested as well.
+PRODUCT_XLA = os.environ.get("JAXRLHF_TEST_PRODUCT_XLA") == "1"
+USER_XLA_FLAGS = os.environ.get("XLA_FLAGS", "")  # before the test flags are added
+if not PRODUCT_XLA:
+    os.environ["XLA_FLAGS"] = _with_test_flags(os.environ.get("XLA_FLAGS", ""))
 
 import jax  # noqa: E402  (after the environment above)
 
@@ -67,6 +72,14 @@ jax.config.update(
 # ------------------------------------------------------------------ tiny Hugging Face models (torch)
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402
+
+
+@pytest.fixture
+def suite_conftest(request):
+    """This module, as pytest loaded it: for the tests of the suite's own settings."""
+    return next(p for p in request.config.pluginmanager.get_plugins()
+                if os.path.abspath(getattr(p, "__file__", "") or "") == os.path.abspath(__file__))
+
 
 VOCAB = 64
 
