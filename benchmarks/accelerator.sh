@@ -8,7 +8,9 @@
 #    128 new tokens, batch 64 and 256; JSON "decode.fraction_of_bound" (targets >= 0.5 and >= 0.6),
 #    "decode.loop_copies" (must be []), the copy-bandwidth probe, and group sampling's shared prefill.
 # 2. compile time against depth (compile_depth.py): generation and PPO update at 6/12/24 layers, blocks
-#    scanned / default / unrolled, and generation tokens/s of each (JSON "targets").
+#    scanned / default / unrolled, generation tokens/s of each and what each decode loop copies per step
+#    (JSON "targets", "decode_loop_copies"); on a GPU once more for the scanned decode with XLA's
+#    dynamic-slice fusion on (compile_depth_dsfusion_CARD.json).
 # 3. the PPO iteration (ppo_iteration.py): llama-1b, bfloat16, global batch 64 x (128 + 128), 4 epochs x 4
 #    minibatches: update MFU vs the in-run bf16 matmul and PEAK_TFLOPS (default 989, H100/H200 SXM dense
 #    bf16), and the bfloat16 first-minibatch ratio error ("first_minibatch_ratio_error"; the old log-probs are
@@ -40,6 +42,7 @@ print("devices", jax.devices(), file=sys.stderr)
 print(re.sub(r"[^a-z0-9]+", "_", jax.devices()[0].device_kind.lower()).strip("_"))
 EOF
 ) || { echo "JAX does not start" >&2; exit 1; }
+backend=$("$python" -c "import jax; print(jax.default_backend())")
 stamp="$(date +%Y%m%d)"
 [[ $smoke == 1 ]] && stamp="smoke"
 status=0
@@ -76,6 +79,8 @@ if [[ $smoke == 1 ]]; then
   run generation_decode_b4 benchmarks/generation.py "${gen[@]}" --batch 4 --group-prefill \
     --group-prompts 2 --group-prompt-len 16 --group-size 4
   run compile_depth benchmarks/compile_depth.py --layers 2 4 --repeats 1 --skip-throughput
+  XLA_FLAGS="${XLA_FLAGS:-} --xla_gpu_enable_dynamic_slice_fusion=true" run compile_depth_dsfusion \
+    benchmarks/compile_depth.py --layers 2 4 --variants scan --skip-ppo --skip-throughput
   run ppo_iteration_tiny_bf16 benchmarks/ppo_iteration.py --preset tiny --vocab 512 --dtype bfloat16 \
     --batch 4 --prompt 8 --response 8 --epochs 1 --minibatches 1 --iterations 1 --peak-tflops "$peak"
   run ppo_iteration_mfu_tiny_bf16_e2 benchmarks/ppo_iteration.py --preset tiny --vocab 512 --dtype bfloat16 \
@@ -88,6 +93,12 @@ gen=(--preset llama-1b --dtype bfloat16 --prompt 128 --new 128 --repeats 5 --no-
 run generation_decode_llama-1b_bf16_b64 benchmarks/generation.py "${gen[@]}" --batch 64 --group-prefill
 run generation_decode_llama-1b_bf16_b256 benchmarks/generation.py "${gen[@]}" --batch 256
 run compile_depth benchmarks/compile_depth.py --layers 6 12 24 --repeats 3
+# The scanned decode step on XLA:GPU with dynamic-slice fusion (its matmuls read the layer's weight and cache
+# slices in place): does it copy nothing per step ("decode_loop_copies") and decode as fast as unrolled?
+if [[ "$backend" == gpu ]]; then
+  XLA_FLAGS="${XLA_FLAGS:-} --xla_gpu_enable_dynamic_slice_fusion=true" run compile_depth_dsfusion \
+    benchmarks/compile_depth.py --layers 6 12 24 --repeats 3 --variants scan unrolled --skip-ppo
+fi
 run ppo_iteration_llama-1b_bf16 benchmarks/ppo_iteration.py --preset llama-1b --dtype bfloat16 --batch 64 \
   --prompt 128 --response 128 --epochs 4 --minibatches 4 --iterations "${ITERATIONS:-2}" --peak-tflops "$peak"
 for epochs in 1 4; do

@@ -18,7 +18,11 @@ tokens, float32), the variants alternated call by call; medians and ranges.
     python benchmarks/compile_depth.py [--layers 6 12 24] [--repeats 5] [--skip-ppo]
 
 Prints one JSON object; ``targets`` holds the issue's two checks (24-layer compile ≤ 1.5 × 6-layer; the
-variant's generation no slower than unrolled).
+variant's generation no slower than unrolled) and whether its decode loop copies nothing per step
+(``decode_loop_copies``: the weight and cache slices a rolled layer loop copies before its matmuls read them,
+at the compile shape). XLA flags come from the environment and are recorded (``xla_flags``): on a GPU,
+``XLA_FLAGS=--xla_gpu_enable_dynamic_slice_fusion=true`` lets the matmuls read such slices in place
+(``benchmarks/accelerator.sh`` runs the scanned variant that way too).
 """
 
 from __future__ import annotations
@@ -40,6 +44,7 @@ from jaxrlhf.models.config import gpt2_config
 from jaxrlhf.models.heads import init_value_head
 from jaxrlhf.models.transformer import LanguageModel
 from jaxrlhf.rollout.generate import GenerationConfig, generate
+from jaxrlhf.rollout.loop_copies import large_loop_writes
 
 VARIANTS = {
     "scan": dict(scan_layers=True, scan_decode=True),
@@ -63,12 +68,29 @@ def small_config(layers: int, variant: str):
                        max_position_embeddings=128, **VARIANTS[variant])
 
 
-def generation_compile(layers: int, variant: str, batch: int = 8, prompt: int = 32, new: int = 32) -> dict:
+def generation_lowered(layers: int, variant: str, batch: int = 8, prompt: int = 32, new: int = 32):
+    """Generation of ``batch`` × (``prompt`` + ``new``) tokens at the compile shape, lowered from shapes."""
     model = LanguageModel(small_config(layers, variant))
     params = jax.eval_shape(model.init, jax.random.key(0))
     tokens = jax.ShapeDtypeStruct((batch, prompt), jnp.int32)
-    return _compile(generate.lower(model, params, tokens, tokens, jax.random.key(0),
-                                   GenerationConfig(max_new_tokens=new)))
+    config = GenerationConfig(max_new_tokens=new)
+    return generate.lower(model, params, tokens, tokens, jax.random.key(0), config)
+
+
+def generation_compile(layers: int, variant: str) -> dict:
+    return _compile(generation_lowered(layers, variant))
+
+
+def decode_loop_copies(layers: int, variant: str) -> list[str]:
+    """What the compiled decode loop copies per step at the compile shape: every buffer of at least d_model²
+    elements (a layer's smallest weight matrix; a layer's K cache is larger, a step's activations and logits
+    smaller) that an iteration writes, in-place cache updates excepted (``jaxrlhf.rollout.loop_copies``).
+    A rolled layer loop lists here each weight and cache slice the backend copies before reading it; [] means
+    the step reads every weight and cache byte in place (the unrolled step on every backend; a scanned one on
+    a backend that fuses the slice into the matmul, e.g. XLA:GPU's dynamic-slice fusion)."""
+    text = generation_lowered(layers, variant).compile().as_text()
+    writes = large_loop_writes(text, "decode_loop", small_config(layers, variant).hidden_size ** 2)
+    return [f"{w.opcode} {w.shape} ({w.op_name.rsplit('/', 1)[-1]})" for w in writes]
 
 
 def ppo_update_compile(layers: int, variant: str, batch: int = 8, prompt: int = 32,
@@ -164,8 +186,11 @@ def main() -> None:
         # Other work on a shared machine: the 1-minute load average when the run started and ended.
         "load_average": [load_at_start, os.getloadavg()[0]],
         "compile_shape": {"d_model": 128, "heads": 4, "vocab": 1024, "batch": 8, "prompt": 32, "new": 32},
+        "xla_flags": os.environ.get("XLA_FLAGS", ""),
         "compile": compile_times,
         f"compile_growth_{hi}_over_{lo}_layers": growth,
+        # At the smallest depth; per variant, the buffers the decode loop copies every step.
+        "decode_loop_copies": {v: decode_loop_copies(int(lo), v) for v in args.variants},
     }
     if not args.skip_throughput:
         result["generation_throughput"] = generation_throughput(args.repeats, args.variants)
@@ -180,6 +205,7 @@ def main() -> None:
             "generation_compile_within_1.5x": gen <= 1.5,
             "ppo_update_compile_within_1.5x": None if ppo is None else ppo <= 1.5,
             "generation_no_slower_than_unrolled": None if speed is None else speed >= 1.0,
+            "decode_copies_nothing": not result["decode_loop_copies"][v],
         }
     result["targets"] = targets
     print(json.dumps(result, indent=2))

@@ -29,3 +29,12 @@ def test_xla_cpu_flags_variants_and_summary():
     assert s["iteration_mfu"] == {"median": 0.4, "min": 0.3, "max": 0.5}
     assert s["wall_s"]["total"] == {"median": 4.0, "min": 3.0, "max": 5.0}
     assert s["wall_s"]["update"]["median"] == 2.0 and s["matmul_peak_tflops"]["median"] == 0.4
+
+
+def test_compile_depth_lists_the_slices_a_rolled_decode_loop_copies():
+    m = load("compile_depth")
+    assert m.decode_loop_copies(2, "default") == []  # one buffer per layer: read in place
+    scanned = m.decode_loop_copies(2, "scan")
+    # XLA's CPU matmuls read each layer's weight and cache slice from a copy of it
+    assert scanned and all("dynamic_slice" in c for c in scanned)
+    assert any("f32[128,512]" in c for c in scanned) and any("f32[8,4,32,64]" in c for c in scanned)
