@@ -5,7 +5,8 @@ elemental IR emitter) because compilation is most of its time. Those flags chang
 so a code-generation bug, or rounding that only the default pipeline produces, would go unseen by every other
 test. This one runs, in a child process with ``JAXRLHF_TEST_PRODUCT_XLA=1`` (the suite's flags left out, the
 user's own ``XLA_FLAGS`` kept), the tests that hold the model and its gradients against references:
-logits, padding and greedy decoding against ``transformers``' PyTorch models, the written-out LM-head
+logits, padding and greedy decoding against ``transformers``' PyTorch models, the attention and its
+gradients against float64 at sizes that are not powers of two, the written-out LM-head
 backward against autodiff, the scanned blocks' gradients under every remat policy (GQA), and the bfloat16
 first-minibatch PPO ratio (≤ 1e-6).
 """
@@ -23,6 +24,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 PRODUCT_XLA_TESTS = (
     "tests/models/test_parity.py",
+    "tests/models/test_attention.py",
     "tests/models/test_backward_pass.py::test_head_backward_equals_autodiff_of_its_forward",
     "tests/models/test_backward_pass.py::test_every_remat_policy_gives_the_gradients_of_none[scan-llama-gqa]",
     "tests/steps/test_experience.py::test_first_minibatch_ratio_is_one_in_bfloat16",
