@@ -312,13 +312,19 @@ def _one_line(e: BaseException) -> str:
     return text if isinstance(e, ValueError | RuntimeError) else f"{type(e).__name__}: {text}"
 
 
-def console() -> int:
+def console(argv: Sequence[str] | None = None) -> int:
     """The ``jaxrlhf`` console script (and ``python -m jaxrlhf.cli``): :func:`main` in a process that keeps
-    its freed host memory for the next step instead of faulting it in again (:mod:`jaxrlhf.host_memory`)."""
+    its freed host memory for the next step instead of faulting it in again (:mod:`jaxrlhf.host_memory`).
+    A ``study`` process also keeps reductions out of XLA:CPU's YNNPACK fusions (:mod:`jaxrlhf.xla_flags`),
+    set before JAX starts."""
     from jaxrlhf.host_memory import retain_freed_memory
+    from jaxrlhf.xla_flags import STUDY_FLAGS, set_flags_before_start
 
+    argv = sys.argv[1:] if argv is None else list(argv)
     retain_freed_memory()
-    return main()
+    if argv[:1] == ["study"] and "-h" not in argv and "--help" not in argv:
+        set_flags_before_start(STUDY_FLAGS)
+    return main(argv)
 
 
 if __name__ == "__main__":

@@ -22,27 +22,12 @@ TEST_XLA_FLAGS = ("--xla_backend_optimization_level=0", "--xla_cpu_use_fusion_em
 
 def _xla_accepts(flags: list[str]) -> bool:
     """Whether this jaxlib's XLA knows ``flags``: it aborts any process whose XLA_FLAGS names one it does
-    not have (a later jaxlib may drop one), so a child process tries them first. The answer is kept per
-    jaxlib version beside the compilation cache, so that only the suite's first processes pay the ~2 s."""
-    import hashlib
-    import subprocess
-    import sys
-    from importlib.metadata import version
+    not have (a later jaxlib may drop one), so a child process tries them first
+    (:func:`jaxrlhf.xla_flags.xla_accepts`). The answer is kept per jaxlib version beside the compilation
+    cache, so that only the suite's first processes pay the ~2 s."""
+    from jaxrlhf.xla_flags import xla_accepts
 
-    key = hashlib.sha1(" ".join([version("jaxlib"), *flags]).encode()).hexdigest()[:16]
-    marker = os.path.join(os.environ["JAX_COMPILATION_CACHE_DIR"], f"xla-flags-{key}")
-    for answer in (True, False):
-        if os.path.exists(f"{marker}.{answer}"):
-            return answer
-    env = {**os.environ, "XLA_FLAGS": " ".join(flags), "JAX_PLATFORMS": "cpu"}
-    child = subprocess.run([sys.executable, "-c", "import jax; jax.devices()"], env=env, capture_output=True)
-    answer = child.returncode == 0
-    try:
-        os.makedirs(os.path.dirname(marker), exist_ok=True)
-        open(f"{marker}.{answer}", "w").close()
-    except OSError:  # a read-only cache directory: ask again next time
-        pass
-    return answer
+    return xla_accepts(flags, os.environ["JAX_COMPILATION_CACHE_DIR"])
 
 
 def _with_test_flags(xla_flags: str) -> str:
