@@ -53,14 +53,13 @@ VARIANTS = {
 }
 
 
-def _compile(lowered) -> dict:
+def _compile(lowered) -> tuple[dict, str]:
+    """Compile time (wall and this process's CPU seconds) and size of ``lowered``, and the optimised HLO."""
     wall, cpu = time.perf_counter(), time.process_time()
-    compiled = lowered.compile()
-    return {
-        "wall_s": time.perf_counter() - wall,
-        "cpu_s": time.process_time() - cpu,
-        "hlo_lines": len(compiled.as_text().splitlines()),
-    }
+    text = lowered.compile().as_text()
+    stats = {"wall_s": time.perf_counter() - wall, "cpu_s": time.process_time() - cpu,
+             "hlo_lines": len(text.splitlines())}
+    return stats, text
 
 
 def small_config(layers: int, variant: str):
@@ -77,8 +76,16 @@ def generation_lowered(layers: int, variant: str, batch: int = 8, prompt: int = 
     return generate.lower(model, params, tokens, tokens, jax.random.key(0), config)
 
 
-def generation_compile(layers: int, variant: str) -> dict:
-    return _compile(generation_lowered(layers, variant))
+def generation_compile(layers: int, variant: str) -> tuple[dict, list[str]]:
+    """Generation's compile stats and what its decode loop copies per step (:func:`decode_loop_copies`), from
+    one compilation."""
+    stats, text = _compile(generation_lowered(layers, variant))
+    return stats, _loop_copies(text, layers, variant)
+
+
+def _loop_copies(text: str, layers: int, variant: str) -> list[str]:
+    writes = large_loop_writes(text, "decode_loop", small_config(layers, variant).hidden_size ** 2)
+    return [f"{w.opcode} {w.shape} ({w.op_name.rsplit('/', 1)[-1]})" for w in writes]
 
 
 def decode_loop_copies(layers: int, variant: str) -> list[str]:
@@ -88,9 +95,7 @@ def decode_loop_copies(layers: int, variant: str) -> list[str]:
     A rolled layer loop lists here each weight and cache slice the backend copies before reading it; [] means
     the step reads every weight and cache byte in place (the unrolled step on every backend; a scanned one on
     a backend that fuses the slice into the matmul, e.g. XLA:GPU's dynamic-slice fusion)."""
-    text = generation_lowered(layers, variant).compile().as_text()
-    writes = large_loop_writes(text, "decode_loop", small_config(layers, variant).hidden_size ** 2)
-    return [f"{w.opcode} {w.shape} ({w.op_name.rsplit('/', 1)[-1]})" for w in writes]
+    return _loop_copies(generation_lowered(layers, variant).compile().as_text(), layers, variant)
 
 
 def ppo_update_compile(layers: int, variant: str, batch: int = 8, prompt: int = 32,
@@ -113,7 +118,7 @@ def ppo_update_compile(layers: int, variant: str, batch: int = 8, prompt: int = 
         scores=f32(batch),
     )
     update = jax.jit(S.make_ppo_update(model, None, ppo, optimizer))
-    return _compile(update.lower(state, batch_shapes, jax.random.key(0)))
+    return _compile(update.lower(state, batch_shapes, jax.random.key(0)))[0]
 
 
 def generation_throughput(repeats: int, variants: list[str]) -> dict:
@@ -164,8 +169,12 @@ def main() -> None:
     jax.config.update("jax_enable_compilation_cache", False)  # every compile is a real one
 
     compile_times: dict = {"generation": {}, "ppo_update": {}}
+    copies: dict[str, list[str]] = {}
     for variant in args.variants:
-        compile_times["generation"][variant] = {str(n): generation_compile(n, variant) for n in args.layers}
+        generation = {str(n): generation_compile(n, variant) for n in args.layers}
+        compile_times["generation"][variant] = {n: stats for n, (stats, _) in generation.items()}
+        # At the smallest depth; per variant, the buffers the decode loop copies every step.
+        copies[variant] = generation[str(min(args.layers))][1]
         # The PPO update has no decode: "scan" and "default" compile the same program.
         if not args.skip_ppo and variant != "scan":
             per_depth = {str(n): ppo_update_compile(n, variant) for n in args.layers}
@@ -189,8 +198,7 @@ def main() -> None:
         "xla_flags": os.environ.get("XLA_FLAGS", ""),
         "compile": compile_times,
         f"compile_growth_{hi}_over_{lo}_layers": growth,
-        # At the smallest depth; per variant, the buffers the decode loop copies every step.
-        "decode_loop_copies": {v: decode_loop_copies(int(lo), v) for v in args.variants},
+        "decode_loop_copies": copies,
     }
     if not args.skip_throughput:
         result["generation_throughput"] = generation_throughput(args.repeats, args.variants)

@@ -32,10 +32,9 @@ def _xla_accepts(flags: list[str]) -> bool:
 
 def _with_test_flags(xla_flags: str) -> str:
     """``xla_flags`` plus each of :data:`TEST_XLA_FLAGS` it does not set itself and XLA accepts."""
-    wanted = [f for f in TEST_XLA_FLAGS if f.split("=")[0] not in xla_flags]
-    if wanted and not _xla_accepts(wanted):
-        wanted = [f for f in wanted if _xla_accepts([f])]
-    return " ".join([xla_flags, *wanted]).strip()
+    from jaxrlhf.xla_flags import with_flags
+
+    return with_flags(xla_flags, TEST_XLA_FLAGS, lambda flags: _xla_accepts(flags))
 
 
 # JAXRLHF_TEST_PRODUCT_XLA=1 leaves XLA's settings as a user's run has them: tests/test_product_xla.py runs
