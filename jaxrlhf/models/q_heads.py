@@ -15,6 +15,8 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
+from jaxrlhf.models.transformer import matmul_tokens
+
 HeadParams = dict[str, Any]
 
 
@@ -28,7 +30,7 @@ def init_q_head(key: jax.Array, d_model: int, vocab_size: int, std: float = 0.02
 def q_head_apply(head: HeadParams, hidden: jax.Array) -> jax.Array:
     """Q(s, ·) = h·W + b in float32: hidden [..., d] → [..., V]."""
     kernel = head["proj"]["kernel"]
-    return (jnp.matmul(hidden.astype(kernel.dtype), kernel, preferred_element_type=jnp.float32)
+    return (matmul_tokens(hidden.astype(kernel.dtype), kernel, preferred_element_type=jnp.float32)
             + head["proj"]["bias"].astype(jnp.float32))
 
 

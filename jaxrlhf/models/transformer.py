@@ -113,6 +113,20 @@ def positions_from_mask(mask: jax.Array) -> jax.Array:
 # ----------------------------------------------------------------------------------------------- modules
 
 
+def matmul_tokens(x: jax.Array, w: jax.Array, preferred_element_type: Any = None) -> jax.Array:
+    """``x · w`` for activations ``x`` [..., din] and a weight ``w`` [din, dout], as one 2-D matmul over the
+    flattened tokens.
+
+    Same values as ``x @ w``; the reshape is for the backward pass: the weight gradient ``xᵀ·g`` then
+    contracts over one token axis. With [B, T, din] activations it contracts over two, and XLA's CPU
+    backend canonicalises that dot by copying the [B·T, dout] cotangent transposed and handing it to
+    Eigen, whose packing of the strided operand made a whole transformer step ~1.5× slower (measured on
+    a scanned MLP stack at the update's shape).
+    """
+    y = jnp.matmul(x.reshape(-1, x.shape[-1]), w, preferred_element_type=preferred_element_type)
+    return y.reshape(*x.shape[:-1], w.shape[-1])
+
+
 class Dense(nnx.Module):
     """``y = x·W + b`` with float32 master weights; the matmul runs in the input's dtype."""
 
@@ -122,7 +136,7 @@ class Dense(nnx.Module):
         self.bias = nnx.Param(jnp.zeros((dout,), jnp.float32)) if use_bias else None
 
     def __call__(self, x: jax.Array) -> jax.Array:
-        y = x @ self.kernel[...].astype(x.dtype)
+        y = matmul_tokens(x, self.kernel[...].astype(x.dtype))
         if self.bias is not None:
             y = y + self.bias[...].astype(x.dtype)
         return y
@@ -149,7 +163,8 @@ class LoRADense(Dense):
             a = getattr(self, f"lora_{slot.target}_a", None)
             if a is not None:
                 b = getattr(self, f"lora_{slot.target}_b")
-                part = part + self.scale * ((x @ a[...].astype(x.dtype)) @ b[...].astype(x.dtype))
+                part = part + self.scale * matmul_tokens(matmul_tokens(x, a[...].astype(x.dtype)),
+                                                         b[...].astype(x.dtype))
             parts.append(part)
         return parts[0] if len(parts) == 1 else jnp.concatenate(parts, axis=-1)
 

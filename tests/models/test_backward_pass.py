@@ -1,7 +1,8 @@
 """What the backward pass saves and how it multiplies: every ``ModelConfig.remat`` policy gives the
 gradients of no policy (and the same forward, bit for bit), scanned or unrolled; the LM head's written-out
 backward equals autodiff of its forward, tied or not, in float32 and bfloat16, and keeps the [tokens, V]
-logits gradient in the layout it was produced in."""
+logits gradient in the layout it was produced in; so does every dense layer's weight gradient
+(``matmul_tokens``)."""
 
 from __future__ import annotations
 
@@ -14,7 +15,7 @@ import numpy as np
 import pytest
 
 from jaxrlhf.models.config import REMAT_POLICIES, gpt2_config, llama_config
-from jaxrlhf.models.transformer import LanguageModel, head_logits, positions_from_mask
+from jaxrlhf.models.transformer import LanguageModel, head_logits, matmul_tokens, positions_from_mask
 from jaxrlhf.train.model_setup import load_model
 from jaxrlhf.train.run_config import ArchitectureConfig, ModelSection
 
@@ -142,3 +143,36 @@ def test_head_backward_does_not_transpose_the_logits_gradient():
     if jax.default_backend() == "cpu":  # the layout this guards against (other backends may choose others)
         assert "fusion" in _transposed_logit_gradients(plain, hidden, table, batch * length, vocab)
     assert _transposed_logit_gradients(written_out, hidden, table, batch * length, vocab) == []
+
+
+@WITH_AND_WITHOUT_JIT
+def test_matmul_tokens_is_the_matmul_and_its_gradients(transform):
+    k = jax.random.split(jax.random.key(1), 3)
+    x, w = jax.random.normal(k[0], (3, 7, 16)), jax.random.normal(k[1], (16, 24))
+    cotangent = jax.random.normal(k[2], (3, 7, 24))
+    loss = lambda x, w: jnp.sum(cotangent * matmul_tokens(x, w))
+    np.testing.assert_allclose(transform(matmul_tokens)(x, w), x @ w, rtol=1e-6, atol=1e-6)
+    assert transform(matmul_tokens)(x[0, 0], w).shape == (24,)  # one token: no leading axes
+    dx, dw = transform(jax.grad(loss, (0, 1)))(x, w)
+    c, x64, w64 = (np.asarray(a, np.float64) for a in (cotangent, x, w))
+    np.testing.assert_allclose(dx, c @ w64.T, rtol=1e-5, atol=1e-5)  # dx = c·Wᵀ
+    np.testing.assert_allclose(dw, np.einsum("btd,bto->do", x64, c), rtol=1e-5, atol=1e-5)  # dW = xᵀ·c
+
+
+def test_dense_weight_gradient_does_not_transpose_the_cotangent():
+    """Autodiff of ``x @ W`` with [B, T, din] activations contracts over two axes, and XLA's CPU backend
+    writes the [B·T, dout] cotangent transposed for it (a strided copy, then Eigen packs it again: ~1.5× the
+    time of a scanned MLP's backward); ``matmul_tokens`` contracts over one token axis, with no such copy."""
+    batch, length, din, dout = 4, 32, 48, 80
+    k = jax.random.split(jax.random.key(2), 3)
+    x, w = jax.random.normal(k[0], (batch, length, din)), jax.random.normal(k[1], (din, dout))
+    cotangent = jax.random.normal(k[2], (batch, length, dout))
+
+    def transposed_cotangents(mm) -> list[str]:
+        grad = jax.jit(jax.grad(lambda x, w: jnp.sum(cotangent * jnp.tanh(mm(x, w))), (0, 1)))
+        hlo = grad.lower(x, w).compile().as_text()
+        return re.findall(rf"= f32\[{dout},{batch * length}\]\{{1,0\}} (\w+)", hlo)
+
+    if jax.default_backend() == "cpu":  # the layout this guards against (other backends may choose others)
+        assert transposed_cotangents(lambda x, w: x @ w) != []
+    assert transposed_cotangents(matmul_tokens) == []
