@@ -95,7 +95,7 @@ def decode_loop_copies(layers: int, variant: str) -> list[str]:
     A rolled layer loop lists here each weight and cache slice the backend copies before reading it; [] means
     the step reads every weight and cache byte in place (the unrolled step on every backend; a scanned one on
     a backend that fuses the slice into the matmul, e.g. XLA:GPU's dynamic-slice fusion)."""
-    return _loop_copies(generation_lowered(layers, variant).compile().as_text(), layers, variant)
+    return generation_compile(layers, variant)[1]
 
 
 def ppo_update_compile(layers: int, variant: str, batch: int = 8, prompt: int = 32,

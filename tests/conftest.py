@@ -34,7 +34,7 @@ def _with_test_flags(xla_flags: str) -> str:
     """``xla_flags`` plus each of :data:`TEST_XLA_FLAGS` it does not set itself and XLA accepts."""
     from jaxrlhf.xla_flags import with_flags
 
-    return with_flags(xla_flags, TEST_XLA_FLAGS, lambda flags: _xla_accepts(flags))
+    return with_flags(xla_flags, TEST_XLA_FLAGS, _xla_accepts)
 
 
 # JAXRLHF_TEST_PRODUCT_XLA=1 leaves XLA's settings as a user's run has them: tests/test_product_xla.py runs
