@@ -17,7 +17,9 @@
 #    recomputed in the update's micro-batch shapes: target <= 1e-6).
 # 4. the iteration MFU (issue 13 section 1): the same shape at 1 and at 4 epochs, the sampled log-probs as the
 #    old ones (--logprobs-from rollout); JSON "iteration_mfu" (necessary FLOPs / (iteration time x the in-run
-#    matmul peak); target >= 0.6 at 1 epoch), "phase_share", "matmul_probe".
+#    matmul peak); target >= 0.6 at 1 epoch), "phase_share", "matmul_probe"; the 1-epoch run profiles one
+#    more iteration ("op_profile": each phase's time by kind of op, model region and pass, and its top ops;
+#    the trace and the optimised programs go to a temporary directory named in the JSON).
 # 5. the bfloat16 ratio check as a test on this device (tests/steps/test_experience.py -k bfloat16: first
 #    minibatch mean |r - 1| <= 1e-6), when pytest is installed: ratio_check_CARD_STAMP.txt.
 #
@@ -84,7 +86,8 @@ if [[ $smoke == 1 ]]; then
   run ppo_iteration_tiny_bf16 benchmarks/ppo_iteration.py --preset tiny --vocab 512 --dtype bfloat16 \
     --batch 4 --prompt 8 --response 8 --epochs 1 --minibatches 1 --iterations 1 --peak-tflops "$peak"
   run ppo_iteration_mfu_tiny_bf16_e2 benchmarks/ppo_iteration.py --preset tiny --vocab 512 --dtype bfloat16 \
-    --batch 4 --prompt 8 --response 8 --epochs 2 --minibatches 2 --iterations 1 --logprobs-from rollout
+    --batch 4 --prompt 8 --response 8 --epochs 2 --minibatches 2 --iterations 1 --logprobs-from rollout \
+    --profile "$(mktemp -d)"
   ratio_check
   exit "$status"
 fi
@@ -102,9 +105,11 @@ fi
 run ppo_iteration_llama-1b_bf16 benchmarks/ppo_iteration.py --preset llama-1b --dtype bfloat16 --batch 64 \
   --prompt 128 --response 128 --epochs 4 --minibatches 4 --iterations "${ITERATIONS:-2}" --peak-tflops "$peak"
 for epochs in 1 4; do
+  profile=()
+  [[ $epochs == 1 ]] && profile=(--profile "$(mktemp -d)")
   run "ppo_iteration_mfu_llama-1b_bf16_e$epochs" benchmarks/ppo_iteration.py --preset llama-1b --dtype bfloat16 \
     --batch 64 --prompt 128 --response 128 --epochs "$epochs" --minibatches 4 --iterations "${ITERATIONS:-2}" \
-    --logprobs-from rollout --peak-tflops "$peak"
+    --logprobs-from rollout --peak-tflops "$peak" "${profile[@]}"
 done
 ratio_check
 exit "$status"

@@ -43,9 +43,15 @@ optimiser state), the frozen base LoRA keeps, and the reference copy full fine-t
 is its frozen base: none). The reward model, the same in both, is left out. ``--shapes-only`` computes those
 bytes from shapes (``jax.eval_shape``) without running anything: for presets too slow to run here.
 
+``--profile DIR`` runs one more iteration after the timed ones under ``jax.profiler`` and adds
+``op_profile``: per phase, where its time went (``jaxrlhf.op_profile``: by kind of op, by region of the model
+and the step, forward / backward / recompute, the top ops with their shapes). The process then starts XLA
+with its optimised programs dumped to DIR/hlo (and, on the CPU, per-op trace events on); the trace is in
+DIR/trace.
+
     python benchmarks/ppo_iteration.py [--preset tiny|gpt2-small|gpt2-medium|llama-1b] [--iterations 3]
         [--algorithm ppo|grpo] [--group-size 8] [--critic shared|separate] [--epochs 1]
-        [--logprobs-from recompute|rollout] [--lora-rank 16 [--shapes-only]]
+        [--logprobs-from recompute|rollout] [--lora-rank 16 [--shapes-only]] [--profile DIR]
 
 Prints one JSON object (process 0 only).
 """
@@ -53,16 +59,18 @@ Prints one JSON object (process 0 only).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import itertools
 import json
+import os
 import statistics
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxrlhf import parallel
+from jaxrlhf import op_profile, parallel
 from jaxrlhf import steps as S
 from jaxrlhf.host_memory import retain_freed_memory
 from jaxrlhf.models.config import REMAT_POLICIES, ModelConfig, gpt2_config, llama_config
@@ -75,6 +83,7 @@ from jaxrlhf.steps.state import detach_frozen
 from jaxrlhf.train.model_setup import flops_per_token
 from jaxrlhf.train.rl_setup import build_rl_phases, reward_model_score_fn
 from jaxrlhf.train.timing import Timers, matmul_peak_flops, transformer_flops_per_token
+from jaxrlhf.xla_flags import set_flags_before_start
 
 PRESETS = {
     "tiny": lambda v: gpt2_config(
@@ -128,6 +137,8 @@ def parse_args() -> argparse.Namespace:
                    help="what the blocks' backward saves (ModelConfig.remat)")
     p.add_argument("--lora-rank", type=int, default=0, help="> 0: LoRA of this rank vs full fine-tuning")
     p.add_argument("--lora-targets", default="q,k,v,o,up,down", help="LoRA: the adapted projections")
+    p.add_argument("--profile", default=None, metavar="DIR",
+                   help="one more iteration under jax.profiler: JSON op_profile (trace and programs in DIR)")
     p.add_argument("--shapes-only", action="store_true",
                    help="with --lora-rank: state bytes from shapes (jax.eval_shape), nothing run")
     args = p.parse_args()
@@ -242,9 +253,36 @@ def lora_ratios(out: dict) -> dict[str, float]:
     }
 
 
+def profiled_iteration(directory: str, run: dict, timed_iteration, index: int) -> dict:
+    """One more iteration of ``run`` under ``jax.profiler``, each phase inside an ``op_profile.phase``
+    window; returns ``op_profile.profile_phases`` of it (the programs from the dump in directory/hlo)."""
+    timers = run["timers"]
+
+    @contextlib.contextmanager
+    def around(name: str):
+        with op_profile.phase(name), timers(name):
+            yield
+
+    timed_run = {**run, "iteration": make_rl_iteration(run["phases"], run["ref"], around=around)}
+    trace_dir = os.path.join(directory, "trace")
+    jax.profiler.start_trace(trace_dir, create_perfetto_trace=True)
+    try:
+        timed_iteration(index, timed_run)
+    finally:
+        jax.profiler.stop_trace()
+    return {"phases": op_profile.profile_phases(trace_dir, os.path.join(directory, "hlo")),
+            "what": "one iteration after the timed ones, under jax.profiler (its per-op tracing slows it: "
+                    "compare wall_ms with wall_s); ms per call of each phase, see jaxrlhf.op_profile",
+            "trace_dir": trace_dir}
+
+
 def main() -> None:
     args = parse_args()
     host_memory_retained = args.malloc == "retain" and retain_freed_memory()  # before the runtime's threads
+    if args.profile:  # before the backend starts
+        set_flags_before_start(op_profile.xla_flags(os.path.join(args.profile, "hlo")))
+        # Every program compiled here, so that each one is in the dump (a persistent-cache hit is not).
+        jax.config.update("jax_enable_compilation_cache", False)
     pcfg = parallel.ParallelConfig(data=args.data, fsdp=args.fsdp)
     parallel.initialize_distributed(pcfg)
     mesh = parallel.make_mesh(pcfg)
@@ -348,6 +386,9 @@ def main() -> None:
                 timed[name].append(times)
                 r["metrics"] = metrics
             peaks.append(matmul_peak_flops(probe_n, jnp.dtype(args.dtype)))
+        profile = None
+        if args.profile:
+            profile = profiled_iteration(args.profile, runs["full"], timed_iteration, args.iterations + 1)
     phase_names = ("generation", "score", "update", "total")
     med = {k: statistics.median(t[k] for t in timed["full"]) for k in phase_names}
     first, metrics = firsts["full"], runs["full"]["metrics"]
@@ -429,6 +470,8 @@ def main() -> None:
     }
     if lora_result is not None:
         result["lora"] = lora_result
+    if profile is not None:
+        result["op_profile"] = profile
     if args.peak_tflops:
         result["update_mfu_vs_vendor_peak"] = flops / med["update"] / (args.peak_tflops * 1e12 * devices)
     if parallel.is_main_process():

@@ -178,6 +178,7 @@ class Norm(nnx.Module):
         self.scale = nnx.Param(jnp.ones((dim,), jnp.float32))
         self.bias = nnx.Param(jnp.zeros((dim,), jnp.float32)) if kind == "layernorm" else None
 
+    @jax.named_scope("norm")
     def __call__(self, x: jax.Array) -> jax.Array:
         h = x.astype(jnp.float32)
         if self.kind == "layernorm":
@@ -206,12 +207,13 @@ def attention(q: jax.Array, k: jax.Array, v: jax.Array, bias: jax.Array) -> jax.
     """
     b, t, h, hd = q.shape
     kv_heads = k.shape[1]
-    q = q.reshape(b, t, kv_heads, h // kv_heads, hd).transpose(0, 2, 3, 1, 4)  # [B, K, G, T, hd]
-    scores = jnp.einsum("bkgtd,bkds->bkgts", q, k, preferred_element_type=jnp.float32)
-    scores = scores * (1.0 / hd**0.5) + bias[:, None, None, :, :]
-    probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
-    out = jnp.einsum("bkgts,bksd->btkgd", probs, v)
-    return out.reshape(b, t, h * hd)
+    with jax.named_scope("attention"):  # a region of jaxrlhf.op_profile
+        q = q.reshape(b, t, kv_heads, h // kv_heads, hd).transpose(0, 2, 3, 1, 4)  # [B, K, G, T, hd]
+        scores = jnp.einsum("bkgtd,bkds->bkgts", q, k, preferred_element_type=jnp.float32)
+        scores = scores * (1.0 / hd**0.5) + bias[:, None, None, :, :]
+        probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
+        out = jnp.einsum("bkgts,bksd->btkgd", probs, v)
+        return out.reshape(b, t, h * hd)
 
 
 class Attention(nnx.Module):
@@ -223,17 +225,20 @@ class Attention(nnx.Module):
     def __call__(self, x, rope, bias, layer_cache: LayerCache | FreshKV | None):
         cfg = self.cfg
         b, t, _ = x.shape
-        qkv = self.qkv(x)
-        q = qkv[..., : cfg.q_size].reshape(b, t, cfg.num_heads, cfg.head_dim)
-        k = qkv[..., cfg.q_size : cfg.q_size + cfg.kv_size].reshape(b, t, cfg.num_kv_heads, cfg.head_dim)
-        v = qkv[..., cfg.q_size + cfg.kv_size :].reshape(b, t, cfg.num_kv_heads, cfg.head_dim)
-        if rope is not None:
-            q, k = _rotate(q, *rope), _rotate(k, *rope)
-        k, v = k.transpose(0, 2, 3, 1), v.transpose(0, 2, 1, 3)  # [B, K, hd, T], [B, K, T, hd]
+        with jax.named_scope("attn_proj"):
+            qkv = self.qkv(x)
+            q = qkv[..., : cfg.q_size].reshape(b, t, cfg.num_heads, cfg.head_dim)
+            k = qkv[..., cfg.q_size : cfg.q_size + cfg.kv_size].reshape(b, t, cfg.num_kv_heads, cfg.head_dim)
+            v = qkv[..., cfg.q_size + cfg.kv_size :].reshape(b, t, cfg.num_kv_heads, cfg.head_dim)
+            if rope is not None:
+                q, k = _rotate(q, *rope), _rotate(k, *rope)
+            k, v = k.transpose(0, 2, 3, 1), v.transpose(0, 2, 1, 3)  # [B, K, hd, T], [B, K, T, hd]
         if layer_cache is not None:
-            layer_cache, k, v = layer_cache.write_and_read(k, v)
+            with jax.named_scope("kv_cache"):
+                layer_cache, k, v = layer_cache.write_and_read(k, v)
         y = attention(q, k.astype(q.dtype), v.astype(q.dtype), bias)
-        return self.out(y), layer_cache
+        with jax.named_scope("attn_proj"):
+            return self.out(y), layer_cache
 
 
 class MLP(nnx.Module):
@@ -244,6 +249,7 @@ class MLP(nnx.Module):
         setattr(self, name, Dense(cfg.hidden_size, width, use_bias=cfg.mlp_bias, rngs=rngs))
         self.down = Dense(cfg.intermediate_size, cfg.hidden_size, use_bias=cfg.mlp_bias, rngs=rngs)
 
+    @jax.named_scope("mlp")
     def __call__(self, x: jax.Array) -> jax.Array:
         if self.kind == "swiglu":
             gate, up = jnp.split(self.gate_up(x), 2, axis=-1)
@@ -302,10 +308,11 @@ class Transformer(nnx.Module):
         cfg = self.cfg
         check_positions(cfg, mask.shape[1], "LanguageModel.apply")
         dtype = jnp.dtype(cfg.dtype)
-        x = jnp.take(self.embed[...], tokens, axis=0)
-        if cfg.position_encoding == "learned":
-            x = x + jnp.take(self.pos_embed[...], positions, axis=0)
-        x = x.astype(dtype)
+        with jax.named_scope("embed"):
+            x = jnp.take(self.embed[...], tokens, axis=0)
+            if cfg.position_encoding == "learned":
+                x = x + jnp.take(self.pos_embed[...], positions, axis=0)
+            x = x.astype(dtype)
         rope = _rope_tables(cfg, positions) if cfg.position_encoding == "rope" else None
         index = jnp.zeros((), jnp.int32) if cache is None else cache.index
         bias = _attention_bias(cfg, mask, tokens.shape[1], index)
@@ -324,6 +331,7 @@ class Transformer(nnx.Module):
             cache = KVCache(kv[0], kv[1], cache.index + tokens.shape[1])
         return hidden, cache
 
+    @jax.named_scope("lm_head")
     def logits(self, hidden: jax.Array) -> jax.Array:
         # Inputs in the compute dtype, accumulation and output in float32: bfloat16 logits would quantise
         # every log-prob by ~1e-2, enough to move the PPO ratio off 1 whenever two passes round differently.
@@ -351,6 +359,7 @@ def _head_logits_fwd(hidden, weight, vocab_major):
     return head_logits(hidden, weight, vocab_major), (hidden, weight)
 
 
+@jax.named_scope("lm_head")
 def _head_logits_bwd(vocab_major, residuals, g):
     hidden, weight = residuals
     kernel = weight.astype(hidden.dtype)

@@ -19,6 +19,7 @@ from jaxrlhf.rl.masked import masked_count, masked_mean, masked_var
 Metrics = dict[str, chex.Array]
 
 
+@jax.named_scope("logprobs")  # a region of jaxrlhf.op_profile
 def token_logprobs(logits: chex.Array, tokens: chex.Array, temperature: chex.Numeric = 1.0) -> chex.Array:
     """log softmax(logits / T)[token]: logits [..., V], tokens [...] (integers) → [...], float32 or wider.
 
@@ -33,6 +34,7 @@ def token_logprobs(logits: chex.Array, tokens: chex.Array, temperature: chex.Num
     return jnp.take_along_axis(logprobs, tokens[..., None].astype(jnp.int32), axis=-1)[..., 0]
 
 
+@jax.named_scope("logprobs")
 def entropy_from_logits(logits: chex.Array) -> chex.Array:
     """H = −Σ_v p_v·log p_v with p = softmax(logits), over the last axis: [..., V] → [...].
 
@@ -69,6 +71,7 @@ def _logprobs_and_entropy_fwd(logits, tokens, temperature):
     return _logprobs_and_entropy(logits, tokens, temperature), (logits, tokens, temperature)
 
 
+@jax.named_scope("logprobs")
 def _logprobs_and_entropy_bwd(residuals, cotangents):
     logits, tokens, temperature = residuals
     g_lp, g_h = (c.astype(jnp.float32)[..., None] for c in cotangents)

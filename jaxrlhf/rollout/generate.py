@@ -213,6 +213,7 @@ def generate(
     logits, cache, cache_mask, params, hidden = prefill(model, params, prompt_tokens, prompt_mask, config)
     first_position = jnp.sum(cache_mask[:, :prompt_len], axis=1)  # [R] position of the first response token
 
+    @jax.named_scope("sampling")  # a region of jaxrlhf.op_profile
     def choose(step, logits, hidden, key, done):
         """Sample the token at response index ``step`` from next-token ``logits`` [R, V] (and, guided, the
         step's ``hidden`` [R, d]); returns (token, log-prob, done, KL to the base policy)."""

@@ -37,7 +37,7 @@ class Instruction(NamedTuple):
     op_name: str
 
 
-def _parse(text: str) -> dict[str, list[tuple[bool, str, str, str, str]]]:
+def parse_computations(text: str) -> dict[str, list[tuple[bool, str, str, str, str]]]:
     """Computations → their instructions ``(is_root, name, type, opcode, rest of line)``."""
     comps: dict[str, list] = {}
     current = None
@@ -52,7 +52,7 @@ def _parse(text: str) -> dict[str, list[tuple[bool, str, str, str, str]]]:
     return comps
 
 
-def _elements(shape: str) -> int:
+def elements(shape: str) -> int:
     m = _ARRAY.match(shape)
     if m is None:  # a tuple or token
         return 0
@@ -78,7 +78,7 @@ def _in_place_update(comps: dict, fused: str) -> bool:
 def loops(text: str, scope: str) -> list[str]:
     """Names of the body computations of the while loops whose op_name ends in ``scope/while``."""
     bodies = []
-    for instrs in _parse(text).values():
+    for instrs in parse_computations(text).values():
         for _, _, _, opcode, rest in instrs:
             op_name = _OP_NAME.search(rest)
             if opcode == "while" and op_name and op_name.group(1).endswith(f"{scope}/while"):
@@ -89,7 +89,7 @@ def loops(text: str, scope: str) -> list[str]:
 def large_loop_writes(text: str, scope: str, min_elements: int) -> list[Instruction]:
     """Instructions run every iteration of the while loop(s) traced under ``jax.named_scope(scope)`` that
     produce a buffer of ≥ ``min_elements`` elements, in-place dynamic-update-slices excepted."""
-    comps = _parse(text)
+    comps = parse_computations(text)
     bodies = loops(text, scope)
     if not bodies:
         raise ValueError(f"no while loop under the named scope {scope!r} in the program")
@@ -105,7 +105,7 @@ def large_loop_writes(text: str, scope: str, min_elements: int) -> list[Instruct
                 stack.extend(b.strip().lstrip("%") for b in branches.split(","))
             if opcode in _NO_BUFFER:
                 continue
-            n = _elements(shape)
+            n = elements(shape)
             if n < min_elements:
                 continue
             if opcode == "dynamic-update-slice":

@@ -88,9 +88,10 @@ def create_rl_state(
 
 def apply_gradients(state: TrainState, optimizer: optax.GradientTransformation, grads: Any) -> TrainState:
     """One optimiser update: ``params ← params + optimizer.update(grads)``, step + 1."""
-    updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
-    return state._replace(params=optax.apply_updates(state.params, updates), opt_state=opt_state,
-                          step=state.step + 1)
+    with jax.named_scope("optimizer"):  # a region of jaxrlhf.op_profile
+        updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
+        return state._replace(params=optax.apply_updates(state.params, updates), opt_state=opt_state,
+                              step=state.step + 1)
 
 
 def _is_named_tuple(x: Any) -> bool:
