@@ -11,9 +11,11 @@ Decode vs the bandwidth bound: a decode step must read every matmul weight (comp
 of the tokens so far. ``decode.bound_s_per_step`` is those bytes (cache at the mean context of the decode
 steps) ÷ the copy bandwidth measured in this run (the probe named in ``copy_bandwidth``);
 ``decode.fraction_of_bound`` is that bound ÷ the measured time per decode step, where the decode time is
-(generate − prefill) ÷ (new tokens − 1). ``decode.loop_copies`` lists any buffer of at least one layer's
-cache that the compiled decode loop writes per step (dynamic-update-slices in place excepted): [] means no
-step copies a cache, a stacked weight or a layer's slice.
+(generate − prefill) ÷ (new tokens − 1). ``decode.fraction_of_read_bound`` is the same against the read-only
+bandwidth (``read_bandwidth``: a jitted sum), the ceiling of a step that reads and hardly writes; on the
+2-core CPU the read rate is ~0.6 of the copy probe's (read + write) rate. ``decode.loop_copies`` lists any
+buffer of at least one layer's cache that the compiled decode loop writes per step (dynamic-update-slices in
+place excepted): [] means no step copies a cache, a stacked weight or a layer's slice.
 
 Group sampling (``--group-prefill``): the prefill of ``--group-prompts`` prompts of ``--group-prompt-len``
 tokens shared by groups of ``--group-size`` rows, against prefilling the repeated prompts, time and FLOPs.
@@ -111,6 +113,28 @@ def copy_bandwidth(nbytes: int, repeats: int = 7) -> dict:
         "probe": f"jit(x * c) over a {nbytes / 2**20:.0f} MiB float32 array, donated; (read + write) / time",
         "bytes_per_s": 2 * n * 4 / med,
         "best_bytes_per_s": 2 * n * 4 / min(times),
+    }
+
+
+def read_bandwidth(nbytes: int, repeats: int = 7) -> dict:
+    """Device read bandwidth from a jitted ``sum(x)`` over a float32 array of ``nbytes``: bytes read per call
+    ÷ the median call time. A decode step mostly reads (weights, cache) and writes little, and on a CPU the
+    read-only rate differs from the copy probe's (read + write) rate: ~28 vs ~48 GB/s on the 2-core
+    machine, so both bounds are reported."""
+    n = nbytes // 4
+    total = jax.jit(lambda x: jnp.sum(x))
+    x = jnp.ones((n,), jnp.float32) * jnp.float32(1.0000001)
+    jax.block_until_ready(total(x))
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        jax.block_until_ready(total(x))
+        times.append(time.perf_counter() - start)
+    med = statistics.median(times)
+    return {
+        "probe": f"jit(sum(x)) over a {nbytes / 2**20:.0f} MiB float32 array; bytes read / time",
+        "bytes_per_s": n * 4 / med,
+        "best_bytes_per_s": n * 4 / min(times),
     }
 
 
@@ -298,7 +322,9 @@ def main() -> None:
     flops = generation_flops(cfg, args.batch, args.prompt, args.new)
     on_cpu = jax.default_backend() == "cpu"
     peak = matmul_peak_flops(2048 if on_cpu else 8192, jnp.dtype(args.dtype))
-    bandwidth = copy_bandwidth((args.bandwidth_mib or (256 if on_cpu else 2048)) * 2**20)
+    probe_bytes = (args.bandwidth_mib or (256 if on_cpu else 2048)) * 2**20
+    bandwidth = copy_bandwidth(probe_bytes)
+    reading = read_bandwidth(probe_bytes)
 
     start = time.perf_counter()
     compiled = generate.lower(model, params, prompts[0], mask, jax.random.key(0), gen_cfg).compile()
@@ -334,6 +360,7 @@ def main() -> None:
     per_step = [(g - p) / decode_steps for g, p in zip(jax_times, prefill_times)]
     need = decode_bytes_per_step(cfg, args.batch, args.prompt, args.new)
     bound = need["total"] / bandwidth["bytes_per_s"]
+    read_bound = need["total"] / reading["bytes_per_s"]
     result = {
         "benchmark": "generation",
         "backend": jax.default_backend(),
@@ -360,6 +387,7 @@ def main() -> None:
         },
         "matmul_peak_gflops": peak / 1e9,
         "copy_bandwidth": bandwidth,
+        "read_bandwidth": reading,
         "model_gflop_per_call": flops / 1e9,
         "jaxrlhf": _summary(jax_times, new_tokens, flops, peak) | {"compile_s": compile_s, "cpu_s": jax_cpu},
         "decode": {
@@ -370,6 +398,8 @@ def main() -> None:
             "bound_s_per_step_full_cache": (need["weights"] + need["kv_cache_full_length"])
             / bandwidth["bytes_per_s"],
             "fraction_of_bound": bound / statistics.median(per_step),
+            "bound_s_per_step_read": read_bound,
+            "fraction_of_read_bound": read_bound / statistics.median(per_step),
         },
     }
     if not args.no_copy_check:

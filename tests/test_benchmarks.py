@@ -38,3 +38,17 @@ def test_compile_depth_lists_the_slices_a_rolled_decode_loop_copies():
     # XLA's CPU matmuls read each layer's weight and cache slice from a copy of it
     assert scanned and all("dynamic_slice" in c for c in scanned)
     assert any("f32[128,512]" in c for c in scanned) and any("f32[8,4,32,64]" in c for c in scanned)
+
+
+def test_generation_bandwidth_probes_count_the_bytes_they_move():
+    m = load("generation")
+    copy, read = m.copy_bandwidth(1 << 20, repeats=3), m.read_bandwidth(1 << 20, repeats=3)
+    for probe in (copy, read):
+        assert 0 < probe["bytes_per_s"] <= probe["best_bytes_per_s"]
+    assert "(read + write) / time" in copy["probe"] and "bytes read / time" in read["probe"]
+    # the decode step's bytes: every matmul weight once plus the cache at the mean context
+    from jaxrlhf.models.config import gpt2_config
+    cfg = gpt2_config(vocab_size=64, hidden_size=32, num_layers=2, num_heads=4, max_position_embeddings=64)
+    need = m.decode_bytes_per_step(cfg, batch=2, prompt=4, new=4)
+    assert need["total"] == need["weights"] + need["kv_cache_mean_context"]
+    assert need["kv_cache_full_length"] == 2 * 2 * 2 * 8 * 32 * 4  # K and V, layers, batch, 8 columns, d, f32
