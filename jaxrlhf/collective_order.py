@@ -82,14 +82,18 @@ def sequence_loops(fn: Callable[..., Any]) -> Callable[..., Any]:
 
 
 def _token(values: list[Any]) -> jax.Array:
-    """A float32 scalar that equals ±0 and depends on one element of every value: what a fence adds."""
+    """A float32 scalar that equals −0 and depends on one element of every value: what a fence adds.
+
+    Each element is zeroed before the sum (a sum of large finite elements, e.g. two attention masks'
+    float32 minimum, would overflow to ±inf, and inf·0 is NaN), and the result is −0, the one value whose
+    addition leaves every float bitwise unchanged (x + (−0) = x, −0 and NaN included)."""
     token = jnp.zeros((), jnp.float32)
     for v in values:
         if jnp.size(v) == 0 or jax.dtypes.issubdtype(v.dtype, jax.dtypes.extended):
             continue
         first = jnp.ravel(v)[0].astype(jnp.float32)
-        token = token + jnp.where(jnp.isfinite(first), first, 0.0)
-    return token * 0.0  # ±0 for every input, but XLA cannot know it (0·x is not folded for floats)
+        token = token + jnp.where(jnp.isfinite(first), first, 0.0) * 0.0  # ±0, not folded by XLA for floats
+    return -jnp.abs(token)
 
 
 def _tie(v: Any, token: jax.Array) -> Any:
@@ -101,7 +105,7 @@ def _tie(v: Any, token: jax.Array) -> Any:
         return v | (token != 0.0)
     if jnp.issubdtype(dtype, jnp.inexact):
         return v + token.astype(dtype)
-    return v + token.astype(dtype)  # integers: ±0.0 converts to 0
+    return v + token.astype(dtype)  # integers: −0.0 converts to 0
 
 
 def _fenced_closed(closed: core.ClosedJaxpr) -> core.ClosedJaxpr:

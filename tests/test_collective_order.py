@@ -132,3 +132,23 @@ def test_the_check_finds_an_unordered_loop_and_only_it():
     assert unordered_collectives(ordered) == []
     without = HAZARD_HLO.replace("%g = f32[8] all-gather(%x), dimensions={0}", "%g = f32[8] negate(%x)")
     assert unordered_collectives(without) == []  # a loop without collectives is no hazard
+
+
+@pytest.mark.parametrize("extreme", ["min", "max"])
+def test_a_fence_survives_values_whose_sum_overflows(extreme):
+    """Two values live across a loop whose first elements are float32's extreme (an attention mask's
+    additive minimum, kept for a backward pass): the fence's token must not overflow to inf, whose
+    product with 0 is NaN and would turn every value tied to it into NaN."""
+    big = getattr(jnp.finfo(jnp.float32), extreme)
+
+    def f(x, a, b):
+        a, b = a * 1.0, b - 0.0  # computed before the loop, so its fence reads them
+        y = jax.lax.fori_loop(0, 3, lambda i, c: c * 1.5, x)
+        return y, a + y[0], b
+
+    args = (jnp.array([1.0, -0.0]), jnp.full((3,), big), jnp.full((3,), big))
+    expected = jax.jit(f)(*args)
+    for got in (jax.jit(sequence_loops(f))(*args), sequence_loops(f)(*args)):
+        for a, b in zip(got, expected):
+            np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+            assert np.array_equal(np.signbit(a), np.signbit(b))  # −0 stays −0
