@@ -1,7 +1,7 @@
 """jaxrlhf.collective_order: fenced loops change no value, and the HLO check finds unordered collectives.
 
-The hazard itself needs several devices (tests/parallel/multidevice/test_collective_order_sharded.py checks
-compiled sharded programs; tests/parallel/test_multihost.py runs 2 processes)."""
+The hazard itself needs several processes (tests/parallel/test_multihost.py runs 2 and checks their compiled
+programs); tests/steps/test_ppo.py runs the real PPO update fenced."""
 
 from __future__ import annotations
 

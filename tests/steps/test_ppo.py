@@ -2,6 +2,7 @@
 accumulation, early stopping, the non-finite guard, a separate critic, and the KL controller."""
 
 import dataclasses
+import functools
 
 import jax
 import jax.numpy as jnp
@@ -179,3 +180,26 @@ def test_tis_weights_the_policy_gradient_term(tiny_model, policy, experience):
     flat = lambda g: np.concatenate([np.ravel(x) for x in jax.tree.leaves(g.policy.lm)])
     np.testing.assert_allclose(flat(weighted), flat(expected), atol=1e-6)
     assert np.abs(flat(weighted) - flat(plain)).max() > 1e-4
+
+
+def test_fenced_update_equals_the_plain_one(first_update, update, tiny_model, optimizer, experience):
+    """Multi-process CPU runs fence every loop of a step (``jaxrlhf.collective_order``); the PPO update,
+    whose attention keeps its padding mask (float32's minimum) live across the loops, must give the same
+    state and metrics (to float rounding: a fence stops XLA fusing across it, which may reorder a sum), and
+    its non-finite guard must still leave the state unchanged."""
+    from jaxrlhf.collective_order import sequence_loops
+
+    state, _ = first_update
+    # A left-padded row first: the attention mask's first element is then float32's minimum.
+    experience = jax.tree.map(lambda x: x[jnp.array([1, 0, 2, 3])], experience)
+    assert int(experience.sequence_mask[0, 0]) == 0
+    expected_state, expected_metrics = update(state, experience, jax.random.key(0))
+    fenced = jax.jit(sequence_loops(make_ppo_update(tiny_model, None, CFG, optimizer)))
+    new_state, metrics = fenced(state, experience, jax.random.key(0))
+    close = functools.partial(np.testing.assert_allclose, rtol=1e-5, atol=1e-7)
+    jax.tree.map(close, new_state, expected_state)
+    jax.tree.map(close, metrics, expected_metrics)
+    bad = experience._replace(advantages=experience.advantages.at[1, 2].set(jnp.nan))
+    skipped, metrics = fenced(state, bad, jax.random.key(0))
+    jax.tree.map(np.testing.assert_array_equal, skipped.policy, state.policy)
+    assert float(metrics["train/skipped_updates"]) == 1
