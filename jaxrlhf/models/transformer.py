@@ -238,14 +238,15 @@ def _attention_fwd(q, k, v, bias):
         o = jnp.einsum("bkgts,bksd->bkgtd", e.astype(v.dtype), v, preferred_element_type=jnp.float32)
         out = (o / total).astype(v.dtype).transpose(0, 3, 1, 2, 4).reshape(b, t, h * hd)
         # The backward reads e and Σe rather than recomputing the scores (one matmul and an exp fewer).
-        return out, (q, k, v, bias, out, e, total)
+        # The mask gets no gradient (None below), so it is not kept.
+        return out, (q, k, v, out, e, total)
 
 
 def _attention_bwd(residuals, g):
     """With p = e / Σe from the forward's saved e = exp(s − max s) and Σe, and D = Σ_d g·o per query
     (= Σ_s p·∂L/∂p): ∂L/∂v = pᵀ·g, ∂L/∂s = p ⊙ (g·vᵀ − D), ∂L/∂q = ∂L/∂s·k/√hd, ∂L/∂k = ∂L/∂sᵀ·q/√hd.
     D replaces autodiff's row sum over the keys by one over the head dimension."""
-    q, k, v, bias, out, e, total = residuals
+    q, k, v, out, e, total = residuals
     b, t, h, hd = q.shape
     kv_heads = k.shape[1]
     with jax.named_scope("attention"):
@@ -258,7 +259,7 @@ def _attention_bwd(residuals, g):
         dq = jnp.einsum("bkgts,bkds->bkgtd", ds, k, preferred_element_type=jnp.float32)
         dk = jnp.einsum("bkgts,bkgtd->bkds", ds, qg, preferred_element_type=jnp.float32)
         dq = dq.transpose(0, 3, 1, 2, 4).reshape(b, t, h, hd)
-        return dq.astype(q.dtype), dk.astype(k.dtype), dv.astype(v.dtype), jnp.zeros_like(bias)
+        return dq.astype(q.dtype), dk.astype(k.dtype), dv.astype(v.dtype), None
 
 
 attention.defvjp(_attention_fwd, _attention_bwd)
