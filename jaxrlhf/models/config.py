@@ -59,6 +59,9 @@ class ModelConfig:
     sliding_window: int | None = None
     bos_token_id: int | None = None
     eos_token_id: int | None = None
+    # Further end-of-sequence ids, when the Hugging Face config lists several (Llama 3 Instruct: end of text,
+    # end of message, end of turn); ``eos_token_id`` is the first.
+    extra_eos_token_ids: tuple[int, ...] = ()
     pad_token_id: int | None = None
     # Compute dtype; parameters are always stored in float32 (master weights).
     dtype: Literal["float32", "bfloat16"] = "float32"
@@ -86,8 +89,16 @@ class ModelConfig:
             )
         if self.remat not in REMAT_POLICIES:
             raise ValueError(f"remat must be one of {', '.join(REMAT_POLICIES)}, got {self.remat!r}")
+        # A list from a YAML or JSON file would make the frozen config unhashable.
+        object.__setattr__(self, "extra_eos_token_ids", tuple(int(i) for i in self.extra_eos_token_ids))
         if self.position_encoding == "rope" and self.head_dim % 2:
             raise ValueError(f"RoPE needs an even head_dim, got {self.head_dim}")
+
+    @property
+    def eos_token_ids(self) -> tuple[int, ...]:
+        """Every end-of-sequence id: ``eos_token_id`` then ``extra_eos_token_ids`` (empty without one)."""
+        first = () if self.eos_token_id is None else (self.eos_token_id,)
+        return first + tuple(i for i in self.extra_eos_token_ids if i != self.eos_token_id)
 
     @property
     def q_size(self) -> int:
@@ -152,6 +163,18 @@ def _first_id(value: Any) -> int | None:
     return None if value is None else int(value)
 
 
+def eos_ids(value: Any, where: str) -> tuple[int, ...]:
+    """A Hugging Face ``eos_token_id`` (None, an id or a list of ids) as a tuple of distinct ids, in order."""
+    values = value if isinstance(value, (list, tuple)) else [] if value is None else [value]
+    out: list[int] = []
+    for v in values:
+        if isinstance(v, bool) or not isinstance(v, int) or v < 0:
+            raise UnsupportedModelError(f"{where}: {value!r} is not a token id or a list of token ids")
+        if v not in out:
+            out.append(v)
+    return tuple(out)
+
+
 def from_hf_config(hf: dict[str, Any], source: str = "config.json") -> ModelConfig:
     """Translate a Hugging Face ``config.json`` dict into a :class:`ModelConfig`.
 
@@ -164,8 +187,8 @@ def from_hf_config(hf: dict[str, Any], source: str = "config.json") -> ModelConf
             f"(supported: {', '.join(SUPPORTED_MODEL_TYPES)})"
         )
     ids = dict(bos_token_id=_first_id(hf.get("bos_token_id")), pad_token_id=_first_id(hf.get("pad_token_id")))
-    eos = hf.get("eos_token_id")
-    ids["eos_token_id"] = _first_id(eos)
+    eos = eos_ids(hf.get("eos_token_id"), f"{source}: eos_token_id")
+    ids["eos_token_id"], ids["extra_eos_token_ids"] = (eos[0], eos[1:]) if eos else (None, ())
     if model_type == "gpt2":
         act = hf.get("activation_function", "gelu_new")
         if act not in ("gelu_new", "gelu_pytorch_tanh"):
@@ -261,6 +284,8 @@ def to_hf_config(config: ModelConfig) -> dict[str, Any]:
     """The ``config.json`` dict that makes ``transformers`` build the same model."""
     # Written even when None: transformers would otherwise fill in GPT-2's 50256 for a missing id.
     ids = {k: getattr(config, k) for k in ("bos_token_id", "eos_token_id", "pad_token_id")}
+    if config.extra_eos_token_ids:  # a list, as the source had it: transformers' generate stops at each
+        ids["eos_token_id"] = list(config.eos_token_ids)
     if config.model_type == "gpt2":
         return dict(
             model_type="gpt2",

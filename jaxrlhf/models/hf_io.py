@@ -36,13 +36,14 @@ from typing import Any, NamedTuple
 import numpy as np
 
 from jaxrlhf.config import ConfigError
-from jaxrlhf.models.config import ModelConfig, UnsupportedModelError, from_hf_config, to_hf_config
+from jaxrlhf.models.config import ModelConfig, UnsupportedModelError, eos_ids, from_hf_config, to_hf_config
 from jaxrlhf.models.transformer import LanguageModel, Params, stack_layers, unstack_layers
 
 log = logging.getLogger(__name__)
 
 SINGLE_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
+GENERATION_CONFIG_FILE = "generation_config.json"
 HEADS_FILE = "jaxrlhf_heads.safetensors"
 SCORE_TENSOR = "score.weight"  # HF's sequence-classification head: Linear(d, num_labels, bias=False)
 SCORE_METADATA = "jaxrlhf_score"  # config.json: {"head": which of our heads, "bias": its bias}
@@ -236,6 +237,28 @@ def _read_hf_config(path: Path) -> dict[str, Any]:
     return hf
 
 
+def _with_generation_eos(cfg: ModelConfig, file: Path) -> ModelConfig:
+    """``cfg`` with the eos ids of ``generation_config.json`` added after its own: transformers' ``generate``
+    stops at those, and some models list only one of them in config.json (Llama 3 Instruct's first
+    release: end of turn there, end of text and end of turn in generation_config.json)."""
+    if not file.is_file():
+        return cfg
+    try:
+        generation = json.loads(file.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise CheckpointFormatError(f"{file}: invalid JSON ({e})") from None
+    if not isinstance(generation, dict):
+        raise CheckpointFormatError(f"{file}: expected a JSON object, got {type(generation).__name__}")
+    try:
+        extra = eos_ids(generation.get("eos_token_id"), f"{file}: eos_token_id")
+    except UnsupportedModelError as e:
+        raise CheckpointFormatError(str(e)) from None
+    ids = cfg.eos_token_ids + tuple(i for i in extra if i not in cfg.eos_token_ids)
+    if ids == cfg.eos_token_ids:
+        return cfg
+    return dataclasses.replace(cfg, eos_token_id=ids[0], extra_eos_token_ids=ids[1:])
+
+
 def is_sequence_classifier(hf_config: dict[str, Any]) -> bool:
     """Whether a ``config.json`` dict describes a ``*ForSequenceClassification`` model (a score head)."""
     return any(str(a).endswith(_CLASSIFIER_SUFFIX) for a in hf_config.get("architectures") or ())
@@ -252,6 +275,7 @@ def load_config(path: str | os.PathLike, dtype: str | None = None) -> ModelConfi
     cfg = from_hf_config(hf, source=str(path / "config.json"))
     if is_sequence_classifier(hf) and not cfg.tie_word_embeddings and not _has_tensor(path, "lm_head.weight"):
         cfg = dataclasses.replace(cfg, tie_word_embeddings=True)
+    cfg = _with_generation_eos(cfg, path / GENERATION_CONFIG_FILE)
     if dtype is not None:
         cfg = dataclasses.replace(cfg, dtype=dtype)
     return cfg

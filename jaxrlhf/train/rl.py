@@ -202,7 +202,7 @@ def build_rl(cfg: RLRunConfig, run: Run, policy: LoadedModel, critic_key: jax.Ar
     algo = rl_algorithm(cfg)
     epochs = isinstance(algo, ClippedEpochsConfig)
     dtype, model, tokenizer = cfg.model.dtype, policy.model, policy.tokenizer
-    generation = sampling_settings(cfg.generation, algo.temperature, tokenizer)
+    generation = sampling_settings(cfg.generation, algo.temperature, tokenizer, model.config)
     check_length(
         model.config,
         cfg.data.max_prompt_length + generation.max_new_tokens,

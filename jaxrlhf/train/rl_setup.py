@@ -17,6 +17,7 @@ import jax.numpy as jnp
 import optax
 
 from jaxrlhf.config import ConfigError
+from jaxrlhf.models.config import ModelConfig
 from jaxrlhf.models.heads import init_value_head
 from jaxrlhf.models.transformer import LanguageModel
 from jaxrlhf.rl import RewardNormalization
@@ -36,10 +37,12 @@ _OFF_POLICY = ("the update's log-probs are those of the unfiltered tempered soft
                "would read 1 while the update is off-policy")
 
 
-def sampling_settings(gen: GenerationSection, temperature: float, tokenizer: Any) -> GenerationConfig:
+def sampling_settings(gen: GenerationSection, temperature: float, tokenizer: Any,
+                      model_config: ModelConfig | None = None) -> GenerationConfig:
     """The rollouts' :class:`GenerationConfig`: the algorithm's temperature, stopping at the tokenizer's eos
-    unless ``generation.stop_token_ids`` says otherwise. Filtered sampling (top-k, top-p, a minimum length)
-    is refused: see :data:`_OFF_POLICY`."""
+    and at every eos id of the model's config (Llama 3 Instruct lists three; its chat turns end with the
+    third) unless ``generation.stop_token_ids`` says otherwise. Filtered sampling (top-k, top-p, a minimum
+    length) is refused: see :data:`_OFF_POLICY`."""
     if gen.temperature is not None and gen.temperature != temperature:
         raise ConfigError(
             f"generation.temperature: {gen.temperature} differs from the algorithm's temperature "
@@ -50,7 +53,10 @@ def sampling_settings(gen: GenerationSection, temperature: float, tokenizer: Any
         if value != off:
             raise ConfigError(f"generation.{key}: {value} is not supported by on-policy RL ({_OFF_POLICY}); "
                               f"leave it at {off}")
-    stop = gen.stop_token_ids if gen.stop_token_ids is not None else (tokenizer.eos_token_id,)
+    stop = gen.stop_token_ids
+    if stop is None:
+        model_eos = model_config.eos_token_ids if model_config is not None else ()
+        stop = tuple(dict.fromkeys(i for i in (tokenizer.eos_token_id, *model_eos) if i is not None))
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     try:
         return GenerationConfig(

@@ -91,7 +91,7 @@ class GenerationSection:
     temperature: float | None = None
     top_k: int = 0
     top_p: float = 1.0
-    stop_token_ids: tuple[int, ...] | None = None  # default: the tokenizer's eos
+    stop_token_ids: tuple[int, ...] | None = None  # default: the tokenizer's eos and the model config's
 
 
 @dataclasses.dataclass(frozen=True)

@@ -210,3 +210,59 @@ def test_missing_shard_is_named(hf_checkpoint, tmp_path):
     shard.unlink()
     with pytest.raises(hf_io.CheckpointFormatError, match=f"lists shard '{shard.name}', which is missing"):
         hf_io.load(tmp_path / "s")
+
+
+# ------------------------------------------------------------------------------ several end-of-sequence ids
+
+
+def test_every_eos_id_survives_load_and_export(tmp_path):
+    """A config listing several eos ids (Llama 3 Instruct lists three) keeps them all: the exported model
+    stops in transformers' ``generate`` where the original stops, at its second eos id."""
+    torch.manual_seed(0)
+    hf_cfg = transformers.LlamaConfig(vocab_size=48, hidden_size=32, intermediate_size=40,
+                                      num_hidden_layers=1, num_attention_heads=4, num_key_value_heads=2,
+                                      eos_token_id=2, bos_token_id=1, pad_token_id=0)
+    original = transformers.LlamaForCausalLM(hf_cfg).eval()
+    prompt = torch.tensor([[5, 9, 11, 3]])
+    greedy = lambda m: m.generate(prompt, do_sample=False, max_new_tokens=8, pad_token_id=0)[0, 4:].tolist()
+    with torch.no_grad():
+        free = original.generate(prompt, do_sample=False, max_new_tokens=8, eos_token_id=None,
+                                 pad_token_id=0)[0, 4:].tolist()
+    second = free[2]  # greedy decoding's third token becomes the second eos id: generation must stop there
+    assert second not in (0, 2) and second not in free[:2], free  # holds for this seed
+    original.config.eos_token_id = original.generation_config.eos_token_id = [2, second]
+    original.save_pretrained(tmp_path / "src")
+
+    model, params, _ = hf_io.load(tmp_path / "src", tokenizer=False)
+    assert (model.config.eos_token_id, model.config.eos_token_ids) == (2, (2, second))
+    out = hf_io.save(tmp_path / "export", model, params)
+    assert json.loads((out / "config.json").read_text())["eos_token_id"] == [2, second]
+    assert hf_io.load(out, tokenizer=False)[0].config == model.config
+    with torch.no_grad():
+        stops = greedy(original), greedy(transformers.AutoModelForCausalLM.from_pretrained(out).eval())
+    assert stops[0] == stops[1] == free[:3], stops
+
+
+def test_generation_config_eos_ids_are_added(saved):
+    """Some models list one eos id in config.json and more in generation_config.json (what transformers'
+    generate stops at): the loaded config has them all, config.json's first."""
+    cfg = json.loads((saved / "config.json").read_text())
+    (saved / "config.json").write_text(json.dumps({**cfg, "eos_token_id": 9}))
+    (saved / "generation_config.json").write_text(json.dumps({"eos_token_id": [4, 9], "temperature": 0.6}))
+    assert hf_io.load_config(saved).eos_token_ids == (9, 4)
+    (saved / "generation_config.json").write_text(json.dumps({"eos_token_id": 9}))
+    assert hf_io.load_config(saved).extra_eos_token_ids == ()
+
+
+def test_bad_eos_ids_are_named(saved):
+    cfg = json.loads((saved / "config.json").read_text())
+    (saved / "config.json").write_text(json.dumps({**cfg, "eos_token_id": [2, "end"]}))
+    with pytest.raises(UnsupportedModelError, match=r"config\.json: eos_token_id: \[2, 'end'\] is not a"):
+        hf_io.load_config(saved)
+    (saved / "config.json").write_text(json.dumps(cfg))
+    (saved / "generation_config.json").write_text("{not json")
+    with pytest.raises(hf_io.CheckpointFormatError, match=r"generation_config\.json: invalid JSON"):
+        hf_io.load_config(saved)
+    (saved / "generation_config.json").write_text(json.dumps({"eos_token_id": -1}))
+    with pytest.raises(hf_io.CheckpointFormatError, match=r"generation_config\.json: eos_token_id: -1"):
+        hf_io.load_config(saved)

@@ -39,3 +39,24 @@ def test_load_critic_folds_the_reward_models_normalisation(tmp_path):
     hidden = jax.random.normal(jax.random.key(3), (4, 16))
     np.testing.assert_allclose(head_apply(critic.value_head, hidden), 2.0 * head_apply(head, hidden) + 0.5,
                                rtol=1e-5, atol=1e-5)
+
+
+def test_rollouts_stop_at_every_eos_id_of_the_model_by_default():
+    """Llama 3 Instruct's config lists three eos ids and its tokenizer names one: a rollout must stop at each
+    (a chat turn ends with the third). ``generation.stop_token_ids`` replaces the default."""
+    import types
+
+    from jaxrlhf.models.config import llama_config
+    from jaxrlhf.train.rl_setup import sampling_settings
+    from jaxrlhf.train.run_config import GenerationSection
+
+    tokenizer = types.SimpleNamespace(eos_token_id=9, pad_token_id=0)
+    config = llama_config(vocab_size=16, hidden_size=8, num_layers=1, num_heads=2, intermediate_size=8,
+                          eos_token_id=5, extra_eos_token_ids=[9, 7])
+    assert config.extra_eos_token_ids == (9, 7)  # a list (from YAML or JSON) is kept as a tuple: hashable
+    hash(config)
+    got = sampling_settings(GenerationSection(), 1.0, tokenizer, config)
+    assert got.stop_token_ids == (9, 5, 7) and got.pad_token_id == 0
+    assert sampling_settings(GenerationSection(), 1.0, tokenizer).stop_token_ids == (9,)
+    given = GenerationSection(stop_token_ids=(3,))
+    assert sampling_settings(given, 1.0, tokenizer, config).stop_token_ids == (3,)
