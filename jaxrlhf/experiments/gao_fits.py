@@ -4,17 +4,23 @@
     RL:         R_RL(d)  = d·(α − β·log d)
 
 R is the gold reward's *change* from the initial policy, R = gold(d) − gold(0), as in the paper (both
-forms pass through R(0) = 0). Both are linear in (α, β), so the fit is ordinary least squares through the
-origin on the design columns [d, −d²] (best-of-n) or [d, −d·log d] (RL), over the points with d > 0.
+forms pass through R(0) = 0). Both are linear in (α, β), so the fit is least squares on the design columns
+[d, −d²] (best-of-n) or [d, −d·log d] (RL).
 
-Points at d = 0 (the initial policy, or a KL estimate ≤ 0) carry no information about α and β: both
-forms are exactly 0 there. They give the baseline gold(0) (their mean, unless ``gold_at_zero`` is passed)
-and are left out of the least squares and of R². A slightly negative KL estimate (a sample estimate of a
-tiny KL) counts as d = 0.
+**The baseline gold(0) is fitted with them.** It is measured like every other point (the initial policy's
+mean gold on the same evaluation prompts), so its error is shared by every difference gold − gold(0):
+subtracting it and fitting through the origin with independent-error standard errors understated the
+spread of α and β by 1.4–3.5× (coverage of ± 2 s.e. 42–82% in simulation). So the model is
+gold = g₀ + R(d) over every point, d = 0 included (the initial policy's evaluations, a KL estimate ≤ 0 of
+a tiny KL, and ``gold_at_zero`` when passed, as one more point at d = 0), least squares in (g₀, α, β),
+and the standard errors are the OLS ones, σ̂²·(XᵀWX)⁻¹ with σ̂² = RSS/(N − 3) over the N points; at least
+one point at d = 0 and 3 with d > 0 are required. ``gold_at_zero_known=True`` takes ``gold_at_zero`` as
+exact instead (an analytic baseline): the fit is then through the origin on the d > 0 points, with
+σ̂² = RSS/(k − 2).
 
-R² = 1 − Σ(yᵢ − ŷᵢ)²/Σ(yᵢ − ȳ)² over the fitted points: the usual centred R², so it compares the form
-with a horizontal line and can be negative when the form fits worse than that. Standard errors are the
-OLS ones, σ̂²·(XᵀX)⁻¹ with σ̂² = RSS/(k − 2); they need k ≥ 3 points with d > 0, which the fit requires.
+R² = 1 − Σwᵢ(yᵢ − ŷᵢ)²/Σwᵢ(yᵢ − ȳ)² over the fitted points (gold, or its change with a known baseline):
+the usual centred R², which compares the model with a horizontal line and can be negative; NaN when the
+values do not vary at all (nothing to explain).
 """
 
 from __future__ import annotations
@@ -52,8 +58,10 @@ class GaoFit:
     beta_se: float
     r2: float
     n_points: int  # points with d > 0 used in the fit
-    gold_at_zero: float  # the baseline subtracted from the gold values
+    gold_at_zero: float  # the baseline g₀: fitted (default) or given as exact
     d_max: float  # the largest d fitted (curves beyond it are extrapolation)
+    gold_at_zero_se: float = 0.0  # its standard error (0 when given as exact)
+    n_baseline: int = 0  # points at d = 0 in the fit (0 when the baseline is given as exact)
 
     @property
     def formula(self) -> str:
@@ -90,20 +98,27 @@ class GaoFit:
             return f"{x:.{digits}f}" + (f" ± {se:.{digits}f}" if math.isfinite(se) else "")
 
         alpha, beta = value(self.alpha, self.alpha_se), value(self.beta, self.beta_se)
-        return (f"{self.formula}: α = {alpha}, β = {beta} (± 1 s.e.), R² = {self.r2:.3f} over "
-                f"{self.n_points} points with d > 0")
+        r2 = f"R² = {self.r2:.3f}" if math.isfinite(self.r2) else "R² undefined (gold does not vary)"
+        if self.n_baseline:
+            base = value(self.gold_at_zero, self.gold_at_zero_se)
+            return (f"{self.formula}: α = {alpha}, β = {beta}, gold(0) = {base} (± 1 s.e., fitted jointly), "
+                    f"{r2} over {self.n_points} points with d > 0 and {self.n_baseline} at d = 0")
+        return (f"{self.formula}: α = {alpha}, β = {beta} (± 1 s.e.), {r2} over "
+                f"{self.n_points} points with d > 0 (gold(0) = {self.gold_at_zero:.{digits}f} given)")
 
     def as_dict(self) -> dict:
         return {**dataclasses.asdict(self), "formula": self.formula, "peak_d": self.peak_d}
 
 
-def fit_gao(kl, gold, form: str, gold_at_zero: float | None = None, weights=None) -> GaoFit:
+def fit_gao(kl, gold, form: str, gold_at_zero: float | None = None, weights=None,
+            gold_at_zero_known: bool = False) -> GaoFit:
     """Least-squares fit of a Gao et al. form to checkpoints (see the module docstring).
 
     ``kl`` [k]: KL(π ‖ π_init) of each point (nats; the initial policy has 0); ``gold`` [k]: its mean gold
-    reward; ``form``: "bon" or "rl"; ``gold_at_zero``: the initial policy's gold (default: the mean gold of
-    the points with KL ≤ 0, which must then exist); ``weights`` [k] (optional): per-point weights, e.g.
-    1/half-width², for weighted least squares.
+    reward; ``form``: "bon" or "rl"; ``gold_at_zero``: the initial policy's measured gold, one more point at
+    d = 0 (or, with ``gold_at_zero_known``, the exact baseline); ``weights`` [k] (optional): per-point
+    weights, e.g. 1/half-width², for weighted least squares (``gold_at_zero``'s point gets the mean weight
+    of the d = 0 points, or of all points without one).
     """
     if form not in FORMS:
         raise ValueError(f"fit_gao: form must be one of {FORMS}, got {form!r}")
@@ -112,33 +127,47 @@ def fit_gao(kl, gold, form: str, gold_at_zero: float | None = None, weights=None
         raise ValueError(f"fit_gao: kl {kl.shape} and gold {gold.shape} must both be [points]")
     if not (np.all(np.isfinite(kl)) and np.all(np.isfinite(gold))):
         raise ValueError("fit_gao: kl and gold must be finite")
-    at_zero = kl <= 0
-    if gold_at_zero is None:
-        if not at_zero.any():
-            raise ValueError("fit_gao: no point with KL = 0 (the initial policy) to take gold(0) from; "
-                             "pass gold_at_zero")
-        gold_at_zero = float(gold[at_zero].mean())
-    d = np.sqrt(np.where(at_zero, 0.0, kl))[~at_zero]
-    y = gold[~at_zero] - gold_at_zero
-    if d.size < MIN_POINTS:
-        raise ValueError(f"fit_gao: need at least {MIN_POINTS} points with KL > 0 to fit α, β and their "
-                         f"errors, got {d.size}")
-    w = np.ones_like(d) if weights is None else np.asarray(weights, np.float64)[~at_zero]
-    if w.shape != d.shape or not np.all(w > 0):
+    w = np.ones_like(kl) if weights is None else np.asarray(weights, np.float64)
+    if w.shape != kl.shape or not np.all(w > 0):
         raise ValueError("fit_gao: weights must be [points] and > 0")
-    x = _design(d, form)
+    at_zero = kl <= 0
+    if int((~at_zero).sum()) < MIN_POINTS:
+        raise ValueError(f"fit_gao: need at least {MIN_POINTS} points with KL > 0 to fit α, β and their "
+                         f"errors, got {int((~at_zero).sum())}")
+    if gold_at_zero_known:
+        if gold_at_zero is None:
+            raise ValueError("fit_gao: gold_at_zero_known needs gold_at_zero")
+        keep = ~at_zero
+        d, y, w = np.sqrt(kl[keep]), gold[keep] - float(gold_at_zero), w[keep]
+        x = _design(d, form)
+    else:
+        if gold_at_zero is None and not at_zero.any():
+            raise ValueError("fit_gao: no point with KL = 0 (the initial policy) to fit gold(0) from; "
+                             "pass gold_at_zero")
+        d, y = np.sqrt(np.where(at_zero, 0.0, kl)), gold
+        if gold_at_zero is not None:
+            extra_w = float(w[at_zero].mean()) if at_zero.any() else float(w.mean())
+            d, y, w = np.r_[d, 0.0], np.r_[y, float(gold_at_zero)], np.r_[w, extra_w]
+        x = np.concatenate([np.ones((d.size, 1)), _design(d, form)], axis=1)
     sw = np.sqrt(w)
-    (alpha, beta), *_ = np.linalg.lstsq(x * sw[:, None], y * sw, rcond=None)
-    residual = y - x @ np.array([alpha, beta])
+    coef, *_ = np.linalg.lstsq(x * sw[:, None], y * sw, rcond=None)
+    residual = y - x @ coef
     rss = float((w * residual**2).sum())
     y_bar = float((w * y).sum() / w.sum())
     tss = float((w * (y - y_bar) ** 2).sum())
-    r2 = 1.0 - rss / tss if tss > 0 else (1.0 if rss == 0 else -math.inf)
+    # No variation to explain (a constant gold): R² is undefined, not the −inf or −1e21 that rounding gives.
+    r2 = 1.0 - rss / tss if tss > 1e-20 * float((w * y**2).sum()) else math.nan
     xtx = x.T @ (x * w[:, None])
     if np.linalg.cond(xtx) > 1e12:
-        raise ValueError(f"fit_gao: the {d.size} points do not determine α and β (their d values are too "
-                         "alike); evaluate more checkpoints at different KL")
-    cov = rss / (d.size - 2) * np.linalg.inv(xtx)
-    alpha_se, beta_se = (float(math.sqrt(max(v, 0.0))) for v in np.diag(cov))
-    return GaoFit(form, float(alpha), float(beta), alpha_se, beta_se, float(r2), int(d.size),
-                  float(gold_at_zero), float(d.max()))
+        raise ValueError(f"fit_gao: the {int((d > 0).sum())} points with KL > 0 do not determine α and β "
+                         "(their d values are too alike); evaluate more checkpoints at different KL")
+    cov = rss / (d.size - x.shape[1]) * np.linalg.inv(xtx)
+    ses = [float(math.sqrt(max(v, 0.0))) for v in np.diag(cov)]
+    if gold_at_zero_known:
+        (alpha, beta), (alpha_se, beta_se) = coef, ses
+        base, base_se, n_base = float(gold_at_zero), 0.0, 0
+    else:
+        (base, alpha, beta), (base_se, alpha_se, beta_se) = coef, ses
+        n_base = int((d == 0).sum())
+    return GaoFit(form, float(alpha), float(beta), alpha_se, beta_se, float(r2), int((d > 0).sum()),
+                  float(base), float(d.max()), base_se, n_base)

@@ -125,18 +125,21 @@ def _fit_cell(fit: dict, key: str) -> str:
 
 
 def gao_table(results: dict) -> list[str]:
-    """Markdown rows of the Gao et al. fits: method, form, α, β (± 1 s.e.), R², points, fitted peak."""
+    """Markdown rows of the Gao et al. fits: method, form, α, β and the baseline gold(0) fitted with them
+    (± 1 s.e.), R², points, fitted peak."""
     a = results["analysis"]
-    lines = ["| curve | form | α (± 1 s.e.) | β (± 1 s.e.) | R² | points with KL > 0 | fitted peak √KL |",
-             "|---|---|---:|---:|---:|---:|---:|"]
+    lines = ["| curve | form | α (± 1 s.e.) | β (± 1 s.e.) | gold(0) (± 1 s.e.) | R² | points with KL > 0 | "
+             "fitted peak √KL |",
+             "|---|---|---:|---:|---:|---:|---:|---:|"]
     fits = [(a["methods"][k]["name"], a["methods"][k]["gao"]) for k in results["methods"]]
     fits.append(("best-of-n", a["best_of_n"]["gao"]))
     for name, fit in fits:
         if "error" in fit:
-            lines.append(f"| {name} | {fit['form'] or '—'} | n/a | n/a | n/a | — | {fit['error']} |")
+            lines.append(f"| {name} | {fit['form'] or '—'} | n/a | n/a | n/a | n/a | — | {fit['error']} |")
             continue
         lines.append(f"| {name} | {fit['formula']} | {_fit_cell(fit, 'alpha')} | {_fit_cell(fit, 'beta')} | "
-                     f"{_num(fit['r2'])} | {fit['n_points']} | {_num(fit['peak_d'], 2)} |")
+                     f"{_fit_cell(fit, 'gold_at_zero')} | {_num(fit['r2'])} | {fit['n_points']} | "
+                     f"{_num(fit['peak_d'], 2)} |")
     return lines
 
 

@@ -7,7 +7,6 @@ import numpy as np
 import pytest
 
 from jaxrlhf.experiments.curves import (
-    Z_95,
     CurvePoint,
     best_of_n_by_prompt,
     best_of_n_points,
@@ -20,12 +19,17 @@ from jaxrlhf.experiments.curves import (
 # ------------------------------------------------------------------------------------------ intervals
 
 
+T3, T2 = 3.182446305284263, 4.302652729911275  # t_{ν, 0.975} for ν = 3, 2
+
+
 def test_mean_ci_hand_values():
-    # mean 2.5, s = sqrt(5/3) = 1.2910, half = 1.96·1.2910/2
+    # mean 2.5, s = sqrt(5/3) = 1.2910, half = t_{3, 0.975}·1.2910/2
     mean, half = mean_ci(np.array([1.0, 2.0, 3.0, 4.0]))
     assert mean == pytest.approx(2.5)
-    assert half == pytest.approx(Z_95 * math.sqrt(5 / 3) / 2)
-    assert half == pytest.approx(1.2652, abs=1e-4)
+    assert half == pytest.approx(T3 * math.sqrt(5 / 3) / 2)
+    assert half == pytest.approx(2.0543, abs=1e-4)
+    assert mean_ci(np.array([1.0, 2.0, 3.0, 4.0]), level=0.5)[1] == pytest.approx(
+        0.7648923284847653 * math.sqrt(5 / 3) / 2)  # t_{3, 0.75}
     assert math.isnan(mean_ci(np.array([3.0]))[1])
     with pytest.raises(ValueError, match="no values"):
         mean_ci(np.array([]))
@@ -35,9 +39,17 @@ def test_prompt_mean_ci_uses_per_prompt_means():
     # Per-prompt means are all 2: no spread between prompts, whatever the spread within them.
     assert prompt_mean_ci(np.array([[1.0, 3.0], [2.0, 2.0], [0.0, 4.0]])) == (2.0, 0.0)
     mean, half = prompt_mean_ci(np.array([[0.0, 0.0], [1.0, 1.0], [2.0, 2.0]]))
-    assert (mean, half) == pytest.approx((1.0, Z_95 * 1.0 / math.sqrt(3)))
+    assert (mean, half) == pytest.approx((1.0, T2 * 1.0 / math.sqrt(3)))
     with pytest.raises(ValueError, match=r"\[prompts, samples\]"):
         prompt_mean_ci(np.zeros(4))
+
+
+def test_mean_ci_covers_at_its_level_over_few_prompts():
+    """The quick demo averages 8 prompts: its 95% interval covers 95% (a 1.96 interval covered ~91%)."""
+    rng = np.random.default_rng(8)
+    reps = 4000
+    hits = sum(abs(m) <= h for m, h in (mean_ci(rng.normal(0.0, 1.0, 8)) for _ in range(reps)))
+    assert abs(hits / reps - 0.95) <= 3 * math.sqrt(0.95 * 0.05 / reps), hits / reps
 
 
 def test_intervals_separated():

@@ -65,8 +65,13 @@ def test_zero_points_set_the_baseline_and_are_not_fitted():
     # an explicit baseline, with no d = 0 point at all
     fit = fit_gao(kl[1:], gold[1:], "rl", gold_at_zero=0.3)
     assert fit.alpha == pytest.approx(0.5) and fit.n_points == 7
-    assert fit.describe() == ("R_RL(d) = d(α − β·log d): α = 0.500 ± 0.000, β = 0.300 ± 0.000 (± 1 s.e.), "
-                              "R² = 1.000 over 7 points with d > 0")
+    assert fit.describe() == ("R_RL(d) = d(α − β·log d): α = 0.500 ± 0.000, β = 0.300 ± 0.000, gold(0) = "
+                              "0.300 ± 0.000 (± 1 s.e., fitted jointly), R² = 1.000 over 7 points with d > 0 "
+                              "and 1 at d = 0")
+    known = fit_gao(kl[1:], gold[1:], "rl", gold_at_zero=0.3, gold_at_zero_known=True)
+    assert (known.alpha, known.n_baseline, known.gold_at_zero_se) == (pytest.approx(0.5), 0, 0.0)
+    assert known.describe() == ("R_RL(d) = d(α − β·log d): α = 0.500 ± 0.000, β = 0.300 ± 0.000 (± 1 s.e.), "
+                                "R² = 1.000 over 7 points with d > 0 (gold(0) = 0.300 given)")
 
 
 def test_weights_and_r2_meaning():
@@ -77,9 +82,34 @@ def test_weights_and_r2_meaning():
     assert abs(down_weighted.alpha - 0.6) < 1e-4 < abs(plain.alpha - 0.6)
     assert plain.r2 < 1.0
     # a flat gold curve: the form explains nothing beyond a constant, R² ≤ 0
-    flat = fit_gao(D**2, np.full(8, 0.1) + np.r_[0, 0.01, -0.01, 0.01, -0.01, 0.01, -0.01, 0.01], "bon",
-                   gold_at_zero=0.0)
+    flat = fit_gao(D**2, np.full(8, 0.1) + np.r_[0, 0.01, -0.01, 0.01, -0.01, 0.01, -0.01, 0.01], "bon")
     assert flat.r2 < 0.2
+    # gold that does not vary at all: nothing to explain, R² undefined (not −inf or −1e21 from rounding)
+    constant = fit_gao(D**2, np.full(8, 0.3), "bon")
+    assert math.isnan(constant.r2) and constant.alpha == pytest.approx(0.0, abs=1e-12)
+    assert "R² undefined (gold does not vary)" in constant.describe()
+
+
+@pytest.mark.parametrize("form", ["bon", "rl"])
+def test_standard_errors_count_the_noise_of_the_measured_baseline(form):
+    """gold(0) is measured with the same noise as every point (the initial policy on the same prompts), and
+    its error is shared by every change gold − gold(0): fitted jointly, α and β have honest standard errors
+    (± 2 s.e. covers ≈ t(N − 3)'s 92%, 7 + 1 points); subtracting it as exact understated them (measured
+    coverage 42–82%)."""
+    alpha, beta = TRUTH[form]
+    d = np.r_[0.0, np.linspace(0.3, 3.0, 7)]
+    reps, rng = 1000, np.random.default_rng(5)
+    covered, covered_exact = np.zeros(2), np.zeros(2)
+    for _ in range(reps):
+        gold = 0.2 + form_values(form, d, alpha, beta) + rng.normal(0, 0.05, d.size)
+        for fit, hits in ((fit_gao(d**2, gold, form), covered),
+                          (fit_gao(d**2, gold, form, gold_at_zero=gold[0], gold_at_zero_known=True),
+                           covered_exact)):
+            hits += np.abs([fit.alpha - alpha, fit.beta - beta]) <= 2 * np.array([fit.alpha_se, fit.beta_se])
+    expected = 0.8980  # P(|t| ≤ 2) for t with N − 3 = 5 degrees of freedom
+    se = math.sqrt(expected * (1 - expected) / reps)
+    assert np.all(np.abs(covered / reps - expected) <= 3 * se), covered / reps
+    assert np.all(covered_exact / reps < expected - 3 * se), covered_exact / reps  # the old way
 
 
 def test_bad_input():

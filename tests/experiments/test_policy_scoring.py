@@ -7,7 +7,6 @@ import jax
 import numpy as np
 import pytest
 
-from jaxrlhf.experiments.curves import Z_95
 from jaxrlhf.experiments.policy_scoring import summarize
 from jaxrlhf.oracle import FunctionOracle, get_task
 from jaxrlhf.steps.params import RewardModelParams
@@ -19,7 +18,7 @@ def test_summarize_grid():
               "finished": np.ones(4), "length": np.array([3.0, 4.0, 5.0, 6.0])}
     e = summarize("SFT", scores, samples_per_prompt=2)  # prompts: gold means 0.5, 0
     assert (e.gold, e.proxy, e.kl, e.optimal, e.length, e.samples) == (0.25, 1.0, 0.5, 0.25, 4.5, 4)
-    assert e.gold_ci == pytest.approx(Z_95 * math.sqrt(0.125) / math.sqrt(2))
+    assert e.gold_ci == pytest.approx(12.706204736174705 * math.sqrt(0.125) / math.sqrt(2))  # t_{1, 0.975}
     assert e.kl_ci == 0.0 and e.sqrt_kl == pytest.approx(math.sqrt(0.5))
     assert e.metrics()["eval/gold"] == 0.25 and e.point(7).x == 7
 

@@ -17,6 +17,7 @@ from jaxrlhf.experiments.statistics import (
     across_seeds,
     bootstrap_interval,
     format_interval,
+    holm_adjusted,
     mean_interval,
     overoptimization_test,
     paired_comparison,
@@ -221,3 +222,118 @@ def test_across_seeds():
     assert across_seeds([0.4]).format() == "0.400 (no interval: 1 seed)"
     with pytest.raises(ValueError, match="must match values"):
         across_seeds([0.1, 0.2], prompt_half_widths=[0.1])
+
+
+# ------------------------------------------------------------------------ lattice data: the sign-flip guard
+
+
+def sparse_differences(k: int, n: int = 64) -> np.ndarray:
+    """k of n prompts moved by +1, the rest exactly 0 (two policies of a discrete gold that differ on k)."""
+    d = np.zeros(n)
+    d[:k] = 1.0
+    return d
+
+
+@pytest.mark.parametrize("method", ["studentized", "bca", "percentile"])
+def test_a_few_moved_prompts_get_the_exact_sign_test_p_value(method):
+    """With k of 64 differences +1 and the rest 0, only the k signs carry evidence: the exact sign test's
+    one-sided p is 2⁻ᵏ. The bootstrap alone called k = 2 significant (studentized p = 0.017); guarded by
+    the sign flips it is not, and the p-value is 2⁻ᵏ up to the Monte Carlo error of B = 4000 flips."""
+    for k in (2, 3, 4, 6):
+        c = paired_comparison(sparse_differences(k), np.zeros(64), alternative="greater", n_boot=4000, seed=k,
+                              method=method)
+        assert c.p_value == pytest.approx(2.0**-k, abs=3 * math.sqrt(2.0**-k / 4000) + 1e-3), (k, c)
+        assert c.difference.method == f"{method}+signflip"
+        assert (c.p_value < 0.05) == (c.one_sided_bound > 0)
+    two = paired_comparison(sparse_differences(2), np.zeros(64), n_boot=4000)
+    assert two.p_value > 0.4 and two.difference.low <= 0.0  # exact two-sided: 0.5
+
+
+def test_sign_flip_guard_keeps_the_false_positive_rate_on_lattice_data():
+    """Identical policies on a discrete gold: 5% of 64 per-prompt differences are ±1, the rest 0. The
+    studentized bootstrap alone called 16% of such pairs different (8% at 10% of 128 prompts); guarded,
+    the rate is at most 5%, and the 95% interval covers 0 as often."""
+    rng = np.random.default_rng(31)
+    reps, calls, covered = 500, 0, 0
+    for r in range(reps):
+        d = np.where(rng.random(64) < 0.05, rng.choice([-1.0, 1.0], 64), 0.0)
+        c = paired_comparison(d, np.zeros(64), n_boot=500, seed=r)
+        calls += c.p_value < 0.05
+        covered += c.difference.low <= 0.0 <= c.difference.high
+    assert calls / reps <= 0.05 + 2.326 * binomial_se(0.05, reps), calls / reps
+    assert covered / reps >= 0.95 - 2.326 * binomial_se(0.95, reps), covered / reps
+
+
+def test_overoptimization_false_positive_rate_on_flat_lattice_curves():
+    """Flat curves of a discrete gold where each checkpoint changes a few prompts' 0/1 gold at random: the
+    drops are mostly exact zeros. Called over-optimised in ≤ 5% (it was 7.7–10.2% unguarded)."""
+    rng = np.random.default_rng(77)
+    reps, calls = 400, 0
+    for r in range(reps):
+        base = (rng.random(128) < 0.5).astype(float)
+        flips = rng.random((6, 128)) < 0.05  # each checkpoint re-draws 5% of the prompts' gold
+        gold = np.where(flips, (rng.random((6, 128)) < 0.5).astype(float), base[None])
+        calls += overoptimization_test(gold, n_boot=500, seed=r).overoptimized
+    assert calls / reps <= 0.05 + 2.326 * binomial_se(0.05, reps), calls / reps
+
+
+def test_continuous_differences_are_left_to_the_bootstrap():
+    rng = np.random.default_rng(4)
+    a, b = rng.normal(0.1, 1.0, 50), rng.normal(0.0, 1.0, 50)
+    c = paired_comparison(a, b, seed=2)
+    assert c.difference.method == "studentized"
+
+
+def test_bca_p_value_counts_ties_with_the_null_on_both_sides():
+    """One difference of −0.5 among 63 zeros: most bootstrap means equal the null 0. BCa's p_less used to be
+    1 − p_greater (ties counted as evidence for 'less': p = 0.001 while the upper bound was +0.000)."""
+    d = np.r_[np.zeros(63), -0.5]
+    c = paired_comparison(d, np.zeros(64), alternative="less", method="bca", n_boot=999)
+    assert c.p_value > 0.3 and c.one_sided_bound >= 0.0
+
+
+def test_an_interval_open_on_one_side_says_so():
+    """254 differences of 0.001 and two of 1.001: resamples without a large one have a rounding-level spread
+    (1e-18), which once gave a finite upper bound of 1.6e15; the end is open and the text says so."""
+    d = np.r_[np.full(254, 0.001), 1.001, 1.001]
+    c = paired_comparison(d, np.zeros_like(d))
+    assert c.difference.low > 0 and c.difference.high == math.inf
+    assert c.difference.format() == "0.009 [0.001, ∞] (95% CI over 256 prompts, open on one side)"
+
+
+# ------------------------------------------------------------------------------------------ several tests
+
+
+def test_holm_adjusted_hand_values():
+    # sorted 0.005, 0.01, 0.03, 0.04 → ×4, ×3, ×2, ×1 = 0.02, 0.03, 0.06, 0.04 → running max → 0.06
+    assert holm_adjusted([0.01, 0.04, 0.03, 0.005]) == pytest.approx([0.03, 0.06, 0.06, 0.02])
+    assert holm_adjusted([0.5, 0.9]) == [1.0, 1.0] and holm_adjusted([]) == []
+    with pytest.raises(ValueError, match="p-values in"):
+        holm_adjusted([0.1, 1.5])
+
+
+def test_holm_keeps_the_family_wise_error_of_a_study():
+    """8 choices that change nothing, each compared with the defaults over 8 seeds: at least one
+    unadjusted p < 0.05 in ~1 − 0.95⁸ = 34% of studies; Holm-adjusted, in ≤ 5%."""
+    rng = np.random.default_rng(12)
+    reps, any_raw, any_holm = 300, 0, 0
+    for r in range(reps):
+        baseline = rng.normal(0.5, 0.1, 8)
+        ps = [paired_comparison(rng.normal(0.5, 0.1, 8), baseline, unit="seeds", n_boot=300, seed=r).p_value
+              for _ in range(8)]
+        any_raw += min(ps) < 0.05
+        any_holm += min(holm_adjusted(ps)) < 0.05
+    assert any_raw / reps > 0.15  # the problem: measured 0.25
+    assert any_holm / reps <= 0.05 + 2.326 * binomial_se(0.05, reps), any_holm / reps
+
+
+def test_study_tables_print_the_holm_adjusted_p_value():
+    from jaxrlhf.experiments.studies.study_run import add_holm, delta_cell
+
+    diff = {"value": 0.03, "low": 0.01, "high": 0.05}
+    variants = {"default": {}, "a": {"delta_gold": {"difference": diff, "p_value": 0.01}},
+                "b": {"delta_gold": {"difference": diff, "p_value": 0.04}, "delta_kl": {"difference": diff,
+                                                                                     "p_value": 0.5}}}
+    assert add_holm(variants, ("delta_gold", "delta_kl")) == 3
+    assert variants["a"]["delta_gold"]["p_holm"] == pytest.approx(0.03)
+    assert delta_cell(variants["b"]["delta_gold"]) == "+0.030 [+0.010, +0.050], p = 0.04 (Holm 0.08)"

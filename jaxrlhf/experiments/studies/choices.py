@@ -27,11 +27,13 @@ from jaxrlhf.experiments.pipeline_data import describe_data
 from jaxrlhf.experiments.statistics import UNIT_SEEDS, across_seeds
 from jaxrlhf.experiments.studies.study_plots import plot_curves, plot_differences
 from jaxrlhf.experiments.studies.study_run import (
+    MULTIPLICITY,
     PIPELINE_QUICK,
     ProgramClock,
     StudyResult,
     StudyRunSection,
     VariantRuns,
+    add_holm,
     delta_cell,
     host,
     paired_with,
@@ -176,6 +178,7 @@ def _results(cfg: ChoicesStudyConfig, pipeline: Pipeline, runs: list[VariantRuns
         entry["curve_mean"] = {k: getattr(r.curve, k).mean(axis=(0, 2)).tolist()
                                for k in ("gold", "kl", "proxy")}
         variants[r.name] = entry
+    add_holm(variants, ("delta_gold", "delta_kl"))
     sft_gold = baseline.curve.gold[:, 0].mean(axis=1)
     defaults = (f"reward normalised (gain/bias on fresh SFT samples), advantages whitened, k1 KL in the "
                 f"reward with β = {algo.kl_coef:g} fixed, value loss clipped at {algo.vf_clip_eps}, "
@@ -276,7 +279,9 @@ def render_report(results: dict) -> str:
         f"seeds; the ± is the 95% t-interval over the {s} seeds (unit: seeds). Δ is the per-seed "
         "difference from the defaults averaged over seeds, with a studentized bootstrap 95% interval over "
         "seeds and the two-sided p-value of no difference. An interval that excludes 0 says the choice "
-        "moves the result beyond seed-to-seed noise. Gold is the oracle's reward (the truth), proxy the "
+        "moves the result beyond seed-to-seed noise. "
+        f"{MULTIPLICITY.format(m=2 * (len(results['variants']) - 1))} Gold is the oracle's reward (the "
+        "truth), proxy the "
         "reward model's normalised score (what PPO optimises), KL the distance from the SFT policy (Σ "
         "over the response of log π − log π_SFT, on the policy's own samples).",
         "",

@@ -32,11 +32,13 @@ from jaxrlhf.experiments.pipeline_stages import RewardOutput, SFTOutput
 from jaxrlhf.experiments.statistics import UNIT_SEEDS, across_seeds, paired_comparison
 from jaxrlhf.experiments.studies.study_plots import plot_curves, plot_differences
 from jaxrlhf.experiments.studies.study_run import (
+    MULTIPLICITY,
     PIPELINE_QUICK,
     ProgramClock,
     StudyResult,
     StudyRunSection,
     VariantRuns,
+    add_holm,
     delta_cell,
     host,
     paired_with,
@@ -224,6 +226,7 @@ def _results(cfg: FeedbackStudyConfig, pipeline: Pipeline, variants: list[Feedba
                 paired_comparison(r.agreement, baseline.agreement, unit=UNIT_SEEDS))
             entry["delta_gold"] = dataclasses.asdict(paired_with(r, baseline, "gold"))
         table[v.name] = entry
+    add_holm(table, ("delta_agreement", "delta_gold"))
     a = fb.annotator
     return {
         "study": "feedback", "quick": cfg.run.quick, "seeds": cfg.run.seeds, "unit": UNIT_SEEDS,
@@ -298,7 +301,7 @@ def render_report(results: dict) -> str:
         "",
         *main_table(results),
         "",
-        READING,
+        READING + " " + MULTIPLICITY.format(m=2 * (len(results["variants"]) - 1)),
         "",
         "## Plots",
         "",

@@ -11,7 +11,7 @@ import json
 import math
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -28,6 +28,7 @@ from jaxrlhf.experiments.statistics import (
     PairedComparison,
     SeedSummary,
     across_seeds,
+    holm_adjusted,
     mean_interval,
     paired_comparison,
 )
@@ -162,12 +163,29 @@ def summary_cell(summary: dict, digits: int = 3) -> str:
 
 
 def delta_cell(comparison: dict | None, digits: int = 3) -> str:
-    """``+0.031 [−0.004, +0.066], p = 0.08`` from a :class:`PairedComparison` as a dict (— for none)."""
+    """``+0.031 [−0.004, +0.066], p = 0.08 (Holm 0.31)`` from a :class:`PairedComparison` as a dict, with
+    its Holm-adjusted p-value when :func:`add_holm` set one (— for none)."""
     if comparison is None:
         return "—"
     d = comparison["difference"]
+    holm = f" (Holm {comparison['p_holm']:.2g})" if "p_holm" in comparison else ""
     return (f"{d['value']:+.{digits}f} [{d['low']:+.{digits}f}, {d['high']:+.{digits}f}], "
-            f"p = {comparison['p_value']:.2g}")
+            f"p = {comparison['p_value']:.2g}{holm}")
+
+
+def add_holm(variants: dict[str, dict], keys: Sequence[str]) -> int:
+    """Give every comparison ``variants[*][key]`` (``key`` in ``keys``) its Holm-adjusted p-value
+    (``p_holm``) over the study's whole family of such comparisons; returns the family's size."""
+    family = [entry[k] for entry in variants.values() for k in keys if k in entry]
+    for comparison, adjusted in zip(family, holm_adjusted([c["p_value"] for c in family])):
+        comparison["p_holm"] = adjusted
+    return len(family)
+
+
+MULTIPLICITY = ("Each Δ's p-value is its own test; the study runs {m} of them, so the Holm-adjusted p-value "
+                "beside it (Holm 1979) is the one that keeps the chance of any false 'significant' among "
+                "all {m} at 5% (with 8 choices that change nothing, at least one unadjusted p < 0.05 turns "
+                "up in ~30% of studies).")
 
 
 def json_safe(value: Any) -> Any:
