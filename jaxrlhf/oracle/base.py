@@ -26,6 +26,10 @@ import numpy as np
 from jax.typing import ArrayLike
 
 
+class RewardFunctionError(ValueError):
+    """A user's reward function failed, or returned something that is not one score per sample."""
+
+
 class Oracle(abc.ABC):
     """A deterministic gold reward. Subclasses implement both forms (see the module docstring)."""
 
@@ -222,9 +226,9 @@ class FunctionOracle(Oracle):
                 continue
             value = float(self.fn(prompt, response))
             if not np.isfinite(value):
-                raise ValueError(
+                raise RewardFunctionError(
                     f"oracle {self.name!r} returned {value} for batch row {b}: "
-                    f"prompt={prompt!r} response={response!r}"
+                    f"prompt={prompt!r:.200} response={response!r:.200}"
                 )
             scores[b] = value
         return scores

@@ -25,14 +25,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxrlhf.oracle.base import Oracle, check_text_batch, decode_batch
+from jaxrlhf.oracle.base import Oracle, RewardFunctionError, check_text_batch, decode_batch
 
 # The arguments TRL passes besides the dataset's columns.
 _STANDARD = ("prompts", "completions", "completion_ids")
-
-
-class RewardFunctionError(ValueError):
-    """A user's reward function failed, or returned something that is not one score per sample."""
 
 
 def is_batch_reward(fn: Callable[..., Any]) -> bool:

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import logging
 import os
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any, NamedTuple
 
 import jax
@@ -39,6 +39,9 @@ class Checkpointing:
     def __init__(self, command: str, section: CheckpointSection, train: TrainSection, run_dir: str,
                  state_key: str = "train"):
         self.command, self.cfg, self.state_key = command, section, state_key
+        # Called once the saves so far have committed (the run directory's config.yaml then describes them).
+        self.on_committed: Callable[[], None] | None = None
+        self._unconfirmed = False
         self.stop_at_step = train.stop_at_step
         directory = section.dir or os.path.join(run_dir, "checkpoints")
         # The interval is applied in save(): orbax's own would also save the first step.
@@ -98,7 +101,17 @@ class Checkpointing:
         if step in self.manager.all_steps():  # e.g. the final step of a run that already finished
             return False
         state = detach_frozen(state)[0]  # only what is trained (LoRA: the adapters, not the base)
-        return self.manager.save(step, state, {"command": self.command, "step": step, **metadata}, force=True)
+        metadata = {"command": self.command, "step": step, **metadata}
+        saved = self.manager.save(step, state, metadata, force=True)
+        self._unconfirmed |= bool(saved)
+        return saved
+
+    def _confirm(self) -> None:
+        """After a wait that raised nothing: the saves so far have committed."""
+        if self._unconfirmed:
+            self._unconfirmed = False
+            if self.on_committed is not None:
+                self.on_committed()
 
     def save_now(self, step: int, state: Any, rng: jax.Array, batches: Any,
                  metadata: Mapping[str, Any]) -> None:
@@ -107,10 +120,12 @@ class Checkpointing:
         self.save(step, {self.state_key: state, "rng": rng}, {"data": batches.state(), **metadata},
                   force=True)
         self.manager.wait()
+        self._confirm()
 
     def wait(self) -> None:
         """Wait for pending saves (a failed one raises ``CheckpointWriteError``)."""
         self.manager.wait()
+        self._confirm()
 
     def stops_at(self, step: int, total: int) -> bool:
         """Whether ``train.stop_at_step`` ends this invocation after ``step`` (before the last step)."""
@@ -130,3 +145,4 @@ class Checkpointing:
     def close(self) -> None:
         """Wait for pending saves and release orbax's resources."""
         self.manager.close()
+        self._confirm()

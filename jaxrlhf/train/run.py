@@ -110,6 +110,7 @@ class Run:
         self.is_main = jax.process_index() == 0
         self.directory = RunDirectory(logging_.run_dir, command, logging_.level, enabled=self.is_main)
         self.checkpoints = Checkpointing(command, checkpoint, train, self.directory.path, state_key)
+        self.checkpoints.on_committed = self.directory.commit_config
         self.report = Reporting(command, logging_, train, peak_dtype, enabled=self.is_main)
         log.info(
             "device mesh %s over %d device(s) in %d process(es)",

@@ -66,12 +66,38 @@ class RunDirectory:
         logging.getLogger().removeHandler(self._held)
         self._held.buffer.clear()
 
+    @property
+    def _uncommitted_marker(self) -> Path:
+        return Path(self.path) / "config.yaml.uncommitted"
+
     def _write_config(self, config: Any) -> None:
+        """Write ``config.yaml``; a different one already there moves to ``config.yaml.prev``, unless it is
+        marked as a run that never wrote a checkpoint (``config.yaml.uncommitted``, removed by
+        :meth:`commit_config`) and a ``.prev`` exists: then ``.prev`` keeps describing the checkpoints,
+        however many retries fail before their first one."""
         path = self.config_path
         # Reloadable as is: `jaxrlhf <command> --config <run_dir>/config.yaml` repeats the run.
         header = f"# jaxrlhf {self.command} --config {path}\n"
         text = header + yaml.safe_dump(to_dict(config), sort_keys=False)
-        if path.is_file() and path.read_text() != text:
-            log.warning("%s differs from this run's config; replacing it (old one: config.yaml.prev)", path)
-            os.replace(path, path.with_suffix(".yaml.prev"))
-        path.write_text(text)
+        if path.is_file() and path.read_text() == text:
+            return
+        marker, prev = self._uncommitted_marker, path.with_suffix(".yaml.prev")
+        if path.is_file():
+            if marker.exists() and prev.exists():
+                log.warning("%s differs from this run's config; replacing it (it wrote no checkpoint; "
+                            "config.yaml.prev still holds the config of the checkpoints before it)", path)
+            else:
+                log.warning("%s differs from this run's config; replacing it (old one: config.yaml.prev)",
+                            path)
+                os.replace(path, prev)
+        marker.write_text("config.yaml is the config of a run that has written no checkpoint yet; the "
+                          "directory's earlier checkpoints (if any) were written with config.yaml.prev\n")
+        tmp = path.with_suffix(".yaml.tmp")
+        tmp.write_text(text)
+        os.replace(tmp, path)
+
+    def commit_config(self) -> None:
+        """A checkpoint of this run's config has been written: ``config.yaml`` now describes the
+        directory's latest checkpoint (called by the run's checkpointing)."""
+        if self.enabled:
+            self._uncommitted_marker.unlink(missing_ok=True)

@@ -10,6 +10,7 @@ import pytest
 from jaxrlhf.oracle import (
     FunctionOracle,
     Oracle,
+    RewardFunctionError,
     RewardSpecError,
     build_task_tokenizer,
     decode_batch,
@@ -67,7 +68,8 @@ def test_function_oracle_errors():
         oracle.score_texts("a", "b")
     with pytest.raises(ValueError, match="needs a tokenizer"):
         FunctionOracle(count_b).score_tokens(*hand_batch())
-    with pytest.raises(ValueError, match="returned nan for batch row 1"):
+    # The error a CLI run reports in one line (jaxrlhf.cli's expected errors), not a traceback.
+    with pytest.raises(RewardFunctionError, match="returned nan for batch row 1"):
         FunctionOracle(lambda p, r: float("nan") if r == "c" else 0.0).score_texts(["a", "a"], ["b", "c"])
     with pytest.raises(TypeError, match="callable"):
         FunctionOracle(3)

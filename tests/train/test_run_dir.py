@@ -36,3 +36,25 @@ def test_open_writes_the_config_and_the_held_messages(tmp_path, restore_root_log
     again.open(TrainSection(steps=4))
     assert yaml.safe_load(directory.config_path.read_text())["steps"] == 4
     assert yaml.safe_load((tmp_path / "run" / "config.yaml.prev").read_text())["steps"] == 3
+
+
+def test_retries_that_write_no_checkpoint_keep_the_checkpoints_config(tmp_path, restore_root_logging):
+    """A good run, then two retries with other configs that fail before their first checkpoint: config.yaml
+    is the last retry's, config.yaml.prev still the good run's (the config its checkpoints were written
+    with), and config.yaml.uncommitted says so. A retry that checkpoints makes its config the committed
+    one."""
+    good = RunDirectory(tmp_path / "run", "sft")
+    good.open(TrainSection(steps=3))
+    good.commit_config()  # its checkpoint committed
+    assert not (tmp_path / "run" / "config.yaml.uncommitted").exists()
+    for steps in (4, 5):  # two failed retries
+        RunDirectory(tmp_path / "run", "sft").open(TrainSection(steps=steps))
+    assert yaml.safe_load((tmp_path / "run" / "config.yaml").read_text())["steps"] == 5
+    assert yaml.safe_load((tmp_path / "run" / "config.yaml.prev").read_text())["steps"] == 3
+    assert (tmp_path / "run" / "config.yaml.uncommitted").is_file()
+    retry = RunDirectory(tmp_path / "run", "sft")
+    retry.open(TrainSection(steps=6))
+    retry.commit_config()
+    assert not (tmp_path / "run" / "config.yaml.uncommitted").exists()
+    RunDirectory(tmp_path / "run", "sft").open(TrainSection(steps=7))  # the next change rotates again
+    assert yaml.safe_load((tmp_path / "run" / "config.yaml.prev").read_text())["steps"] == 6
