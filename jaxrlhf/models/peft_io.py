@@ -3,7 +3,8 @@
 PEFT names a tensor ``base_model.model.<HF module>.lora_A.weight`` ([r, d_in]) / ``lora_B.weight``
 ([d_out, r]) and adds ``(lora_alpha/r)·B·A·x`` to the module's output, the same term as ours with
 A_peft = Aᵀ, B_peft = Bᵀ. Our targets map one-to-one onto Llama-family modules (q/k/v/o/gate/up/down
-``_proj``). GPT-2 has one fused ``c_attn`` for q, k and v: adapters on n of them are written as one adapter
+``_proj``); a fused ``qkv`` adapter there is written as q, k and v adapters sharing its A, each with its
+columns of B. GPT-2 has one fused ``c_attn`` for q, k and v: adapters on n of them are written as one adapter
 of rank n·r on ``c_attn`` (A stacked, B block-diagonal, α scaled by n through PEFT's ``rank_pattern`` /
 ``alpha_pattern``), which is the same function.
 """
@@ -55,6 +56,12 @@ def peft_tensors(model_config: ModelConfig, adapters: Any, cfg: LoRAConfig) -> t
             a_of, b_of = {"qkv": a}, {"qkv": b}
             if len(chosen) > 1:
                 ranks["c_attn"] = len(chosen) * cfg.rank
+        if not gpt2 and dense == "qkv" and "qkv" in a_of:
+            # One fused adapter, ΔW = A·B, on separate q/k/v modules: each gets the same A and its columns of
+            # B (ΔW_q = A·B[:, q]), the same function.
+            a, b = a_of.pop("qkv"), b_of.pop("qkv")
+            for s in slots:
+                a_of[s.target], b_of[s.target] = a, b[..., s.offset:s.offset + s.width]
         names = _GPT2 if gpt2 else _LLAMA
         for target, a in a_of.items():
             if target not in names:

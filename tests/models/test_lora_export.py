@@ -13,14 +13,16 @@ from jaxrlhf.models.transformer import LanguageModel, positions_from_mask
 TARGETS = {"gpt2": ("q", "v", "o", "up", "down"), "llama": ("q", "k", "v", "o", "gate", "up", "down")}
 
 
-@pytest.fixture
-def adapted(hf_checkpoint):
-    """A tiny HF model saved to disk (gpt2, llama, qwen2), loaded here, with random (non-zero) adapters."""
+@pytest.fixture(params=["per-projection", "fused-qkv"])
+def adapted(hf_checkpoint, request):
+    """A tiny HF model saved to disk (gpt2, llama, qwen2), loaded here, with random (non-zero) adapters on
+    each projection, or one fused q/k/v adapter (written for Llama as q, k and v adapters sharing A)."""
     torch = pytest.importorskip("torch")
     name, path, _ = hf_checkpoint
     loaded = hf_io.load(path, tokenizer=False)
     model, base = loaded[0], loaded[1]
-    lora = LoRAConfig(enabled=True, rank=3, alpha=6.0, targets=TARGETS.get(name, TARGETS["llama"]))
+    targets = TARGETS.get(name, TARGETS["llama"]) if request.param == "per-projection" else ("qkv", "o")
+    lora = LoRAConfig(enabled=True, rank=3, alpha=6.0, targets=targets)
     model = LanguageModel(model.config, lora_alpha=lora.alpha)
     adapters = init_lora(jax.random.key(1), model.config, lora)
     adapters = jax.tree.map(lambda x: x + 0.1 * jax.random.normal(jax.random.key(2), x.shape), adapters)
