@@ -29,6 +29,7 @@ from typing import Any, NamedTuple
 
 import jax
 
+from jaxrlhf.config import ConfigError
 from jaxrlhf.data import Batch, BatchIterator
 from jaxrlhf.train.run import Run, RunResult
 from jaxrlhf.train.signals import GracefulStop
@@ -76,6 +77,12 @@ def training_loop(
     the step in progress, checkpoint it and raise :class:`~jaxrlhf.train.signals.RunInterrupted`.
     """
     state, rng, step, metadata = run.checkpoints.resume(state, rng, batches)
+    if step > total:  # before run.open: the directory's config.yaml stays the checkpoints' own
+        raise ConfigError(
+            f"train.steps: this run has {total} steps, but {run.checkpoints.directory} holds a checkpoint at "
+            f"step {step}; set train.steps (or train.epochs) to more than {step} to train further, or choose "
+            "another logging.run_dir to start over")
+    finished = step == total
     report = run.report
     report.nonfinite.total_skips = int(metadata.get("nonfinite_skips", 0))
     run.open(step)
@@ -118,8 +125,12 @@ def training_loop(
                 break
         run.checkpoints.wait()  # the last checkpoint has committed (or its failure is reported) before export
     final = dict(report.last_logged)
+    if finished:
+        log.info("%s: already trained to step %d; evaluating and exporting again (metrics.jsonl keeps its "
+                 "rows of that step)", run.command, step)
     if hooks.evaluate is not None and not stopped:
         evaluated = hooks.evaluate(state)
-        report.log_eval(step, evaluated)
+        if not finished:  # a finished run's final evaluation is already logged
+            report.log_eval(step, evaluated)
         final.update(evaluated)
     return state, RunResult(run.run_dir, step, None, final, stopped_early=stopped)

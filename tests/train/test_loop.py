@@ -12,6 +12,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from jaxrlhf.config import ConfigError
 from jaxrlhf.data import BatchIterator
 from jaxrlhf.train.loop import LoopHooks, StepOutcome, training_loop
 from jaxrlhf.train.metrics import read_metrics_jsonl
@@ -83,6 +84,22 @@ def test_schedules_stop_and_resume(tmp_path):
     records = read_metrics_jsonl(other / "metrics.jsonl")
     assert [r["step"] for r in records if "loss/toy" in r] == [2, 4, 5, 6, 7]
     assert [r["step"] for r in records if "eval/sum" in r] == [3, 6, 7]
+
+
+def test_rerunning_a_finished_run_logs_nothing_twice_and_fewer_steps_are_refused(tmp_path):
+    with make_run(tmp_path, TrainSection(steps=4)) as run:
+        state, _ = training_loop(run, *start(), batches(), 4, toy_hooks(run))
+    before = (tmp_path / "metrics.jsonl").read_text()
+    with make_run(tmp_path, TrainSection(steps=4)) as run:  # the same command again: evaluates, exports
+        again, result = training_loop(run, *start(), batches(), 4, toy_hooks(run))
+    assert result.step == 4 and result.metrics["eval/sum"] == float(state["sum"]) == float(again["sum"])
+    assert (tmp_path / "metrics.jsonl").read_text() == before  # each step's rows once
+    config = (tmp_path / "config.yaml").read_text()
+    with pytest.raises(ConfigError, match=r"train\.steps: this run has 2 steps, but .* holds a checkpoint at "
+                                          r"step 4; set train\.steps"):
+        with make_run(tmp_path, TrainSection(steps=2)) as run:
+            training_loop(run, *start(), batches(), 2, toy_hooks(run))
+    assert (tmp_path / "config.yaml").read_text() == config  # refused before the directory was touched
 
 
 def test_steps_logged_after_the_last_checkpoint_are_not_logged_twice(tmp_path):
