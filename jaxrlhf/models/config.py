@@ -178,8 +178,26 @@ def eos_ids(value: Any, where: str) -> tuple[int, ...]:
 def from_hf_config(hf: dict[str, Any], source: str = "config.json") -> ModelConfig:
     """Translate a Hugging Face ``config.json`` dict into a :class:`ModelConfig`.
 
-    Raises :class:`UnsupportedModelError` naming the option for anything this model would compute differently.
+    Raises :class:`UnsupportedModelError` naming the option for anything this model would compute
+    differently, and naming ``source`` for sizes that do not fit together (e.g. heads not a multiple of the
+    kv heads).
     """
+
+    def build(**fields: Any) -> ModelConfig:
+        try:
+            return ModelConfig(**fields)
+        except (ValueError, TypeError, ZeroDivisionError) as e:  # ModelConfig.__post_init__'s checks
+            raise UnsupportedModelError(f"{source}: {e}") from None
+
+    def positive(value: Any, key: str) -> int:
+        try:
+            n = int(value)
+        except (TypeError, ValueError):
+            raise UnsupportedModelError(f"{source}: {key} must be an integer, got {value!r}") from None
+        if n < 1:
+            raise UnsupportedModelError(f"{source}: {key} must be >= 1, got {n}")
+        return n
+
     model_type = hf.get("model_type")
     if model_type not in SUPPORTED_MODEL_TYPES:
         raise UnsupportedModelError(
@@ -199,8 +217,8 @@ def from_hf_config(hf: dict[str, Any], source: str = "config.json") -> ModelConf
         if hf.get("scale_attn_weights", True) is False:
             raise UnsupportedModelError(f"{source}: gpt2 option scale_attn_weights=false is not supported")
         d = int(_require(hf, "n_embd", source))
-        heads = int(_require(hf, "n_head", source))
-        return ModelConfig(
+        heads = positive(_require(hf, "n_head", source), "n_head")
+        return build(
             model_type="gpt2",
             vocab_size=int(_require(hf, "vocab_size", source)),
             hidden_size=d,
@@ -225,7 +243,7 @@ def from_hf_config(hf: dict[str, Any], source: str = "config.json") -> ModelConf
     if act != "silu":
         raise UnsupportedModelError(f"{source}: hidden_act {act!r} is not supported (only silu)")
     d = int(_require(hf, "hidden_size", source))
-    heads = int(_require(hf, "num_attention_heads", source))
+    heads = positive(_require(hf, "num_attention_heads", source), "num_attention_heads")
     rope = hf.get("rope_scaling") or None
     rope_params = hf.get("rope_parameters") or None
     theta = hf.get("rope_theta")
@@ -255,13 +273,13 @@ def from_hf_config(hf: dict[str, Any], source: str = "config.json") -> ModelConf
         raise UnsupportedModelError(f"{source}: qwen2 use_sliding_window=true is not supported")
     if hf.get("mlp_bias"):
         raise UnsupportedModelError(f"{source}: mlp_bias=true is not supported")
-    return ModelConfig(
+    return build(
         model_type=model_type,
         vocab_size=int(_require(hf, "vocab_size", source)),
         hidden_size=d,
         num_layers=int(_require(hf, "num_hidden_layers", source)),
         num_heads=heads,
-        num_kv_heads=int(hf.get("num_key_value_heads") or heads),
+        num_kv_heads=positive(hf.get("num_key_value_heads") or heads, "num_key_value_heads"),
         head_dim=int(hf.get("head_dim") or d // heads),
         intermediate_size=int(_require(hf, "intermediate_size", source)),
         max_position_embeddings=int(hf.get("max_position_embeddings", 2048)),

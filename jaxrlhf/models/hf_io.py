@@ -28,7 +28,6 @@ import logging
 import os
 import re
 import shutil
-import tempfile
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -36,6 +35,7 @@ from typing import Any, NamedTuple
 import numpy as np
 
 from jaxrlhf.config import ConfigError
+from jaxrlhf.files import make_temp_dir, umask
 from jaxrlhf.models.config import ModelConfig, UnsupportedModelError, eos_ids, from_hf_config, to_hf_config
 from jaxrlhf.models.transformer import LanguageModel, Params, stack_layers, unstack_layers
 
@@ -366,14 +366,36 @@ def load(
     return LanguageModel(cfg), params, tok
 
 
+_TOKENIZER_JSON_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.json",
+                         "added_tokens.json")
+
+
 def load_tokenizer(path: str | os.PathLike) -> Any:
-    """``AutoTokenizer`` from local files only (no download, no remote code); None if there is none."""
+    """``AutoTokenizer`` from local files only (no download, no remote code); None if there is none.
+
+    A tokenizer that does not load (a truncated or invalid ``tokenizer.json``, …) is a one-line
+    ``CheckpointFormatError`` naming the file when one of its JSON files is at fault, else the directory.
+    """
     path = Path(path)
     if not any((path / f).is_file() for f in ("tokenizer.json", "tokenizer_config.json", "vocab.json")):
         return None
     from transformers import AutoTokenizer
 
-    return AutoTokenizer.from_pretrained(str(path), local_files_only=True, trust_remote_code=False)
+    try:
+        return AutoTokenizer.from_pretrained(str(path), local_files_only=True, trust_remote_code=False)
+    except Exception as e:  # transformers / tokenizers raise anything from JSONDecodeError to bare Exception
+        for name in _TOKENIZER_JSON_FILES:
+            f = path / name
+            if not f.is_file():
+                continue
+            try:
+                json.loads(f.read_text(encoding="utf-8"))
+            except (ValueError, UnicodeDecodeError) as bad:  # JSONDecodeError is a ValueError
+                raise CheckpointFormatError(f"{f}: invalid JSON ({bad})") from None
+        detail = str(e).strip().splitlines()[0] if str(e).strip() else ""
+        raise CheckpointFormatError(
+            f"{path}: cannot load the tokenizer ({type(e).__name__}{': ' + detail if detail else ''})"
+        ) from e  # the cause, for --debug
 
 
 def load_heads(path: str | os.PathLike) -> dict[str, Any]:
@@ -579,8 +601,9 @@ def save(
         raise ValueError(f"score_head={score_head!r} is not among the heads given ({sorted(heads)})")
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
+    tmp = make_temp_dir(path.parent, f".{path.name}.tmp-")  # readable as any other output, not 0700
     try:
+        mask = umask()
         cfg = model.config
         hf_config = to_hf_config(cfg)
         tensors = hf_tensors_from_params(cfg, jax_to_numpy(params))
@@ -615,6 +638,9 @@ def save(
             tokenizer.save_pretrained(str(tmp))
         for name, text in (extra_files or {}).items():
             (tmp / name).write_text(text)
+        for f in tmp.rglob("*"):  # safetensors writes 0600 files: give every file open(..., "w")'s mode
+            if f.is_file() and not f.is_symlink():
+                os.chmod(f, 0o666 & ~mask)
         if path.exists():
             old = path.with_name(f".{path.name}.old-{os.getpid()}")
             os.replace(path, old)

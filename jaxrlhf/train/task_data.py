@@ -10,6 +10,10 @@ writes, from disjoint parts of the task's prompt space (``Task.sample_prompts(..
 - ``prompts.jsonl``: ``{"prompt"}`` lines for RL (split ``rl``), and ``eval_prompts.jsonl``:
   ``{"prompt", "completion"}`` with an optimal answer (split ``eval``).
 
+Every file is written atomically (a temporary file renamed into place) with the permissions the umask gives.
+Output files already in ``out_dir`` are an error naming them, and nothing is written, unless
+``overwrite=true``.
+
 The task's gold reward is then the RL reward: ``--set reward.function=task:<task>[,option=value...]`` (the
 same options as ``task_options``, which the oracle needs when they change the answer, e.g. ``answer_order``).
 """
@@ -17,14 +21,18 @@ same options as ``task_options``, which the oracle needs when they change the an
 from __future__ import annotations
 
 import dataclasses
+import json
 import logging
+import os
+import shutil
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from jaxrlhf.config import ConfigError
-from jaxrlhf.data import write_jsonl
+from jaxrlhf.data.jsonl import record_to_json
+from jaxrlhf.files import make_temp_dir, write_text_atomic
 from jaxrlhf.oracle.tasks import get_task
 
 log = logging.getLogger("jaxrlhf")
@@ -41,6 +49,31 @@ class TaskDataConfig:
     sft_examples: int = 4096
     eval_examples: int = 256
     rl_prompts: int = 1024
+    overwrite: bool = False  # replace existing output files in out_dir (else: an error naming them)
+
+
+OUTPUTS = ("tokenizer/", "sft.jsonl", "sft_eval.jsonl", "prompts.jsonl", "eval_prompts.jsonl")
+
+
+def _save_tokenizer_atomic(task: Any, path: Path) -> None:
+    """The task's tokenizer in a temporary directory (mode 0777 less the umask) renamed to ``path``; an
+    existing ``path`` is replaced only once the new one is complete."""
+    tmp = make_temp_dir(path.parent, f".{path.name}.tmp-")
+    try:
+        task.save_tokenizer(tmp)
+        if path.exists():
+            old = path.with_name(f".{path.name}.old-{os.getpid()}")
+            os.replace(path, old)
+            os.replace(tmp, path)
+            if old.is_dir():
+                shutil.rmtree(old, ignore_errors=True)
+            else:
+                old.unlink()
+        else:
+            os.replace(tmp, path)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
 
 
 @dataclasses.dataclass
@@ -60,8 +93,14 @@ def write_task_data(cfg: TaskDataConfig) -> TaskDataResult:
     except (TypeError, ValueError) as e:
         raise ConfigError(f"task: {e}") from None
     out = Path(cfg.out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    task.save_tokenizer(out / "tokenizer")
+    if out.exists() and not out.is_dir():
+        raise ConfigError(f"out_dir: {out} exists and is not a directory")
+    existing = [name for name in OUTPUTS if (out / name.rstrip("/")).exists()]
+    if existing and not cfg.overwrite:
+        raise ConfigError(
+            f"out_dir: {out} already has {', '.join(existing)}; nothing was written "
+            "(set overwrite=true to replace them, or choose another out_dir)"
+        )
     rng = lambda stream: np.random.default_rng([cfg.seed, stream])  # one stream per file
     files = {
         "sft.jsonl": task.demonstrations(rng(0), cfg.sft_examples, split="sft"),
@@ -70,8 +109,12 @@ def write_task_data(cfg: TaskDataConfig) -> TaskDataResult:
         "eval_prompts.jsonl": [{"prompt": p, "completion": task.optimal_response(p)}
                                for p in task.sample_prompts(rng(3), cfg.eval_examples, split="eval")],
     }
-    for name, records in files.items():
-        write_jsonl(out / name, records)
+    texts = {name: "".join(json.dumps(record_to_json(r), ensure_ascii=False) + "\n" for r in records)
+             for name, records in files.items()}
+    out.mkdir(parents=True, exist_ok=True)
+    _save_tokenizer_atomic(task, out / "tokenizer")
+    for name, text in texts.items():
+        write_text_atomic(out / name, text)
     if not task.disjoint_splits:
         log.warning("task %s: its prompt space is too small for disjoint splits; the files share prompts",
                     cfg.task)
