@@ -60,6 +60,11 @@ class BatchFunctionOracle(Oracle):
         self._required = [p.name for p in parameters if p.default is p.empty
                           and p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)]
 
+    @property
+    def required_columns(self) -> tuple[str, ...]:
+        """The dataset columns the function needs (its parameters without a default, beyond TRL's own)."""
+        return tuple(n for n in self._required if n not in _STANDARD)
+
     def score_batch(
         self,
         prompts: Sequence[Any],

@@ -29,6 +29,7 @@ import numpy as np
 
 from jaxrlhf import parallel
 from jaxrlhf.config import ConfigError
+from jaxrlhf.data import DataError
 from jaxrlhf.oracle import BatchFunctionOracle, Oracle, get_reward
 from jaxrlhf.oracle.registry import is_import_path
 from jaxrlhf.rollout.generate import Rollout
@@ -192,3 +193,26 @@ def reward_metrics(score: Any) -> dict[str, float]:
     if not isinstance(score, RewardFunctions):
         return {}
     return {k: float(np.asarray(v)) for k, v in jax.device_get(score.metrics()).items()}
+
+
+def check_prompt_columns(reward: RewardSection, tokenizer: Any, examples: Sequence[Any]) -> None:
+    """Every prompt record has each column the configured TRL-style reward functions need: a
+    :class:`~jaxrlhf.data.DataError` naming the file and line of the first that lacks one, before training
+    (otherwise a record without it reaches the function as None whenever it is sampled, or never).
+    ``examples``: the prompt examples (``source`` "path:line", ``columns``)."""
+    if reward.model_path is not None:
+        return
+    sections = reward.functions or (RewardFunctionSection(reward.function or ""),)
+    for section in sections:
+        try:
+            oracle = get_reward(section.function, tokenizer=tokenizer)
+        except ValueError:
+            continue  # reported with its key when the reward is built
+        if not isinstance(oracle, BatchFunctionOracle):
+            continue
+        for column in oracle.required_columns:
+            for example in examples:
+                if column not in (example.columns or {}):
+                    raise DataError(
+                        f"{example.source}: reward {section.function!r} needs the column {column!r}, which "
+                        f"this record lacks (give every prompt record a {column!r} key)")

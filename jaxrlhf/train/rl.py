@@ -60,7 +60,7 @@ from jaxrlhf.train.loop import LoopHooks, StepOutcome, training_loop
 from jaxrlhf.train.lora_setup import export_adapters, lora_model, merged_lm
 from jaxrlhf.train.model_setup import LoadedModel, check_length, export_model, flops_per_token, load_model
 from jaxrlhf.train.reporting import Reporting, host_scalars
-from jaxrlhf.train.reward_functions import reward_metrics, take_columns
+from jaxrlhf.train.reward_functions import check_prompt_columns, reward_metrics, take_columns
 from jaxrlhf.train.rl_setup import (
     build_rl_phases,
     load_critic,
@@ -322,6 +322,7 @@ def train_rl(cfg: RLRunConfig) -> RunResult:
         policy = load_model(cfg.model, init_key)
         tokenizer = policy.tokenizer
         prompts = load_dataset(cfg.data.train_file, "prompt", tokenizer, cfg.data)
+        check_prompt_columns(cfg.reward, tokenizer, prompts)
         batches = train_iterator(
             prompts,
             cfg.data.batch_size,

@@ -157,6 +157,26 @@ def test_trl_reward_functions_get_the_columns_as_keywords():
         oracle.score_batch(["q"], ["a"], {"level": [1]})
     # Without columns (the demo's gold reward, texts decoded from tokens) a function needing none works.
     np.testing.assert_array_equal(chat.score_texts(["a", "b"], ["x", "y"])[1:], [0.5])
+    assert oracle.required_columns == ("answer",) and chat.required_columns == ()
+
+
+def test_a_prompt_record_without_a_needed_column_is_named_before_training():
+    """Checked over every record up front: at run time a record without the column reached the function
+    as None when it was sampled (an AttributeError in the user's code), or silently never."""
+    from jaxrlhf.data import DataError
+    from jaxrlhf.data.tokenize import PromptExample
+    from jaxrlhf.train.reward_functions import check_prompt_columns
+    from jaxrlhf.train.run_config import RewardSection
+
+    examples = [PromptExample(np.zeros(2, np.int32), f"p.jsonl:{i + 1}", {"prompt": "q", "answer": "4"})
+                for i in range(3)]
+    section = RewardSection(function="tests.oracle.test_rewards:exact_answer")
+    check_prompt_columns(section, TOK, examples)  # every record has it
+    examples[1] = PromptExample(np.zeros(2, np.int32), "p.jsonl:2", {"prompt": "q"})
+    with pytest.raises(DataError, match=r"^p\.jsonl:2: reward 'tests\.oracle\.test_rewards:exact_answer' "
+                                        r"needs the column 'answer', which this record lacks"):
+        check_prompt_columns(section, TOK, examples)
+    check_prompt_columns(RewardSection(function="length"), TOK, examples)  # a built-in needs no column
 
 
 @pytest.mark.parametrize("fn, message", [
