@@ -29,7 +29,19 @@ T = TypeVar("T")
 
 
 class ConfigError(ValueError):
-    """A configuration value is missing, unknown or of the wrong type."""
+    """A configuration value is missing, unknown or of the wrong type.
+
+    ``key``: the dotted key at fault when known (it decides which layer, file or ``--set``, the error
+    names: :func:`load_config`)."""
+
+    def __init__(self, message: str, key: str | None = None):
+        super().__init__(message)
+        self.key = key
+
+
+class _ValidationError(ConfigError):
+    """A section's own validation (``__post_init__``) refused its values: never a type mismatch that another
+    member of a ``Union`` hint might accept."""
 
 
 # Scientific notation without a dot ("1e-4"), which YAML 1.1 leaves a string.
@@ -60,6 +72,8 @@ def _convert(hint: Any, value: Any, key: str) -> Any:
                 continue
             try:
                 return _convert(arg, value, key)
+            except _ValidationError:
+                raise  # the value has this member's type, but not a valid value
             except ConfigError as e:
                 errors.append(str(e))
         raise ConfigError(f"{key}: expected {_type_name(hint)}, got {_describe(value)}")
@@ -125,15 +139,90 @@ def _build(cls: type[T], data: Mapping[str, Any], prefix: str = "") -> T:
     ]
     if missing:
         raise ConfigError(f"{prefix}{missing[0]}: required key is missing for {cls.__name__}")
-    return cls(**kwargs)
+    try:
+        return cls(**kwargs)
+    except ConfigError as e:  # raised by the section's own checks, keys relative to the section
+        raise _validation_error(cls, prefix, e, keyed=True) from None
+    except (ValueError, TypeError) as e:  # a section's own validation (__post_init__)
+        raise _validation_error(cls, prefix, e) from None
 
 
-def from_dict(cls: type[T], data: Mapping[str, Any], source: str = "<dict>") -> T:
-    """Build config ``cls`` from a nested mapping, checking every key and type."""
+# A dotted key at the start of a message: "a.b[2].c: ...".
+_LEADING_KEY = re.compile(r"[A-Za-z_]\w*(?:\.[A-Za-z_]\w*|\[\d+\])*(?=:)")
+
+
+def _validation_error(cls: type, prefix: str, e: Exception, keyed: bool = False) -> ConfigError:
+    """The error of section ``cls`` (at ``prefix``) refusing its values, naming dotted keys.
+
+    A ``ValueError`` names a field as ``Class.field`` (the convention of every config class, so that a
+    config built in Python says which class refused it): each becomes the dotted key, ``prefix`` + field.
+    A message naming no field is put under the section's key. A ``ConfigError`` (``keyed``) names keys
+    relative to the section: its leading key gets the prefix.
+    """
+    text = " ".join(str(e).split())
+    if keyed:
+        key = getattr(e, "key", None)
+        match = _LEADING_KEY.match(text)
+        if prefix and match:
+            text, key = prefix + text, prefix + match.group(0)
+        elif key is None and match:
+            key = match.group(0)
+        return _ValidationError(text, key=key)
+    fields = {f.name for f in dataclasses.fields(cls)}
+    named: list[str] = []
+
+    def dotted(m: re.Match) -> str:
+        if m.group(1) not in fields:
+            return m.group(0)
+        named.append(prefix + m.group(1))
+        return prefix + m.group(1)
+
+    text = re.sub(rf"\b{re.escape(cls.__name__)}\.(\w+)", dotted, text)
+    if named:
+        return _ValidationError(text, key=named[0])
+    section = prefix.rstrip(".")
+    text = re.sub(rf"^{re.escape(cls.__name__)}\b:?\s*", "", text)
+    return _ValidationError(f"{section}: {text}" if section else text, key=section or None)
+
+
+def _key_path(key: str) -> tuple[str, ...]:
+    """``"a.b[2].c"`` → ``("a", "b", "c")``: the mapping keys of a dotted key (list indices dropped)."""
+    return tuple(part for part in re.sub(r"\[\d+\]", "", key).split(".") if part)
+
+
+def _has_path(data: Any, path: Sequence[str]) -> bool:
+    for part in path:
+        if not isinstance(data, Mapping) or part not in data:
+            return False
+        data = data[part]
+    return True
+
+
+def from_dict(
+    cls: type[T],
+    data: Mapping[str, Any],
+    source: str = "<dict>",
+    layers: Sequence[tuple[str, Any]] = (),
+) -> T:
+    """Build config ``cls`` from a nested mapping, checking every key and type.
+
+    An error is prefixed with ``source``, or, when its key came from one of ``layers`` (``(name, test)``
+    pairs, highest first; ``test(path)`` says whether that layer set the key path), with that layer's name.
+    """
     try:
         return _build(cls, data)
     except ConfigError as e:
-        raise ConfigError(f"{source}: {e}") from None
+        key = e.key if e.key is not None else _leading_key(str(e))
+        where = source
+        if key is not None:
+            path = _key_path(key)
+            where = next((name for name, sets in layers if sets(path)), source)
+        raise ConfigError(f"{where}: {e}", key=key) from None
+
+
+def _leading_key(text: str) -> str | None:
+    match = _LEADING_KEY.match(text)
+    return match.group(0) if match else None
 
 
 def to_dict(config: Any) -> dict[str, Any]:
@@ -246,12 +335,23 @@ def load_config(cls: type[T], path: str | Path | None = None, overrides: Iterabl
     replace other keys of the file, see :func:`drop_replaced`)."""
     data = read_yaml(path) if path is not None else {}
     overrides = list(overrides)
-    data = drop_replaced(cls, data, [parse_override(o)[0] for o in overrides])
-    data = apply_overrides(data, overrides)
+    keys = [tuple(parse_override(o)[0]) for o in overrides]
+    file_data = drop_replaced(cls, data, keys)
+    data = apply_overrides(file_data, overrides)
     source = str(path) if path is not None else "defaults"
     if overrides:
         source += " + --set"
-    return from_dict(cls, data, source=source)
+    # An error names the layer that set its key: --set (the key or a section above it; a section the file
+    # does not give that --set wrote into), else the file (a section --set wrote into too: both named).
+    def under(p: tuple[str, ...]) -> bool:
+        return any(k[: len(p)] == p for k in keys)
+
+    layers: list[tuple[str, Any]] = [
+        ("--set", lambda p: any(p[: len(k)] == k for k in keys) or (under(p) and not _has_path(file_data, p)))
+    ]
+    if path is not None:
+        layers.append((str(path), lambda p: _has_path(file_data, p) and not under(p)))
+    return from_dict(cls, data, source=source, layers=layers)
 
 
 def replace(config: T, **changes: Any) -> T:

@@ -284,11 +284,11 @@ def test_recipe_configs_are_valid(name):
 @pytest.mark.parametrize(
     ("command", "overrides", "message"),
     [
-        ("grpo", ["grpo.group_size=1"], "GRPOConfig.group_size: 1 is below 2, but the 'grpo' baseline comes"),
-        ("rloo", ["rloo.group_size=1"], "RLOOConfig.group_size: 1 is below 2, but the 'rloo' baseline comes"),
+        ("grpo", ["grpo.group_size=1"], "--set: grpo.group_size: 1 is below 2, but the 'grpo' baseline"),
+        ("rloo", ["rloo.group_size=1"], "--set: rloo.group_size: 1 is below 2, but the 'rloo' baseline"),
         ("grpo", ["grpo.group_size=3", "grpo.num_minibatches=4"],
          "grpo.num_minibatches: data.batch_size × grpo.group_size = 6 sequences per iteration do not split"),
-        ("grpo", ["grpo.ratio=sequence", "grpo.loss_agg=token_mean"], "GRPOConfig.loss_agg: GSPO's sequence"),
+        ("grpo", ["grpo.ratio=sequence", "grpo.loss_agg=token_mean"], "--set: grpo.loss_agg: GSPO's"),
         ("rloo", ["rloo.advantage=ppo"], "rloo.advantage: expected Optional[Literal['grpo', 'dr_grpo', "),
     ],
 )

@@ -41,8 +41,28 @@ class OptimizerConfig:
             )
         if self.warmup_steps < 0:
             raise ValueError(f"OptimizerConfig.warmup_steps must be >= 0, got {self.warmup_steps}")
-        if self.learning_rate < 0:
-            raise ValueError(f"OptimizerConfig.learning_rate must be >= 0, got {self.learning_rate}")
+        # Written as `not (finite and in range)`, so that NaN fails every range.
+        ranges = {
+            "learning_rate": (lambda x: x >= 0.0, ">= 0"),
+            # the end of the decay as a fraction of learning_rate: below 0 the rate would turn negative
+            "end_lr_factor": (lambda x: x >= 0.0, ">= 0"),
+            "b1": (lambda x: 0.0 <= x < 1.0, "in [0, 1)"),
+            "b2": (lambda x: 0.0 <= x < 1.0, "in [0, 1)"),
+            "eps": (lambda x: x > 0.0, "> 0"),
+            "weight_decay": (lambda x: x >= 0.0, ">= 0"),
+        }
+        for name, (valid, rule) in ranges.items():
+            value = getattr(self, name)
+            if _is_number(value) and not (math.isfinite(value) and valid(value)):
+                raise ValueError(f"OptimizerConfig.{name} must be a finite number {rule}, got {value}")
+        if _is_number(self.max_grad_norm) and math.isnan(self.max_grad_norm):
+            raise ValueError(f"OptimizerConfig.max_grad_norm must be a number (null or <= 0: no clipping), "
+                             f"got {self.max_grad_norm}")
+
+
+def _is_number(value: Any) -> bool:
+    """A Python number (checked); a traced scalar of a vmapped sweep is not."""
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
 def learning_rate_at(cfg: OptimizerConfig, total_steps: int, step: Any, peak: Any = None) -> jax.Array:

@@ -17,6 +17,7 @@ construction (so a saved config shows the value used).
 from __future__ import annotations
 
 import dataclasses
+import math
 from typing import Any, ClassVar, Literal
 
 KL_ESTIMATORS = ("k1", "k2", "k3")
@@ -91,8 +92,12 @@ class RLConfig:
                 "of π its expected gradient is 0, so the tie to the reference would vanish; use k2 (gradient "
                 "of KL(π‖π_ref)), k3 (of KL(π_ref‖π)) or null (k2), or put the KL in the reward"
             )
-        if self.temperature <= 0:
+        if not (self.temperature > 0):  # NaN fails too
             raise ValueError(f"{name}.temperature must be > 0, got {self.temperature}")
+        _check_range(name, "kl_coef", self.kl_coef, 0.0, None)
+        _check_range(name, "kl_target", self.kl_target, 0.0, None, low_open=True)
+        if self.kl_horizon < 1:
+            raise ValueError(f"{name}.kl_horizon must be >= 1, got {self.kl_horizon}")
         if self.grad_accum_steps < 1:
             raise ValueError(f"{name}.grad_accum_steps must be >= 1, got {self.grad_accum_steps}")
         if self.logprobs_from not in LOGPROBS_FROM:
@@ -136,7 +141,11 @@ class ActorCriticConfig(RLConfig):
     bootstrap_truncated: bool = False  # a response cut at the length limit bootstraps from its final value
 
     def __post_init__(self) -> None:
-        super().__post_init__()
+        super().__post_init__()  # lam and vf_coef hold the algorithm's defaults from here on
+        name = type(self).__name__
+        _check_range(name, "gamma", self.gamma, 0.0, 1.0)
+        _check_range(name, "lam", self.lam, 0.0, 1.0)
+        _check_range(name, "vf_coef", self.vf_coef, 0.0, None)
         if self.critic not in ("shared", "separate"):
             raise ValueError(f"{type(self).__name__}.critic: expected 'shared' or 'separate', "
                              f"got {self.critic!r}")
@@ -164,17 +173,30 @@ class ClippedEpochsConfig(RLConfig):
         super().__post_init__()
         name = type(self).__name__
         if self.epochs < 1 or self.num_minibatches < 1:
-            raise ValueError(f"{name}: epochs ({self.epochs}) and num_minibatches "
+            key = "epochs" if self.epochs < 1 else "num_minibatches"
+            raise ValueError(f"{name}.{key}: epochs ({self.epochs}) and num_minibatches "
                              f"({self.num_minibatches}) must be >= 1")
         # clip_eps may be a traced scalar in a vmapped sweep: only a Python number is checked here.
-        if _nonpositive(self.clip_eps) or _nonpositive(self.clip_eps_high):
-            raise ValueError(f"{name}.clip_eps / clip_eps_high must be > 0, got {self.clip_eps} / "
-                             f"{self.clip_eps_high}")
+        _check_range(name, "clip_eps", self.clip_eps, 0.0, None, low_open=True)
+        _check_range(name, "clip_eps_high", self.clip_eps_high, 0.0, None, low_open=True)
 
 
-def _nonpositive(value: Any) -> bool:
-    """``value <= 0`` for a Python number; False for None and for arrays (traced in a sweep)."""
-    return isinstance(value, (int, float)) and value <= 0
+def _is_number(value: Any) -> bool:
+    """A Python number; False for None and for arrays (traced in a sweep), which are not checked."""
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _check_range(name: str, key: str, value: Any, low: float, high: float | None = None,
+                 low_open: bool = False) -> None:
+    """ValueError naming ``name.key`` unless the Python number ``value`` is finite, at least ``low`` (above
+    it with ``low_open``) and at most ``high``. Written as ``not (...)``, so that NaN fails."""
+    if not _is_number(value):
+        return
+    above = value > low if low_open else value >= low
+    if not (above and value <= (math.inf if high is None else high) and math.isfinite(value)):
+        bound = f"{'>' if low_open else '>='} {low:g}"
+        rule = f"in [{low:g}, {high:g}]" if high is not None else f"a finite number {bound}"
+        raise ValueError(f"{name}.{key} must be {rule}, got {value}")
 
 
 @dataclasses.dataclass(frozen=True)

@@ -60,6 +60,7 @@ from jaxrlhf.train.run_config import (
     ReferenceSection,
     TrainSection,
     check_common,
+    check_grad_accum,
 )
 from jaxrlhf.train.supervised import batch_tokens
 from jaxrlhf.train.timing import mfu, throughput
@@ -188,6 +189,7 @@ def reference_model(cfg: DPORunConfig, run: Run, policy: LoadedModel, key: jax.A
 def train_dpo(cfg: DPORunConfig) -> RunResult:
     """Run DPO end to end: load, cache the reference's log-probs, train, evaluate, export the policy."""
     check_common(cfg.model, cfg.data, cfg.checkpoint, cfg.logging, cfg.train)
+    check_grad_accum("dpo.grad_accum_steps", cfg.dpo.grad_accum_steps, cfg.data)
     with Run("dpo", cfg, cfg.checkpoint, cfg.logging, cfg.train, cfg.model.dtype,
              parallel_cfg=cfg.parallel) as run:
         init_key, ref_key, rng = jax.random.split(jax.random.key(cfg.train.seed), 3)

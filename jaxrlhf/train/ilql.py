@@ -50,6 +50,7 @@ from jaxrlhf.train.run_config import (
     ModelSection,
     TrainSection,
     check_common,
+    check_grad_accum,
 )
 from jaxrlhf.train.supervised import supervised_hooks
 
@@ -113,6 +114,7 @@ def evaluate_ilql(evaluate: Any, params: Any, batches: Iterable[Batch]) -> dict[
 def train_ilql(cfg: ILQLRunConfig) -> RunResult:
     """Run ILQL end to end: load the backbone and the rated responses, train, evaluate, export."""
     check_common(cfg.model, cfg.data, cfg.checkpoint, cfg.logging, cfg.train)
+    check_grad_accum("ilql.grad_accum_steps", cfg.ilql.grad_accum_steps, cfg.data)
     with Run("ilql", cfg, cfg.checkpoint, cfg.logging, cfg.train, cfg.model.dtype,
              parallel_cfg=cfg.parallel) as run:
         init_key, heads_key, rng = jax.random.split(jax.random.key(cfg.train.seed), 3)

@@ -53,6 +53,7 @@ from jaxrlhf.train.run_config import (
     ModelSection,
     TrainSection,
     check_common,
+    check_grad_accum,
 )
 from jaxrlhf.train.supervised import supervised_hooks
 
@@ -123,6 +124,7 @@ def fit_normalization(
 def train_reward_model(cfg: RewardRunConfig) -> RunResult:
     """Run reward-model training, fit the normalisation, export; returns where the run and export are."""
     check_common(cfg.model, cfg.data, cfg.checkpoint, cfg.logging, cfg.train)
+    check_grad_accum("reward_model.grad_accum_steps", cfg.reward_model.grad_accum_steps, cfg.data)
     kind = DATA_KIND[cfg.reward_model.loss]
     with Run(
         "reward", cfg, cfg.checkpoint, cfg.logging, cfg.train, cfg.model.dtype, parallel_cfg=cfg.parallel

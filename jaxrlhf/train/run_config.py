@@ -250,6 +250,15 @@ def check_common(
     check_model_inputs(model)
 
 
+def check_grad_accum(key: str, grad_accum_steps: int, data: DataSection) -> None:
+    """A training batch of ``data.batch_size`` rows splits into ``grad_accum_steps`` (at ``key``)
+    micro-batches of equal size: a ConfigError naming both keys otherwise, before anything is written."""
+    if data.batch_size % grad_accum_steps:
+        raise ConfigError(f"{key}: data.batch_size={data.batch_size} does not split into {key}="
+                          f"{grad_accum_steps} micro-batches of equal size (make data.batch_size a multiple "
+                          "of it)")
+
+
 def reward_sources(reward: RewardSection) -> list[str]:
     """The keys of ``reward`` that name a reward source (a valid config has exactly one)."""
     given = {"model_path": reward.model_path is not None, "function": reward.function is not None,

@@ -33,6 +33,7 @@ from jaxrlhf.train.run_config import (
     ModelSection,
     TrainSection,
     check_common,
+    check_grad_accum,
 )
 from jaxrlhf.train.supervised import supervised_hooks
 
@@ -83,6 +84,7 @@ def evaluate_sft(evaluate: Any, params: Any, batches: Any) -> dict[str, float]:
 def train_sft(cfg: SFTRunConfig) -> RunResult:
     """Run supervised fine-tuning end to end; returns where the run and its export are."""
     check_common(cfg.model, cfg.data, cfg.checkpoint, cfg.logging, cfg.train)
+    check_grad_accum("sft.grad_accum_steps", cfg.sft.grad_accum_steps, cfg.data)
     with Run(
         "sft", cfg, cfg.checkpoint, cfg.logging, cfg.train, cfg.model.dtype, parallel_cfg=cfg.parallel
     ) as run:
