@@ -45,12 +45,15 @@ _KEYS = {
 @dataclasses.dataclass(frozen=True)
 class RewardModelConfig:
     """loss: the feedback kind. margin / center_coef: Bradley–Terry margin and centring coefficient
-    (pairwise only). grad_accum_steps: micro-batches per update."""
+    (pairwise only). grad_accum_steps: micro-batches per update. identical_pairs: a preference pair whose
+    chosen and rejected are the same tokens carries no preference (zero gradient; accuracy counts it as
+    lost): "error" names its file and line, "drop" leaves such pairs out with a warning."""
 
     loss: Literal["pairwise", "ranking", "rating"] = "pairwise"
     margin: float = 0.0
     center_coef: float = 0.0
     grad_accum_steps: int = 1
+    identical_pairs: Literal["error", "drop"] = "error"
 
     def __post_init__(self) -> None:
         if self.loss not in REWARD_MODEL_LOSSES:
@@ -59,6 +62,9 @@ class RewardModelConfig:
             )
         if self.grad_accum_steps < 1:
             raise ValueError(f"RewardModelConfig.grad_accum_steps must be >= 1, got {self.grad_accum_steps}")
+        if self.identical_pairs not in ("error", "drop"):
+            raise ValueError(f"RewardModelConfig.identical_pairs: expected 'error' or 'drop', got "
+                             f"{self.identical_pairs!r}")
 
 
 def _check_batch(batch: Batch, loss: str) -> None:

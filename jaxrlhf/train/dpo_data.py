@@ -43,13 +43,15 @@ def _lines(examples: Sequence[PreferenceExample]) -> str:
 
 
 def drop_identical_pairs(
-    examples: Sequence[PreferenceExample], path: str, policy: Literal["error", "drop"]
+    examples: Sequence[PreferenceExample], path: str, policy: Literal["error", "drop"],
+    key: str = "dpo.identical_pairs",
 ) -> list[PreferenceExample]:
     """The pairs whose chosen and rejected token ids differ.
 
     A pair with identical responses (in the file, or once cut to ``data.max_response_length``) has h ≡ 0 and
     a zero gradient, and the accuracy counts it as lost: ``policy`` "error" raises a :class:`DataError`
-    naming its file and line, "drop" leaves such pairs out with a warning that counts them.
+    naming its file and line (and the config ``key`` that drops them), "drop" leaves such pairs out with a
+    warning that counts them.
     """
     same = [e for e in examples if np.array_equal(e.chosen, e.rejected)]
     if not same:
@@ -58,7 +60,7 @@ def drop_identical_pairs(
     if policy == "error":
         raise DataError(
             f"{same[0].source}: 'chosen' and 'rejected' are identical once tokenized, so the pair carries no "
-            f"preference; {where} are like this: remove them or set dpo.identical_pairs=drop"
+            f"preference; {where} are like this: remove them or set {key}=drop"
         )
     log.warning("dropped %s: 'chosen' and 'rejected' are identical once tokenized", where)
     kept = [e for e in examples if not np.array_equal(e.chosen, e.rejected)]

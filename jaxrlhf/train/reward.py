@@ -41,6 +41,7 @@ from jaxrlhf.train.data_setup import (
     train_and_eval_sets,
     train_iterator,
 )
+from jaxrlhf.train.dpo_data import drop_identical_pairs
 from jaxrlhf.train.loop import training_loop
 from jaxrlhf.train.lora_setup import lora_model, merged_lm
 from jaxrlhf.train.model_setup import check_length, export_model, flops_per_token, load_model
@@ -137,6 +138,12 @@ def train_reward_model(cfg: RewardRunConfig) -> RunResult:
         params = RewardModelParams(lm, jax.tree.map(jnp.asarray, head))
 
         train_set, eval_set = train_and_eval_sets(kind, tokenizer, cfg.data, cfg.train.seed)
+        if kind == "preference":  # a pair of identical responses teaches nothing and is scored as lost
+            policy, key = cfg.reward_model.identical_pairs, "reward_model.identical_pairs"
+            train_set = drop_identical_pairs(train_set, cfg.data.train_file, policy, key)
+            if eval_set is not None:
+                eval_path = cfg.data.eval_file or cfg.data.train_file
+                eval_set = drop_identical_pairs(eval_set, eval_path, policy, key)
         items = ranking_items([*train_set, *(eval_set or [])], cfg.data) if kind == "ranking" else None
         collate = make_collate(kind, cfg.data, tokenizer, items)
         batches = train_iterator(

@@ -187,6 +187,25 @@ def test_identical_pairs_are_an_error_or_a_counted_drop(workdir, capsys):
     assert np.isfinite(eval_records(workdir / "ties")[2]["eval/rewards/accuracies"])
 
 
+def test_reward_model_training_refuses_identical_pairs_the_same_way(workdir, capsys):
+    """The Bradley–Terry loss has a zero gradient on a pair of identical responses and its accuracy counts it
+    as lost: `jaxrlhf reward` names it (or drops it with reward_model.identical_pairs=drop), as DPO does."""
+    rows = separable_pairs(2, 14)
+    rows[3]["rejected"] = rows[3]["chosen"]
+    path = write_jsonl(workdir / "rm_ties.jsonl", rows)
+    config = {k: v for k, v in dpo_config(workdir, "rm-ties").items() if k != "dpo"}
+    config["data"].update(train_file=path, eval_file=None)
+    config["train"].update(steps=1, eval_every=0)
+    yaml_path = workdir / "rm-ties.yaml"
+    yaml_path.write_text(yaml.safe_dump(config))
+    assert cli.main(["reward", "--config", str(yaml_path)]) == 1
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert f"{path}:4: 'chosen' and 'rejected' are identical once tokenized" in err
+    assert "reward_model.identical_pairs=drop" in err and not (workdir / "rm-ties").exists()
+    assert cli.main(["reward", "--config", str(yaml_path), "--set", "reward_model.identical_pairs=drop"]) == 0
+    assert "dropped 1 of the" in (workdir / "rm-ties" / "run.log").read_text()
+
+
 def test_hold_out_is_a_deterministic_disjoint_split():
     items = list(range(20))
     train, held = hold_out(items, 0.25, seed=3, path="f")
