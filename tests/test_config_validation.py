@@ -226,3 +226,19 @@ def test_section_validation_names_the_dotted_key_and_its_layer(tmp_path):
     with pytest.raises(ConfigError) as info:
         load_config(Section, path, ["other.steps=0"])
     assert str(info.value) == f"{path} + --set: other: steps and lr disagree (0)"
+
+
+@pytest.mark.parametrize(("key", "value", "message"), [
+    ("logging.run_dir", "victim.txt", "victim.txt: is not a directory"),
+    ("checkpoint.dir", "victim.txt/sub", "victim.txt/sub: its part victim.txt is not a directory"),
+])
+def test_an_output_directory_that_is_a_file_fails_before_the_run(tmp_path, capsys, monkeypatch, key, value,
+                                                                  message):
+    """A file where a run writes its directory failed at the first write (a traceback), or after training
+    (the checkpoint); now it is one line up front and the file is untouched."""
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "victim.txt").write_text("mine")
+    config = from_scratch(tmp_path, "sft")
+    assert main(tmp_path, "sft", config, f"{key}={value}") == 1
+    assert error_line(capsys).endswith(f"{key}: {message}")
+    assert (tmp_path / "victim.txt").read_text() == "mine" and not (tmp_path / "run").exists()

@@ -248,6 +248,21 @@ def check_common(
     check_exists("data.train_file", data.train_file)
     check_exists("data.eval_file", data.eval_file)
     check_model_inputs(model)
+    check_output_dir("logging.run_dir", logging.run_dir)
+    check_output_dir("checkpoint.dir", checkpoint.dir)
+
+
+def check_output_dir(key: str, path: str | None) -> None:
+    """A directory a run writes: refused up front (key and path named) when it, or the nearest part of it
+    that exists, is not a directory (a file of that name would fail the run at its first write)."""
+    if not path:
+        return
+    p = Path(path)
+    while not p.exists() and p != p.parent:
+        p = p.parent
+    if p.exists() and not p.is_dir():
+        what = "is not a directory" if p == Path(path) else f"its part {p} is not a directory"
+        raise ConfigError(f"{key}: {path}: {what}")
 
 
 def check_grad_accum(key: str, grad_accum_steps: int, data: DataSection) -> None:
