@@ -156,3 +156,18 @@ def test_format_config_help_is_readable_at_any_width():
     wrapped = lines[cut + 1 : cut + 4]
     assert all(line.startswith("      ") and len(line) <= 60 for line in wrapped)
     assert " ".join(w.strip() for w in wrapped).endswith("indented under its key.")
+
+
+def test_a_key_given_twice_in_a_config_file_is_named(tmp_path):
+    """PyYAML keeps the last of two equal keys silently; a config file says which line repeats which."""
+    from jaxrlhf.config import read_yaml
+
+    path = tmp_path / "dup.yaml"
+    path.write_text("train:\n  steps: 2\nlogging:\n  level: INFO\ntrain:\n  steps: 3\n")
+    with pytest.raises(ConfigError, match=r"dup\.yaml:5: key 'train' is given twice \(first at line 1\)"):
+        read_yaml(path)
+    path.write_text("train:\n  steps: 2\n  seed: 1\n  steps: 3\n")
+    with pytest.raises(ConfigError, match=r"dup\.yaml:4: key 'steps' is given twice \(first at line 2\)"):
+        read_yaml(path)
+    path.write_text("base: &b {steps: 2}\ntrain:\n  <<: *b\n  seed: 1\n")  # a merge key is not a repeat
+    assert read_yaml(path)["train"] == {"steps": 2, "seed": 1}
