@@ -68,6 +68,7 @@ class RewardFunctions:
             self._device = compile(lambda rollout: _device_parts(device, rollout), donate=False)
         self._columns: list[dict[str, Any]] | None = None
         self._metrics: dict[str, Any] = {}
+        self._warned_unscored = False
 
     @classmethod
     def from_section(cls, reward: RewardSection, tokenizer: Any,
@@ -97,6 +98,21 @@ class RewardFunctions:
     def set_columns(self, columns: Sequence[Mapping[str, Any]] | None) -> None:
         """The prompt batch's columns (one dict per row), for the next call."""
         self._columns = None if columns is None else [dict(c) for c in columns]
+
+    def _warn_unscored(self, parts: Mapping[str, np.ndarray]) -> None:
+        """Log (once per run) when every function returned None ("does not apply") for some samples: their
+        reward is then 0, which is rarely what a user meant (TRL warns likewise)."""
+        if self._warned_unscored or not self.components:
+            return
+        unscored = np.ones(next(iter(parts.values())).shape[0], bool)
+        for c in self.components:
+            if not isinstance(c.oracle, BatchFunctionOracle):
+                return  # a function that always scores
+            unscored &= np.isnan(parts[c.name])
+        if unscored.any():
+            self._warned_unscored = True
+            log.warning("reward: every reward function returned None for %d of %d samples; their reward is 0 "
+                        "(logged once)", int(unscored.sum()), unscored.size)
 
     def metrics(self) -> dict[str, Any]:
         """``rewards/<name>/mean`` and ``/std`` of the last call (NaN scores left out)."""
@@ -128,6 +144,7 @@ class RewardFunctions:
                 parts[c.name] = np.asarray(c.oracle.score_rollout(rollout), np.float32)
         total = np.zeros(rollout.response_tokens.shape[0], np.float32)
         self._metrics = {}
+        self._warn_unscored(parts)
         for c in self.components:
             values = parts[c.name]
             if isinstance(c.oracle, BatchFunctionOracle):  # None ("does not apply") → NaN → left out

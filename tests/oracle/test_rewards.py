@@ -210,3 +210,23 @@ def test_import_paths_find_modules_in_the_working_directory(tmp_path, monkeypatc
         get_reward("broken_gold:score")
     with pytest.raises(RewardSpecError, match=r"cannot import module 'no_such_module'"):
         get_reward("no_such_module:score")
+
+
+def test_samples_no_function_scores_are_reported_once(caplog):
+    """None is TRL's "does not apply"; when every function says so for a sample its reward is 0, which a run
+    says once (it trained on 0 rewards in silence before)."""
+    import logging
+
+    from jaxrlhf.train.reward_functions import Component, RewardFunctions
+
+    def second_only(completions, **kw):
+        return [None if i != 1 else 1.0 for i in range(len(completions))]
+
+    fns = RewardFunctions([Component("second", 2.0, BatchFunctionOracle(second_only))], TOK,
+                          compile=lambda fn, donate: fn)
+    with caplog.at_level(logging.WARNING, logger="jaxrlhf"):
+        np.testing.assert_array_equal(np.asarray(fns(make_rollout())), [0.0, 2.0, 0.0])
+        fns(make_rollout())
+    warnings = [r.getMessage() for r in caplog.records if "returned None" in r.getMessage()]
+    assert warnings == ["reward: every reward function returned None for 2 of 3 samples; their reward is 0 "
+                        "(logged once)"]
