@@ -114,6 +114,7 @@ def default_run_dir() -> str:
 def demo(cfg: DemoConfig) -> DemoResult:
     """Run every stage of the demo (see the module docstring); prints the summary and returns it."""
     quick = cfg.run.quick
+    task, oracle = build_task(cfg.task)  # a bad task or oracle fails here, before the run directory exists
     paths = DemoPaths(Path(cfg.run.dir or default_run_dir()).absolute())
     paths.make()
     setup_logging(cfg.run.log_level, paths.root)
@@ -129,7 +130,6 @@ def demo(cfg: DemoConfig) -> DemoResult:
     prompt_lists: dict[str, list[str]] = {}
 
     with clock(1, "sft", "task and demonstrations; SFT of a tiny GPT from scratch", paths.root):
-        task, oracle = build_task(cfg.task)
         task.save_tokenizer(paths.tokenizer)
         demos = task.demonstrations(np.random.default_rng([seed, 0]), cfg.sft.demonstrations, split="sft")
         held_demos = task.demonstrations(np.random.default_rng([seed, 1]), cfg.sft.eval_demonstrations,

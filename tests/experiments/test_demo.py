@@ -97,6 +97,16 @@ def test_users_oracle_replaces_the_gold_reward():
     assert oracle.score_texts(["3 1 2"], ["1 2 3"])[0] == 1.0
 
 
+def test_a_bad_oracle_fails_before_the_demo_writes_anything(tmp_path, capsys):
+    from jaxrlhf import cli
+
+    run_dir = tmp_path / "demo"
+    argv = ["demo", "--quick", "--set", "task.oracle=no_such_module:f", "--set", f"run.dir={run_dir}"]
+    assert cli.main(argv) == 1
+    assert "task.oracle:" in capsys.readouterr().err
+    assert not run_dir.exists()  # it wrote config.yaml, data/ and tokenizer/ first before
+
+
 def test_split_feedback_keeps_every_record_once():
     records = [{"i": i} for i in range(20)]
     train, held_out = split_feedback(records, 0.1, seed=0)
