@@ -179,6 +179,21 @@ def fsdp_spec(shape: tuple[int, ...], fsdp: int, min_size: int) -> PartitionSpec
     return PartitionSpec(*spec)
 
 
+def split_fraction(tree: Any, fsdp: int, min_size: int = 4096) -> float:
+    """The share of ``tree``'s bytes that :func:`fsdp_spec` splits over ``fsdp`` devices (1 when empty)."""
+    total = split = 0
+    for x in jax.tree.leaves(tree):
+        shape = tuple(getattr(x, "shape", ()))
+        try:
+            itemsize = np.dtype(getattr(x, "dtype", np.float32)).itemsize
+        except TypeError:  # e.g. a typed PRNG key
+            itemsize = 8
+        nbytes = int(np.prod(shape, dtype=np.int64)) * itemsize
+        total += nbytes
+        split += nbytes if fsdp_spec(shape, fsdp, min_size) != PartitionSpec() else 0
+    return split / total if total else 1.0
+
+
 def state_shardings(mesh: Mesh, tree: Any, min_size: int = 4096) -> Any:
     """Shardings for params / optimiser state / any training state: by shape, so Adam's moments follow
     their parameters. Scalars and small leaves are replicated."""

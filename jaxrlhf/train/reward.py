@@ -149,6 +149,7 @@ def train_reward_model(cfg: RewardRunConfig) -> RunResult:
         batches = train_iterator(
             train_set, cfg.data.batch_size, cfg.train.seed, collate, cfg.data.shuffle, cfg.data.train_file
         )
+        run.check_batch_size("data.batch_size", cfg.data.batch_size)  # before the eval size, its default
         eval_size = cfg.data.eval_batch_size or cfg.data.batch_size
         evaluate = None
         if eval_set is not None:
@@ -163,7 +164,6 @@ def train_reward_model(cfg: RewardRunConfig) -> RunResult:
 
         total = total_steps(cfg.train, batches.batches_per_epoch)
         optimizer = make_optimizer(cfg.optimizer, total)
-        run.check_batch_size("data.batch_size", cfg.data.batch_size)
         frozen = None if base is None else RewardModelParams(base, None)  # LoRA: the frozen backbone
         state = run.place(create_train_state(params, optimizer, frozen),
                           "reward model params + optimiser state")

@@ -118,6 +118,9 @@ class Run:
             self.mesh.size,
             jax.process_count(),
         )
+        if self.mesh.size < jax.device_count():
+            log.warning("parallel.data × parallel.fsdp = %d of the %d devices: the other %d stay idle",
+                        self.mesh.size, jax.device_count(), jax.device_count() - self.mesh.size)
 
     @property
     def run_dir(self) -> str:
@@ -133,6 +136,13 @@ class Run:
     def place(self, state: Any, name: str = "state") -> Any:
         """``state`` on the mesh: replicated, or FSDP-sharded by ``parallel.fsdp``; logs bytes per device."""
         placed = parallel.place_state(self.mesh, state, self.parallel_cfg.fsdp_min_size)
+        fsdp = self.mesh.shape[parallel.FSDP_AXIS]
+        split = parallel.split_fraction(state, fsdp, self.parallel_cfg.fsdp_min_size)
+        if fsdp > 1 and split < 0.5:
+            log.warning("%s: parallel.fsdp=%d splits only %.0f%% of its bytes (a leaf is split along a "
+                        "dimension divisible by %d, if it has at least parallel.fsdp_min_size=%d elements); "
+                        "the rest is whole on every device", name, fsdp, 100 * split, fsdp,
+                        self.parallel_cfg.fsdp_min_size)
         log.info(
             "%s: %.1f MiB per device (%.1f MiB in all)",
             name,

@@ -97,6 +97,7 @@ def train_sft(cfg: SFTRunConfig) -> RunResult:
         batches = train_iterator(
             train_set, cfg.data.batch_size, cfg.train.seed, collate, cfg.data.shuffle, cfg.data.train_file
         )
+        run.check_batch_size("data.batch_size", cfg.data.batch_size)  # before the eval size, its default
         evaluate = None
         if eval_set is not None:
             evaluate_batch = make_sft_eval(model)
@@ -107,7 +108,6 @@ def train_sft(cfg: SFTRunConfig) -> RunResult:
                 evaluate_on_mesh, model_params(s), eval_batches(eval_set, size, collate))
         total = total_steps(cfg.train, batches.batches_per_epoch)
         optimizer = make_optimizer(cfg.optimizer, total)
-        run.check_batch_size("data.batch_size", cfg.data.batch_size)
         state = run.place(create_train_state(params, optimizer, frozen), "SFT params + optimiser state")
         step_fn = compile_step(
             make_sft_step(model, optimizer, cfg.sft), state_shardings=run.state_shardings(state)

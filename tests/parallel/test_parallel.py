@@ -14,6 +14,7 @@ from jaxrlhf.parallel import (
     make_mesh,
     mesh_shape,
     shard_batch,
+    split_fraction,
 )
 
 
@@ -25,6 +26,16 @@ def test_fsdp_spec_picks_the_largest_divisible_dimension():
     assert fsdp_spec((384,), 4, 4096) == P()  # below the size threshold
     assert fsdp_spec((384, 1152), 1, 16) == P()  # no fsdp axis
     assert fsdp_spec((), 4, 0) == P()
+
+
+def test_split_fraction_counts_the_bytes_fsdp_splits():
+    """What Run.place warns about: an fsdp size that divides no dimension saves no memory."""
+    tree = {"w": np.zeros((320, 32), np.float32), "b": np.zeros((32,), np.float32), "step": np.int32(0)}
+    total = 320 * 32 * 4 + 32 * 4 + 4
+    assert split_fraction(tree, 4, 16) == pytest.approx((320 * 32 * 4 + 32 * 4) / total)
+    assert split_fraction(tree, 4, 4096) == pytest.approx(320 * 32 * 4 / total)  # b below the threshold
+    assert split_fraction(tree, 3, 16) == 0.0  # 320 and 32: neither divisible by 3
+    assert split_fraction({"k": jax.random.key(0)}, 2, 0) == 0.0 and split_fraction({}, 2) == 1.0
 
 
 def test_mesh_shape_arithmetic_and_errors():
