@@ -29,6 +29,7 @@ from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from jaxrlhf.models.heads import HeadParams, head_apply
 from jaxrlhf.models.transformer import LanguageModel, Params, positions_from_mask
@@ -179,7 +180,7 @@ def prefill(
 
 
 @functools.partial(jax.jit, static_argnames=("model", "config"))
-def generate(
+def _generate(
     model: LanguageModel,
     params: Params,
     prompt_tokens: jax.Array,
@@ -319,3 +320,40 @@ def generate(
         bootstrap_values=bootstrap,
     )
 
+
+def check_left_padded(prompt_mask: np.ndarray, where: str = "generate") -> None:
+    """A ValueError naming the first row whose mask has a 0 after a 1 (right padding, or a hole): the
+    rollout reads the last column as each prompt's last token, so such a row would be continued from
+    padding, silently."""
+    mask = np.asarray(prompt_mask) > 0
+    if mask.ndim != 2:
+        raise ValueError(f"{where}: prompt_mask must be [batch, prompt_len], got shape {mask.shape}")
+    holes = ~mask[:, 1:] & mask[:, :-1]  # a real token followed by padding
+    if holes.any():
+        row, col = (int(i[0]) for i in np.nonzero(holes))
+        raise ValueError(f"{where}: prompt_mask row {row} is not left-padded (a 0 at column {col + 1} after "
+                         "a 1): pad prompts on the left (a tokenizer's padding_side='left')")
+
+
+class _Generate:
+    """:func:`_generate` (jitted), checking a host (NumPy) ``prompt_mask`` for left padding first: free,
+    unlike a device array's check, which would wait for the device. Traced calls (inside another jit or
+    vmap) and ``generate.lower(...)`` go straight to the jitted function."""
+
+    def __init__(self, jitted):
+        self._jitted = jitted
+        functools.update_wrapper(self, jitted)
+
+    def __call__(self, model, params, prompt_tokens, prompt_mask, *args, **kwargs) -> Rollout:
+        if isinstance(prompt_mask, np.ndarray):
+            check_left_padded(prompt_mask)
+        return self._jitted(model, params, prompt_tokens, prompt_mask, *args, **kwargs)
+
+    def lower(self, *args, **kwargs):
+        return self._jitted.lower(*args, **kwargs)
+
+    def __getattr__(self, name: str):  # the rest of the jitted function's API (_cache_size, eval_shape, …)
+        return getattr(self._jitted, name)
+
+
+generate = _Generate(_generate)

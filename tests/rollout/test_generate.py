@@ -260,6 +260,21 @@ def test_group_rows_equal_generation_from_repeated_prompts(model_and_params):
     np.testing.assert_allclose(grouped.logprobs, np.asarray(fresh), atol=1e-5, rtol=0)
 
 
+def test_a_right_padded_host_mask_is_refused(model_and_params):
+    """generate continues each row from its last column; a right-padded row would be continued from its
+    padding without a word (transformers only warns). A NumPy mask is checked; a traced one (inside jit) and
+    an all-padding row (a batch filled up) are not errors."""
+    model, params = model_and_params
+    tokens, mask = prompts()
+    right = mask[:, ::-1].copy()
+    with pytest.raises(ValueError, match=r"prompt_mask row 1 is not left-padded \(a 0 at column 5 after"):
+        generate(model, params, tokens, right, jax.random.key(0), GenerationConfig(2))
+    mask[3] = 0  # a filler row
+    generate(model, params, tokens, mask, jax.random.key(0), GenerationConfig(2))
+    traced = jax.jit(lambda t, m: generate(model, params, t, m, jax.random.key(0), GenerationConfig(2)))
+    assert traced(tokens, right).response_tokens.shape == (4, 2)  # not checked under a trace
+
+
 def test_group_size_is_validated():
     with pytest.raises(ValueError, match="group_size"):
         GenerationConfig(group_size=0)
