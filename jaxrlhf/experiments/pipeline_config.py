@@ -69,6 +69,11 @@ class PipelineFeedbackSection:
     annotator: AnnotatorConfig = field(
         default_factory=partial(AnnotatorConfig, kind="preference", temperature=0.1))
 
+    def __post_init__(self) -> None:
+        t = self.temperature
+        if isinstance(t, (int, float)) and not (math.isfinite(t) and t > 0):
+            raise ValueError(f"PipelineFeedbackSection.temperature must be a finite number > 0, got {t}")
+
     @property
     def items_per_query(self) -> int:
         return {"preference": 2, "ranking": self.ranking_size, "rating": 1}[self.annotator.kind]

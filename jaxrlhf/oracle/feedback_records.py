@@ -11,6 +11,7 @@ records are plain dicts, ready to dump as JSONL:
 from __future__ import annotations
 
 import dataclasses
+import math
 from collections.abc import Sequence
 from typing import Literal
 
@@ -32,6 +33,23 @@ class AnnotatorConfig:
     num_levels: int = 5  # k of the rating scale 1..k
     rating_low: float = -1.0  # gold value at the bottom of the rating scale
     rating_high: float = 1.0  # gold value at the top of the rating scale
+
+    def __post_init__(self) -> None:
+        # Python numbers only: a vmapped sweep hands traced values, which the annotators check themselves.
+        def check(key: str, ok: bool, rule: str) -> None:
+            value = getattr(self, key)
+            if isinstance(value, (int, float)) and not isinstance(value, bool) and not ok:
+                raise ValueError(f"AnnotatorConfig.{key} must be {rule}, got {value}")
+
+        number = lambda key: getattr(self, key) if isinstance(getattr(self, key), (int, float)) else 0.0
+        finite = lambda key: math.isfinite(number(key))
+        check("temperature", finite("temperature") and number("temperature") >= 0, "a finite number >= 0")
+        check("flip_prob", 0 <= number("flip_prob") <= 1, "in [0, 1]")
+        check("noise_std", finite("noise_std") and number("noise_std") >= 0, "a finite number >= 0")
+        check("pairs_per_prompt", number("pairs_per_prompt") >= 0, ">= 0")
+        check("num_levels", number("num_levels") >= 2, ">= 2")
+        check("rating_high", finite("rating_low") and finite("rating_high")
+              and number("rating_high") > number("rating_low"), "finite and above rating_low")
 
 
 def _check_pool(prompts, responses, gold) -> list[np.ndarray]:

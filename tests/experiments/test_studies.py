@@ -73,3 +73,16 @@ def test_mechanism_activity_reads_the_default_and_adaptive_runs():
     assert rows["adaptive KL controller"] == (
         "β from 0.05 to 0.05 (mean over seeds; range over all iterations 0.04–0.06)")
     assert mechanism_activity({}, 4) == []
+
+
+@pytest.mark.parametrize("override", ["pipeline.feedback.temperature=-0.5",
+                                      "pipeline.feedback.annotator.temperature=-1", "temperatures=[.nan]"])
+def test_bad_feedback_temperatures_fail_before_the_study_writes_anything(tmp_path, capsys, override):
+    from jaxrlhf import cli
+
+    run_dir = tmp_path / "study"
+    argv = ["study", "feedback", "--quick", "--set", f"run.dir={run_dir}", "--set", override]
+    assert cli.main(argv) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "must be" in err[0] and override.split("=")[0] in err[0], err
+    assert not run_dir.exists()

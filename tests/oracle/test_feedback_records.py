@@ -81,3 +81,17 @@ def test_bad_pools_and_records():
     with pytest.raises(ValueError, match="record 0 has keys"):
         coverage_report([{"prompt": "p"}])
     assert coverage_report([])["records"] == 0
+
+
+@pytest.mark.parametrize(("field", "value", "rule"), [
+    ("temperature", -1.0, "a finite number >= 0"), ("temperature", float("nan"), "a finite number >= 0"),
+    ("flip_prob", 1.5, r"in \[0, 1\]"), ("noise_std", -0.1, "a finite number >= 0"),
+    ("num_levels", 1, ">= 2"), ("pairs_per_prompt", -1, ">= 0"),
+    ("rating_high", -2.0, "finite and above rating_low"),
+])
+def test_annotator_values_are_checked_where_they_are_written(field, value, rule):
+    """A negative τ reached the annotator mid-study (a traceback after the run directory was written) or
+    was used as is; the config refuses it, naming the field (the CLI turns it into the dotted key)."""
+    with pytest.raises(ValueError, match=rf"AnnotatorConfig\.{field} must be {rule}"):
+        AnnotatorConfig(**{field: value})
+    AnnotatorConfig(temperature=jax.numpy.asarray(-1.0))  # a traced or stacked sweep value: checked later

@@ -18,6 +18,7 @@ program vmapped over (variants × seeds); PPO against every reward model runs as
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import field
 from typing import Any, Literal, NamedTuple
 
@@ -74,8 +75,8 @@ class FeedbackStudyConfig:
                               f"{fb.annotator.kind!r}")
         if any(not 0.0 <= p <= 1.0 for p in self.flip_probs):
             raise ConfigError(f"flip_probs: probabilities in [0, 1], got {list(self.flip_probs)}")
-        if any(t < 0 for t in self.temperatures):
-            raise ConfigError(f"temperatures: must be >= 0, got {list(self.temperatures)}")
+        if any(not (math.isfinite(t) and t >= 0) for t in self.temperatures):
+            raise ConfigError(f"temperatures: must be finite and >= 0, got {list(self.temperatures)}")
         if any(not 0 < n <= fb.responses for n in self.responses):
             raise ConfigError(f"responses: parts of the budget, in 1..{fb.responses} "
                               f"(pipeline.feedback.responses), got {list(self.responses)}")
