@@ -225,6 +225,12 @@ def _leading_key(text: str) -> str | None:
     return match.group(0) if match else None
 
 
+def is_number(value: Any) -> bool:
+    """Whether a config value is a Python number that a section's range check applies to: not a bool, not
+    None, and not an array (the traced or stacked value of a vmapped sweep, checked where it is used)."""
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
 def to_dict(config: Any) -> dict[str, Any]:
     """Nested plain-Python form of a config dataclass (tuples become lists), ready for YAML or JSON."""
 

@@ -24,7 +24,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxrlhf.config import ConfigError, load_config
+from jaxrlhf.config import ConfigError, is_number, load_config
 from jaxrlhf.oracle import AnnotatorConfig
 from jaxrlhf.steps import A2CConfig, OptimizerConfig, PPOConfig, RewardModelConfig, RLConfig
 from jaxrlhf.train.run_config import ArchitectureConfig
@@ -71,7 +71,7 @@ class PipelineFeedbackSection:
 
     def __post_init__(self) -> None:
         t = self.temperature
-        if isinstance(t, (int, float)) and not (math.isfinite(t) and t > 0):
+        if is_number(t) and not (math.isfinite(t) and t > 0):
             raise ValueError(f"PipelineFeedbackSection.temperature must be a finite number > 0, got {t}")
 
     @property

@@ -224,17 +224,22 @@ def _get_tensor(st: Any, name: str, f: Path) -> np.ndarray:
     return np.asarray(arr)
 
 
+def _read_json_object(file: Path) -> dict[str, Any]:
+    """A JSON object from ``file``; a CheckpointFormatError naming the file otherwise."""
+    try:
+        data = json.loads(file.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise CheckpointFormatError(f"{file}: invalid JSON ({e})") from None
+    if not isinstance(data, dict):
+        raise CheckpointFormatError(f"{file}: expected a JSON object, got {type(data).__name__}")
+    return data
+
+
 def _read_hf_config(path: Path) -> dict[str, Any]:
     cfg_file = path / "config.json"
     if not cfg_file.is_file():
         raise CheckpointFormatError(f"{path}: no config.json (is this a Hugging Face model directory?)")
-    try:
-        hf = json.loads(cfg_file.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise CheckpointFormatError(f"{cfg_file}: invalid JSON ({e})") from None
-    if not isinstance(hf, dict):
-        raise CheckpointFormatError(f"{cfg_file}: expected a JSON object, got {type(hf).__name__}")
-    return hf
+    return _read_json_object(cfg_file)
 
 
 def _with_generation_eos(cfg: ModelConfig, file: Path) -> ModelConfig:
@@ -244,13 +249,7 @@ def _with_generation_eos(cfg: ModelConfig, file: Path) -> ModelConfig:
     if not file.is_file():
         return cfg
     try:
-        generation = json.loads(file.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise CheckpointFormatError(f"{file}: invalid JSON ({e})") from None
-    if not isinstance(generation, dict):
-        raise CheckpointFormatError(f"{file}: expected a JSON object, got {type(generation).__name__}")
-    try:
-        extra = eos_ids(generation.get("eos_token_id"), f"{file}: eos_token_id")
+        extra = eos_ids(_read_json_object(file).get("eos_token_id"), f"{file}: eos_token_id")
     except UnsupportedModelError as e:
         raise CheckpointFormatError(str(e)) from None
     ids = cfg.eos_token_ids + tuple(i for i in extra if i not in cfg.eos_token_ids)

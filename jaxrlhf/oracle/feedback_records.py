@@ -18,6 +18,7 @@ from typing import Literal
 import jax
 import numpy as np
 
+from jaxrlhf.config import is_number
 from jaxrlhf.oracle.annotators import pairwise_preferences, plackett_luce_rankings, quantised_ratings
 
 
@@ -36,20 +37,20 @@ class AnnotatorConfig:
 
     def __post_init__(self) -> None:
         # Python numbers only: a vmapped sweep hands traced values, which the annotators check themselves.
-        def check(key: str, ok: bool, rule: str) -> None:
+        rules = {
+            "temperature": (lambda x: math.isfinite(x) and x >= 0, "a finite number >= 0"),
+            "flip_prob": (lambda x: 0 <= x <= 1, "in [0, 1]"),
+            "noise_std": (lambda x: math.isfinite(x) and x >= 0, "a finite number >= 0"),
+            "pairs_per_prompt": (lambda x: x >= 0, ">= 0"),
+            "num_levels": (lambda x: x >= 2, ">= 2"),
+        }
+        for key, (valid, rule) in rules.items():
             value = getattr(self, key)
-            if isinstance(value, (int, float)) and not isinstance(value, bool) and not ok:
+            if is_number(value) and not valid(value):
                 raise ValueError(f"AnnotatorConfig.{key} must be {rule}, got {value}")
-
-        number = lambda key: getattr(self, key) if isinstance(getattr(self, key), (int, float)) else 0.0
-        finite = lambda key: math.isfinite(number(key))
-        check("temperature", finite("temperature") and number("temperature") >= 0, "a finite number >= 0")
-        check("flip_prob", 0 <= number("flip_prob") <= 1, "in [0, 1]")
-        check("noise_std", finite("noise_std") and number("noise_std") >= 0, "a finite number >= 0")
-        check("pairs_per_prompt", number("pairs_per_prompt") >= 0, ">= 0")
-        check("num_levels", number("num_levels") >= 2, ">= 2")
-        check("rating_high", finite("rating_low") and finite("rating_high")
-              and number("rating_high") > number("rating_low"), "finite and above rating_low")
+        low, high = self.rating_low, self.rating_high
+        if is_number(low) and is_number(high) and not (math.isfinite(low + high) and high > low):
+            raise ValueError(f"AnnotatorConfig.rating_high must be finite and above rating_low, got {high}")
 
 
 def _check_pool(prompts, responses, gold) -> list[np.ndarray]:

@@ -14,6 +14,8 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from jaxrlhf.config import is_number
+
 
 @dataclasses.dataclass(frozen=True)
 class OptimizerConfig:
@@ -53,16 +55,11 @@ class OptimizerConfig:
         }
         for name, (valid, rule) in ranges.items():
             value = getattr(self, name)
-            if _is_number(value) and not (math.isfinite(value) and valid(value)):
+            if is_number(value) and not (math.isfinite(value) and valid(value)):
                 raise ValueError(f"OptimizerConfig.{name} must be a finite number {rule}, got {value}")
-        if _is_number(self.max_grad_norm) and math.isnan(self.max_grad_norm):
+        if is_number(self.max_grad_norm) and math.isnan(self.max_grad_norm):
             raise ValueError(f"OptimizerConfig.max_grad_norm must be a number (null or <= 0: no clipping), "
                              f"got {self.max_grad_norm}")
-
-
-def _is_number(value: Any) -> bool:
-    """A Python number (checked); a traced scalar of a vmapped sweep is not."""
-    return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
 def learning_rate_at(cfg: OptimizerConfig, total_steps: int, step: Any, peak: Any = None) -> jax.Array:

@@ -20,6 +20,8 @@ import dataclasses
 import math
 from typing import Any, ClassVar, Literal
 
+from jaxrlhf.config import is_number
+
 KL_ESTIMATORS = ("k1", "k2", "k3")
 ADVANTAGE_ESTIMATORS = ("grpo", "dr_grpo", "rloo", "reinforce_pp", "reinforce_pp_baseline", "remax")
 # Estimators whose baseline comes from the other samples of the same prompt.
@@ -181,16 +183,11 @@ class ClippedEpochsConfig(RLConfig):
         _check_range(name, "clip_eps_high", self.clip_eps_high, 0.0, None, low_open=True)
 
 
-def _is_number(value: Any) -> bool:
-    """A Python number; False for None and for arrays (traced in a sweep), which are not checked."""
-    return isinstance(value, (int, float)) and not isinstance(value, bool)
-
-
 def _check_range(name: str, key: str, value: Any, low: float, high: float | None = None,
                  low_open: bool = False) -> None:
     """ValueError naming ``name.key`` unless the Python number ``value`` is finite, at least ``low`` (above
     it with ``low_open``) and at most ``high``. Written as ``not (...)``, so that NaN fails."""
-    if not _is_number(value):
+    if not is_number(value):
         return
     above = value > low if low_open else value >= low
     if not (above and value <= (math.inf if high is None else high) and math.isfinite(value)):
