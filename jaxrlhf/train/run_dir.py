@@ -17,6 +17,7 @@ from typing import Any
 import yaml
 
 from jaxrlhf.config import to_dict
+from jaxrlhf.files import write_text_atomic
 from jaxrlhf.train.metrics import setup_logging
 
 log = logging.getLogger("jaxrlhf")
@@ -92,9 +93,7 @@ class RunDirectory:
                 os.replace(path, prev)
         marker.write_text("config.yaml is the config of a run that has written no checkpoint yet; the "
                           "directory's earlier checkpoints (if any) were written with config.yaml.prev\n")
-        tmp = path.with_suffix(".yaml.tmp")
-        tmp.write_text(text)
-        os.replace(tmp, path)
+        write_text_atomic(path, text)
 
     def commit_config(self) -> None:
         """A checkpoint of this run's config has been written: ``config.yaml`` now describes the
