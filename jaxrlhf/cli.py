@@ -241,13 +241,14 @@ def config_yaml(config: Any) -> str:
     return yaml.dump(to_dict(config), Dumper=Dumper, sort_keys=False, default_flow_style=False, width=100)
 
 
-def load_command_config(name: str, path: str | None, overrides: Sequence[str]) -> Any:
-    """The command's config (``name`` as :func:`command_spec` reads it) from ``path`` and ``overrides``;
-    every invalid value is a ``ConfigError``."""
+def load_command_config(name: str, path: str | None, overrides: Sequence[str],
+                        preset: Sequence[str] = (), preset_name: str = "the preset") -> Any:
+    """The command's config (``name`` as :func:`command_spec` reads it) from ``path``, a ``preset``
+    (``--quick``/``--full``'s overrides) and ``overrides``; every invalid value is a ``ConfigError``."""
     from jaxrlhf.config import ConfigError, load_config
 
     try:
-        return load_config(_resolve(command_spec(name).config), path, overrides)
+        return load_config(_resolve(command_spec(name).config), path, overrides, preset, preset_name)
     except ConfigError:
         raise
     except (ValueError, TypeError) as e:  # a section's own validation (__post_init__)
@@ -264,16 +265,16 @@ def config_from_args(args: argparse.Namespace) -> Any:
     then the ``--set`` overrides."""
     name = command_name(args)
     command = command_spec(name)
-    overrides = list(args.overrides)
     if getattr(args, "quick", False) and getattr(args, "full", False):
         from jaxrlhf.config import ConfigError
 
         raise ConfigError("--quick and --full: choose one preset")
+    preset, preset_name = (), "the preset"
     if getattr(args, "quick", False):
-        overrides = [*_resolve(command.quick), *overrides]
+        preset, preset_name = _resolve(command.quick), "--quick"
     if getattr(args, "full", False):
-        overrides = [*_resolve(command.full), *overrides]
-    return load_command_config(name, args.config, overrides)
+        preset, preset_name = _resolve(command.full), "--full"
+    return load_command_config(name, args.config, list(args.overrides), list(preset), preset_name)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -362,27 +362,38 @@ def _delete(data: dict[str, Any], path: tuple[str, ...]) -> None:
         node.pop(path[-1], None)
 
 
-def load_config(cls: type[T], path: str | Path | None = None, overrides: Iterable[str] = ()) -> T:
-    """Load ``cls`` from an optional YAML file plus ``key=value`` overrides (overrides win; an override may
-    replace other keys of the file, see :func:`drop_replaced`)."""
+def load_config(
+    cls: type[T],
+    path: str | Path | None = None,
+    overrides: Iterable[str] = (),
+    preset: Iterable[str] = (),
+    preset_name: str = "the preset",
+) -> T:
+    """Load ``cls`` from an optional YAML file, then a ``preset`` (``key=value`` strings, e.g. ``--quick``'s),
+    then ``key=value`` overrides (each layer wins over the one before; an override may replace other keys of
+    the file, see :func:`drop_replaced`)."""
     data = read_yaml(path) if path is not None else {}
-    overrides = list(overrides)
+    preset, overrides = list(preset), list(overrides)
     keys = [tuple(parse_override(o)[0]) for o in overrides]
-    file_data = drop_replaced(cls, data, keys)
-    data = apply_overrides(file_data, overrides)
-    source = str(path) if path is not None else "defaults"
-    if overrides:
-        source += " + --set"
-    # An error names the layer that set its key: --set (the key or a section above it; a section the file
-    # does not give that --set wrote into), else the file (a section --set wrote into too: both named).
-    def under(p: tuple[str, ...]) -> bool:
-        return any(k[: len(p)] == p for k in keys)
+    preset_keys = [tuple(parse_override(o)[0]) for o in preset]
+    file_data = drop_replaced(cls, data, [*preset_keys, *keys])
+    data = apply_overrides(file_data, [*preset, *overrides])
+    source = " + ".join([str(path) if path is not None else "defaults",
+                         *([preset_name] if preset else []), *(["--set"] if overrides else [])])
 
-    layers: list[tuple[str, Any]] = [
-        ("--set", lambda p: any(p[: len(k)] == k for k in keys) or (under(p) and not _has_path(file_data, p)))
-    ]
+    # An error names the layer that set its key: --set (the key or a section above it; a section the file
+    # does not give that --set wrote into), then the preset likewise, else the file (a section a higher
+    # layer wrote into too: both named).
+    def under(p: tuple[str, ...], layer_keys: list[tuple[str, ...]]) -> bool:
+        return any(k[: len(p)] == p for k in layer_keys)
+
+    def set_by(layer_keys: list[tuple[str, ...]]) -> Any:
+        return lambda p: (any(p[: len(k)] == k for k in layer_keys)
+                          or (under(p, layer_keys) and not _has_path(file_data, p)))
+
+    layers: list[tuple[str, Any]] = [("--set", set_by(keys)), (preset_name, set_by(preset_keys))]
     if path is not None:
-        layers.append((str(path), lambda p: _has_path(file_data, p) and not under(p)))
+        layers.append((str(path), lambda p: _has_path(file_data, p) and not under(p, [*preset_keys, *keys])))
     return from_dict(cls, data, source=source, layers=layers)
 
 

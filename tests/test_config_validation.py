@@ -69,7 +69,8 @@ def error_line(capsys) -> str:
     ("optimizer.b2=-0.1", "optimizer.b2 must be a finite number in [0, 1), got -0.1"),
     ("optimizer.eps=0", "optimizer.eps must be a finite number > 0, got 0.0"),
     ("optimizer.weight_decay=-1", "optimizer.weight_decay must be a finite number >= 0, got -1.0"),
-    ("optimizer.end_lr_factor=-2", "optimizer.end_lr_factor must be a finite number >= 0, got -2.0"),
+    ("optimizer.end_lr_factor=-2", "optimizer.end_lr_factor must be a finite number in [0, 1], got -2.0"),
+    ("optimizer.end_lr_factor=10", "optimizer.end_lr_factor must be a finite number in [0, 1], got 10.0"),
     ("optimizer.max_grad_norm=.nan",
      "optimizer.max_grad_norm must be a number (null or <= 0: no clipping), got nan"),
 ])
@@ -83,6 +84,7 @@ def test_optimizer_boundaries_and_traced_values_are_accepted():
     edge = OptimizerConfig(learning_rate=0.0, b1=0.0, b2=0.0, eps=1e-12, weight_decay=0.0, end_lr_factor=0.0,
                            max_grad_norm=None)
     assert edge.learning_rate == 0.0
+    assert OptimizerConfig(end_lr_factor=1.0).end_lr_factor == 1.0  # a flat schedule
     # A vmapped learning-rate sweep may hold a non-Python scalar: only Python numbers are checked.
     np = pytest.importorskip("numpy")
     assert OptimizerConfig(learning_rate=np.float32(1e-3)).learning_rate == np.float32(1e-3)
@@ -226,6 +228,36 @@ def test_section_validation_names_the_dotted_key_and_its_layer(tmp_path):
     with pytest.raises(ConfigError) as info:
         load_config(Section, path, ["other.steps=0"])
     assert str(info.value) == f"{path} + --set: other: steps and lr disagree (0)"
+
+
+def test_a_preset_is_its_own_layer(tmp_path):
+    """--quick/--full values sit between the file and --set, and an error on one of them names the preset."""
+    with pytest.raises(ConfigError) as info:
+        load_config(Section, overrides=[], preset=["inner.lr=-1"], preset_name="--quick")
+    assert str(info.value) == "--quick: inner.lr must be >= 0, got -1.0"
+    assert load_config(Section, overrides=["inner.lr=2"], preset=["inner.lr=-1"]).inner.lr == 2.0  # --set
+    path = tmp_path / "c.yaml"
+    path.write_text("other:\n  lr: -2\n")
+    assert load_config(Section, path, preset=["other.lr=3"]).other.lr == 3.0  # the preset wins over the file
+    with pytest.raises(ConfigError) as info:
+        load_config(Section, path, ["inner.lr=1"], preset=["inner.steps=2"], preset_name="--quick")
+    assert str(info.value) == f"{path}: other.lr must be >= 0, got -2.0"
+    path.write_text("other:\n  lr: 1\n")
+    with pytest.raises(ConfigError) as info:
+        load_config(Section, path, ["inner.lr=1"], preset=["other.steps=0"], preset_name="--full")
+    assert str(info.value) == f"{path} + --full + --set: other: steps and lr disagree (0)"
+
+
+def test_a_bad_quick_preset_value_is_blamed_on_the_preset(capsys, monkeypatch):
+    from jaxrlhf.experiments import demo_config
+
+    monkeypatch.setattr(demo_config, "QUICK_OVERRIDES", (*demo_config.QUICK_OVERRIDES, "ppo.iterations=0"))
+    assert cli.main(["demo", "--quick", "--print-config"]) == 1
+    assert error_line(capsys) == "jaxrlhf demo: error: --quick: ppo.iterations: must be >= 1, got 0"
+    assert cli.main(["demo", "--quick", "--set", "ppo.iterations=2", "--print-config"]) == 0  # --set wins
+    assert "iterations: 2" in capsys.readouterr().out
+    with pytest.raises(ConfigError, match=r"^--quick: ppo\.iterations: must be >= 1, got 0$"):
+        demo_config.load_demo_config(quick=True)
 
 
 @pytest.mark.parametrize(("key", "value", "message"), [

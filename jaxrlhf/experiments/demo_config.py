@@ -332,4 +332,4 @@ def load_demo_config(path: str | None = None, overrides: Sequence[str] = (),
     if quick and full:
         raise ConfigError("--quick and --full: choose one preset")
     preset = QUICK_OVERRIDES if quick else FULL_OVERRIDES if full else ()
-    return load_config(DemoConfig, path, [*preset, *overrides])
+    return load_config(DemoConfig, path, overrides, preset, "--quick" if quick else "--full")

@@ -46,8 +46,9 @@ class OptimizerConfig:
         # Written as `not (finite and in range)`, so that NaN fails every range.
         ranges = {
             "learning_rate": (lambda x: x >= 0.0, ">= 0"),
-            # the end of the decay as a fraction of learning_rate: below 0 the rate would turn negative
-            "end_lr_factor": (lambda x: x >= 0.0, ">= 0"),
+            # the end of the decay as a fraction of learning_rate: below 0 the rate would turn negative, above
+            # 1 the "decay" would raise it (an absolute end rate written here, most likely)
+            "end_lr_factor": (lambda x: 0.0 <= x <= 1.0, "in [0, 1]"),
             "b1": (lambda x: 0.0 <= x < 1.0, "in [0, 1)"),
             "b2": (lambda x: 0.0 <= x < 1.0, "in [0, 1)"),
             "eps": (lambda x: x > 0.0, "> 0"),
