@@ -70,3 +70,19 @@ def test_running_moments_edge_cases():
     assert state.mean == 3.0 and state.m2 == 2.0 and running_moments_var(state, unbiased=False) == 1.0
     norm = running_moments_normalization(running_moments_update(running_moments_init(), jnp.ones(3)))
     assert norm.gain == 1.0 and norm.bias == -1.0
+
+
+@pytest.mark.parametrize(("value", "n"), [(0.1, 7), (0.7, 64), (-1.3, 100), (0.7, 100_000)])
+def test_a_constant_sample_gets_gain_one_where_float32_rounding_leaves_a_spread(maybe_jit, value, n):
+    # 0.1 × 7 has a float32 mean that differs from 0.1 by rounding: its "std" (7e-9) made a gain of 1.3e8
+    rewards = jnp.full(n, value, jnp.float32)
+    state = maybe_jit(fit_reward_normalization)(rewards)
+    assert state.gain == 1.0 and state.bias == -np.float32(value)
+    np.testing.assert_array_equal(normalize_rewards(state, rewards), 0.0)
+    mask = jnp.arange(n) % 2 == 1  # masked-out entries differ: only the masked-in constant counts
+    state = maybe_jit(fit_reward_normalization)(jnp.where(mask, rewards, 5.0), 0.0, 1.0, mask)
+    assert state.gain == 1.0 and state.bias == -np.float32(value)
+    running = running_moments_init()
+    for _ in range(3):
+        running = maybe_jit(running_moments_update)(running, rewards)
+    assert running.m2 == 0.0 and running_moments_normalization(running).gain == 1.0
