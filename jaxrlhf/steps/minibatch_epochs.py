@@ -14,7 +14,7 @@ neither is any after it (nor even computed).
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any, NamedTuple
 
 import jax
@@ -58,11 +58,13 @@ def minibatch_epochs(
     key: jax.Array,
     cfg: ClippedEpochsConfig,
     averaged: Sequence[str],
+    variances: Mapping[str, str] | None = None,
 ) -> tuple[Any, Metrics]:
     """Run ``cfg.epochs`` × ``cfg.num_minibatches`` guarded updates of ``trainables`` on ``batch``.
 
     loss_fn(params, minibatch) -> (loss, (weight, metrics)) as :func:`accumulate_gradients` takes it; its
-    metrics must hold :data:`APPROX_KL` and :data:`RATIO_ABS_DEV` (mean |r − 1|). params_of(trainables) -> the
+    metrics must hold :data:`APPROX_KL` and :data:`RATIO_ABS_DEV` (mean |r − 1|); ``variances`` as
+    :func:`accumulate_gradients` takes it (a variance metric → its mean metric). params_of(trainables) -> the
     params to differentiate; apply(trainables, grads) -> the trainables after one optimiser update.
 
     Returns the trainables and metrics: each of ``averaged`` (loss metrics, or "train/grad_norm", the norm
@@ -78,7 +80,7 @@ def minibatch_epochs(
     def train_minibatch(carry: _Carry, indices: jax.Array) -> _Carry:
         minibatch = shard_rows(jax.tree.map(lambda x: x[indices], batch))  # rows stay split
         loss, grads, metrics = accumulate_gradients(loss_fn, params_of(carry.trainables), minibatch,
-                                                    cfg.grad_accum_steps)
+                                                    cfg.grad_accum_steps, variances)
         metrics = {**metrics, "train/grad_norm": optax.tree.norm(grads)}
         finite = all_finite((loss, grads))
         stopped = carry.stopped | (metrics[APPROX_KL] > threshold)

@@ -64,7 +64,8 @@ def policy_gradient_loss(
 ) -> tuple[jax.Array, tuple[jax.Array, Metrics]]:
     """L = agg(ℓ) + β·agg(k) (KL in the loss) − entropy_coef·agg(H) (see the module docstring).
 
-    Returns (loss, (weight, metrics)) as :func:`jaxrlhf.steps.accumulate.accumulate_gradients` takes it.
+    Returns (loss, (weight, metrics, metric weights)) as :func:`jaxrlhf.steps.accumulate.accumulate_gradients`
+    takes it.
     Metrics: loss/policy_avg, loss/kl_avg (the KL term, 0 with the KL in the reward), kl (token mean of the
     configured estimator under the current policy), entropy (token mean), policy/approxkl_avg,
     policy/clipfrac_avg, clip_ratio/low_mean, clip_ratio/high_mean, clip_ratio/region_mean (TRL's: the share
@@ -108,7 +109,16 @@ def policy_gradient_loss(
         "val/ratio_var": masked_var(ratio, mask, unbiased=False),
         "val/ratio_abs_dev": masked_mean(jnp.abs(ratio - 1.0), mask),
     }
-    return loss, (loss_weight(mask, cfg.loss_agg), jax.lax.stop_gradient(metrics))
+    # Under gradient accumulation each metric is averaged with the weight of what it is a mean over: tokens,
+    # except the loss terms (the loss's own weight) and GSPO's clip shares (sequences with tokens).
+    tokens, w = masked_count(mask), loss_weight(mask, cfg.loss_agg)
+    sequences = jnp.sum((masked_count(mask, axis=-1) > 0).astype(jnp.float32))
+    weights = {k: tokens for k in metrics} | {"loss/policy_avg": w, "loss/kl_avg": w}
+    if cfg.ratio == "sequence":
+        clip_shares = ("policy/clipfrac_avg", "clip_ratio/low_mean", "clip_ratio/high_mean",
+                       "clip_ratio/region_mean")
+        weights |= {k: sequences for k in clip_shares}
+    return loss, (w, jax.lax.stop_gradient(metrics), weights)
 
 
 AVERAGED_METRICS = (
@@ -116,6 +126,10 @@ AVERAGED_METRICS = (
     "clip_ratio/low_mean", "clip_ratio/high_mean", "clip_ratio/region_mean", "val/ratio", "val/ratio_var",
     "train/grad_norm",
 )
+
+
+#: Variance metrics and the mean each is taken about (merged exactly over micro-batches).
+VARIANCES = {"val/ratio_var": "val/ratio"}
 
 
 def make_pg_update(
@@ -145,7 +159,7 @@ def make_pg_update(
             return apply_gradients(policy, optimizer, grads)
 
         policy, metrics = minibatch_epochs(loss_fn, lambda policy: policy.params, apply, policy, batch,
-                                           key, cfg, AVERAGED_METRICS)
+                                           key, cfg, AVERAGED_METRICS, VARIANCES)
         policy = policy._replace(frozen=frozen)
         kl = update_kl_controller(controller, state.kl, cfg, batch)
         metrics |= {"lr": current_learning_rate(policy.opt_state), "objective/kl_coef": kl.kl_coef}

@@ -88,6 +88,10 @@ AVERAGED_METRICS = (
 )
 
 
+#: Variance metrics and the mean each is taken about (merged exactly over micro-batches).
+VARIANCES = {"val/ratio_var": "val/ratio"}
+
+
 def make_ppo_update(
     policy_model: LanguageModel,
     critic_model: LanguageModel | None,
@@ -127,7 +131,7 @@ def make_ppo_update(
             return apply_actor_critic(trainables, grads, policy_optimizer, critic_optimizer)
 
         (policy, critic), metrics = minibatch_epochs(loss_fn, params_of, apply, (policy, critic),
-                                                     batch, key, cfg, AVERAGED_METRICS)
+                                                     batch, key, cfg, AVERAGED_METRICS, VARIANCES)
         policy = policy._replace(frozen=policy_frozen)
         critic = None if critic is None else critic._replace(frozen=critic_frozen)
         kl = update_kl_controller(controller, state.kl, cfg, batch)

@@ -18,7 +18,7 @@ from jaxrlhf.steps.actor_critic import kl_controller
 from jaxrlhf.steps.group_experience import make_group_experience_fn
 from jaxrlhf.steps.optim import OptimizerConfig, make_optimizer
 from jaxrlhf.steps.params import PolicyParams
-from jaxrlhf.steps.policy_gradient import make_pg_update, policy_gradient_loss
+from jaxrlhf.steps.policy_gradient import VARIANCES, make_pg_update, policy_gradient_loss
 from jaxrlhf.steps.rl_config import GRPOConfig
 from jaxrlhf.steps.state import create_rl_state
 
@@ -120,12 +120,39 @@ def test_grad_accumulation_equals_one_pass_and_ratio_starts_at_one(changes, tiny
         response_mask=experience.response_mask.at[5].set(0.0))
     loss_fn = lambda params, batch: policy_gradient_loss(tiny_model, cfg, params, batch, jnp.float32(0.3))
     params = PolicyParams(tiny_params)
-    run = jax.jit(lambda n: accumulate_gradients(loss_fn, params, batch, n), static_argnums=0)
+    run = jax.jit(lambda n: accumulate_gradients(loss_fn, params, batch, n, VARIANCES), static_argnums=0)
     (loss1, grads1, metrics1), (loss2, grads2, _) = run(1), run(2)
     assert float(loss1) == pytest.approx(float(loss2), rel=1e-5, abs=1e-7)
     jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6), grads1, grads2)
     assert max(float(jnp.max(jnp.abs(g))) for g in jax.tree.leaves(grads1)) > 1e-3
     assert float(metrics1["val/ratio_abs_dev"]) <= 1e-6
+
+
+@pytest.mark.parametrize("changes", [
+    {"loss_agg": "sequence_mean"},
+    {"loss_agg": "token_sum_norm", "kl_in_reward": False, "kl_estimator": "k3"},
+    {"ratio": "sequence", "clip_eps": 3e-4, "clip_eps_high": 4e-4},
+])
+def test_accumulated_metrics_are_the_whole_batchs_means(changes, tiny_model, tiny_params, experience):
+    """Token-mean metrics are token means (not row-weighted) and the ratio's variance is the batch's, under
+    every split, when the loss is averaged over sequences (they were off by up to 10% at 4 micro-batches)."""
+    cfg = dataclasses.replace(CFG, entropy_coef=0.01, **changes)
+    lengths = jnp.array([3, 6, 6, 6, 1, 6, 6, 6])  # uneven rows: row-weighting and token-weighting differ
+    mask = (jnp.arange(experience.response_mask.shape[1])[None] < lengths[:, None]).astype(jnp.float32)
+    key = jax.random.key(3)
+    batch = experience._replace(response_mask=mask * experience.response_mask,
+                                advantages=jax.random.normal(key, experience.advantages.shape),
+                                old_logprobs=experience.old_logprobs + 0.3 * jax.random.normal(
+                                    jax.random.fold_in(key, 1), experience.old_logprobs.shape))
+    loss_fn = lambda params, batch: policy_gradient_loss(tiny_model, cfg, params, batch, jnp.float32(0.3))
+    params = PolicyParams(tiny_params)
+    run = jax.jit(lambda n: accumulate_gradients(loss_fn, params, batch, n, VARIANCES)[2], static_argnums=0)
+    whole = run(1)
+    assert float(whole["val/ratio_var"]) > 1e-3 and 0 < float(whole["clip_ratio/region_mean"]) < 1
+    for n in (2, 4):
+        split = run(n)
+        for k in whole:
+            np.testing.assert_allclose(split[k], whole[k], rtol=2e-5, atol=1e-7, err_msg=f"{k} at {n}")
 
 
 def test_nan_in_the_batch_leaves_the_state_unchanged(tiny_model, tiny_params, optimizer, experience):

@@ -17,7 +17,7 @@ from jaxrlhf.steps.actor_critic import ActorCriticParams, kl_controller
 from jaxrlhf.steps.experience import make_experience_fn
 from jaxrlhf.steps.optim import OptimizerConfig, make_optimizer
 from jaxrlhf.steps.params import CriticParams, PolicyParams
-from jaxrlhf.steps.ppo import make_ppo_update, ppo_loss
+from jaxrlhf.steps.ppo import VARIANCES, make_ppo_update, ppo_loss
 from jaxrlhf.steps.rl_config import PPOConfig
 from jaxrlhf.steps.state import create_rl_state
 
@@ -116,10 +116,15 @@ def test_grad_accumulation_equals_one_pass(tiny_model, policy, experience):
     cfg = dataclasses.replace(CFG, kl_in_reward=False)  # include the KL-in-the-loss term as well
     loss_fn = lambda params, batch: ppo_loss(tiny_model, None, cfg, params, batch, jnp.float32(0.3))
     params = ActorCriticParams(policy, None)
-    grads = jax.jit(lambda n: accumulate_gradients(loss_fn, params, experience, n)[1], static_argnums=0)
-    one, two = grads(1), grads(2)
+    old = experience.old_logprobs + 0.2 * jax.random.normal(jax.random.key(5), experience.old_logprobs.shape)
+    batch = experience._replace(old_logprobs=old)  # ratios ≠ 1: a variance to merge across micro-batches
+    run = jax.jit(lambda n: accumulate_gradients(loss_fn, params, batch, n, VARIANCES), static_argnums=0)
+    (_, one, metrics1), (_, two, metrics2) = run(1), run(2)
     jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6), one, two)
     assert max(float(jnp.max(jnp.abs(g))) for g in jax.tree.leaves(one)) > 1e-3
+    assert float(metrics1["val/ratio_var"]) > 1e-3
+    for k in metrics1:  # the ratio's variance too: the batch's, not the mean of the micro-batches'
+        np.testing.assert_allclose(metrics2[k], metrics1[k], rtol=2e-5, atol=1e-7, err_msg=k)
 
 
 def test_separate_critic_minibatches_and_adaptive_kl(tiny_model, optimizer, tiny_params, other_params,
