@@ -105,6 +105,10 @@ class PromptRecord:
 Record = SFTRecord | PreferenceRecord | RankingRecord | RatingRecord | PromptRecord
 
 
+#: The roles a chat message may have (those of the chat templates in use: OpenAI's, Llama 3's, tools).
+CHAT_ROLES: tuple[str, ...] = ("system", "developer", "user", "assistant", "tool", "function", "ipython")
+
+
 def _messages(value: Any, key: str, where: str) -> tuple[ChatMessage, ...]:
     if not isinstance(value, list) or not value:
         raise DataError(f"{where}: {key!r} must be a non-empty list of messages, got {_describe(value)}")
@@ -116,6 +120,9 @@ def _messages(value: Any, key: str, where: str) -> tuple[ChatMessage, ...]:
             if not isinstance(m.get(field), str):
                 got = _describe(m[field]) if field in m else "nothing"
                 raise DataError(f"{where}: {key}[{i}].{field} must be a string, got {got}")
+        if m["role"] not in CHAT_ROLES:  # a template may render any role string: a typo would train as is
+            raise DataError(f"{where}: {key}[{i}].role {m['role']!r} is not a chat role (one of "
+                            f"{', '.join(CHAT_ROLES)})")
         out.append(ChatMessage(m["role"], m["content"]))
     return tuple(out)
 

@@ -1,28 +1,35 @@
 """Records to token ids with any Hugging Face tokenizer.
 
-A prompt is encoded without the tokenizer's own special tokens, optionally with ``bos`` prepended; a
-conversation is first rendered by the tokenizer's chat template (``add_generation_prompt=True``), and bos
-is then added only if the rendering does not already start with it. A completion is encoded separately
-(as TRL does) and followed by ``eos``.
+A plain-text prompt is encoded without the tokenizer's own special tokens, then starts with ``bos`` when
+``add_bos`` says so (default: when the tokenizer itself puts bos before text, as Llama's do and GPT-2's
+does not); a conversation is rendered by the tokenizer's chat template (``add_generation_prompt=True``),
+which decides its bos (``add_bos=True`` adds one where the rendering lacks it). A plain-text completion is
+encoded separately (as TRL does) and followed by ``eos``; after a conversation, a completion is the
+assistant turn as the template renders it after the generation prompt, up to and including the last
+special token of that turn (``<|eot_id|>``, ``<|im_end|>``, ``</s>``: the token the model must learn to
+stop on, without what a template writes after it, such as ChatML's newline), followed by ``eos`` only
+when the turn holds no special token. A template that does not render the conversation as its prompt
+followed by the turn falls back to content + ``eos`` and is counted.
 
 Lengths: a prompt may hold at most ``max_prompt_length`` tokens (bos included): a longer one is an error
-naming the file and line, or with ``truncate_prompts="left"`` keeps its last tokens (and its bos). A
-completion may hold at most ``max_length − max_prompt_length`` tokens (eos included), so every
-prompt + completion fits ``max_length`` in the fixed [prompt | response] layout; a longer one is cut to
-that many tokens, has no eos, and is counted in :class:`TokenizeStats`.
+naming the file and line, or with ``truncate_prompts="left"`` keeps its last tokens (and its bos, whoever
+put it there). A completion may hold at most ``max_length − max_prompt_length`` tokens (its ending
+included), so every prompt + completion fits ``max_length`` in the fixed [prompt | response] layout; a
+longer one is cut to that many tokens, has no ending, and is counted in :class:`TokenizeStats`.
 """
 
 from __future__ import annotations
 
 import os
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, Literal
 
 import numpy as np
 from transformers import PreTrainedTokenizerBase
 
 from jaxrlhf.data.jsonl import (
+    ChatMessage,
     DataError,
     Kind,
     PreferenceRecord,
@@ -42,7 +49,9 @@ class TokenizeConfig:
 
     max_prompt_length: int = 256
     max_length: int = 512
-    add_bos: bool = False
+    # Start plain-text prompts with bos (conversations: where the template's rendering lacks it); None: as
+    # the tokenizer itself does when it encodes text with its special tokens.
+    add_bos: bool | None = None
     truncate_prompts: Literal["error", "left"] = "error"
 
     def __post_init__(self):
@@ -108,6 +117,8 @@ class TokenizeStats:
     examples: int = 0
     truncated_prompts: int = 0
     truncated_completions: int = 0
+    # chat completions the template did not render as prompt + turn (encoded as content + eos instead)
+    untemplated_completions: int = 0
 
 
 def render_prompt(tokenizer: PreTrainedTokenizerBase, prompt: Prompt, source: str = "") -> str:
@@ -131,14 +142,26 @@ def _ids(tokenizer: PreTrainedTokenizerBase, text: str) -> list[int]:
     return list(tokenizer(text, add_special_tokens=False)["input_ids"])
 
 
+def tokenizer_adds_bos(tokenizer: PreTrainedTokenizerBase) -> bool:
+    """Whether the tokenizer puts its bos before text it encodes with special tokens (Llama: yes; GPT-2:
+    no): what ``add_bos=None`` follows for plain-text prompts."""
+    bos = tokenizer.bos_token_id
+    if bos is None:
+        return False
+    ids = list(tokenizer("a", add_special_tokens=True)["input_ids"])
+    return bool(ids) and ids[0] == bos and _ids(tokenizer, "a")[:1] != [bos]
+
+
 def encode_prompt(
     tokenizer: PreTrainedTokenizerBase, prompt: Prompt, config: TokenizeConfig, source: str = ""
 ) -> tuple[np.ndarray, bool]:
     """Prompt ids (int32) and whether they were cut on the left to fit ``max_prompt_length``."""
     ids = _ids(tokenizer, render_prompt(tokenizer, prompt, source))
     bos = tokenizer.bos_token_id
-    has_bos = config.add_bos and bos is not None
-    if has_bos and (not ids or ids[0] != bos):
+    add_bos = config.add_bos
+    if add_bos is None:  # as the tokenizer does for text; a conversation's template decides its own
+        add_bos = isinstance(prompt, str) and tokenizer_adds_bos(tokenizer)
+    if add_bos and bos is not None and (not ids or ids[0] != bos):
         ids = [bos, *ids]
     if not ids:
         # The first response token is predicted from the last prompt token, so one must exist.
@@ -151,20 +174,79 @@ def encode_prompt(
             f"{source}: the prompt has {len(ids)} tokens, more than max_prompt_length={limit} "
             "(shorten it, raise the limit, or set truncate_prompts='left')"
         )
-    kept = [ids[0], *ids[len(ids) - limit + 1 :]] if has_bos else ids[len(ids) - limit :]
+    keep_bos = bos is not None and ids[0] == bos  # added here or written by the chat template
+    kept = [ids[0], *ids[len(ids) - limit + 1 :]] if keep_bos else ids[len(ids) - limit :]
     return np.asarray(kept, np.int32), True
 
 
+def _special_ids(tokenizer: PreTrainedTokenizerBase) -> set[int]:
+    decoder = getattr(tokenizer, "added_tokens_decoder", {}) or {}
+    return {*tokenizer.all_special_ids, *(i for i, t in decoder.items() if getattr(t, "special", False))}
+
+
+def chat_turn_ids(
+    tokenizer: PreTrainedTokenizerBase, prompt: Sequence[ChatMessage], text: str, source: str = ""
+) -> list[int] | None:
+    """The assistant turn ``text`` after the conversation ``prompt`` as the chat template renders it after
+    the generation prompt, up to and including the turn's last special token (with ``eos`` appended when it
+    has none); None when the template does not render prompt + turn as the prompt's rendering followed by
+    more text (the caller then falls back to content + eos)."""
+    head = render_prompt(tokenizer, prompt, source)
+    messages = [{"role": m.role, "content": m.content} for m in (*prompt, ChatMessage("assistant", text))]
+    try:
+        whole = tokenizer.apply_chat_template(messages, tokenize=False)
+    except Exception as e:  # a template may raise anything (e.g. an unsupported role)
+        raise DataError(f"{source}: the chat template failed on this conversation: {e}") from e
+    if not isinstance(whole, str) or not whole.startswith(head) or len(whole) == len(head):
+        return None
+    ids = _ids(tokenizer, whole[len(head):])
+    special = _special_ids(tokenizer)
+    ends = [i for i, t in enumerate(ids) if t in special]
+    if ends:
+        return ids[: ends[-1] + 1]
+    return [*ids, tokenizer.eos_token_id]
+
+
+def chat_turn_end_ids(tokenizer: PreTrainedTokenizerBase) -> tuple[int, ...]:
+    """The special token that closes an assistant turn in the tokenizer's chat template (``<|eot_id|>``,
+    ``<|im_end|>``, …; what chat completions end with, so rollouts stop there too), or () without a
+    template or where it does not render a plain user → assistant exchange."""
+    if not getattr(tokenizer, "chat_template", None) or tokenizer.eos_token_id is None:
+        return ()
+    try:
+        ids = chat_turn_ids(tokenizer, (ChatMessage("user", "a"),), "b")
+    except DataError:
+        return ()
+    return (ids[-1],) if ids and ids[-1] in _special_ids(tokenizer) else ()
+
+
 def encode_completion(
-    tokenizer: PreTrainedTokenizerBase, text: str, max_tokens: int
+    tokenizer: PreTrainedTokenizerBase, text: str, max_tokens: int, prompt: Prompt = "", source: str = ""
 ) -> tuple[np.ndarray, bool]:
-    """Completion ids followed by eos (int32), cut to ``max_tokens`` (then without eos); and whether cut."""
+    """Completion ids (int32) with their ending, cut to ``max_tokens`` (then without it); and whether cut.
+
+    After a plain-text ``prompt``: the text's ids + eos. After a conversation: :func:`chat_turn_ids` (the
+    template's end of turn), or the text's ids + eos where the template does not allow that (see
+    :func:`encode_completion_counted`)."""
+    return encode_completion_counted(tokenizer, text, max_tokens, prompt, source)[:2]
+
+
+def encode_completion_counted(
+    tokenizer: PreTrainedTokenizerBase, text: str, max_tokens: int, prompt: Prompt = "", source: str = ""
+) -> tuple[np.ndarray, bool, bool]:
+    """:func:`encode_completion`, and whether a chat completion fell back to content + eos."""
     eos = tokenizer.eos_token_id
     if eos is None:
-        raise ValueError(f"tokenizer {tokenizer.name_or_path!r} defines no eos token; completions need one")
-    ids = [*_ids(tokenizer, text), eos]
+        raise DataError(f"{source or 'completion'}: tokenizer {tokenizer.name_or_path!r} defines no eos "
+                        "token; completions need one (set eos_token in its tokenizer_config.json)")
+    ids, untemplated = None, False
+    if not isinstance(prompt, str):
+        ids = chat_turn_ids(tokenizer, prompt, text, source)
+        untemplated = ids is None
+    if ids is None:
+        ids = [*_ids(tokenizer, text), eos]
     truncated = len(ids) > max_tokens
-    return np.asarray(ids[:max_tokens], np.int32), truncated
+    return np.asarray(ids[:max_tokens], np.int32), truncated, untemplated
 
 
 def tokenize_records(
@@ -175,16 +257,24 @@ def tokenize_records(
     ``path`` names the source file in error messages and in each example's ``source``.
     """
     examples: list[Example] = []
-    cut_prompts = cut_completions = 0
+    cut_prompts = cut_completions = untemplated = 0
+    if config.add_bos is None:  # resolved once, not per record
+        config = replace(config, add_bos=tokenizer_adds_bos(tokenizer))
+        config_chat = replace(config, add_bos=False)  # a conversation's template decides its bos
+    else:
+        config_chat = config
     for record in records:
         source = f"{path}:{record.line}"
-        prompt, cut = encode_prompt(tokenizer, record.prompt, config, source)
+        chat = not isinstance(record.prompt, str)
+        prompt, cut = encode_prompt(tokenizer, record.prompt, config_chat if chat else config, source)
         cut_prompts += cut
 
-        def completion(text: str) -> np.ndarray:
-            nonlocal cut_completions
-            ids, cut = encode_completion(tokenizer, text, config.max_completion_length)
+        def completion(text: str, record: Record = record, source: str = source) -> np.ndarray:
+            nonlocal cut_completions, untemplated
+            ids, cut, fell_back = encode_completion_counted(tokenizer, text, config.max_completion_length,
+                                                            record.prompt, source)
             cut_completions += cut
+            untemplated += fell_back
             return ids
 
         if isinstance(record, SFTRecord):
@@ -200,7 +290,7 @@ def tokenize_records(
             examples.append(PromptExample(prompt, source, prompt_columns(record)))
         else:
             raise TypeError(f"{source}: not a record: {type(record).__name__}")
-    return examples, TokenizeStats(len(examples), cut_prompts, cut_completions)
+    return examples, TokenizeStats(len(examples), cut_prompts, cut_completions, untemplated)
 
 
 def prompt_columns(record: PromptRecord) -> dict[str, Any]:

@@ -78,6 +78,10 @@ def load_dataset(path: str, kind: Kind, tokenizer: Any, data: DataSection) -> li
         "%s: %d %s examples (%d prompts cut, %d completions cut)",
         path, stats.examples, kind, stats.truncated_prompts, stats.truncated_completions,
     )
+    if stats.untemplated_completions:
+        log.warning("%s: the chat template does not render %d conversations as their prompt followed by the "
+                    "assistant turn; those responses end with eos instead of the template's end of turn",
+                    path, stats.untemplated_completions)
     return examples
 
 

@@ -17,6 +17,7 @@ import jax.numpy as jnp
 import optax
 
 from jaxrlhf.config import ConfigError
+from jaxrlhf.data.tokenize import chat_turn_end_ids
 from jaxrlhf.models.config import ModelConfig
 from jaxrlhf.models.heads import init_value_head
 from jaxrlhf.models.transformer import LanguageModel
@@ -39,10 +40,11 @@ _OFF_POLICY = ("the update's log-probs are those of the unfiltered tempered soft
 
 def sampling_settings(gen: GenerationSection, temperature: float, tokenizer: Any,
                       model_config: ModelConfig | None = None) -> GenerationConfig:
-    """The rollouts' :class:`GenerationConfig`: the algorithm's temperature, stopping at the tokenizer's eos
-    and at every eos id of the model's config (Llama 3 Instruct lists three; its chat turns end with the
-    third) unless ``generation.stop_token_ids`` says otherwise. Filtered sampling (top-k, top-p, a minimum
-    length) is refused: see :data:`_OFF_POLICY`."""
+    """The rollouts' :class:`GenerationConfig`: the algorithm's temperature, stopping at the tokenizer's eos,
+    at every eos id of the model's config (Llama 3 Instruct lists three; its chat turns end with the third)
+    and at the token that closes an assistant turn in the tokenizer's chat template (chat completions are
+    trained to end there), unless ``generation.stop_token_ids`` says otherwise. Filtered sampling (top-k,
+    top-p, a minimum length) is refused: see :data:`_OFF_POLICY`."""
     if gen.temperature is not None and gen.temperature != temperature:
         raise ConfigError(
             f"generation.temperature: {gen.temperature} differs from the algorithm's temperature "
@@ -56,7 +58,8 @@ def sampling_settings(gen: GenerationSection, temperature: float, tokenizer: Any
     stop = gen.stop_token_ids
     if stop is None:
         model_eos = model_config.eos_token_ids if model_config is not None else ()
-        stop = tuple(dict.fromkeys(i for i in (tokenizer.eos_token_id, *model_eos) if i is not None))
+        candidates = (tokenizer.eos_token_id, *model_eos, *chat_turn_end_ids(tokenizer))
+        stop = tuple(dict.fromkeys(i for i in candidates if i is not None))
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     try:
         return GenerationConfig(

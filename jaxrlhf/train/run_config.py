@@ -68,7 +68,9 @@ class DataSection:
     eval_batch_size: int | None = None  # default: batch_size
     max_prompt_length: int = 64
     max_response_length: int = 64
-    add_bos: bool = False
+    # Start plain-text prompts with the tokenizer's bos; null (default): as the tokenizer itself does (Llama's
+    # add it, GPT-2's do not); conversations: their chat template decides (true adds one where it lacks).
+    add_bos: bool | None = None
     truncate_prompts: Literal["error", "left"] = "error"
     shuffle: bool = True
     # Length buckets (each batch is padded to the smallest that fits); empty: powers of two from

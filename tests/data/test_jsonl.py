@@ -151,6 +151,10 @@ BAD_LINES = [
     ("preference", {"chosen": [USER, A], "rejected": [USER]}, r"'rejected' must have.*got roles \[\]"),
     ("preference", {"chosen": "the sky", "rejected": 3}, r"'rejected' must be a string or a list of"),
     ("preference", {"chosen": "the sky"}, r"missing field 'rejected'"),
+    # a role typo is rendered as is by templates that do not check roles (ChatML): refused here
+    ("sft", {"messages": [{"role": "usr", "content": "q"}, A]},
+     r"messages\[0\]\.role 'usr' is not a chat role \(one of system, developer, user, assistant, tool"),
+    ("prompt", {"prompt": [{"role": "bot", "content": "q"}]}, r"prompt\[0\]\.role 'bot' is not a chat role"),
 ]
 
 

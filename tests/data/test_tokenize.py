@@ -151,5 +151,99 @@ def test_trl_conversational_prompts_and_implicit_preferences_end_to_end(jsonl, t
         ]
     )
     chat, text = load_examples(path, "preference", tokenizer, TokenizeConfig(16, 20))[0]
-    assert (ids(chat.prompt), ids(chat.chosen), ids(chat.rejected)) == ([5, 8, 9, 7, 6], [10, 2], [11, 11, 2])
+    # a chat response ends as the template closes the assistant turn (<|end|>), not with </s>
+    assert (ids(chat.prompt), ids(chat.chosen), ids(chat.rejected)) == ([5, 8, 9, 7, 6], [10, 7], [11, 11, 7])
     assert (ids(text.prompt), ids(text.chosen), ids(text.rejected)) == ([8, 9], [34, 10, 2], [34, 11, 2])
+
+
+# ------------------------------------------------------------------ chat endings and bos, as HF renders them
+
+CHATML_LIKE = ("{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}<|end|>\n{% endfor %}"
+               "{% if add_generation_prompt %}<|assistant|>{% endif %}")
+LLAMA2_LIKE = ("{% for m in messages %}{% if m['role'] == 'user' %}{{ bos_token + '[' + m['content'] + ']' }}"
+               "{% else %}{{ ' ' + m['content'] + ' ' + eos_token }}{% endif %}{% endfor %}")
+NO_SPECIAL = "{% for m in messages %}{{ m['content'] }};{% endfor %}"
+
+
+def hf_ids(tok, messages, **kwargs):
+    out = tok.apply_chat_template(messages, tokenize=True, **kwargs)
+    return list(out["input_ids"] if hasattr(out, "keys") else out)
+
+
+@pytest.mark.parametrize(("template", "turn"), [
+    (None, [10, 7]),  # the toy template: c<|end|>
+    (CHATML_LIKE, [10, 7]),  # c<|end|>\n: ends at the special token, the template's newline after it dropped
+    (LLAMA2_LIKE, [11, 10, 11, 2]),  # " c </s>": the template's own eos, not a second one
+    (NO_SPECIAL, [10, 15, 2]),  # "c;": no special token closes the turn, so eos does
+])
+def test_a_chat_completion_ends_as_the_template_closes_the_assistant_turn(template, turn):
+    alphabet = "abc []\n;"
+    tok = make_char_tokenizer(alphabet, **({} if template is None else {"chat_template": template}))
+    conversation = [{"role": "user", "content": "ab"}, {"role": "assistant", "content": "c"}]
+    record = SFTRecord((ChatMessage("user", "ab"),), "c", 1)
+    (example,), stats = tokenize_records([record], tok, TokenizeConfig(16, 24), "f.jsonl")
+    assert ids(example.response) == turn and stats.untemplated_completions == 0
+    # prompt + response is the template's rendering of the conversation, up to the turn's last special token
+    whole = hf_ids(tok, conversation)
+    assert ids(example.prompt) == hf_ids(tok, conversation[:1], add_generation_prompt=True)
+    if turn[-1] in whole:
+        assert ids(example.prompt) + turn == whole[: len(example.prompt) + len(turn)]
+
+
+def test_a_template_that_does_not_extend_its_prompt_falls_back_to_eos_and_is_counted():
+    # The generation prompt differs from how a full conversation renders the assistant turn.
+    template = ("{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}{% endfor %}"
+                "{% if add_generation_prompt %}<|assistant|>a{% endif %}")
+    tok = make_char_tokenizer("abc", chat_template=template)
+    record = PreferenceRecord((ChatMessage("user", "ab"),), "c", "b", 3)
+    (example,), stats = tokenize_records([record], tok, TokenizeConfig(16, 24), "f.jsonl")
+    assert (ids(example.chosen), ids(example.rejected)) == ([10, 2], [9, 2])
+    assert stats.untemplated_completions == 2
+
+
+def add_bos_post_processor(tok):
+    """The tokenizer puts <s> before the text it encodes with special tokens, as Llama's do."""
+    from tokenizers import processors
+
+    tok.backend_tokenizer.post_processor = processors.TemplateProcessing(
+        single="<s> $A", pair="<s> $A <s> $B", special_tokens=[("<s>", 1)])
+    assert tok("ab")["input_ids"] == [1, 8, 9]
+    return tok
+
+
+def test_plain_prompts_start_with_bos_when_the_tokenizer_adds_one():
+    plain, llama_like = make_char_tokenizer("abc"), add_bos_post_processor(make_char_tokenizer("abc"))
+    default = TokenizeConfig(8, 12)
+    assert default.add_bos is None
+    assert ids(encode_prompt(plain, "ab", default)[0]) == [8, 9]  # GPT-2-like: no bos of its own
+    assert ids(encode_prompt(llama_like, "ab", default)[0]) == [1, 8, 9] == llama_like("ab")["input_ids"]
+    assert ids(encode_prompt(llama_like, "ab", TokenizeConfig(8, 12, add_bos=False))[0]) == [8, 9]
+    # a conversation: the template decides (the toy template writes no bos)
+    chat = (ChatMessage("user", "ab"),)
+    assert ids(encode_prompt(llama_like, chat, default)[0]) == [5, 8, 9, 7, 6]
+    examples, _ = tokenize_records([PromptRecord("ab", 1), PromptRecord(chat, 2)], llama_like, default)
+    assert [ids(e.prompt) for e in examples] == [[1, 8, 9], [5, 8, 9, 7, 6]]
+
+
+def test_left_truncation_keeps_the_bos_a_template_wrote():
+    tok = make_char_tokenizer("abc", chat_template="<s>{% for m in messages %}{{ m['content'] }}{% endfor %}")
+    left = TokenizeConfig(4, 8, truncate_prompts="left")  # add_bos left at its default
+    kept, cut = encode_prompt(tok, (ChatMessage("user", "abcabc"),), left)
+    assert (ids(kept), cut) == ([1, 8, 9, 10], True)  # <s> + the last three tokens
+
+
+def test_chat_turn_end_ids():
+    from jaxrlhf.data.tokenize import chat_turn_end_ids
+
+    assert chat_turn_end_ids(make_char_tokenizer("ab")) == (7,)  # <|end|>
+    assert chat_turn_end_ids(make_char_tokenizer("ab", chat_template=None)) == ()
+    assert chat_turn_end_ids(make_char_tokenizer("ab;", chat_template=NO_SPECIAL)) == (2,)  # its eos
+    raising = "{{ raise_exception('no') }}"
+    assert chat_turn_end_ids(make_char_tokenizer("ab", chat_template=raising)) == ()
+
+
+def test_a_tokenizer_without_eos_is_a_data_error_naming_the_record():
+    tok = make_char_tokenizer("ab")
+    tok.eos_token = None
+    with pytest.raises(DataError, match=r"^f\.jsonl:1: tokenizer .* defines no eos token"):
+        tokenize_records([SFTRecord("a", "b", 1)], tok, CONFIG, "f.jsonl")

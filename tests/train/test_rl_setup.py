@@ -60,3 +60,10 @@ def test_rollouts_stop_at_every_eos_id_of_the_model_by_default():
     assert sampling_settings(GenerationSection(), 1.0, tokenizer).stop_token_ids == (9,)
     given = GenerationSection(stop_token_ids=(3,))
     assert sampling_settings(given, 1.0, tokenizer, config).stop_token_ids == (3,)
+    # and where the chat template closes an assistant turn (chat completions are trained to end there)
+    from jaxrlhf.data import make_char_tokenizer
+
+    chat = make_char_tokenizer("ab")  # eos </s> = 2; turns end with <|end|> = 7
+    assert sampling_settings(GenerationSection(), 1.0, chat).stop_token_ids == (2, 7)
+    assert sampling_settings(GenerationSection(), 1.0, make_char_tokenizer("ab", chat_template=None)
+                             ).stop_token_ids == (2,)
