@@ -1,9 +1,11 @@
 """Generalised advantage estimation and discounted returns over one response (reverse `lax.scan`).
 
-The functions work on one stream of T tokens with a right-padded mask (1 for the real tokens, then 0);
-the `batched_*` wrappers `vmap` them over a leading batch axis. Past the last real token the value is the
-bootstrap value: 0 when the episode ended (EOS), the critic's value of the final state when it was
-truncated. Padded positions get advantage 0 and return 0. γ and λ may be traced scalars (vmappable).
+The functions work on one stream of T tokens with a mask (1 for the policy's tokens); the `batched_*`
+wrappers `vmap` them over a leading batch axis. Masked positions are not steps: a real token's successor is
+the next real token (so a masked stretch inside the stream, e.g. a tool's output between two turns, is
+skipped, not treated as the episode's end), and past the last real token the value is the bootstrap
+value: 0 when the episode ended (EOS), the critic's value of the final state when it was truncated.
+Masked positions get advantage 0 and return 0. γ and λ may be traced scalars (vmappable).
 """
 
 from __future__ import annotations
@@ -18,12 +20,6 @@ def _check_stream(rewards_t: chex.Array, mask_t: chex.Array, *others: chex.Array
     chex.assert_equal_shape([rewards_t, mask_t, *others])
 
 
-def _next_is_real(mask_t: chex.Array) -> chex.Array:
-    """m_{t+1} as bool, with the position after the array's end counted as padding."""
-    real = mask_t.astype(bool)
-    return jnp.concatenate([real[1:], jnp.zeros((1,), bool)])
-
-
 def gae_advantages(
     rewards_t: chex.Array,
     values_t: chex.Array,
@@ -32,30 +28,30 @@ def gae_advantages(
     gamma: chex.Numeric = 1.0,
     lam: chex.Numeric = 0.95,
 ) -> tuple[chex.Array, chex.Array]:
-    """GAE(γ, λ) advantages and returns for one right-padded response of length T.
+    """GAE(γ, λ) advantages and returns for one response of length T (``mask_t`` marks its tokens).
 
-    δ_t = r_t + γ·V_{t+1} − V_t, with V_{t+1} := bootstrap_value after the last real token;
-    A_t = δ_t + γ·λ·A_{t+1} (A = 0 past the last real token); R_t = A_t + V_t.
-    Returns (advantages_t, returns_t), both [T] and 0 on padding.
+    Over the real tokens t, with t' the next real one: δ_t = r_t + γ·V_{t'} − V_t, V_{t'} := bootstrap_value
+    after the last real token; A_t = δ_t + γ·λ·A_{t'} (A := 0 after the last); R_t = A_t + V_t.
+    Returns (advantages_t, returns_t), both [T] and 0 on masked positions.
     """
     _check_stream(rewards_t, mask_t, values_t)
     chex.assert_rank(jnp.asarray(bootstrap_value), 0)
     dtype = jnp.promote_types(jnp.result_type(rewards_t, values_t), jnp.float32)
     rewards_t, values_t = rewards_t.astype(dtype), values_t.astype(dtype)
     real_t = mask_t.astype(bool)
-    bootstrap_value = jnp.asarray(bootstrap_value, dtype)
+    gamma, decay = jnp.asarray(gamma, dtype), jnp.asarray(gamma * lam, dtype)
 
-    next_values_t = jnp.where(_next_is_real(mask_t), jnp.roll(values_t, -1), bootstrap_value)
-    deltas_t = rewards_t + gamma * next_values_t - values_t
-    decay = jnp.asarray(gamma * lam, dtype)
+    def backward(carry, inputs):
+        # carry: the value and advantage of the next real token (bootstrap value and 0 past the last);
+        # a masked position passes it through unchanged.
+        next_value, next_advantage = carry
+        reward, value, real = inputs
+        advantage = reward + gamma * next_value - value + decay * next_advantage
+        carry = (jnp.where(real, value, next_value), jnp.where(real, advantage, next_advantage))
+        return carry, jnp.where(real, advantage, 0.0)
 
-    def backward(advantage_next, inputs):
-        delta, real = inputs
-        # Padded steps reset the carry, so the last real token only sees the bootstrap value.
-        advantage = jnp.where(real, delta + decay * advantage_next, 0.0).astype(dtype)
-        return advantage, advantage
-
-    _, advantages_t = jax.lax.scan(backward, jnp.zeros((), dtype), (deltas_t, real_t), reverse=True)
+    init = (jnp.asarray(bootstrap_value, dtype), jnp.zeros((), dtype))
+    _, advantages_t = jax.lax.scan(backward, init, (rewards_t, values_t, real_t), reverse=True)
     returns_t = jnp.where(real_t, advantages_t + values_t, 0.0)
     return advantages_t, returns_t
 
@@ -66,26 +62,24 @@ def discounted_returns(
     bootstrap_value: chex.Numeric = 0.0,
     gamma: chex.Numeric = 1.0,
 ) -> chex.Array:
-    """Monte-Carlo / n-step returns G_t = r_t + γ·G_{t+1}, with G := bootstrap_value after the last real
-    token; 0 on padding. Equals GAE(λ=1) advantages + values.
+    """Monte-Carlo / n-step returns over the real tokens: G_t = r_t + γ·G_{t'} (t' the next real token),
+    with G := bootstrap_value after the last real token; 0 on masked positions. Equals GAE(λ=1)
+    advantages + values.
     """
     _check_stream(rewards_t, mask_t)
     chex.assert_rank(jnp.asarray(bootstrap_value), 0)
     dtype = jnp.promote_types(rewards_t.dtype, jnp.float32)
     rewards_t = rewards_t.astype(dtype)
     real_t = mask_t.astype(bool)
-    bootstrap_value = jnp.asarray(bootstrap_value, dtype)
     gamma = jnp.asarray(gamma, dtype)
 
     def backward(return_next, inputs):
-        reward, real, next_real = inputs
-        tail = jnp.where(next_real, return_next, bootstrap_value)
-        g = jnp.where(real, reward + gamma * tail, 0.0).astype(dtype)
-        return g, g
+        reward, real = inputs
+        g = reward + gamma * return_next
+        return jnp.where(real, g, return_next), jnp.where(real, g, 0.0)
 
-    _, returns_t = jax.lax.scan(
-        backward, jnp.zeros((), dtype), (rewards_t, real_t, _next_is_real(mask_t)), reverse=True
-    )
+    _, returns_t = jax.lax.scan(backward, jnp.asarray(bootstrap_value, dtype), (rewards_t, real_t),
+                                reverse=True)
     return returns_t
 
 

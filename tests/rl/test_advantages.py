@@ -108,3 +108,33 @@ def test_scalar_bootstrap_and_rank_errors():
         gae_advantages(jnp.asarray(rewards), jnp.asarray(values), jnp.asarray(mask))
     with pytest.raises(AssertionError):
         discounted_returns(jnp.zeros(3), jnp.ones(4))
+
+
+def test_a_masked_stretch_inside_the_stream_is_skipped_not_an_episode_end(maybe_jit):
+    """A masked span between real tokens (e.g. a tool's output between two turns) is not a step: the real
+    tokens are GAE'd as one stream, as if the span were cut out (the old code ended the episode there, so
+    the final score never reached the first turn)."""
+    rng = np.random.default_rng(3)
+    batch, time = 6, 9
+    rewards = rng.normal(size=(batch, time)).astype(np.float32)
+    values = rng.normal(size=(batch, time)).astype(np.float32)
+    mask = (rng.random((batch, time)) < 0.6).astype(np.float32)
+    mask[0] = [1, 1, 0, 1, 1, 0, 0, 0, 0]
+    bootstrap = rng.normal(size=batch).astype(np.float32)
+    gamma, lam = 0.9, 0.8
+    adv, ret = maybe_jit(batched_gae_advantages)(rewards, values, mask, bootstrap, gamma, lam)
+    returns = maybe_jit(batched_discounted_returns)(rewards, mask, bootstrap, gamma)
+    for b in range(batch):
+        real = np.flatnonzero(mask[b])
+        lengths = [len(real)]
+        want_adv, want_ret = reference_gae(rewards[b:b + 1, real], values[b:b + 1, real], lengths,
+                                           bootstrap[b:b + 1], gamma, lam)
+        np.testing.assert_allclose(np.asarray(adv)[b, real], want_adv[0], rtol=1e-5, atol=1e-6)
+        np.testing.assert_allclose(np.asarray(ret)[b, real], want_ret[0], rtol=1e-5, atol=1e-6)
+        want_g = reference_returns(rewards[b:b + 1, real], lengths, bootstrap[b:b + 1], gamma)
+        np.testing.assert_allclose(np.asarray(returns)[b, real], want_g[0], rtol=1e-5, atol=1e-6)
+    assert np.all(np.asarray(adv)[mask == 0] == 0) and np.all(np.asarray(returns)[mask == 0] == 0)
+    # by hand: mask [1, 1, 0, 1, 1], the score 1 at the end, V = 0, γ = 0.9, λ = 1: every real token sees it
+    score, holed = jnp.array([0, 0, 0, 0, 1.0]), jnp.array([1, 1, 0, 1, 1])
+    one = gae_advantages(score, jnp.zeros(5), holed, 0.0, 0.9, 1.0)[0]
+    np.testing.assert_allclose(one, [0.9**3, 0.9**2, 0.0, 0.9, 1.0], rtol=1e-6)
