@@ -135,12 +135,26 @@ class Pipeline:
     def train(self, key: jax.Array, hparams: HParams | None = None, keep_params: bool = False) -> TrainOutput:
         """The whole pipeline for one key (and one set of hyper-parameters; default: the config's)."""
         hp = self.hparams() if hparams is None else hparams
+        check_train_hparams(hp)
         upstream_key, rl_key = jax.random.split(key)
         up = self.upstream(upstream_key, hp.feedback)
         rl = self.downstream(rl_key, up, hp.rl)
         params = FinalParams(up.sft.params, up.reward.params, rl.policy) if keep_params else None
         return TrainOutput(up.sft.metrics, up.feedback.metrics, up.reward.metrics, rl.metrics, rl.curve,
                            params)
+
+
+def check_train_hparams(hp: Any) -> None:
+    """``train``'s hyper-parameters must be one :class:`HParams` of scalars: a TypeError/ValueError saying
+    what to do otherwise (a dict, a section of it, or a stacked grid not mapped over)."""
+    if not isinstance(hp, HParams):
+        raise TypeError(f"train: hparams must be an HParams (static_hparams(cfg, ...) or one member of "
+                        f"stack_hparams), got {type(hp).__name__}")
+    for path, leaf in jax.tree_util.tree_leaves_with_path(hp):
+        if getattr(leaf, "ndim", 0):
+            where = f"hparams{jax.tree_util.keystr(path)}"
+            raise ValueError(f"train: {where} has shape {tuple(leaf.shape)}, not a scalar: map over the "
+                             "members' axis (jax.vmap(train, in_axes=(None, 0))) or pass one member")
 
 
 def make_train(config: PipelineConfig, keep_params: bool = False,

@@ -171,6 +171,9 @@ def check_pipeline(cfg: PipelineConfig) -> None:
         "evaluation.points": cfg.evaluation.points,
     }
     for key, value in positive.items():
+        if isinstance(value, jax.core.Tracer):  # e.g. replace_config(cfg, rl={"iterations": traced})
+            raise ConfigError(f"{key}: fixes the compiled program's shape and must be a Python int, not a "
+                              "traced value (sweep the fields of HParams instead)")
         if value < 1:
             raise ConfigError(f"{key}: must be >= 1, got {value}")
     if cfg.sft.batch_size > cfg.sft.demonstrations:
@@ -246,7 +249,43 @@ def static_hparams(cfg: PipelineConfig, **changes: Any) -> HParams:
             fields = [f"{g}.{k}" for g in HParams._fields for k in getattr(hp, g)._fields]
             raise ConfigError(f"hyper-parameter {name!r}: expected one of {fields}")
         hp = hp._replace(**{group: getattr(hp, group)._replace(**{key: value})})
+    check_hparams(hp, cfg)
     return hp
+
+
+_FLAGS = ("whiten_advantages", "adaptive_kl", "normalize_reward")
+
+
+def check_hparams(hp: HParams, cfg: PipelineConfig | None = None) -> None:
+    """Range rules for the hyper-parameters that are Python numbers (a traced value cannot be checked), each a
+    :class:`ConfigError` naming the field; with ``cfg``, ``feedback.responses`` must also fit its budget."""
+    def bad(name: str, rule: str, value: Any) -> ConfigError:
+        return ConfigError(f"hyper-parameter {name!r}: must be {rule}, got {value!r}")
+
+    rules = {
+        "feedback.annotator_temperature": (hp.feedback.annotator_temperature, lambda x: x >= 0, ">= 0"),
+        "feedback.flip_prob": (hp.feedback.flip_prob, lambda x: 0 <= x <= 1, "in [0, 1]"),
+        "feedback.rating_noise": (hp.feedback.rating_noise, lambda x: x >= 0, ">= 0"),
+        "rl.learning_rate": (hp.rl.learning_rate, lambda x: 0 <= x < math.inf, "a finite number >= 0"),
+        "rl.kl_coef": (hp.rl.kl_coef, lambda x: 0 <= x < math.inf, "a finite number >= 0"),
+        "rl.clip_eps": (hp.rl.clip_eps, lambda x: 0 < x < math.inf, "a finite number > 0"),
+        "rl.vf_clip_eps": (hp.rl.vf_clip_eps, lambda x: x > 0, "> 0 (None or inf: unclipped)"),
+        "rl.missing_eos_penalty": (hp.rl.missing_eos_penalty, lambda x: abs(x) < math.inf, "finite"),
+    }
+    for name, (value, ok, rule) in rules.items():
+        if is_number(value) and not ok(value):  # written as `not ok` so that NaN fails
+            raise bad(name, rule, value)
+    for name in _FLAGS:
+        value = getattr(hp.rl, name)
+        if is_number(value) and value not in (0, 1):  # bools pass (is_number excludes them)
+            raise bad(f"rl.{name}", "a bool (or 0/1)", value)
+    responses = hp.feedback.responses
+    if isinstance(responses, bool) or (is_number(responses) and not (
+            responses >= 0 and float(responses).is_integer())):
+        raise bad("feedback.responses", "a whole number >= 0", responses)
+    if cfg is not None and is_number(responses) and responses > cfg.feedback.responses:
+        raise bad("feedback.responses", f"<= the budget feedback.responses ({cfg.feedback.responses}): the "
+                  "queries are drawn for the budget", responses)
 
 
 def _as_array(value: Any) -> np.ndarray:
@@ -260,6 +299,14 @@ def stack_hparams(members: Sequence[HParams]) -> HParams:
     inf), to vmap over."""
     if not members:
         raise ValueError("stack_hparams: no members")
+    for i, member in enumerate(members):
+        if not isinstance(member, HParams):
+            raise TypeError(f"stack_hparams: member {i} is a {type(member).__name__}, not an HParams "
+                            "(build members with static_hparams)")
+        try:
+            check_hparams(member)
+        except ConfigError as e:
+            raise ConfigError(f"stack_hparams: member {i}: {e}") from None
 
     def stack(*values: Any) -> jax.Array:
         return jnp.asarray(np.stack([_as_array(v) for v in values]))

@@ -150,7 +150,7 @@ def run_rl(method: RLMethod, evaluate: Callable[[Params], EvalPoint], iterations
     init_key, steps_key = jax.random.split(key)
     state = method.init(init_key)
     length = iterations // points
-    keys = jax.random.split(steps_key, iterations).reshape(points, length)
+    keys = jax.random.split(steps_key, (points, length))  # a raw uint32 key too (PRNGKey)
     keys = jnp.concatenate([keys, keys[:1]])  # the last segment only evaluates
 
     def segment(state, xs):

@@ -205,8 +205,9 @@ class PipelineStages:
     def reward_model(self, key: jax.Array, sft_params: Params, feedback: FeedbackData) -> RewardOutput:
         """K = ``reward.ensemble`` reward models, vmapped: the SFT backbone with a fresh head each, trained on
         batches drawn from the usable queries (a bootstrap resample of them per model with
-        ``reward.bootstrap``); each normalised on fresh SFT samples of RL prompts; their combination's
-        agreement with the oracle on pairs of fresh SFT samples of evaluation prompts."""
+        ``reward.bootstrap``; without any usable query the head stays untrained); each normalised on fresh
+        SFT samples of RL prompts; their combination's agreement with the oracle on pairs of fresh SFT
+        samples of evaluation prompts."""
         cfg = self.config.reward
         members_key, fresh_key = jax.random.split(key)
         optimizer = make_optimizer(cfg.optimizer, cfg.steps)
@@ -220,11 +221,16 @@ class PipelineStages:
             if cfg.bootstrap:
                 draws = jax.random.choice(resample_key, size, (size,), p=_distribution(w))
                 w = jnp.zeros(size).at[draws].add(1.0) * (w > 0)
-            p = _distribution(w)
+            p, has_data = _distribution(w), jnp.sum(w) > 0
 
             def body(state, step_key):
                 index = jax.random.choice(step_key, size, (cfg.batch_size,), p=p)
-                return step(state, _rows(feedback.batch, index), step_key)
+                new_state, metrics = step(state, _rows(feedback.batch, index), step_key)
+                # No usable query (a budget below one query, or none finished): the fresh head stays as it
+                # is, rather than training on uniformly drawn unusable rows; its step metrics are NaN.
+                new_state = jax.tree.map(lambda a, b: jnp.where(has_data, a, b), new_state, state)
+                metrics = jax.tree.map(lambda m: jnp.where(has_data, m, jnp.nan), metrics)
+                return new_state, metrics
 
             params = RewardModelParams(sft_params, init_reward_head(head_key, self.model.config.hidden_size))
             state, metrics = jax.lax.scan(body, create_train_state(params, optimizer),

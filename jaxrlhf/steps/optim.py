@@ -98,6 +98,8 @@ def make_optimizer(
     """
     if total_steps < 1:
         raise ValueError(f"make_optimizer: total_steps must be >= 1, got {total_steps}")
+    if is_number(learning_rate) and not 0 <= learning_rate < math.inf:  # a traced one cannot be checked
+        raise ValueError(f"make_optimizer: learning_rate must be a finite number >= 0, got {learning_rate}")
 
     def adamw(learning_rate):
         return optax.adamw(learning_rate, b1=cfg.b1, b2=cfg.b2, eps=cfg.eps, weight_decay=cfg.weight_decay)

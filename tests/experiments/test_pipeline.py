@@ -116,3 +116,83 @@ def test_bad_pipeline_config_names_the_key():
         load_pipeline_config(None, [*TINY, "feedback.annotator.kind=rating", "feedback.prompt_pool=8"])
     with pytest.raises(ConfigError, match=r"hyper-parameter 'rl\.beta'"):
         static_hparams(load_pipeline_config(None, TINY), **{"rl.beta": 0.1})
+
+
+def test_out_of_range_hyper_parameters_name_the_field(config):
+    """Python-number hyper-parameters are checked like the config's own values (a traced one cannot be)."""
+    cases = [
+        ({"rl.learning_rate": -1e-4}, r"'rl\.learning_rate': must be a finite number >= 0, got -0\.0001"),
+        ({"rl.kl_coef": float("nan")}, r"'rl\.kl_coef': must be a finite number >= 0"),
+        ({"rl.clip_eps": 0.0}, r"'rl\.clip_eps': must be a finite number > 0"),
+        ({"feedback.flip_prob": 1.5}, r"'feedback\.flip_prob': must be in \[0, 1\], got 1\.5"),
+        ({"feedback.annotator_temperature": -1.0}, r"'feedback\.annotator_temperature': must be >= 0"),
+        ({"rl.whiten_advantages": 0.5}, r"'rl\.whiten_advantages': must be a bool \(or 0/1\), got 0\.5"),
+        ({"feedback.responses": 32}, r"'feedback\.responses': must be <= the budget feedback\.responses "
+                                     r"\(16\)"),
+        ({"feedback.responses": 2.5}, r"'feedback\.responses': must be a whole number >= 0"),
+    ]
+    for changes, message in cases:
+        with pytest.raises(ConfigError, match=message):
+            static_hparams(config, **changes)
+    edges = {"rl.whiten_advantages": 1, "feedback.responses": 0, "rl.vf_clip_eps": None}
+    good = static_hparams(config, **edges)
+    bad = good._replace(rl=good.rl._replace(kl_coef=-1.0))
+    with pytest.raises(ConfigError, match=r"stack_hparams: member 1: hyper-parameter 'rl\.kl_coef'"):
+        stack_hparams([good, bad])
+    with pytest.raises(TypeError, match="member 0 is a dict, not an HParams"):
+        stack_hparams([{"rl": 1}])
+    from jaxrlhf.steps import OptimizerConfig, make_optimizer
+    with pytest.raises(ValueError, match=r"learning_rate must be a finite number >= 0, got -0\.1"):
+        make_optimizer(OptimizerConfig(), 10, learning_rate=-0.1)
+
+
+def test_misused_train_calls_say_what_to_do(config):
+    train = make_train(config)
+    grid = stack_hparams([static_hparams(config)] * 2)
+    with pytest.raises(TypeError, match=r"hparams must be an HParams .* got dict"):
+        train(jax.random.key(0), {"rl": {}})
+    with pytest.raises(ValueError, match=r"hparams\.feedback\.annotator_temperature has shape \(2,\), not a "
+                                         r"scalar: map over the members' axis"):
+        train(jax.random.key(0), grid)
+    with pytest.raises(ConfigError, match=r"^rl\.iterations: fixes the compiled program's shape"):
+        jax.jit(lambda n: replace_config(config, rl={"iterations": n}))(3)
+
+
+@pytest.mark.slow
+def test_without_a_usable_query_the_reward_head_stays_untrained(config):
+    """A budget below one query (feedback.responses 0 or 1) leaves the reward model untrained: its
+    backbone is the SFT policy's and its step metrics NaN (it trained on uniformly drawn unusable rows)."""
+    pipeline = make_train(config).pipeline
+    key = jax.random.key(3)
+    sft = pipeline.stages.sft(key)
+    hp = static_hparams(config, **{"feedback.responses": 1}).feedback
+
+    @jax.jit
+    def reward(sft_params):
+        feedback = pipeline.stages.feedback(key, sft_params, hp)
+        return feedback.metrics, pipeline.stages.reward_model(key, sft_params, feedback)
+
+    metrics, out = reward(sft.params)
+    assert float(metrics["feedback/queries"]) == 0
+    jax.tree.map(lambda a, b: np.testing.assert_array_equal(a[0], b), out.params.lm, sft.params)
+    assert np.all(np.isnan(out.metrics["loss/reward"]))
+
+
+def test_run_rl_takes_a_raw_uint32_key_as_a_typed_one():
+    """train(jax.random.PRNGKey(0)), the raw-key spelling, failed in run_rl's key split (a reshape of the
+    split keys); it now gives what the typed key gives."""
+    import jax.numpy as jnp
+
+    from jaxrlhf.experiments.pipeline_rl import RLMethod, run_rl
+    from jaxrlhf.experiments.pipeline_stages import EvalPoint
+
+    def step(state, key):
+        draw = jax.random.uniform(key)
+        return state + draw, {"draw": draw}
+
+    method = RLMethod(init=lambda key: jax.random.uniform(key), step=step, policy=lambda state: state)
+    evaluate = lambda policy: EvalPoint(*([policy] * len(EvalPoint._fields)))
+    raw = jax.jit(lambda k: run_rl(method, evaluate, 6, 2, k))(jax.random.PRNGKey(5))
+    typed = jax.jit(lambda k: run_rl(method, evaluate, 6, 2, k))(jax.random.key(5))
+    jax.tree.map(np.testing.assert_array_equal, raw, typed)
+    assert raw.metrics["draw"].shape == (6,) and float(jnp.std(raw.metrics["draw"])) > 0
