@@ -29,7 +29,10 @@ class ValueGuidance(NamedTuple):
 
 
 def value_guidance(q_heads, beta: float | jax.Array) -> ValueGuidance:
-    """A :class:`ValueGuidance` with β as a float32 scalar array (a sequence of heads becomes a tuple)."""
+    """A :class:`ValueGuidance` with β as a float32 scalar array (a sequence of heads becomes a tuple); a
+    Python β must be a finite number ≥ 0 (a negative one would steer towards low values)."""
+    if isinstance(beta, (int, float)) and not 0 <= beta < float("inf"):
+        raise ValueError(f"value_guidance: beta must be a finite number >= 0, got {beta}")
     return ValueGuidance(tuple(q_heads), jnp.asarray(beta, jnp.float32))
 
 

@@ -29,7 +29,8 @@ from jaxrlhf.models.heads import head_apply, init_value_head
 from jaxrlhf.models.q_heads import init_q_head, q_head_apply
 from jaxrlhf.models.transformer import LanguageModel, Params, positions_from_mask
 from jaxrlhf.rl.ilql import ilql_loss, polyak_update
-from jaxrlhf.rl.masked import masked_count
+from jaxrlhf.rl.masked import masked_count, masked_mean
+from jaxrlhf.rl.policy_losses import token_logprobs
 from jaxrlhf.steps.accumulate import accumulate_gradients
 from jaxrlhf.steps.guard import all_finite, update_if
 from jaxrlhf.steps.optim import current_learning_rate
@@ -39,8 +40,8 @@ from jaxrlhf.steps.state import TrainState, apply_gradients, create_train_state
 Batch = dict[str, jax.Array]
 Metrics = dict[str, jax.Array]
 BATCH_KEYS = ("tokens", "mask", "loss_mask", "ratings")
-ILQL_METRICS = ("loss/ilql", "loss/q", "loss/v", "loss/cql", "q/mean", "q/target", "v/mean", "td/target",
-                "td/error")
+ILQL_METRICS = ("loss/ilql", "loss/q", "loss/v", "loss/cql", "loss/bc", "q/mean", "q/target", "v/mean",
+                "td/target", "td/error")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -54,6 +55,10 @@ class ILQLConfig:
     target_update_rate: float = 0.01  # ρ of the Polyak update θ̂ ← (1 − ρ)·θ̂ + ρ·θ after every update
     num_q_heads: int = 2  # online Q heads (and as many target heads); targets use their minimum
     freeze_backbone: bool = False  # true: only the heads learn; the LM's params and its policy stay as given
+    # λ_BC: weight of the LM's cross-entropy on the data's response tokens while the backbone trains (trlx's
+    # awac_scale): the Q/V/CQL losses alone wear down the LM that is both the policy and the base that
+    # value-guided decoding tilts. Unused with freeze_backbone.
+    bc_weight: float = 1.0
     grad_accum_steps: int = 1  # micro-batches per update (the batch size must be divisible by it)
 
     def __post_init__(self) -> None:
@@ -63,6 +68,8 @@ class ILQLConfig:
             raise ValueError(f"ILQLConfig.expectile must be in (0, 1), got {self.expectile}")
         if not self.cql_weight >= 0.0:
             raise ValueError(f"ILQLConfig.cql_weight must be >= 0, got {self.cql_weight}")
+        if not 0.0 <= self.bc_weight < float("inf"):
+            raise ValueError(f"ILQLConfig.bc_weight must be a finite number >= 0, got {self.bc_weight}")
         if not 0.0 < self.target_update_rate <= 1.0:
             raise ValueError(
                 f"ILQLConfig.target_update_rate must be in (0, 1], got {self.target_update_rate}")
@@ -119,27 +126,35 @@ def ilql_inputs(batch: Batch) -> tuple[jax.Array, jax.Array, jax.Array]:
 
 
 def ilql_outputs(model: LanguageModel, params: ILQLParams, tokens: jax.Array, mask: jax.Array,
-                 freeze_backbone: bool = False) -> tuple[list[jax.Array], list[jax.Array], jax.Array]:
-    """(online Q per head, target Q per head, V), of the states s_0 … s_{L−2} of ``tokens`` [B, L]:
-    Q's [B, L − 1, V] float32, V [B, L − 1]. The target heads are held constant (stop_gradient)."""
+                 freeze_backbone: bool = False
+                 ) -> tuple[list[jax.Array], list[jax.Array], jax.Array, jax.Array]:
+    """(online Q per head, target Q per head, V, hidden states), of the states s_0 … s_{L−2} of ``tokens``
+    [B, L]: Q's [B, L − 1, V] float32, V [B, L − 1], hidden [B, L − 1, d]. The target heads are held
+    constant (stop_gradient)."""
     hidden, _ = model.forward(params.lm, tokens, positions_from_mask(mask), mask)
     if freeze_backbone:
         hidden = jax.lax.stop_gradient(hidden)
     hidden = hidden[:, :-1]
     q = [q_head_apply(h, hidden) for h in params.q_heads]
     target_q = [q_head_apply(jax.lax.stop_gradient(h), hidden) for h in params.target_q_heads]
-    return q, target_q, head_apply(params.v_head, hidden)
+    return q, target_q, head_apply(params.v_head, hidden), hidden
 
 
 def ilql_batch_loss(model: LanguageModel, cfg: ILQLConfig, params: ILQLParams,
                     batch: Batch) -> tuple[jax.Array, tuple[jax.Array, Metrics]]:
-    """(L, (real tokens, metrics)) of one batch: ``ilql_loss`` over its response tokens,
-    L = Σ_h L_TD,h + L_V + α·Σ_h L_CQL,h (masked means over the response tokens)."""
+    """(L, (real tokens, metrics)) of one batch: ``ilql_loss`` over its response tokens, plus the LM's
+    cross-entropy on them while the backbone trains: L = Σ_h L_TD,h + L_V + α·Σ_h L_CQL,h + λ_BC·L_BC,
+    L_BC = mean_t −log π(a_t | s_t) (masked means over the response tokens; L_BC is reported as 0 when
+    unused)."""
     actions, mask, rewards = ilql_inputs(batch)
-    q, target_q, v = ilql_outputs(model, params, batch["tokens"], batch["mask"], cfg.freeze_backbone)
+    q, target_q, v, hidden = ilql_outputs(model, params, batch["tokens"], batch["mask"], cfg.freeze_backbone)
     loss, metrics = ilql_loss(q, target_q, v, actions, rewards, mask, gamma=cfg.gamma,
                               expectile=cfg.expectile, cql_weight=cfg.cql_weight)
-    return loss, (masked_count(mask), metrics)
+    bc = jnp.zeros((), loss.dtype)
+    if cfg.bc_weight > 0 and not cfg.freeze_backbone:
+        bc = masked_mean(-token_logprobs(model.logits(params.lm, hidden), actions), mask)
+        loss = loss + cfg.bc_weight * bc
+    return loss, (masked_count(mask), {**metrics, "bc_loss": bc})
 
 
 def _named(loss: jax.Array, m: Metrics, num_heads: int) -> Metrics:
@@ -148,6 +163,7 @@ def _named(loss: jax.Array, m: Metrics, num_heads: int) -> Metrics:
         "loss/q": m["td_loss"],
         "loss/v": m["v_loss"],
         "loss/cql": m["cql_loss"],
+        "loss/bc": m["bc_loss"],
         "q/mean": m["q"],
         "q/target": m["target_q"],
         "v/mean": m["v"],
@@ -164,7 +180,8 @@ def make_ilql_step(
     ILQL's loss, then the Polyak update of the target Q heads. Pure and jittable.
 
     ``state`` comes from :func:`create_ilql_state` with the same ``optimizer`` and ``cfg``. Metrics: loss/ilql
-    (L), loss/q (Σ_h TD loss), loss/v (expectile loss), loss/cql (Σ_h conservative term, before α), q/mean
+    (L), loss/q (Σ_h TD loss), loss/v (expectile loss), loss/cql (Σ_h conservative term, before α), loss/bc
+    (the LM's cross-entropy on the response tokens, before λ_BC; 0 when unused), q/mean
     (mean Q(s_t, a_t)), q/target (mean min_h Q̂_h(s_t, a_t)), v/mean, td/target (mean r_t + γ·V(s_{t+1})),
     td/error (RMS TD error per head, √(loss/q / H)), train/grad_norm (before clipping), train/skipped_updates
     (1 when the update was not finite and skipped), lr.

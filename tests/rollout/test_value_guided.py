@@ -117,3 +117,12 @@ def test_the_guided_decode_loop_copies_no_cache_sized_buffer():
     text = lowered.compile().as_text()
     layer_cache = 2 * MODEL.config.num_kv_heads * MODEL.config.head_dim * 16
     assert large_loop_writes(text, "decode_loop", layer_cache) == []
+
+
+def test_a_negative_or_infinite_python_beta_is_refused():
+    from jaxrlhf.rollout.guidance import value_guidance
+
+    for beta in (-1.0, float("inf"), float("nan")):
+        with pytest.raises(ValueError, match="beta must be a finite number >= 0"):
+            value_guidance((), beta)
+    assert float(value_guidance((), 0).beta) == 0.0
