@@ -16,6 +16,8 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import logging
+import os
 import sys
 from collections.abc import Sequence
 from typing import Any, NamedTuple
@@ -127,6 +129,7 @@ def _expected_errors() -> tuple[type[BaseException], ...]:
     """The failures a user can fix (reported in one line); anything else is a bug and shows a traceback."""
     from jaxrlhf.config import ConfigError
     from jaxrlhf.data import DataError
+    from jaxrlhf.files import OutputWriteError
     from jaxrlhf.models.config import UnsupportedModelError
     from jaxrlhf.models.hf_io import CheckpointFormatError
     from jaxrlhf.oracle import RewardFunctionError
@@ -150,6 +153,7 @@ def _expected_errors() -> tuple[type[BaseException], ...]:
         CheckpointMismatchError,
         CheckpointWriteError,
         RewardFunctionError,
+        OutputWriteError,
     )
 
 
@@ -325,7 +329,16 @@ def console(argv: Sequence[str] | None = None) -> int:
     retain_freed_memory()
     if argv[:1] == ["study"] and "-h" not in argv and "--help" not in argv:
         set_flags_before_start(STUDY_FLAGS)
-    return main(argv)
+    code = main(argv)
+    if code == EXIT_ERROR:
+        # The error is reported and the run closed. A checkpoint write that failed can leave orbax's
+        # signalling threads (not daemons) waiting 300 s for a barrier that never comes, which would hold
+        # the process that long after its one-line error: end it now.
+        logging.shutdown()
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+    return code
 
 
 if __name__ == "__main__":

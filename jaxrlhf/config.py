@@ -14,6 +14,7 @@ import dataclasses
 import importlib
 import inspect
 import io
+import os
 import re
 import textwrap
 import tokenize
@@ -119,6 +120,10 @@ def _convert(hint: Any, value: Any, key: str) -> Any:
     if hint is str:
         if not isinstance(value, str):
             raise ConfigError(f"{key}: expected str, got {_describe(value)}")
+        if value == "~" or value.startswith("~/"):
+            # A path written with ~ (in YAML, or after --set key=, where the shell leaves it alone): the home
+            # directory, as the shell would read it (a literal ./~ directory would be created otherwise).
+            return os.path.expanduser(value)
         return value
     raise ConfigError(f"{key}: unsupported type hint {hint!r}")
 

@@ -8,6 +8,11 @@ import tempfile
 from pathlib import Path
 
 
+class OutputWriteError(RuntimeError):
+    """An output (metrics, an export, …) could not be written: disk full, a file-size limit, a read-only
+    place. One line naming the file; what was there before is left as it was."""
+
+
 def umask() -> int:
     """The process umask (set to 0 and restored at once: the only portable way to read it)."""
     mask = os.umask(0)

@@ -9,7 +9,9 @@ one would have produced.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator, Sequence
+import dataclasses
+import hashlib
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any, Generic, TypeVar
 
 import numpy as np
@@ -73,20 +75,41 @@ class BatchIterator(Generic[T]):
         self._epoch, self._position = 0, 0
         self._order = np.arange(0)  # the order of epoch _order_epoch, computed lazily
         self._order_epoch = -1
+        self._fingerprint: int | None = None
+
+    @property
+    def fingerprint(self) -> int:
+        """A 63-bit hash of the dataset's content (arrays, numbers, texts; not where each row came from),
+        computed once: a resume on another file of the same size is refused, a moved copy is not."""
+        if self._fingerprint is None:
+            digest = hashlib.sha256()
+            for example in self.dataset:
+                _hash_into(digest, example)
+            self._fingerprint = int.from_bytes(digest.digest()[:8], "big") >> 1
+        return self._fingerprint
 
     def state(self) -> dict[str, int]:
-        """Where the iterator stands: the next batch is batch ``position`` of epoch ``epoch``."""
+        """Where the iterator stands: the next batch is batch ``position`` of epoch ``epoch`` (of batches of
+        ``batch_size`` over the dataset whose size and ``fingerprint`` are given)."""
         epoch, position = self._epoch, self._position
         if position >= self.batches_per_epoch:  # the same point, said one way
             epoch, position = epoch + 1, 0
-        return {"epoch": epoch, "position": position, "seed": self.seed, "size": len(self.dataset)}
+        return {"epoch": epoch, "position": position, "seed": self.seed, "size": len(self.dataset),
+                "batch_size": self.batch_size, "fingerprint": self.fingerprint}
 
     def restore(self, state: dict[str, int]) -> None:
-        """Continue from a ``state()``; seed and dataset size must match the saved ones."""
-        for key, mine in (("seed", self.seed), ("size", len(self.dataset))):
-            if key in state and int(state[key]) != mine:
+        """Continue from a ``state()``; seed, dataset size, batch size and content must match the saved ones
+        (a state saved before batch size and content were recorded is checked for the rest)."""
+        mine = {"seed": self.seed, "size": len(self.dataset), "batch_size": self.batch_size}
+        if "fingerprint" in state:  # hashed only when there is something to compare with
+            mine["fingerprint"] = self.fingerprint
+        for key, value in mine.items():
+            if key in state and int(state[key]) != value:
+                what = {"batch_size": "the batch size (data.batch_size)",
+                        "fingerprint": "the data's content (data.train_file)"}.get(key, key)
                 raise ValueError(
-                    f"iterator state {key}={state[key]} does not match this iterator's {key}={mine}"
+                    f"iterator state {key}={state[key]} does not match this iterator's {key}={value}: "
+                    f"{what} differs"
                 )
         epoch, position = int(state["epoch"]), int(state["position"])
         if epoch < 0 or not 0 <= position <= self.batches_per_epoch:
@@ -117,3 +140,30 @@ class BatchIterator(Generic[T]):
             return local
         shape_rows = [self.dataset[int(i)] for i in indices]
         return self.collate(local, batch_size=self.local_batch_size, shape_rows=shape_rows)
+
+
+def _hash_into(digest: Any, value: Any, name: str = "") -> None:
+    """Feed ``value`` (an example: a dataclass / NamedTuple / mapping / sequence of arrays, numbers and
+    texts) into ``digest``; a field named ``source`` (the row's file and line) is left out."""
+    if name == "source":
+        return
+    if isinstance(value, np.ndarray):
+        digest.update(f"a{value.dtype.str}{value.shape}".encode())
+        digest.update(np.ascontiguousarray(value).tobytes())
+    elif isinstance(value, (str, bytes)):
+        digest.update(b"s" + (value.encode() if isinstance(value, str) else value) + b"\0")
+    elif isinstance(value, (bool, int, float, np.generic)) or value is None:
+        digest.update(f"n{value!r};".encode())
+    elif dataclasses.is_dataclass(value) and not isinstance(value, type):
+        for field in dataclasses.fields(value):
+            _hash_into(digest, getattr(value, field.name), field.name)
+    elif isinstance(value, Mapping):
+        for key in sorted(value, key=str):
+            digest.update(f"k{key!s};".encode())
+            _hash_into(digest, value[key], str(key))
+    elif isinstance(value, (list, tuple)):
+        digest.update(f"l{len(value)};".encode())
+        for item in value:
+            _hash_into(digest, item)
+    else:
+        digest.update(repr(value).encode())

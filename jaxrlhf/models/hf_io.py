@@ -35,7 +35,7 @@ from typing import Any, NamedTuple
 import numpy as np
 
 from jaxrlhf.config import ConfigError
-from jaxrlhf.files import make_temp_dir, umask
+from jaxrlhf.files import OutputWriteError, make_temp_dir, umask
 from jaxrlhf.models.config import ModelConfig, UnsupportedModelError, eos_ids, from_hf_config, to_hf_config
 from jaxrlhf.models.transformer import LanguageModel, Params, stack_layers, unstack_layers
 
@@ -647,8 +647,12 @@ def save(
             shutil.rmtree(old, ignore_errors=True)
         else:
             os.replace(tmp, path)
-    except BaseException:
+    except BaseException as e:
         shutil.rmtree(tmp, ignore_errors=True)
+        if isinstance(e, OSError) or type(e).__name__ == "SafetensorError":  # disk full, a size limit, …
+            reason = " ".join(str(e).split()) or type(e).__name__
+            raise OutputWriteError(f"cannot write the export {path}: {reason} (the previous export, if any, "
+                                   "is intact)") from e
         raise
     return path
 

@@ -23,6 +23,7 @@ import shutil
 import sys
 import threading
 import time
+import warnings
 from collections.abc import Mapping
 from typing import Any, NoReturn
 
@@ -360,7 +361,14 @@ def _quiet_background_errors() -> None:
         log.warning("after the failed checkpoint save: %s", unraisable.exc_value, extra={FILE_ONLY: True},
                     exc_info=(unraisable.exc_type, unraisable.exc_value, unraisable.exc_traceback))
 
+    def thread_to_log_file(args: threading.ExceptHookArgs) -> None:  # e.g. "Event loop is closed"
+        log.warning("after the failed checkpoint save, in thread %s: %s", getattr(args.thread, "name", "?"),
+                    args.exc_value, extra={FILE_ONLY: True},
+                    exc_info=(args.exc_type, args.exc_value, args.exc_traceback))
+
     sys.unraisablehook = to_log_file
+    threading.excepthook = thread_to_log_file
+    warnings.filterwarnings("ignore", message="coroutine .* was never awaited", category=RuntimeWarning)
     logging.getLogger("asyncio").addFilter(_file_only_records)
 
 

@@ -27,7 +27,7 @@ from typing import Any
 import numpy as np
 from tqdm import tqdm
 
-from jaxrlhf.files import write_text_atomic
+from jaxrlhf.files import OutputWriteError, write_text_atomic
 
 LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 LOG_DATE_FORMAT = "%Y-%m-%d %H:%M:%S"
@@ -90,8 +90,11 @@ class MetricsLogger:
                 raise ValueError(f"metric name {name!r} is reserved for the record's own field")
         record = {"step": int(step), "time": time.time()}
         record.update({k: v if math.isfinite(v) else None for k, v in values.items()})
-        self._jsonl.write(json.dumps(record, allow_nan=False) + "\n")
-        self._jsonl.flush()  # a crash loses at most the line being written
+        try:
+            self._jsonl.write(json.dumps(record, allow_nan=False) + "\n")
+            self._jsonl.flush()  # a crash loses at most the line being written
+        except OSError as e:  # disk full, a file-size limit: one line naming the file (resume drops the tail)
+            raise OutputWriteError(f"cannot write {self._jsonl.name}: {e.strerror or e}") from None
         if self._tb is not None:
             for name, v in values.items():
                 self._tb.add_scalar(name, v, global_step=int(step))
@@ -118,7 +121,10 @@ class MetricsLogger:
     def close(self) -> None:
         for sink in (self._jsonl, self._text, self._tb):
             if sink is not None:
-                sink.close()
+                try:
+                    sink.close()
+                except OSError as e:  # its buffered tail could not be written: the write error is reported
+                    logging.getLogger("jaxrlhf").warning("closing %s: %s", getattr(sink, "name", sink), e)
         if self._wandb is not None:
             self._wandb.finish()
         self._jsonl = self._text = self._tb = self._wandb = None

@@ -109,6 +109,7 @@ class Run:
         self.command, self.config = command, config
         self.is_main = jax.process_index() == 0
         self.directory = RunDirectory(logging_.run_dir, command, logging_.level, enabled=self.is_main)
+        self.directory.lock()  # before anything reads or cleans its checkpoints (a new directory: at open)
         self.checkpoints = Checkpointing(command, checkpoint, train, self.directory.path, state_key)
         self.checkpoints.on_committed = self.directory.commit_config
         self.report = Reporting(command, logging_, train, peak_dtype, enabled=self.is_main)
@@ -173,9 +174,16 @@ class Run:
 
     # ------------------------------------------------------------------ lifetime
     def close(self) -> None:
-        self.report.close()
-        self.checkpoints.close()
-        self.directory.close()
+        # Each part closes even if one before it fails (a metrics file that cannot be written must not
+        # leave a checkpoint save in flight uncommitted).
+        try:
+            self.report.close()
+        finally:
+            try:
+                self.checkpoints.close()
+            finally:
+                self.directory.close()
+                self.directory.release()
 
     def __enter__(self) -> Run:
         # Everything jitted inside the run is traced under the mesh, so the steps' row hints apply.

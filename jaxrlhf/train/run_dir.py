@@ -8,15 +8,17 @@ to stderr at once and are copied into ``run.log`` when it opens.
 
 from __future__ import annotations
 
+import fcntl
 import logging
 import logging.handlers
 import os
+import shlex
 from pathlib import Path
 from typing import Any
 
 import yaml
 
-from jaxrlhf.config import to_dict
+from jaxrlhf.config import ConfigError, to_dict
 from jaxrlhf.files import write_text_atomic
 from jaxrlhf.train.metrics import setup_logging
 
@@ -37,11 +39,34 @@ class RunDirectory:
     """``path`` (made absolute) for ``jaxrlhf <command>``; only the main process writes (``enabled``)."""
 
     def __init__(self, path: str | os.PathLike, command: str, level: str = "INFO", enabled: bool = True):
-        self.path = os.path.abspath(os.fspath(path))
+        self.path = os.path.abspath(os.path.expanduser(os.fspath(path)))
         self.command, self.level, self.enabled = command, level, enabled
+        self._lock_fd: int | None = None
         setup_logging(level, None)
         self._held = _Held()
         logging.getLogger().addHandler(self._held)
+
+    def lock(self) -> None:
+        """Hold an exclusive lock on the directory (flock on its descriptor: no file is written) while this
+        process runs, so that a second ``jaxrlhf`` started on it stops at once instead of interleaving
+        checkpoints and metrics with this one's. Nothing happens for a directory that does not exist yet (the
+        run locks it once :meth:`open` creates it) or where this process holds it already."""
+        if not self.enabled or self._lock_fd is not None or not os.path.isdir(self.path):
+            return
+        fd = os.open(self.path, os.O_RDONLY)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            os.close(fd)
+            raise ConfigError(f"logging.run_dir: {self.path} is in use by another jaxrlhf process (wait for "
+                              "it to finish, or choose another run_dir)") from None
+        self._lock_fd = fd
+
+    def release(self) -> None:
+        """Let the directory go (the end of the run; the process's exit does the same)."""
+        if self._lock_fd is not None:
+            os.close(self._lock_fd)
+            self._lock_fd = None
 
     @property
     def config_path(self) -> Path:
@@ -54,6 +79,7 @@ class RunDirectory:
         if not self.enabled:
             return
         os.makedirs(self.path, exist_ok=True)
+        self.lock()
         self._write_config(config)
         setup_logging(self.level, self.path)
         files = [h for h in logging.getLogger().handlers if isinstance(h, logging.FileHandler)]
@@ -78,7 +104,7 @@ class RunDirectory:
         however many retries fail before their first one."""
         path = self.config_path
         # Reloadable as is: `jaxrlhf <command> --config <run_dir>/config.yaml` repeats the run.
-        header = f"# jaxrlhf {self.command} --config {path}\n"
+        header = f"# jaxrlhf {self.command} --config {shlex.quote(str(path))}\n"
         text = header + yaml.safe_dump(to_dict(config), sort_keys=False)
         if path.is_file() and path.read_text() == text:
             return

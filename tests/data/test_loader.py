@@ -54,7 +54,8 @@ def test_resume_gives_the_same_batches(stop):
     interrupted = make()
     head = take(interrupted, stop)
     state = interrupted.state()
-    assert state == {"epoch": stop // 3, "position": stop % 3, "seed": 7, "size": 10}
+    assert state == {"epoch": stop // 3, "position": stop % 3, "seed": 7, "size": 10, "batch_size": 4,
+                     "fingerprint": make().fingerprint}
     resumed = make()
     resumed.restore(dict(state))
     for want, got in zip(uninterrupted, head + take(resumed, 8 - stop), strict=True):
@@ -69,6 +70,29 @@ def test_restore_checks_the_state():
         it.restore({"epoch": 0, "position": 0, "seed": 2, "size": 8})
     with pytest.raises(ValueError, match="position=3 is out of range"):
         it.restore({"epoch": 0, "position": 3})
+
+
+def test_restore_refuses_another_batch_size_or_other_data_of_the_same_size():
+    """A saved position counts batches of the saved size over the saved data: another data.batch_size
+    reread it silently (rows skipped), and so did another train file of as many rows."""
+    rows = [PromptExample(np.arange(3, dtype=np.int32) + i, f"a.jsonl:{i + 1}") for i in range(8)]
+    saved = BatchIterator(rows, 2, seed=1, **SINGLE)
+    take(saved, 3)
+    state = saved.state()
+    assert state["batch_size"] == 2 and 0 <= state["fingerprint"] < 2**63
+    with pytest.raises(ValueError, match=r"batch_size=2 does not match .* batch_size=4: the batch size "
+                                         r"\(data\.batch_size\) differs"):
+        BatchIterator(rows, 4, seed=1, **SINGLE).restore(state)
+    other = [PromptExample(r.prompt + (i == 5), r.source) for i, r in enumerate(rows)]  # one token changed
+    with pytest.raises(ValueError, match=r"the data's content \(data\.train_file\) differs"):
+        BatchIterator(other, 2, seed=1, **SINGLE).restore(state)
+    moved = [PromptExample(r.prompt.copy(), f"elsewhere/b.jsonl:{i + 1}") for i, r in enumerate(rows)]
+    resumed = BatchIterator(moved, 2, seed=1, **SINGLE)  # the same rows read from another place: fine
+    resumed.restore(state)
+    assert resumed.state() == state
+    # A state saved before batch size and content were recorded is still accepted.
+    old = {k: v for k, v in state.items() if k not in ("batch_size", "fingerprint")}
+    BatchIterator(rows, 4, seed=1, **SINGLE).restore({**old, "position": 0})
 
 
 def test_processes_partition_each_global_batch():

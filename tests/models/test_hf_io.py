@@ -120,7 +120,7 @@ def test_heads_round_trip(tmp_path):
     assert hf_io.load_heads(tmp_path) == {}
 
 
-def test_failed_save_keeps_the_previous_export(tmp_path):
+def test_failed_save_keeps_the_previous_export(tmp_path, monkeypatch):
     model = LanguageModel(OUR_CONFIGS["gpt2"])
     params = model.init(jax.random.key(0))
     good = hf_io.save(tmp_path / "m", model, params)
@@ -130,11 +130,35 @@ def test_failed_save_keeps_the_previous_export(tmp_path):
         def save_pretrained(self, path):
             raise OSError("disk full")
 
-    with pytest.raises(OSError, match="disk full"):
+    from jaxrlhf.files import OutputWriteError
+
+    # one line naming the export (the CLI prints it as is; a write error was a traceback)
+    with pytest.raises(OutputWriteError, match=rf"^cannot write the export {tmp_path / 'm'}: disk full \(the "
+                                                r"previous export, if any, is intact\)$"):
         hf_io.save(tmp_path / "m", model, jax.tree.map(lambda p: p + 1, params), tokenizer=Broken())
     after = load_file(str(good / "model.safetensors"))
     assert all(np.array_equal(before[k], after[k]) for k in before)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["m"]  # no temporary directories left behind
+    # safetensors' own error (a file-size limit: "File too large (os error 27)") too
+    from safetensors import SafetensorError
+
+    def too_large(*args, **kwargs):
+        raise SafetensorError("Error while serializing: IoError(Os { code: 27, kind: FileTooLarge })")
+
+    import safetensors.numpy
+
+    with monkeypatch.context() as patch:
+        patch.setattr(safetensors.numpy, "save_file", too_large)  # save() imports it when called
+        with pytest.raises(OutputWriteError, match=r"cannot write the export .*FileTooLarge"):
+            hf_io.save(tmp_path / "m", model, params)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m"]
+    # a bug is still a traceback of its own type
+    class Bug:
+        def save_pretrained(self, path):
+            raise KeyError("not an output problem")
+
+    with pytest.raises(KeyError):
+        hf_io.save(tmp_path / "m", model, params, tokenizer=Bug())
 
 
 # ------------------------------------------------------------------------------------------ bad input

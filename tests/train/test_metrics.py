@@ -216,3 +216,35 @@ def test_wandb_without_the_package_is_a_one_line_config_error(monkeypatch):
     monkeypatch.setitem(sys.modules, "wandb", None)  # import wandb raises ImportError
     with pytest.raises(ConfigError, match=r"logging\.wandb: the wandb package is not installed"):
         Reporting("sft", LoggingSection(wandb="p", mfu_matmul_size=0), TrainSection(steps=1))
+
+
+def test_a_metrics_file_that_cannot_be_written_is_one_error_naming_it(tmp_path):
+    """Disk full or a file-size limit: an OutputWriteError naming metrics.jsonl (the CLI prints one line; it
+    was two chained tracebacks), and closing the logger afterwards does not raise again."""
+    import errno
+
+    from jaxrlhf.files import OutputWriteError
+
+    logger = MetricsLogger(tmp_path, tensorboard=False)
+    logger.log(1, {"loss": 1.0})
+    real = logger._jsonl
+
+    class Full:
+        name = real.name
+
+        def write(self, text):
+            raise OSError(errno.EFBIG, "File too large")
+
+        def flush(self):
+            pass
+
+        def close(self):
+            real.close()
+            raise OSError(errno.EFBIG, "File too large")
+
+    logger._jsonl = Full()
+    where = tmp_path / "metrics.jsonl"
+    with pytest.raises(OutputWriteError, match=rf"^cannot write {where}: File too large$"):
+        logger.log(2, {"loss": 0.5})
+    logger.close()  # logs a warning, raises nothing
+    assert read_metrics_jsonl(tmp_path / "metrics.jsonl")[0]["loss"] == 1.0
