@@ -306,7 +306,10 @@ class CheckpointManager:
         if self._failure is not None:
             raise self._failure from error
         _quiet_background_errors()
-        _settle_orbax_threads()
+        # Nothing to wait for when the save never made its temporary directory (a read-only place): orbax's
+        # signalling threads would sit out their 300 s barrier timeout, and nothing else writes.
+        started = os.path.isdir(self.directory) and any(TMP_MARKER in n for n in os.listdir(self.directory))
+        _settle_orbax_threads(30.0 if started else 1.0)
         try:
             self._manager.close()
         except Exception:
