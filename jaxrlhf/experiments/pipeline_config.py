@@ -256,36 +256,46 @@ def static_hparams(cfg: PipelineConfig, **changes: Any) -> HParams:
 _FLAGS = ("whiten_advantages", "adaptive_kl", "normalize_reward")
 
 
-def check_hparams(hp: HParams, cfg: PipelineConfig | None = None) -> None:
-    """Range rules for the hyper-parameters that are Python numbers (a traced value cannot be checked), each a
-    :class:`ConfigError` naming the field; with ``cfg``, ``feedback.responses`` must also fit its budget."""
+def check_hparams(hp: HParams | FeedbackHParams | RLHParams, cfg: PipelineConfig | None = None) -> None:
+    """Range rules for the hyper-parameters (or one section of them) that are Python numbers (a traced value
+    cannot be checked), each a :class:`ConfigError` naming the field; with ``cfg``, ``feedback.responses``
+    must also fit its budget."""
+    if isinstance(hp, HParams):
+        check_hparams(hp.feedback, cfg)
+        check_hparams(hp.rl, cfg)
+        return
+
     def bad(name: str, rule: str, value: Any) -> ConfigError:
         return ConfigError(f"hyper-parameter {name!r}: must be {rule}, got {value!r}")
 
-    rules = {
-        "feedback.annotator_temperature": (hp.feedback.annotator_temperature, lambda x: x >= 0, ">= 0"),
-        "feedback.flip_prob": (hp.feedback.flip_prob, lambda x: 0 <= x <= 1, "in [0, 1]"),
-        "feedback.rating_noise": (hp.feedback.rating_noise, lambda x: x >= 0, ">= 0"),
-        "rl.learning_rate": (hp.rl.learning_rate, lambda x: 0 <= x < math.inf, "a finite number >= 0"),
-        "rl.kl_coef": (hp.rl.kl_coef, lambda x: 0 <= x < math.inf, "a finite number >= 0"),
-        "rl.clip_eps": (hp.rl.clip_eps, lambda x: 0 < x < math.inf, "a finite number > 0"),
-        "rl.vf_clip_eps": (hp.rl.vf_clip_eps, lambda x: x > 0, "> 0 (None or inf: unclipped)"),
-        "rl.missing_eos_penalty": (hp.rl.missing_eos_penalty, lambda x: abs(x) < math.inf, "finite"),
-    }
+    if isinstance(hp, FeedbackHParams):
+        rules = {
+            "feedback.annotator_temperature": (hp.annotator_temperature, lambda x: x >= 0, ">= 0"),
+            "feedback.flip_prob": (hp.flip_prob, lambda x: 0 <= x <= 1, "in [0, 1]"),
+            "feedback.rating_noise": (hp.rating_noise, lambda x: x >= 0, ">= 0"),
+        }
+        responses = hp.responses
+        if isinstance(responses, bool) or (is_number(responses) and not (
+                responses >= 0 and float(responses).is_integer())):
+            raise bad("feedback.responses", "a whole number >= 0", responses)
+        if cfg is not None and is_number(responses) and responses > cfg.feedback.responses:
+            raise bad("feedback.responses", f"<= the budget feedback.responses ({cfg.feedback.responses}): "
+                      "the queries are drawn for the budget", responses)
+    else:
+        rules = {
+            "rl.learning_rate": (hp.learning_rate, lambda x: 0 <= x < math.inf, "a finite number >= 0"),
+            "rl.kl_coef": (hp.kl_coef, lambda x: 0 <= x < math.inf, "a finite number >= 0"),
+            "rl.clip_eps": (hp.clip_eps, lambda x: 0 < x < math.inf, "a finite number > 0"),
+            "rl.vf_clip_eps": (hp.vf_clip_eps, lambda x: x > 0, "> 0 (None or inf: unclipped)"),
+            "rl.missing_eos_penalty": (hp.missing_eos_penalty, lambda x: abs(x) < math.inf, "finite"),
+        }
+        for name in _FLAGS:
+            value = getattr(hp, name)
+            if is_number(value) and value not in (0, 1):  # bools pass (is_number excludes them)
+                raise bad(f"rl.{name}", "a bool (or 0/1)", value)
     for name, (value, ok, rule) in rules.items():
         if is_number(value) and not ok(value):  # written as `not ok` so that NaN fails
             raise bad(name, rule, value)
-    for name in _FLAGS:
-        value = getattr(hp.rl, name)
-        if is_number(value) and value not in (0, 1):  # bools pass (is_number excludes them)
-            raise bad(f"rl.{name}", "a bool (or 0/1)", value)
-    responses = hp.feedback.responses
-    if isinstance(responses, bool) or (is_number(responses) and not (
-            responses >= 0 and float(responses).is_integer())):
-        raise bad("feedback.responses", "a whole number >= 0", responses)
-    if cfg is not None and is_number(responses) and responses > cfg.feedback.responses:
-        raise bad("feedback.responses", f"<= the budget feedback.responses ({cfg.feedback.responses}): the "
-                  "queries are drawn for the budget", responses)
 
 
 def _as_array(value: Any) -> np.ndarray:
@@ -294,15 +304,16 @@ def _as_array(value: Any) -> np.ndarray:
     return np.float32(value)
 
 
-def stack_hparams(members: Sequence[HParams]) -> HParams:
-    """Members → one :class:`HParams` of float32 arrays with a leading member axis (bools as 0./1., None as
-    inf), to vmap over."""
+def stack_hparams(members: Sequence[Any]) -> Any:
+    """Members (:class:`HParams`, or all one section of them) → one of float32 arrays with a leading member
+    axis (bools as 0./1., None as inf), to vmap over."""
     if not members:
         raise ValueError("stack_hparams: no members")
     for i, member in enumerate(members):
-        if not isinstance(member, HParams):
-            raise TypeError(f"stack_hparams: member {i} is a {type(member).__name__}, not an HParams "
-                            "(build members with static_hparams)")
+        kinds = (HParams, FeedbackHParams, RLHParams)
+        if not isinstance(member, kinds) or type(member) is not type(members[0]):
+            raise TypeError(f"stack_hparams: member {i} is a {type(member).__name__}, not an HParams (or the "
+                            "same section of one as every member; build members with static_hparams)")
         try:
             check_hparams(member)
         except ConfigError as e:

@@ -166,8 +166,9 @@ def decode_batch(
     """Turn an array-form batch into the host form: ``(prompts, responses, finished)``.
 
     The prompt keeps its real tokens, special tokens dropped (a ``<bos>`` is framing, not content). The
-    response keeps its real tokens before the first eos, special tokens included (a policy that writes
-    ``<pad>`` mid-response must be scored for it); ``finished`` says whether an eos was emitted. Ids the
+    response keeps its real tokens before the first eos (or chat end-of-turn token), special tokens included
+    (a policy that writes ``<pad>`` mid-response must be scored for it); ``finished`` says whether one was
+    emitted. Ids the
     tokenizer does not know (a padded model vocabulary) are read as its unk token.
     """
     check_token_batch(prompt_tokens, prompt_mask, response_tokens, response_mask)
@@ -180,13 +181,17 @@ def decode_batch(
             i if 0 <= i < vocab_size else unk_id for i in ids if unk_id is not None or 0 <= i < vocab_size
         ]
 
-    eos_id = tokenizer.eos_token_id
+    from jaxrlhf.data.tokenize import chat_turn_end_ids
+
+    # Where a response ends: eos, or the token that closes a chat template's assistant turn (what chat
+    # completions are trained to end with, and where rollouts stop).
+    stop_ids = {tokenizer.eos_token_id, *chat_turn_end_ids(tokenizer)} - {None}
     prompts, responses, finished = [], [], []
     for b in range(prompt_tokens.shape[0]):
         ids = known(prompt_tokens[b][prompt_mask[b]].tolist())
         prompts.append(tokenizer.decode(ids, skip_special_tokens=True))
         real = response_tokens[b][response_mask[b]].tolist()
-        stop = real.index(eos_id) if eos_id in real else None
+        stop = next((t for t, i in enumerate(real) if i in stop_ids), None)
         responses.append(tokenizer.decode(known(real[:stop]), skip_special_tokens=False))
         finished.append(stop is not None)
     return prompts, responses, finished

@@ -107,6 +107,9 @@ class BatchFunctionOracle(Oracle):
             if value is None:
                 out[b] = np.nan
                 continue
+            if isinstance(value, (str, bytes)):  # float("0.5") would pass: a score is a number
+                raise RewardFunctionError(f"reward {self.name!r} returned {type(value).__name__} "
+                                          f"{value!r:.60} for completion {b}; expected a float or None")
             try:
                 out[b] = float(value)
             except (TypeError, ValueError):

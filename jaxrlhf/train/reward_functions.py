@@ -99,6 +99,10 @@ class RewardFunctions:
         """The prompt batch's columns (one dict per row), for the next call."""
         self._columns = None if columns is None else [dict(c) for c in columns]
 
+    #: The rollout's rows after each prompt's samples: ReMax appends one greedy response per prompt, in
+    #: prompt order ([P·G samples; P greedy]); the trainer sets it.
+    greedy_baseline: bool = False
+
     def _warn_unscored(self, parts: Mapping[str, np.ndarray]) -> None:
         """Log (once per run) when every function returned None ("does not apply") for some samples: their
         reward is then 0, which is rarely what a user meant (TRL warns likewise)."""
@@ -154,7 +158,9 @@ class RewardFunctions:
                 given = values
             total = total + c.weight * values
             self._metrics[f"rewards/{c.name}/mean"] = float(given.mean()) if given.size else float("nan")
-            self._metrics[f"rewards/{c.name}/std"] = float(given.std()) if given.size else float("nan")
+            # TRL's nanstd: Bessel-corrected over the samples the function scored
+            self._metrics[f"rewards/{c.name}/std"] = (float(given.std(ddof=1)) if given.size > 1
+                                                      else float("nan"))
         if split:
             return parallel.shard_batch(self.mesh, total.astype(np.float32))
         return jnp.asarray(total, jnp.float32)
@@ -181,9 +187,12 @@ class RewardFunctions:
         if self._columns is None:
             return None
         n = len(self._columns)
-        if n == 0 or rows % n:
+        samples = rows - n if self.greedy_baseline else rows
+        if n == 0 or samples <= 0 or samples % n:
             raise ValueError(f"reward functions: a rollout of {rows} rows for a prompt batch of {n} rows")
-        return [c for c in self._columns for _ in range(rows // n)]  # each prompt's samples are consecutive
+        # each prompt's samples are consecutive; ReMax's greedy responses follow, one per prompt in order
+        rows_columns = [c for c in self._columns for _ in range(samples // n)]
+        return rows_columns + (list(self._columns) if self.greedy_baseline else [])
 
 
 def _device_parts(components: Sequence[Component], rollout: Rollout) -> tuple[jax.Array, dict, dict]:
@@ -193,7 +202,7 @@ def _device_parts(components: Sequence[Component], rollout: Rollout) -> tuple[ja
     stats = {}
     for name, values in parts.items():
         stats[f"rewards/{name}/mean"] = jnp.mean(values)
-        stats[f"rewards/{name}/std"] = jnp.std(values)
+        stats[f"rewards/{name}/std"] = jnp.std(values, ddof=1)  # as TRL's (Bessel-corrected)
     return total, parts, stats
 
 

@@ -60,7 +60,12 @@ from jaxrlhf.train.loop import LoopHooks, StepOutcome, training_loop
 from jaxrlhf.train.lora_setup import export_adapters, lora_model, merged_lm
 from jaxrlhf.train.model_setup import LoadedModel, check_length, export_model, flops_per_token, load_model
 from jaxrlhf.train.reporting import Reporting, host_scalars
-from jaxrlhf.train.reward_functions import check_prompt_columns, reward_metrics, take_columns
+from jaxrlhf.train.reward_functions import (
+    RewardFunctions,
+    check_prompt_columns,
+    reward_metrics,
+    take_columns,
+)
 from jaxrlhf.train.rl_setup import (
     build_rl_phases,
     load_critic,
@@ -229,6 +234,8 @@ def build_rl(cfg: RLRunConfig, run: Run, policy: LoadedModel, critic_key: jax.Ar
         critic_model, critic_params = load_critic(critic_init_path(cfg.critic, cfg.reward), policy, dtype,
                                                   critic_key)
     score = make_score_fn(cfg.reward, tokenizer, dtype, run.place, run.mesh)
+    if isinstance(score, RewardFunctions):  # which rollout rows the prompt columns go with
+        score.greedy_baseline = bool(critic_free and algo.greedy_baseline)
     run.check_batch_size("data.batch_size", cfg.data.batch_size)
     if cfg.reference.offload:
         ref_params = parallel.to_host(ref_params)  # numpy: copied to the devices by each experience call

@@ -141,6 +141,9 @@ def test_out_of_range_hyper_parameters_name_the_field(config):
         stack_hparams([good, bad])
     with pytest.raises(TypeError, match="member 0 is a dict, not an HParams"):
         stack_hparams([{"rl": 1}])
+    with pytest.raises(ConfigError, match=r"member 1: hyper-parameter 'rl\.kl_coef'"):  # sections too
+        stack_hparams([good.rl, bad.rl])
+    assert stack_hparams([good.feedback, good.feedback]).flip_prob.shape == (2,)
     from jaxrlhf.steps import OptimizerConfig, make_optimizer
     with pytest.raises(ValueError, match=r"learning_rate must be a finite number >= 0, got -0\.1"):
         make_optimizer(OptimizerConfig(), 10, learning_rate=-0.1)

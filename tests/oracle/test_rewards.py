@@ -230,3 +230,46 @@ def test_samples_no_function_scores_are_reported_once(caplog):
     warnings = [r.getMessage() for r in caplog.records if "returned None" in r.getMessage()]
     assert warnings == ["reward: every reward function returned None for 2 of 3 samples; their reward is 0 "
                         "(logged once)"]
+
+
+def test_remax_rows_get_their_own_prompts_columns_and_tm_std_is_bessel_corrected():
+    """ReMax's rollout is [P·G samples; P greedy responses]: each row's prompt and columns must be its own
+    (they were spread as if each prompt had G + 1 consecutive rows, so a sample met another prompt's
+    target); rewards/<fn>/std is TRL's nanstd (ddof 1)."""
+    from jaxrlhf.train.reward_functions import Component, RewardFunctions
+
+    seen = {}
+
+    def record(prompts, completions, target, **kw):
+        scores = [float(len(c)) for c in completions]
+        seen.update(prompts=list(prompts), target=list(target), scores=scores)
+        return scores
+
+    fns = RewardFunctions([Component("record", 1.0, BatchFunctionOracle(record))], TOK,
+                          compile=lambda fn, donate: fn)
+    fns.greedy_baseline = True
+    rollout = make_rollout()
+    six = jax.tree.map(lambda x: jnp.concatenate([x, x]), rollout)  # P = 2 prompts, G = 2, + 2 greedy rows
+    fns.set_columns([{"prompt": "p0", "target": "t0"}, {"prompt": "p1", "target": "t1"}])
+    fns(six)
+    assert seen["prompts"] == ["p0", "p0", "p1", "p1", "p0", "p1"]
+    assert seen["target"] == ["t0", "t0", "t1", "t1", "t0", "t1"]
+    scores = np.array(seen["scores"])
+    assert scores.std() > 0
+    assert fns.metrics()["rewards/record/std"] == pytest.approx(scores.std(ddof=1), rel=1e-6)
+    fns.greedy_baseline = False
+    fns(six)
+    assert seen["target"] == ["t0", "t0", "t0", "t1", "t1", "t1"]  # G = 3 without the greedy rows
+
+
+def test_a_per_sample_function_sees_the_response_up_to_the_chat_end_of_turn():
+    """A chat completion ends with the template's end-of-turn token (<|end|> here, not eos): the per-sample
+    form cut only at eos, so the function saw 'ab<|end|>' and the row counted as unfinished."""
+    from jaxrlhf.data import make_char_tokenizer
+    from jaxrlhf.oracle.base import decode_batch
+
+    tok = make_char_tokenizer("ab")  # a = 8, b = 9, <|end|> = 7, </s> = 2
+    _, responses, finished = decode_batch(
+        tok, np.array([[8, 9]]), np.ones((1, 2), bool), np.array([[8, 9, 7, 8, 0]]),
+        np.array([[1, 1, 1, 1, 0]], bool))
+    assert (responses, finished) == (["ab"], [True])
