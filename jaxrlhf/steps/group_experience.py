@@ -130,7 +130,9 @@ def make_group_experience_fn(
     group_size > 1, reward_std (mean over groups of the score's std within the group) and
     frac_reward_zero_std (share of groups whose scores are all equal); groups/dropped (groups given zero
     weight by dynamic_sampling); completions/mean_length, completions/min_length, completions/max_length,
-    completions/clipped_ratio (share of responses cut at the length limit, without eos); objective/kl (mean
+    completions/clipped_ratio (share of responses cut at the length limit, without eos),
+    completions/mean_terminated_length, …/min_…, …/max_… (over the responses that ended with eos; 0 when
+    none did); objective/kl (mean
     sequence KL, the configured estimator), objective/entropy, objective/non_score_reward,
     objective/rlhf_reward, objective/scores, objective/kl_coef, val/num_eos_tokens; with ReMax
     remax/greedy_reward (the baseline's mean); with ``cfg.tis_cap`` tis/weight_mean and tis/capped_frac.
@@ -196,7 +198,17 @@ def make_group_experience_fn(
                                 shaped, tis)
         batch = jax.tree.map(jax.lax.stop_gradient, batch)
 
-        eos = rollout.stopped.astype(bool)
+        eos = rollout.stopped[:b].astype(bool)  # the samples' (ReMax's greedy rows are not trained on)
+        ended = jnp.sum(eos.astype(jnp.float32))
+        lengths_f = lengths.astype(jnp.float32)
+        # TRL's: over the responses that ended with eos; 0 when none did
+        some = ended > 0
+        ended_lengths = lambda fill: jnp.where(eos, lengths_f, fill)
+        terminated = {
+            "completions/mean_terminated_length": jnp.sum(ended_lengths(0.0)) / jnp.maximum(ended, 1),
+            "completions/min_terminated_length": jnp.where(some, jnp.min(ended_lengths(jnp.inf)), 0.0),
+            "completions/max_terminated_length": jnp.where(some, jnp.max(ended_lengths(-jnp.inf)), 0.0),
+        }
         sequence_kl = jnp.sum(kl, axis=1)
         non_score = -beta * sequence_kl
         metrics = {
@@ -206,6 +218,7 @@ def make_group_experience_fn(
             "completions/min_length": jnp.min(lengths),
             "completions/max_length": jnp.max(lengths),
             "completions/clipped_ratio": jnp.mean((~eos).astype(jnp.float32)),
+            **terminated,
             "objective/kl": jnp.mean(sequence_kl),
             "objective/entropy": jnp.mean(jnp.sum(-old_logprobs * mask, axis=1)),
             "objective/non_score_reward": jnp.mean(non_score),

@@ -105,6 +105,10 @@ def test_experience_shapes_scores_and_puts_grpo_advantages_on_the_right_rows(
         "completions/min_length": 3.0,
         "completions/max_length": N,
         "completions/clipped_ratio": 0.5,
+        # TRL's: over the responses that ended with eos
+        "completions/mean_terminated_length": mask.sum(1)[eos].mean(),
+        "completions/min_terminated_length": mask.sum(1)[eos].min(),
+        "completions/max_terminated_length": mask.sum(1)[eos].max(),
         "objective/kl": kl.sum(1).mean(),
         "objective/non_score_reward": -0.1 * kl.sum(1).mean(),
         "objective/kl_coef": 0.1,
@@ -112,6 +116,11 @@ def test_experience_shapes_scores_and_puts_grpo_advantages_on_the_right_rows(
     }
     for name, value in expected.items():
         assert float(metrics[name]) == pytest.approx(float(value), rel=1e-5, abs=1e-6), name
+    assert expected["completions/min_terminated_length"] < expected["completions/max_terminated_length"]
+    _, none_ended = fn(PolicyParams(tiny_params), PolicyParams(other_params), None,
+                       rollout._replace(stopped=jnp.zeros_like(rollout.stopped)), scores, kl_state(0.1))
+    for name in ("mean", "min", "max"):
+        assert float(none_ended[f"completions/{name}_terminated_length"]) == 0.0  # TRL's value for none
 
 
 def test_dynamic_sampling_zeroes_exactly_the_flat_groups(tiny_model, tiny_params, make_rollout):
