@@ -28,7 +28,7 @@ import numpy as np
 from jaxrlhf.oracle.base import Oracle, RewardFunctionError, check_text_batch, decode_batch
 
 # The arguments TRL passes besides the dataset's columns.
-_STANDARD = ("prompts", "completions", "completion_ids")
+_STANDARD = ("prompts", "completions", "completion_ids", "trainer_state")
 
 
 def is_batch_reward(fn: Callable[..., Any]) -> bool:
@@ -71,19 +71,26 @@ class BatchFunctionOracle(Oracle):
         completions: Sequence[str],
         columns: Mapping[str, Sequence[Any]] | None = None,
         completion_ids: Sequence[Sequence[int]] | None = None,
+        trainer_state: Any = None,
     ) -> np.ndarray:
         """float32 [B] scores (NaN where the function returned None) of ``completions`` to ``prompts``.
 
         A completion to a conversational prompt (a list of messages) is passed as one assistant message,
-        as TRL does. ``columns``: the dataset's other columns, one list of B values each.
+        as TRL does. ``columns``: the dataset's other columns, one list of B values each; ``trainer_state``
+        (TRL's: ``global_step``, ``max_steps``) where the RL trainer gives one.
         """
         completions = [[{"role": "assistant", "content": c}] if isinstance(p, list) else c
                        for p, c in zip(prompts, completions)]
         offered: dict[str, Any] = {"prompts": list(prompts), "completions": completions}
         if completion_ids is not None:
             offered["completion_ids"] = [list(map(int, ids)) for ids in completion_ids]
+        if trainer_state is not None:
+            offered["trainer_state"] = trainer_state
         offered.update({k: list(v) for k, v in (columns or {}).items() if k not in offered})
         missing = [name for name in self._required if name not in offered]
+        if "trainer_state" in missing:
+            raise RewardFunctionError(f"reward {self.name!r} needs 'trainer_state', which only the RL "
+                                      "trainer passes (give it a default to score elsewhere)")
         if missing:
             available = sorted(set(offered) - set(_STANDARD))
             raise RewardFunctionError(

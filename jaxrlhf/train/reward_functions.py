@@ -19,6 +19,7 @@ stays NaN, so the trainer's non-finite policy sees it (never a silent 0).
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any, NamedTuple
@@ -52,6 +53,15 @@ def component_name(spec: str, oracle: Oracle) -> str:
     fn = getattr(oracle, "fn", None)
     name = getattr(getattr(fn, "__wrapped__", fn), "__name__", "")
     return name if is_import_path(spec) and name.isidentifier() else spec
+
+
+@dataclasses.dataclass
+class TrainerState:
+    """What TRL's reward functions get as ``trainer_state`` (the fields they read): ``global_step``, the
+    optimiser updates done before this batch, and ``max_steps``, those of the whole run."""
+
+    global_step: int = 0
+    max_steps: int = 0
 
 
 class RewardFunctions:
@@ -102,6 +112,8 @@ class RewardFunctions:
     #: The rollout's rows after each prompt's samples: ReMax appends one greedy response per prompt, in
     #: prompt order ([P·G samples; P greedy]); the trainer sets it.
     greedy_baseline: bool = False
+    #: Passed as ``trainer_state`` to the functions that name it; the RL trainer updates it every iteration.
+    trainer_state: TrainerState = TrainerState()
 
     def _warn_unscored(self, parts: Mapping[str, np.ndarray]) -> None:
         """Log (once per run) when every function returned None ("does not apply") for some samples: their
@@ -143,7 +155,7 @@ class RewardFunctions:
                 continue
             if isinstance(c.oracle, BatchFunctionOracle):
                 texts = texts or self._texts(rollout)
-                parts[c.name] = c.oracle.score_batch(*texts)
+                parts[c.name] = c.oracle.score_batch(*texts, trainer_state=self.trainer_state)
             else:
                 parts[c.name] = np.asarray(c.oracle.score_rollout(rollout), np.float32)
         total = np.zeros(rollout.response_tokens.shape[0], np.float32)

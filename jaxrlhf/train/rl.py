@@ -62,6 +62,7 @@ from jaxrlhf.train.model_setup import LoadedModel, check_length, export_model, f
 from jaxrlhf.train.reporting import Reporting, host_scalars
 from jaxrlhf.train.reward_functions import (
     RewardFunctions,
+    TrainerState,
     check_prompt_columns,
     reward_metrics,
     take_columns,
@@ -187,6 +188,7 @@ class RLSetup(NamedTuple):
     update_flops: Callable[[int], float]  # seq_len -> training FLOPs per token of all the update trains
     passes: int  # passes of the update over each token (epochs)
     sequences: int  # sequences trained on per iteration: prompts × group size (a ReMax rollout has more)
+    updates: int = 0  # optimiser updates of the whole run (the schedule's length): TRL's max_steps
 
 
 def check_minibatch_split(cfg: RLRunConfig, algo: RLConfig) -> None:
@@ -264,6 +266,7 @@ def build_rl(cfg: RLRunConfig, run: Run, policy: LoadedModel, critic_key: jax.Ar
         update_flops=lambda n: policy_flops(n) + (critic_flops(n) if critic_flops is not None else 0.0),
         passes=algo.epochs if epochs else 1,
         sequences=cfg.data.batch_size * (algo.group_size if critic_free else 1),
+        updates=updates,
     )
 
 
@@ -280,6 +283,8 @@ def rl_hooks(cfg: RLRunConfig, run: Run, setup: RLSetup, tokenizer: Any) -> Loop
 
     def step(state: RLState, batch: dict, key: jax.Array) -> tuple[RLState, StepOutcome]:
         batch = take_columns(setup.phases.score, batch)  # host columns for reward functions (TRL's form)
+        if isinstance(setup.phases.score, RewardFunctions):  # TRL's trainer_state: optimiser updates so far
+            setup.phases.score.trainer_state = TrainerState(int(state.policy.step), setup.updates)
         state, out = iteration(state, run.shard(batch), key)
         last[:] = [out]
         # Reduced on the devices: a multi-host rollout has rows no single process holds.

@@ -273,3 +273,18 @@ def test_a_per_sample_function_sees_the_response_up_to_the_chat_end_of_turn():
         tok, np.array([[8, 9]]), np.ones((1, 2), bool), np.array([[8, 9, 7, 8, 0]]),
         np.array([[1, 1, 1, 1, 0]], bool))
     assert (responses, finished) == (["ab"], [True])
+
+
+def test_trainer_state_is_passed_where_named_and_its_absence_is_named():
+    """TRL passes trainer_state (global_step, max_steps): a function naming it was refused at start-up as a
+    missing dataset column."""
+    from jaxrlhf.train.reward_functions import TrainerState
+
+    def by_step(completions, trainer_state, **kw):
+        return [float(trainer_state.global_step)] * len(completions)
+
+    oracle = BatchFunctionOracle(by_step)
+    assert oracle.required_columns == ()  # not a dataset column
+    np.testing.assert_array_equal(oracle.score_batch(["a"], ["b"], trainer_state=TrainerState(3, 10)), [3.0])
+    with pytest.raises(RewardFunctionError, match="needs 'trainer_state', which only the RL trainer passes"):
+        oracle.score_batch(["a"], ["b"])

@@ -454,8 +454,9 @@ RECEIVED: list[dict] = []
 
 def reversed_answer(prompts, completions, answer, completion_ids, **kwargs):
     """TRL's signature: the prompts, the decoded completions and the dataset's `answer` column."""
+    state = kwargs.get("trainer_state")
     RECEIVED.append(dict(prompts=prompts, completions=completions, answer=answer, ids=completion_ids,
-                         other=sorted(kwargs)))
+                         other=sorted(kwargs), state=(state.global_step, state.max_steps)))
     return [1.0 if c == a else 0.0 for c, a in zip(completions, answer)]
 
 
@@ -476,7 +477,10 @@ def test_trl_reward_functions_get_the_dataset_columns_and_sum_with_weights(workd
     for call in RECEIVED:
         assert len(call["prompts"]) == len(call["completions"]) == len(call["ids"]) == 4
         assert call["answer"] == [p[::-1] for p in call["prompts"]]  # each row's own column
-        assert call["other"] == ["level"] and all(isinstance(c, str) for c in call["completions"])
+        assert call["other"] == ["level", "trainer_state"]
+        assert all(isinstance(c, str) for c in call["completions"])
+    # TRL's trainer_state: optimiser updates done before each batch, and the run's (A2C: one per iteration)
+    assert [call["state"] for call in RECEIVED] == [(0, 2), (1, 2)]
     records = read_metrics_jsonl(workdir / "a2c-trl" / "metrics.jsonl")
     last = [r for r in records if "rewards/answer/mean" in r][-1]
     hits = [s == a for s, a in zip(RECEIVED[-1]["completions"], RECEIVED[-1]["answer"])]
