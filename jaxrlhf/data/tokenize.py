@@ -21,6 +21,7 @@ longer one is cut to that many tokens, has no ending, and is counted in :class:`
 from __future__ import annotations
 
 import os
+import weakref
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, replace
 from typing import Any, Literal
@@ -211,13 +212,31 @@ def chat_turn_end_ids(tokenizer: PreTrainedTokenizerBase) -> tuple[int, ...]:
     """The special token that closes an assistant turn in the tokenizer's chat template (``<|eot_id|>``,
     ``<|im_end|>``, …; what chat completions end with, so rollouts stop there too), or () without a
     template or where it does not render a plain user → assistant exchange."""
-    if not getattr(tokenizer, "chat_template", None) or tokenizer.eos_token_id is None:
+    template, eos = getattr(tokenizer, "chat_template", None), tokenizer.eos_token_id
+    if not template or eos is None:
         return ()
+    # Rendering the template costs ~1 ms; host-side scorers ask once per batch, so remember the answer
+    # per tokenizer, for as long as its template and eos stay what they were.
+    key = (template if isinstance(template, str) else repr(template), eos)
+    try:
+        cached = _TURN_END_CACHE.get(tokenizer)
+    except TypeError:  # not weak-referenceable: just compute
+        cached = None
+    if cached is not None and cached[0] == key:
+        return cached[1]
     try:
         ids = chat_turn_ids(tokenizer, (ChatMessage("user", "a"),), "b")
     except DataError:
-        return ()
-    return (ids[-1],) if ids and ids[-1] in _special_ids(tokenizer) else ()
+        ids = None
+    found = (ids[-1],) if ids and ids[-1] in _special_ids(tokenizer) else ()
+    try:
+        _TURN_END_CACHE[tokenizer] = (key, found)
+    except TypeError:
+        pass
+    return found
+
+
+_TURN_END_CACHE: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
 def encode_completion(

@@ -172,6 +172,7 @@ class CheckpointManager:
         handlers = {"state": ocp.PyTreeCheckpointHandler(), "metadata": ocp.JsonCheckpointHandler()}
         self._manager = ocp.CheckpointManager(self.directory, options=options, item_handlers=handlers)
         self._failure: CheckpointWriteError | None = None
+        _route_closed_loop_errors()
 
     def save(
         self, step: int, state: Any, metadata: Mapping[str, Any] | None = None, force: bool = False
@@ -353,6 +354,32 @@ def _settle_orbax_threads(timeout: float = 30.0) -> None:
     while time.monotonic() < deadline and any(_is_orbax_thread(t) for t in threading.enumerate()
                                               if t is not threading.current_thread()):
         time.sleep(0.02)
+
+
+def _is_closed_loop_error(error: BaseException | None) -> bool:
+    return isinstance(error, RuntimeError) and str(error) == "Event loop is closed"
+
+
+def _route_closed_loop_errors() -> None:
+    """When one write of an asynchronous save fails, tensorstore's callbacks for the writes still in flight
+    find their event loop closed, before the failure reaches :meth:`CheckpointManager.wait`; each was a
+    bare traceback on the terminal (~20 per failed save). Those alone go to the log file; every other
+    unraisable error still reaches the hook that was installed before."""
+    if getattr(sys.unraisablehook, "_jaxrlhf_closed_loop", False):
+        return
+    previous = sys.unraisablehook
+
+    def hook(unraisable: sys.UnraisableHookArgs) -> None:
+        if not _is_closed_loop_error(unraisable.exc_value):
+            previous(unraisable)
+            return
+        from jaxrlhf.train.metrics import FILE_ONLY
+
+        log.debug("a checkpoint write's callback after its event loop closed: %s", unraisable.exc_value,
+                  extra={FILE_ONLY: True})
+
+    hook._jaxrlhf_closed_loop = True  # type: ignore[attr-defined]
+    sys.unraisablehook = hook
 
 
 def _quiet_background_errors() -> None:

@@ -226,6 +226,33 @@ class _ForTheTerminal(logging.Filter):
         return not (record.name == "absl" and record.levelno >= logging.ERROR)
 
 
+class RunLogFile(logging.FileHandler):
+    """``run.log``: a file handler that, when a write fails (disk full, EFBIG, a vanished mount), says so
+    once on stderr and stops writing the file, where logging's default prints a traceback per record."""
+
+    def __init__(self, filename: str) -> None:
+        super().__init__(filename)
+        self.failed = False
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if not self.failed:
+            super().emit(record)
+
+    def handleError(self, record: logging.LogRecord) -> None:
+        error = sys.exc_info()[1]
+        if self.failed or not isinstance(error, OSError):
+            super().handleError(record)  # a formatting bug is still reported in full
+            return
+        self.failed = True
+        stream, self.stream = self.stream, None
+        try:  # drop what is buffered: closing flushes it, and that would fail again at exit
+            stream.close()
+        except (OSError, AttributeError):
+            pass
+        sys.stderr.write(f"jaxrlhf: cannot write {self.baseFilename}: {error}; the log continues on the "
+                         "console only\n")
+
+
 def setup_logging(level: int | str = "INFO", run_dir: str | os.PathLike | None = None) -> logging.Logger:
     """Send log messages to stderr (from ``level`` up) and, with ``run_dir``, to ``run_dir/run.log`` (from
     INFO up whatever ``level`` says, so a quiet console still leaves a full record), in one format.
@@ -250,7 +277,7 @@ def setup_logging(level: int | str = "INFO", run_dir: str | os.PathLike | None =
     file_level = min(level, logging.INFO)
     if run_dir is not None:
         os.makedirs(run_dir, exist_ok=True)
-        log_file = logging.FileHandler(os.path.join(run_dir, "run.log"))
+        log_file = RunLogFile(os.path.join(run_dir, "run.log"))
         log_file.setLevel(file_level)
         handlers.append(log_file)
     for handler in handlers:

@@ -242,6 +242,21 @@ def test_chat_turn_end_ids():
     assert chat_turn_end_ids(make_char_tokenizer("ab", chat_template=raising)) == ()
 
 
+def test_chat_turn_end_ids_renders_once_per_tokenizer_until_its_template_changes(monkeypatch):
+    from jaxrlhf.data import tokenize
+
+    tok = make_char_tokenizer("ab;")
+    calls = []
+    real = tokenize.chat_turn_ids
+    monkeypatch.setattr(tokenize, "chat_turn_ids", lambda *a, **k: calls.append(1) or real(*a, **k))
+    assert [tokenize.chat_turn_end_ids(tok) for _ in range(3)] == [(7,)] * 3
+    assert len(calls) == 1  # scorers ask once per batch: the template is rendered once
+    tok.chat_template = NO_SPECIAL
+    assert tokenize.chat_turn_end_ids(tok) == (tok.eos_token_id,) and len(calls) == 2
+    tok.chat_template = None
+    assert tokenize.chat_turn_end_ids(tok) == ()
+
+
 def test_a_tokenizer_without_eos_is_a_data_error_naming_the_record():
     tok = make_char_tokenizer("ab")
     tok.eos_token = None

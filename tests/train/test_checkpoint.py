@@ -236,3 +236,31 @@ def test_a_save_that_cannot_be_written_is_one_error_and_keeps_the_earlier_steps(
         np.testing.assert_array_equal(restored["w"], [2.0, 3.0, 4.0])
         again.save(3, tree, {"step": 3})
     assert CheckpointManager(tmp_path).all_steps() == [1, 2, 3]
+
+
+def test_closed_event_loop_callbacks_of_a_failing_save_stay_off_the_terminal(tmp_path, monkeypatch):
+    """tensorstore's callbacks for writes still in flight when one fails raise "Event loop is closed" as
+    unraisable errors (~20 bare tracebacks per failed save); only those are taken off the terminal."""
+    import sys
+    import types
+
+    from jaxrlhf.train.checkpoint import CheckpointManager
+
+    seen = []
+    monkeypatch.setattr(sys, "unraisablehook", seen.append)
+    with CheckpointManager(tmp_path / "ckpt"):
+        pass
+    with CheckpointManager(tmp_path / "ckpt2"):  # installed once, not wrapped twice
+        pass
+    assert sys.unraisablehook is not seen.append
+
+    def args(error):
+        return types.SimpleNamespace(exc_type=type(error), exc_value=error, exc_traceback=None,
+                                     err_msg=None, object=None)
+
+    sys.unraisablehook(args(RuntimeError("Event loop is closed")))
+    assert seen == []
+    other = args(RuntimeError("something else"))
+    sys.unraisablehook(other)
+    sys.unraisablehook(args(ValueError("Event loop is closed")))
+    assert seen[0].exc_value is other.exc_value and len(seen) == 2

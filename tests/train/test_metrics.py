@@ -248,3 +248,29 @@ def test_a_metrics_file_that_cannot_be_written_is_one_error_naming_it(tmp_path):
         logger.log(2, {"loss": 0.5})
     logger.close()  # logs a warning, raises nothing
     assert read_metrics_jsonl(tmp_path / "metrics.jsonl")[0]["loss"] == 1.0
+
+
+def test_a_run_log_that_cannot_be_written_says_so_once_and_the_console_goes_on(restore_root_logging, capsys):
+    """A full disk under run.log: one line naming it (logging's default printed a traceback per record), then
+    the console alone; a record that fails to format is still reported in full."""
+    from jaxrlhf.train.metrics import RunLogFile
+
+    handler = RunLogFile("/dev/full")  # every write fails with ENOSPC
+    log = logging.getLogger("jaxrlhf.test.full")
+    log.addHandler(handler)
+    log.propagate = False  # pytest's own capture handler would raise on the badly formatted record
+    try:
+        for i in range(3):
+            log.warning("record %d", i)
+        err = capsys.readouterr().err
+        assert err.count("cannot write /dev/full") == 1 and "Traceback" not in err and handler.failed
+        assert "No space left on device" in err and "the log continues on the console only" in err
+        fresh = RunLogFile(os.devnull)
+        log.addHandler(fresh)
+        log.warning("%d", "not a number")
+        assert "Logging error" in capsys.readouterr().err and not fresh.failed
+    finally:
+        log.propagate = True
+        for h in log.handlers[:]:
+            log.removeHandler(h)
+            h.close()
