@@ -28,6 +28,8 @@ def mean_ci(values: np.ndarray, level: float = 0.95) -> tuple[float, float]:
     v = np.asarray(values, np.float64).reshape(-1)
     if v.size == 0:
         raise ValueError("mean_ci: no values")
+    if not np.all(np.isfinite(v)):  # a NaN would come out as a (nan, nan) "interval"
+        raise ValueError(f"mean_ci: {int((~np.isfinite(v)).sum())} of {v.size} values are not finite")
     if v.size < 2:
         return float(v.mean()), math.nan
     half = student_t_quantile((1 + level) / 2, v.size - 1) * v.std(ddof=1) / math.sqrt(v.size)

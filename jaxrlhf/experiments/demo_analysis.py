@@ -6,13 +6,14 @@ to the plain-JSON ``analysis`` part of ``results.json`` (pure NumPy, no devices)
 * each run's final gold: a studentized bootstrap interval over the evaluation prompts;
 * each method over its seeds: the mean with a t-interval over seeds, beside the mean per-run interval over
   prompts (:func:`~jaxrlhf.experiments.statistics.across_seeds`);
-* each method against SFT: the paired per-prompt difference (same prompts, same sampling keys) of the first
-  seed's run;
+* each method against SFT: the per-seed differences in final gold (same prompts, same sampling keys) with
+  a t-interval over seeds; with one seed, that run's paired per-prompt differences;
 * over-optimisation: :func:`~jaxrlhf.experiments.statistics.overoptimization_test` on each run's curve (the
   peak chosen on one half of the prompts, the drop to the final checkpoint tested on the other);
 * Gao et al. fits (:func:`~jaxrlhf.experiments.gao_fits.fit_gao`) of every method's checkpoints (all seeds
   pooled) and of best-of-n;
-* the best method (highest mean final gold over seeds) with its KL, and its paired lead over the runner-up;
+* the best method (highest mean final gold over seeds) with its KL, and its lead over the runner-up, paired
+  by seed (over prompts with one seed);
 * the reward-model ensembles: the gold drop from peak to end of PPO against one reward model and against
   the ensemble, per seed, and the paired difference over seeds.
 """
@@ -31,11 +32,13 @@ from jaxrlhf.experiments.gao_fits import fit_gao
 from jaxrlhf.experiments.policy_evaluation import EvaluationResults, MethodRun
 from jaxrlhf.experiments.statistics import (
     UNIT_PROMPTS,
+    UNIT_SEEDS,
     across_seeds,
     bootstrap_interval,
     overoptimization_rule,
     overoptimization_test,
     paired_comparison,
+    t_test_p_value,
 )
 
 N_BOOT = 2000
@@ -95,6 +98,21 @@ def gao_fit_dict(
     return {**fit.as_dict(), "text": fit.describe()}
 
 
+def _vs_sft(final_gold: list[np.ndarray], sft_gold: np.ndarray) -> dict:
+    """A method's final gold against SFT's on the same prompts and sampling keys: with several seeds, the
+    per-seed differences of mean gold with a t-interval over seeds (a rerun's spread counts); with one, the
+    paired per-prompt differences of that run (how precisely it was measured)."""
+    if len(final_gold) >= 2:
+        diffs = [float(g.mean() - sft_gold.mean()) for g in final_gold]
+        summary = across_seeds(diffs)
+        p_value = t_test_p_value(diffs)
+        return {"difference": estimate_dict(summary.estimate), "p_value": p_value, "over": UNIT_SEEDS,
+                "text": f"{summary.format()}, two-sided p = {p_value:.2g}"}
+    compared = paired_comparison(final_gold[0], sft_gold, UNIT_PROMPTS, "two-sided", n_boot=N_BOOT, seed=0)
+    return {"difference": estimate_dict(compared.difference), "p_value": compared.p_value,
+            "over": UNIT_PROMPTS, "text": compared.format()}
+
+
 def analyse_method(method: Method, runs: list[MethodRun], sft_gold: np.ndarray, prompts: int) -> dict:
     """The statistics of one method over its runs (see the module docstring)."""
     finals = [run.final for run in runs]
@@ -102,9 +120,12 @@ def analyse_method(method: Method, runs: list[MethodRun], sft_gold: np.ndarray, 
     per_seed = [_gold_interval(g, seed=run.seed_index) for g, run in zip(final_gold, runs)]
     half = [d["half_width"] for d in per_seed]
     kl_half = [f.kl_ci for f in finals]
-    vs_sft = paired_comparison(final_gold[0], sft_gold, UNIT_PROMPTS, "two-sided", n_boot=N_BOOT, seed=0)
-    kl_all = np.concatenate([[p.kl for p in run.points] for run in runs])
-    gold_all = np.concatenate([[p.gold for p in run.points] for run in runs])
+    vs_sft = _vs_sft(final_gold, sft_gold)
+    # Every run's curve starts at the one shared SFT evaluation (step 0, KL 0): the fit gets that measurement
+    # once, as gold_at_zero; pooled S times more, it read as S + 1 independent points (R² and the
+    # standard errors too optimistic: α's 95% interval covered 66% at 4 seeds, 53% at 8).
+    kl_all = np.concatenate([[p.kl for p in run.points[1:]] for run in runs])
+    gold_all = np.concatenate([[p.gold for p in run.points[1:]] for run in runs])
     return {
         "name": method.name,
         "optimises": method.optimises,
@@ -126,11 +147,7 @@ def analyse_method(method: Method, runs: list[MethodRun], sft_gold: np.ndarray, 
         "kl": seed_summary_dict([f.kl for f in finals], kl_half, prompts),
         "proxy": float(np.mean([f.proxy for f in finals])),
         "optimal": float(np.mean([f.optimal for f in finals])),
-        "vs_sft": {
-            "difference": estimate_dict(vs_sft.difference),
-            "p_value": vs_sft.p_value,
-            "text": vs_sft.format(),
-        },
+        "vs_sft": vs_sft,
         "overoptimization": [
             _overoptimization(run, seed=run.seed_index, x_label=method.x_label) for run in runs
         ],
@@ -141,8 +158,16 @@ def analyse_method(method: Method, runs: list[MethodRun], sft_gold: np.ndarray, 
 
 
 def best_method(methods: dict[str, dict], runs: dict[str, list[MethodRun]]) -> dict | None:
-    """The method with the highest mean final gold over seeds, its KL, and its paired lead over the runner-up
-    (first seed, per-prompt differences on the same prompts and sampling keys)."""
+    """The method with the highest mean final gold over seeds, its KL, and its lead over the runner-up: with
+    several seeds, the per-seed differences of final gold (the same seed indices, prompts and sampling
+    keys) with a t-interval over seeds, significant when it excludes 0, so that the seed-to-seed spread of
+    whole runs counts; with one seed, per-prompt differences of that run, which measure only how precisely
+    it was evaluated (the text says so).
+
+    Testing the lead on one seed's prompts called 9 identical methods' top one "significantly" ahead in up to
+    76% of studies (4 seeds, 512 prompts, a per-run spread of 0.03); the t-test over seeds of the
+    top-vs-runner-up differences keeps ≤ 5% (selecting the two by their means makes it conservative:
+    ~1% at 9 methods, simulated)."""
     if not methods:
         return None
     order = sorted(methods, key=lambda k: methods[k]["gold"]["mean"], reverse=True)
@@ -157,25 +182,25 @@ def best_method(methods: dict[str, dict], runs: dict[str, list[MethodRun]]) -> d
     text = f"{top['name']} reached the highest gold reward: {gold_text}, at KL {kl_text} nats"
     if len(order) > 1:
         second = methods[order[1]]
-        lead = paired_comparison(
-            runs[order[0]][0].gold[-1],
-            runs[order[1]][0].gold[-1],
-            UNIT_PROMPTS,
-            "two-sided",
-            n_boot=N_BOOT,
-            seed=1,
-        )
-        out["runner_up"] = {
-            "key": order[1],
-            "name": second["name"],
-            "lead": estimate_dict(lead.difference),
-            "p_value": lead.p_value,
-        }
-        significant = "significant" if lead.p_value < ALPHA else "not significant"
-        text += (
-            f"; its lead over {second['name']} (first seed, paired over prompts) is {lead.format()} "
-            f"({significant} at {ALPHA:g})"
-        )
+        a = {r.seed_index: r.final.gold for r in runs[order[0]]}
+        b = {r.seed_index: r.final.gold for r in runs[order[1]]}
+        shared = sorted(set(a) & set(b))
+        if len(shared) >= 2:
+            summary = across_seeds([a[s] - b[s] for s in shared])
+            lead, how = summary.estimate, f"paired over {len(shared)} seeds"
+            significant = not lead.low <= 0.0 <= lead.high
+            lead_text, p_value = summary.format(), t_test_p_value([a[s] - b[s] for s in shared])
+        else:
+            compared = paired_comparison(runs[order[0]][0].gold[-1], runs[order[1]][0].gold[-1], UNIT_PROMPTS,
+                                         "two-sided", n_boot=N_BOOT, seed=1)
+            lead, how = compared.difference, ("one seed, paired over prompts: how precisely this run was "
+                                              "measured, not how a rerun would come out")
+            significant, lead_text, p_value = compared.p_value < ALPHA, compared.format(), compared.p_value
+        out["runner_up"] = {"key": order[1], "name": second["name"], "lead": estimate_dict(lead),
+                            "p_value": p_value, "over": UNIT_SEEDS if len(shared) >= 2 else UNIT_PROMPTS,
+                            "significant": bool(significant)}
+        verdict = "significant" if significant else "not significant"
+        text += f"; its lead over {second['name']} ({how}) is {lead_text} ({verdict} at {ALPHA:g})"
     out["text"] = text
     return out
 

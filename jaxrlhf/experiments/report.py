@@ -177,8 +177,10 @@ def render_report(results: dict) -> str:
     best = a.get("best")
     if best:
         out += [f"**Highest gold reward**: {best['text']}.", ""]
-    out += ["Each method against SFT (final policy of the first seed, paired per-prompt difference in gold):",
-            ""]
+    over_seeds = any(a["methods"][k]["vs_sft"].get("over") == "seeds" for k in results["methods"])
+    how = ("final gold minus SFT's per seed, on the same prompts and sampling keys, t-interval over seeds"
+           if over_seeds else "final policy of the one seed, paired per-prompt difference in gold")
+    out += [f"Each method against SFT ({how}):", ""]
     out += [f"- {a['methods'][k]['name']}: {a['methods'][k]['vs_sft']['text']}" for k in results["methods"]]
     out += ["", "## Over-optimisation", "", a["rule"], ""]
     for k in results["methods"]:

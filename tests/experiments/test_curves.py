@@ -123,3 +123,8 @@ def test_pair_agreement():
 
 def _curve(golds, proxies, ci=0.05):
     return [CurvePoint(10 * i, 0.1 * i, g, ci, p) for i, (g, p) in enumerate(zip(golds, proxies))]
+
+
+def test_mean_ci_refuses_non_finite_values():
+    with pytest.raises(ValueError, match="1 of 3 values are not finite"):
+        mean_ci(np.array([1.0, math.nan, 2.0]))

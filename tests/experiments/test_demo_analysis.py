@@ -12,6 +12,7 @@ from jaxrlhf.experiments.demo_analysis import analyse, ensemble_comparison
 from jaxrlhf.experiments.demo_methods import METHODS
 from jaxrlhf.experiments.policy_evaluation import EvaluationResults, MethodRun
 from jaxrlhf.experiments.policy_scoring import PolicyEval
+from jaxrlhf.experiments.statistics import paired_comparison
 
 PROMPTS = 200
 
@@ -106,6 +107,8 @@ def test_gao_fits_recover_the_generating_form(analysis):
     fit = analysis["methods"]["grpo"]["gao"]  # noiseless R_RL with α = 0.5, β = 0.3
     assert fit["alpha"] == pytest.approx(0.5, abs=1e-6) and fit["beta"] == pytest.approx(0.3, abs=1e-6)
     assert fit["r2"] == pytest.approx(1.0) and fit["n_points"] == 20  # 5 points with KL > 0 × 4 seeds
+    # the SFT evaluation every seed's curve starts from enters once (it was pooled 4 + 1 times)
+    assert fit["n_baseline"] == 1 and analysis["methods"]["ppo"]["gao"]["n_baseline"] == 1
     bon = analysis["best_of_n"]["gao"]  # R_bon with α = 0.4, β = 0.1 at the KL of each point
     assert bon["alpha"] == pytest.approx(0.4, abs=1e-6) and bon["beta"] == pytest.approx(0.1, abs=1e-6)
 
@@ -115,6 +118,41 @@ def test_best_method_and_its_lead(analysis):
     assert best["key"] == "grpo" and best["runner_up"]["key"] == "ppo_wco"
     assert best["text"].startswith("GRPO reached the highest gold reward: ")
     assert "at KL 4.000" in best["text"] and "95% CI over 4 seeds" in best["text"]
+    # the lead is tested over seeds (a rerun's spread counts), not over one seed's prompts
+    assert best["runner_up"]["over"] == "seeds" and "(paired over 4 seeds)" in best["text"]
+    lead = best["runner_up"]["lead"]
+    assert lead["n"] == 4 and lead["unit"] == "seeds" and lead["low"] > 0 and best["runner_up"]["significant"]
+    assert "(significant at 0.05)" in best["text"] and best["runner_up"]["p_value"] < 0.05
+
+
+def test_a_lead_within_the_seed_spread_is_not_significant():
+    """Two methods equal but for each seed's own offset (a rerun's spread, common to all its prompts): one
+    seed's per-prompt test saw only prompt noise and called such a lead significant."""
+    from jaxrlhf.experiments.demo_analysis import best_method
+
+    rng = np.random.default_rng(3)
+    sft_gold = 0.3 + 0.2 * rng.standard_normal(PROMPTS)
+    kls = np.array([0.0, 1.0])
+    runs = {k: [_run(s, sft_gold, [0.0, 0.1 + rng.normal(0, 0.03)], kls, rng, noise=0.01) for s in range(4)]
+            for k in ("a", "b")}
+    methods = {k: {"name": k.upper(), "seeds": 4, "prompts": PROMPTS, "per_seed": [],
+                   "gold": {"mean": float(np.mean([r.final.gold for r in runs[k]])), "text": "g"},
+                   "kl": {"text": "k"}} for k in runs}
+    best = best_method(methods, runs)
+    one_seed = paired_comparison(runs[best["key"]][0].gold[-1], runs[best["runner_up"]["key"]][0].gold[-1])
+    assert one_seed.p_value < 0.05  # what the first-seed test said
+    assert not best["runner_up"]["significant"] and "(not significant at 0.05)" in best["text"]
+
+
+def test_vs_sft_is_over_seeds_with_several_and_over_prompts_with_one(analysis, evaluation):
+    from jaxrlhf.experiments.demo_analysis import _vs_sft
+
+    ppo = analysis["methods"]["ppo"]["vs_sft"]
+    assert ppo["over"] == "seeds" and ppo["difference"]["n"] == 4 and "(95% CI over 4 seeds)" in ppo["text"]
+    grpo = analysis["methods"]["grpo"]["vs_sft"]  # noiseless: every seed the same difference
+    assert grpo["text"].startswith("0.584 (no interval: all 4 seeds gave this value)")
+    one = _vs_sft([evaluation.runs["ppo"][0].gold[-1]], evaluation.sft_gold)
+    assert one["over"] == "prompts" and one["difference"]["n"] == PROMPTS
 
 
 def test_ensemble_reduces_the_drop(analysis):

@@ -24,6 +24,7 @@ from jaxrlhf.experiments.statistics import (
     per_prompt_means,
     student_t_cdf,
     student_t_quantile,
+    t_test_p_value,
 )
 
 
@@ -110,18 +111,30 @@ def test_p_value_agrees_with_the_one_sided_bound(method):
             c = paired_comparison(d, np.zeros(40), alternative=alternative, level=0.95, n_boot=999, seed=r,
                                   method=method)
             excluded = c.one_sided_bound > 0 if alternative == "greater" else c.one_sided_bound < 0
-            if abs(c.p_value - 0.05) > 2e-3:  # away from the discreteness of B resamples
+            # Exact for the order-statistic bounds, at the boundary too (it was one resample off:
+            # p = 0.0505 beside a bound that excluded 0); BCa's map is exact only up to one resample.
+            if method != "bca" or abs(c.p_value - 0.05) > 2e-3:
                 assert (c.p_value < 0.05) == excluded, (r, alternative, c)
         two = paired_comparison(d, np.zeros(40), n_boot=999, seed=r, method=method)
-        if abs(two.p_value - 0.05) > 4e-3:
+        if method != "bca" or abs(two.p_value - 0.05) > 4e-3:
             assert (two.p_value < 0.05) == (two.difference.low > 0 or two.difference.high < 0)
 
 
 def test_degenerate_and_bad_inputs():
     same = paired_comparison([0.5, 0.5, 0.5], [0.5, 0.5, 0.5])
-    assert same.p_value == 1.0 and same.difference.low == same.difference.high == 0.0
-    shifted = paired_comparison([1.0, 1.0, 1.0], [0.0, 0.0, 0.0], alternative="greater", n_boot=99)
-    assert shifted.p_value == pytest.approx(0.01)
+    assert same.p_value == 1.0 and same.difference.value == 0.0
+    assert "no interval" in same.difference.format()  # 3 units cannot bound it at 95% by sign flips
+    same64 = paired_comparison(np.ones(64), np.ones(64))
+    assert same64.difference.low == same64.difference.high == 0.0 and same64.p_value == 1.0
+    assert same64.difference.format() == "0.000 (no interval: all 64 prompts gave this value)"
+    # n equal non-zero differences: the bootstrap alone said p = 1/(B + 1); the exact sign-flip p is 2^-n
+    # one-sided (2^(1−n) two-sided), and the guard's seeded B = 20000 flips estimate it
+    for n in (2, 3, 5, 8):
+        shifted = paired_comparison(np.ones(n), np.zeros(n), alternative="greater", n_boot=20000)
+        assert shifted.p_value == pytest.approx(2.0**-n, abs=4 * (2.0**-n / 20000) ** 0.5 + 1e-4), n
+        two = paired_comparison(np.ones(n), np.zeros(n), n_boot=20000)
+        assert two.p_value == pytest.approx(2.0 ** (1 - n), abs=8 * (2.0**-n / 20000) ** 0.5 + 2e-4), n
+        assert (two.p_value < 0.05) == (two.difference.low > 0), n  # the interval agrees with the test
     # one of 16 binary scores is 1: resamples of only zeros give t* = −inf; the interval stays finite below
     x = np.zeros(16)
     x[0] = 1.0
@@ -198,6 +211,9 @@ def test_overoptimization_result_fields_and_text():
     assert result.text.startswith("yes: gold fell by 0.")
     assert "(step 50, chosen on 50 other prompts)" in result.text
     assert "the proxy went from 2.000 to 4.000" in result.text
+    # the verdict is one-sided: its own bound is printed (the two-sided interval may include 0 while p < α)
+    assert f"one-sided 95% lower bound {result.drop_lower:.3f} > 0, p = " in result.text
+    assert f"(two-sided: {result.drop.format()})" in result.text
     assert "split at random into two halves" in result.rule and "p < 0.05" in result.rule
     assert overoptimization_test(gold, proxy, x, seed=3) == result  # deterministic
     # a curve still rising at the end: the peak is the final point, nothing to test
@@ -337,3 +353,29 @@ def test_study_tables_print_the_holm_adjusted_p_value():
     assert add_holm(variants, ("delta_gold", "delta_kl")) == 3
     assert variants["a"]["delta_gold"]["p_holm"] == pytest.approx(0.03)
     assert delta_cell(variants["b"]["delta_gold"]) == "+0.030 [+0.010, +0.050], p = 0.04 (Holm 0.08)"
+
+
+def test_t_test_p_value_against_scipy_and_its_interval():
+    rng = np.random.default_rng(11)
+    for n in (2, 4, 8, 30):
+        for _ in range(5):
+            x = rng.normal(0.3, 1.0, n)
+            want = scipy.stats.ttest_1samp(x, 0.0).pvalue
+            assert t_test_p_value(x) == pytest.approx(want, rel=1e-9, abs=1e-12)
+            e = mean_interval(x)
+            assert (t_test_p_value(x) < 0.05) == (not e.low <= 0.0 <= e.high)
+    assert t_test_p_value([2.0, 2.0]) == 0.0 and t_test_p_value([0.0, 0.0]) == 1.0
+    assert math.isnan(t_test_p_value([1.0]))
+
+
+def test_a_one_sided_yes_beside_a_two_sided_interval_that_includes_zero_says_which_is_which():
+    """A drop just past the one-sided 5% test: its two-sided 95% interval includes 0, and the text shows
+    the one-sided bound the verdict rests on."""
+    rng = np.random.default_rng(0)
+    for seed in range(400):
+        gold = np.stack([np.zeros(64), np.full(64, 0.5), np.full(64, 0.25)]) + rng.normal(0, 1.0, (3, 64))
+        r = overoptimization_test(gold, seed=seed, n_boot=999)
+        if r.overoptimized and r.drop.low < 0:
+            assert r.drop_lower > 0 and f"one-sided 95% lower bound {r.drop_lower:.3f} > 0" in r.text
+            return
+    pytest.fail("no borderline case found")
