@@ -321,7 +321,8 @@ def main() -> None:
     new_tokens = args.batch * args.new
     flops = generation_flops(cfg, args.batch, args.prompt, args.new)
     on_cpu = jax.default_backend() == "cpu"
-    peak = matmul_peak_flops(2048 if on_cpu else 8192, jnp.dtype(args.dtype))
+    probe_n = 2048 if on_cpu else 8192
+    peak = matmul_peak_flops(probe_n, jnp.dtype(args.dtype), chain=1 if on_cpu else 8)
     probe_bytes = (args.bandwidth_mib or (256 if on_cpu else 2048)) * 2**20
     bandwidth = copy_bandwidth(probe_bytes)
     reading = read_bandwidth(probe_bytes)
@@ -386,6 +387,8 @@ def main() -> None:
             "scan_decode": cfg.scan_decode,
         },
         "matmul_peak_gflops": peak / 1e9,
+        "matmul_probe": (f"{1 if on_cpu else 8} dependent matmul(s) of {probe_n}x{probe_n} {args.dtype} "
+                         "arrays in one jitted call (2·n³ FLOPs each), best of 5, before the timed calls"),
         "copy_bandwidth": bandwidth,
         "read_bandwidth": reading,
         "model_gflop_per_call": flops / 1e9,

@@ -40,6 +40,13 @@ def summary(values: list[float]) -> dict:
     return {"median": statistics.median(values), "min": min(values), "max": max(values)}
 
 
+def update_mfu(run: dict, peak_tflops: float) -> float:
+    """The run's necessary update FLOPs ÷ (its median update time × ``peak_tflops`` × devices; simulated CPU
+    devices share the one processor the probe measured)."""
+    devices = 1 if run["backend"] == "cpu" else run["devices"]
+    return run["necessary_tflops"]["update"] / run["wall_s"]["update"] / (peak_tflops * devices)
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--repeats", type=int, default=3)
@@ -61,6 +68,11 @@ def main() -> None:
     for key in ("backend", "device_kind", "devices", "preset", "params", "dtype"):
         result[key] = first[key]
     result["shape"] = {k: v for k, v in first["shape"].items() if k not in ("prompts", "group_size")}
+    # One denominator for every variant: each process probes its own matmul peak, and the machine's speed
+    # drifts between processes, so per-process MFUs would compare probes, not updates.
+    peak = max(r["matmul_peak_tflops_per_device"] for rs in runs.values() for r in rs)
+    result["update_mfu_denominator"] = {
+        "tflops": peak, "what": "the best matmul probe over every run of every variant (per device)"}
     for name, rs in runs.items():
         result["variants"][name] = {
             "critic": rs[0]["critic"],
@@ -70,7 +82,8 @@ def main() -> None:
             "wall_s": {k: summary([r["wall_s"][k] for r in rs]) for k in PHASES},
             "compile_s": {k: summary([r["compile_s"][k] for r in rs]) for k in PHASES},
             "tokens_per_s": {k: summary([r["tokens_per_s"][k] for r in rs]) for k in rs[0]["tokens_per_s"]},
-            "update_mfu": summary([r["update_mfu"] for r in rs]),
+            "matmul_probe_tflops": summary([r["matmul_peak_tflops_per_device"] for r in rs]),
+            "update_mfu": summary([update_mfu(r, peak) for r in rs]),
             "first_minibatch_ratio_error": max(r["first_minibatch_ratio_error"] for r in rs),
         }
     if "ppo" in runs:

@@ -80,9 +80,8 @@ from jaxrlhf.models.transformer import LanguageModel
 from jaxrlhf.rollout.generate import GenerationConfig
 from jaxrlhf.steps.rl_iteration import make_rl_iteration
 from jaxrlhf.steps.state import detach_frozen
-from jaxrlhf.train.model_setup import flops_per_token
 from jaxrlhf.train.rl_setup import build_rl_phases, reward_model_score_fn
-from jaxrlhf.train.timing import Timers, matmul_peak_flops, transformer_flops_per_token
+from jaxrlhf.train.timing import Timers, matmul_peak_flops
 from jaxrlhf.xla_flags import set_flags_before_start
 
 PRESETS = {
@@ -149,34 +148,43 @@ def parse_args() -> argparse.Namespace:
     return args
 
 
-def update_flops(cfg: ModelConfig, tokens: int, seq_len: int, epochs: int) -> float:
-    """Training FLOPs of the update: 6·N + 12·L·d·T per token per epoch (policy with its value head)."""
-    per_token = transformer_flops_per_token(
-        cfg.num_params(), cfg.num_layers, cfg.hidden_size, seq_len, training=True
-    )
-    return float(per_token * tokens * epochs)
+def attention_flops(cfg: ModelConfig, start: int, end: int) -> float:
+    """Causal attention FLOPs of one sequence's tokens at positions start + 1 … end, each attending to itself
+    and every position before it: 4·L·(H·hd) per attended position (QKᵀ and the value product),
+    4·L·H·hd · Σ_{p=start+1}^{end} p."""
+    width = 4.0 * cfg.num_layers * cfg.num_heads * cfg.head_dim
+    return width * (end * (end + 1) - start * (start + 1)) / 2
 
 
-def forward_flops(cfg: ModelConfig, tokens: float, head_tokens: float, seq_len: int) -> float:
-    """One forward's FLOPs: (2·N_blocks + 4·L·d·T) per token through the blocks, plus 2·V·d per token whose
-    vocabulary logits are computed (``head_tokens``)."""
-    blocks = transformer_flops_per_token(cfg.num_params(include_embeddings=False), cfg.num_layers,
-                                         cfg.hidden_size, seq_len, training=False)
-    return blocks * tokens + 2.0 * cfg.vocab_size * cfg.hidden_size * head_tokens
+def forward_flops(cfg: ModelConfig, rows: int, start: int, end: int, head: bool) -> float:
+    """One forward's FLOPs over positions start + 1 … end of ``rows`` sequences: 2·N_blocks per token (the
+    matmul weights; embedding lookups are not matmuls), causal attention (:func:`attention_flops`) and, with
+    ``head``, the LM head's 2·V·d on each of those tokens."""
+    tokens = rows * (end - start)
+    blocks = 2.0 * cfg.num_params(include_embeddings=False) * tokens + rows * attention_flops(cfg, start, end)
+    return blocks + (2.0 * cfg.vocab_size * cfg.hidden_size * tokens if head else 0.0)
 
 
 def necessary_flops(cfg: ModelConfig, prompts: int, rows: int, prompt: int, response: int, epochs: int,
                     separate_critic: bool) -> dict[str, float]:
     """The FLOPs an iteration cannot avoid, by phase (see the module docstring). ``prompts`` prefills (one per
-    prompt, shared by its group), ``rows`` sequences of ``prompt + response`` tokens."""
+    prompt, shared by its group), ``rows`` sequences of ``prompt + response`` tokens; attention is counted
+    causally (what the computation needs; PaLM's convention counts the full T×T, ~2% more at the default
+    shape), as ``benchmarks/generation.py`` counts it. The LM head runs on response tokens only."""
     t = prompt + response
-    full, head = rows * t, rows * response
-    generation = forward_flops(cfg, prompts * prompt + rows * response, head, t)
-    score = 2 * forward_flops(cfg, full, 0, t) + forward_flops(cfg, 0, head, t)  # reference (+ head), reward
-    update = 3.0 * forward_flops(cfg, full, head, t) * epochs
+
+    lm_head = 2.0 * cfg.vocab_size * cfg.hidden_size * rows * response
+
+    def full(head: bool) -> float:  # a forward over whole sequences, the LM head on the response tokens
+        return forward_flops(cfg, rows, 0, t, head=False) + (lm_head if head else 0.0)
+
+    generation = forward_flops(cfg, prompts, 0, prompt, head=False) + forward_flops(cfg, rows, prompt, t,
+                                                                                    head=True)
+    score = full(head=False) + full(head=True)  # the reward model; the reference (+ LM head)
+    update = 3.0 * full(head=True) * epochs
     if separate_critic:
-        score += forward_flops(cfg, full, 0, t)
-        update += 3.0 * forward_flops(cfg, full, 0, t) * epochs
+        score += full(head=False)
+        update += 3.0 * full(head=False) * epochs
     return {"generation": generation, "score": score, "update": update,
             "total": generation + score + update}
 
@@ -376,16 +384,17 @@ def main() -> None:
 
         firsts = {name: timed_iteration(0, r)[0] for name, r in runs.items()}  # compiles every phase
         probe_n = 8192 if jax.default_backend() != "cpu" else 2048
+        probe_chain = 1 if jax.default_backend() == "cpu" else 8
         # Probed before the timed iterations and after each one: on a shared machine whose speed drifts, each
         # iteration is measured against the peak of the probes either side of it.
-        peaks = [matmul_peak_flops(probe_n, jnp.dtype(args.dtype))]
+        peaks = [matmul_peak_flops(probe_n, jnp.dtype(args.dtype), chain=probe_chain)]
         timed = {name: [] for name in runs}
         for i in range(args.iterations):
             for name, r in runs.items():  # alternating: the variants see the same machine load
                 times, metrics = timed_iteration(i + 1, r)
                 timed[name].append(times)
                 r["metrics"] = metrics
-            peaks.append(matmul_peak_flops(probe_n, jnp.dtype(args.dtype)))
+            peaks.append(matmul_peak_flops(probe_n, jnp.dtype(args.dtype), chain=probe_chain))
         profile = None
         if args.profile:
             profile = profiled_iteration(args.profile, runs["full"], timed_iteration, args.iterations + 1)
@@ -419,9 +428,9 @@ def main() -> None:
                      for t, p in zip(timed["full"], around, strict=True)]
     # Simulated CPU devices share one processor, whose measured peak is already the whole machine's.
     machine_peak = peak if jax.default_backend() == "cpu" else peak * devices
-    flops = update_flops(cfg, seq_tokens, P + N, args.epochs)
-    if separate:  # the critic trains on every token too (no LM head)
-        flops += flops_per_token(cfg, training=True, lm_head=False)(P + N) * seq_tokens * args.epochs
+    # The update's MFU counts what it must compute, as the iteration's does (before 2026-12-04 it counted
+    # 6·N per token on every token: the LM head on prompt tokens too, +15% at the default shape).
+    flops = necessary["update"]
     result = {
         "benchmark": "ppo_iteration",
         "algorithm": args.algorithm,
@@ -451,10 +460,12 @@ def main() -> None:
         "iteration_tokens_per_s_per_device": seq_tokens / med["total"] / devices,
         "matmul_peak_tflops_per_device": peak / 1e12,
         # Simulated CPU devices share one processor, whose measured peak is already the whole machine's.
-        "update_mfu": flops / med["update"] / machine_peak,
+        "update_mfu": flops / med["update"] / machine_peak,  # = phase_mfu["update"]
         "first_minibatch_ratio_error": float(metrics["val/ratio_abs_dev_first_minibatch"]),
         "logprobs_from": args.logprobs_from,
         "necessary_tflops": {k: v / 1e12 for k, v in necessary.items()},
+        "flop_count": "matmul FLOPs: 2·N_blocks per token, causal attention (4·L·H·hd per attended "
+                      "position), the LM head on response tokens only; backward = 2 × forward",
         # Median over the timed iterations, each against the probes either side of it (range beside it).
         "iteration_mfu": statistics.median(per_iteration),
         "iteration_mfu_range": [min(per_iteration), max(per_iteration)],
@@ -463,8 +474,9 @@ def main() -> None:
         "phase_mfu": {k: necessary[k] / med[k] / machine_peak for k in ("generation", "score", "update")},
         "phase_share": {k: med[k] / med["total"] for k in ("generation", "score", "update")},
         "matmul_probe": {
-            "what": f"jnp.matmul of two {probe_n}x{probe_n} {args.dtype} arrays, one jitted call, best of 5, "
-                    "on device 0, in this process before the timed iterations and after each one",
+            "what": f"{probe_chain} dependent matmul(s) of {probe_n}x{probe_n} {args.dtype} arrays in one "
+                    "jitted call (2·n³ FLOPs each), best of 5, on device 0, in this process before the timed "
+                    "iterations and after each one",
             "tflops": [x / 1e12 for x in peaks],
         },
     }
