@@ -87,23 +87,40 @@ def _ordered_pairs(rewards: jax.Array, better: jax.Array, pair_weights: jax.Arra
     return {"accuracy": masked_mean(diff > 0, weights), "margin": masked_mean(diff, weights)}
 
 
-def _reward_stats(rewards: jax.Array, weights: jax.Array) -> Metrics:
+def _reward_stats(rewards: jax.Array, weights: jax.Array) -> tuple[Metrics, Metrics]:
+    """(reward_mean and the population reward_var over the scored sequences, their weight Σ weights): the
+    variance, not the std, so that gradient accumulation can merge micro-batches exactly (Chan)."""
     rewards = jax.lax.stop_gradient(rewards)
-    return {
-        "reward_mean": masked_mean(rewards, weights),
-        "reward_std": jnp.sqrt(masked_var(rewards, weights, unbiased=False)),
-    }
+    stats = {"reward_mean": masked_mean(rewards, weights), "reward_var": masked_var(rewards, weights,
+                                                                                    unbiased=False)}
+    total = jnp.sum(weights).astype(jnp.float32)
+    return stats, {k: total for k in stats}
+
+
+def _with_std(metrics: Metrics) -> Metrics:
+    """reward_var → reward_std (the metric the trainers log)."""
+    metrics = dict(metrics)
+    metrics["reward_std"] = jnp.sqrt(jnp.maximum(metrics.pop("reward_var"), 0.0))
+    return metrics
 
 
 def reward_model_loss(
     model: LanguageModel, cfg: RewardModelConfig, params: RewardModelParams, batch: Batch
 ) -> tuple[jax.Array, tuple[jax.Array, Metrics]]:
-    """(loss, (total row weight, metrics)) of one batch for ``cfg.loss``.
+    """(loss, (total row weight, metrics)) of one batch for ``cfg.loss`` (see :func:`_loss_parts`)."""
+    loss, (w, metrics, _) = _loss_parts(model, cfg, params, batch)
+    return loss, (w, _with_std(metrics))
+
+
+def _loss_parts(
+    model: LanguageModel, cfg: RewardModelConfig, params: RewardModelParams, batch: Batch
+) -> tuple[jax.Array, tuple[jax.Array, Metrics, Metrics]]:
+    """(loss, (total row weight, metrics, each metric's weight)) of one batch for ``cfg.loss``.
 
     pairwise: −log σ(r_c − r_r − margin) + center_coef·(r_c + r_r)²; ranking: Plackett–Luce NLL over the
     valid items; rating: (r − rating)². Means weighted by row_mask. Metrics: accuracy and margin over the
-    ordered pairs (chosen/rejected; items i above j; rows with rating_i > rating_j), reward_mean,
-    reward_std (over every scored sequence), and "mae" for ratings.
+    ordered pairs (chosen/rejected; items i above j; rows with rating_i > rating_j), each weighted by its
+    pairs; reward_mean, reward_var (population; over every scored sequence), and "mae" for ratings.
     """
     _check_batch(batch, cfg.loss)
     lm, head = params.lm, params.reward_head
@@ -116,7 +133,9 @@ def reward_model_loss(
         w = _row_weights(batch, chosen)
         loss, m = bradley_terry_loss(chosen, rejected, cfg.margin, cfg.center_coef, w)
         metrics = {"accuracy": m["accuracy"], "margin": m["margin"]}
-        metrics |= _reward_stats(rewards, jnp.concatenate([w, w]))
+        weights = {"accuracy": jnp.sum(w), "margin": jnp.sum(w)}
+        stats, stat_weights = _reward_stats(rewards, jnp.concatenate([w, w]))
+        metrics, weights = metrics | stats, weights | stat_weights
     elif cfg.loss == "ranking":
         b, k, length = batch["tokens"].shape
         flat = lambda x: x.reshape(b * k, length)
@@ -127,8 +146,11 @@ def reward_model_loss(
         loss, _ = plackett_luce_loss(rewards, items, w)
         above = jnp.arange(k)[:, None] < jnp.arange(k)[None, :]
         pairs = items[:, :, None] * items[:, None, :] * w[:, None, None]
-        metrics = _ordered_pairs(jax.lax.stop_gradient(rewards), jnp.broadcast_to(above, pairs.shape), pairs)
-        metrics |= _reward_stats(rewards, items * w[:, None])
+        ordered = jnp.broadcast_to(above, pairs.shape)
+        metrics = _ordered_pairs(jax.lax.stop_gradient(rewards), ordered, pairs)
+        weights = {k: jnp.sum(pairs * ordered) for k in metrics}
+        stats, stat_weights = _reward_stats(rewards, items * w[:, None])
+        metrics, weights = metrics | stats, weights | stat_weights
     else:
         rewards = sequence_scores(model, lm, head, batch["tokens"], batch["mask"])
         ratings = batch["ratings"].astype(jnp.float32)
@@ -137,8 +159,11 @@ def reward_model_loss(
         better = ratings[:, None] > ratings[None, :]
         pairs = w[:, None] * w[None, :]
         metrics = _ordered_pairs(jax.lax.stop_gradient(rewards)[None], better[None], pairs[None])
-        metrics |= _reward_stats(rewards, w) | {"mae": m["mae"]}
-    return loss, (jnp.sum(w), metrics)
+        weights = {k: jnp.sum(pairs * better) for k in metrics}
+        stats, stat_weights = _reward_stats(rewards, w)
+        metrics, weights = metrics | stats | {"mae": m["mae"]}, weights | stat_weights | {"mae": jnp.sum(w)}
+    weights = {k: jnp.asarray(v, jnp.float32) for k, v in weights.items()}
+    return loss, (jnp.sum(w), metrics, weights)
 
 
 def make_reward_model_step(
@@ -150,13 +175,14 @@ def make_reward_model_step(
     train/reward_std (train/mae for ratings), train/grad_norm, train/skipped_updates (1 when the update was
     not finite and skipped), lr.
     """
-    loss_fn = lambda params, batch: reward_model_loss(model, cfg, params, batch)
+    loss_fn = lambda params, batch: _loss_parts(model, cfg, params, batch)
 
     def step(state: TrainState, batch: Batch, key: jax.Array) -> tuple[TrainState, Metrics]:
         del key
         state, frozen = split_frozen(state)
         loss, grads, metrics = accumulate_gradients(with_frozen(loss_fn, frozen), state.params, batch,
-                                                    cfg.grad_accum_steps)
+                                                    cfg.grad_accum_steps, {"reward_var": "reward_mean"})
+        metrics = _with_std(metrics)
         state, ok = apply_gradients_if_finite(state, optimizer, grads, loss)
         state = state._replace(frozen=frozen)
         metrics = {

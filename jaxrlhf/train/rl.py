@@ -235,7 +235,7 @@ def build_rl(cfg: RLRunConfig, run: Run, policy: LoadedModel, critic_key: jax.Ar
     if separate:  # initialised from critic.path, by default the reward model if there is one
         critic_model, critic_params = load_critic(critic_init_path(cfg.critic, cfg.reward), policy, dtype,
                                                   critic_key)
-    score = make_score_fn(cfg.reward, tokenizer, dtype, run.place, run.mesh)
+    score = make_score_fn(cfg.reward, tokenizer, dtype, run.place, run.mesh, model.config.vocab_size)
     if isinstance(score, RewardFunctions):  # which rollout rows the prompt columns go with
         score.greedy_baseline = bool(critic_free and algo.greedy_baseline)
     run.check_batch_size("data.batch_size", cfg.data.batch_size)

@@ -72,9 +72,18 @@ def sampling_settings(gen: GenerationSection, temperature: float, tokenizer: Any
         raise ConfigError(f"generation: {e}") from None
 
 
-def same_vocabulary(policy_tokenizer: Any, other: Any, key: str) -> None:
+def same_vocabulary(policy_tokenizer: Any, other: Any, key: str, policy_vocab: int | None = None,
+                    other_vocab: int | None = None) -> None:
+    """The other model reads the policy's token ids: the same tokenizer, and (when the sizes are given) an
+    embedding with a row for every id the policy can emit: its vocabulary padded at least as far."""
     if other is not None and other.get_vocab() != policy_tokenizer.get_vocab():
         raise ConfigError(f"{key}: its tokenizer differs from the policy's (the models must share token ids)")
+    if policy_vocab is not None and other_vocab is not None and other_vocab < policy_vocab:
+        # An id past the other model's table embeds as NaN: every score or KL would be NaN.
+        raise ConfigError(f"{key}: its vocab_size {other_vocab} is smaller than the policy's {policy_vocab} "
+                          f"(ids {other_vocab}–{policy_vocab - 1} are padding rows the policy can still "
+                          "sample, which this model cannot embed); use a model whose vocab_size is at least "
+                          "the policy's")
 
 
 def fresh_copy(tree: Any) -> Any:
@@ -98,6 +107,7 @@ def make_score_fn(
     reward: RewardSection, policy_tokenizer: Any, dtype: str,
     place: Callable[[Any, str], Any] = lambda tree, name: tree,
     mesh: Any = None,
+    policy_vocab: int | None = None,
 ) -> ScoreFn:
     """The configured reward as ``score(rollout) -> [B]``: the jitted reward model (its parameters placed by
     ``place``), or the reward function(s) ``reward.function`` / ``reward.functions`` name
@@ -107,7 +117,8 @@ def make_score_fn(
     several, each logged as ``rewards/<name>/mean``)."""
     if reward.model_path is not None:
         rm, norm = load_reward_model(reward.model_path, dtype)
-        same_vocabulary(policy_tokenizer, rm.tokenizer, "reward.model_path")
+        same_vocabulary(policy_tokenizer, rm.tokenizer, "reward.model_path", policy_vocab,
+                        rm.model.config.vocab_size)
         if norm is None and reward.normalize:
             log.warning("%s has no reward normalisation; using raw rewards", reward.model_path)
         return reward_model_score_fn(rm.model, place(rm.params, "reward model params"),
@@ -121,7 +132,8 @@ def load_reference(path: str | None, policy: LoadedModel, dtype: str,
     if path is None:
         return policy.model, PolicyParams(fresh_copy(policy.params))
     ref = load_model(ModelSection(path=path, dtype=dtype), key, "reference.path")
-    same_vocabulary(policy.tokenizer, ref.tokenizer, "reference.path")
+    same_vocabulary(policy.tokenizer, ref.tokenizer, "reference.path", policy.model.config.vocab_size,
+                    ref.model.config.vocab_size)
     return ref.model, PolicyParams(ref.params)
 
 
@@ -137,7 +149,8 @@ def load_critic(path: str | None, policy: LoadedModel, dtype: str,
         model, lm, heads = policy.model, fresh_copy(policy.params), policy.heads
     else:
         critic = load_model(ModelSection(path=path, dtype=dtype), key, what="critic.path")
-        same_vocabulary(policy.tokenizer, critic.tokenizer, "critic.path")
+        same_vocabulary(policy.tokenizer, critic.tokenizer, "critic.path", policy.model.config.vocab_size,
+                        critic.model.config.vocab_size)
         model, lm, heads = critic.model, critic.params, critic.heads
         normalization = read_normalization(path)
     head = heads.get("value_head")

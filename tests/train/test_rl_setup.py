@@ -67,3 +67,20 @@ def test_rollouts_stop_at_every_eos_id_of_the_model_by_default():
     assert sampling_settings(GenerationSection(), 1.0, chat).stop_token_ids == (2, 7)
     assert sampling_settings(GenerationSection(), 1.0, make_char_tokenizer("ab", chat_template=None)
                              ).stop_token_ids == (2,)
+
+
+def test_a_model_with_fewer_embedding_rows_than_the_policy_is_refused_naming_both():
+    """Same tokenizer, but the reward model / reference has vocab_size 386 where the policy has 399 padded
+    rows: the padding ids the policy can sample embedded as NaN (scores and KL NaN, exit 0)."""
+    import pytest
+
+    from jaxrlhf.config import ConfigError
+    from jaxrlhf.data.toy_tokenizer import make_char_tokenizer
+    from jaxrlhf.train.rl_setup import same_vocabulary
+
+    tok = make_char_tokenizer("ab")
+    same_vocabulary(tok, tok, "reference.path", 399, 399)
+    same_vocabulary(tok, tok, "reference.path", 386, 399)  # a larger table reads every id
+    with pytest.raises(ConfigError, match=r"^reward.model_path: its vocab_size 386 is smaller than the "
+                                          r"policy's 399 \(ids 386–398"):
+        same_vocabulary(tok, tok, "reward.model_path", 399, 386)
