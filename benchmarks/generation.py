@@ -49,7 +49,7 @@ from jaxrlhf.models.config import ModelConfig, gpt2_config, llama_config
 from jaxrlhf.models.transformer import LanguageModel
 from jaxrlhf.rollout.generate import GenerationConfig, generate, prefill
 from jaxrlhf.rollout.loop_copies import large_loop_writes
-from jaxrlhf.train.timing import matmul_peak_flops
+from jaxrlhf.train.timing import causal_attention_flops, default_probe_chain, matmul_peak_flops
 
 PRESETS = {
     "tiny": lambda a: gpt2_config(vocab_size=a.vocab or 8192, hidden_size=384, num_layers=a.layers or 6,
@@ -69,15 +69,15 @@ def prefill_flops(cfg: ModelConfig, rows: int, prompt: int) -> float:
     """Model FLOPs of a prefill: 2·(non-embedding params) per token, attention 4·L·d·context per token,
     and the LM head (2·d·V) for each row's last prompt token."""
     per_token = 2 * cfg.num_params(include_embeddings=False)
-    attention = 4 * cfg.num_layers * cfg.num_heads * cfg.head_dim * prompt * (prompt + 1) / 2
+    attention = causal_attention_flops(cfg.num_layers, cfg.num_heads * cfg.head_dim, 0, prompt)
     return float(rows * (prompt * per_token + attention + 2 * cfg.hidden_size * cfg.vocab_size))
 
 
 def generation_flops(cfg: ModelConfig, batch: int, prompt: int, new: int) -> float:
     """Prefill plus N − 1 decode steps (one token per row each, attending to the context so far)."""
     per_token = 2 * cfg.num_params(include_embeddings=False) + 2 * cfg.hidden_size * cfg.vocab_size
-    width = 4 * cfg.num_layers * cfg.num_heads * cfg.head_dim
-    attention = sum(width * (prompt + j + 1) for j in range(new - 1))
+    # decode step j (0 … N − 2) feeds the token at position prompt + j + 1
+    attention = causal_attention_flops(cfg.num_layers, cfg.num_heads * cfg.head_dim, prompt, prompt + new - 1)
     return prefill_flops(cfg, batch, prompt) + float(batch * ((new - 1) * per_token + attention))
 
 
@@ -321,8 +321,8 @@ def main() -> None:
     new_tokens = args.batch * args.new
     flops = generation_flops(cfg, args.batch, args.prompt, args.new)
     on_cpu = jax.default_backend() == "cpu"
-    probe_n = 2048 if on_cpu else 8192
-    peak = matmul_peak_flops(probe_n, jnp.dtype(args.dtype), chain=1 if on_cpu else 8)
+    probe_n, probe_chain = (2048 if on_cpu else 8192), default_probe_chain()
+    peak = matmul_peak_flops(probe_n, jnp.dtype(args.dtype), chain=probe_chain)
     probe_bytes = (args.bandwidth_mib or (256 if on_cpu else 2048)) * 2**20
     bandwidth = copy_bandwidth(probe_bytes)
     reading = read_bandwidth(probe_bytes)
@@ -387,7 +387,7 @@ def main() -> None:
             "scan_decode": cfg.scan_decode,
         },
         "matmul_peak_gflops": peak / 1e9,
-        "matmul_probe": (f"{1 if on_cpu else 8} dependent matmul(s) of {probe_n}x{probe_n} {args.dtype} "
+        "matmul_probe": (f"{probe_chain} dependent matmul(s) of {probe_n}x{probe_n} {args.dtype} "
                          "arrays in one jitted call (2·n³ FLOPs each), best of 5, before the timed calls"),
         "copy_bandwidth": bandwidth,
         "read_bandwidth": reading,

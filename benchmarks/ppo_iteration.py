@@ -81,7 +81,7 @@ from jaxrlhf.rollout.generate import GenerationConfig
 from jaxrlhf.steps.rl_iteration import make_rl_iteration
 from jaxrlhf.steps.state import detach_frozen
 from jaxrlhf.train.rl_setup import build_rl_phases, reward_model_score_fn
-from jaxrlhf.train.timing import Timers, matmul_peak_flops
+from jaxrlhf.train.timing import Timers, causal_attention_flops, default_probe_chain, matmul_peak_flops
 from jaxrlhf.xla_flags import set_flags_before_start
 
 PRESETS = {
@@ -148,20 +148,13 @@ def parse_args() -> argparse.Namespace:
     return args
 
 
-def attention_flops(cfg: ModelConfig, start: int, end: int) -> float:
-    """Causal attention FLOPs of one sequence's tokens at positions start + 1 … end, each attending to itself
-    and every position before it: 4·L·(H·hd) per attended position (QKᵀ and the value product),
-    4·L·H·hd · Σ_{p=start+1}^{end} p."""
-    width = 4.0 * cfg.num_layers * cfg.num_heads * cfg.head_dim
-    return width * (end * (end + 1) - start * (start + 1)) / 2
-
-
 def forward_flops(cfg: ModelConfig, rows: int, start: int, end: int, head: bool) -> float:
     """One forward's FLOPs over positions start + 1 … end of ``rows`` sequences: 2·N_blocks per token (the
-    matmul weights; embedding lookups are not matmuls), causal attention (:func:`attention_flops`) and, with
-    ``head``, the LM head's 2·V·d on each of those tokens."""
+    matmul weights; embedding lookups are not matmuls), causal attention (``causal_attention_flops``) and,
+    with ``head``, the LM head's 2·V·d on each of those tokens."""
     tokens = rows * (end - start)
-    blocks = 2.0 * cfg.num_params(include_embeddings=False) * tokens + rows * attention_flops(cfg, start, end)
+    attention = causal_attention_flops(cfg.num_layers, cfg.num_heads * cfg.head_dim, start, end)
+    blocks = 2.0 * cfg.num_params(include_embeddings=False) * tokens + rows * attention
     return blocks + (2.0 * cfg.vocab_size * cfg.hidden_size * tokens if head else 0.0)
 
 
@@ -384,7 +377,7 @@ def main() -> None:
 
         firsts = {name: timed_iteration(0, r)[0] for name, r in runs.items()}  # compiles every phase
         probe_n = 8192 if jax.default_backend() != "cpu" else 2048
-        probe_chain = 1 if jax.default_backend() == "cpu" else 8
+        probe_chain = default_probe_chain()
         # Probed before the timed iterations and after each one: on a shared machine whose speed drifts, each
         # iteration is measured against the peak of the probes either side of it.
         peaks = [matmul_peak_flops(probe_n, jnp.dtype(args.dtype), chain=probe_chain)]

@@ -98,14 +98,17 @@ def gao_fit_dict(
     return {**fit.as_dict(), "text": fit.describe()}
 
 
+def _over_seeds(differences: list[float]) -> tuple[Any, float]:
+    """Per-seed paired differences → (their mean with a t-interval over seeds, the t-test's two-sided p)."""
+    return across_seeds(differences), t_test_p_value(differences)
+
+
 def _vs_sft(final_gold: list[np.ndarray], sft_gold: np.ndarray) -> dict:
     """A method's final gold against SFT's on the same prompts and sampling keys: with several seeds, the
     per-seed differences of mean gold with a t-interval over seeds (a rerun's spread counts); with one, the
     paired per-prompt differences of that run (how precisely it was measured)."""
     if len(final_gold) >= 2:
-        diffs = [float(g.mean() - sft_gold.mean()) for g in final_gold]
-        summary = across_seeds(diffs)
-        p_value = t_test_p_value(diffs)
+        summary, p_value = _over_seeds([float(g.mean() - sft_gold.mean()) for g in final_gold])
         return {"difference": estimate_dict(summary.estimate), "p_value": p_value, "over": UNIT_SEEDS,
                 "text": f"{summary.format()}, two-sided p = {p_value:.2g}"}
     compared = paired_comparison(final_gold[0], sft_gold, UNIT_PROMPTS, "two-sided", n_boot=N_BOOT, seed=0)
@@ -186,10 +189,10 @@ def best_method(methods: dict[str, dict], runs: dict[str, list[MethodRun]]) -> d
         b = {r.seed_index: r.final.gold for r in runs[order[1]]}
         shared = sorted(set(a) & set(b))
         if len(shared) >= 2:
-            summary = across_seeds([a[s] - b[s] for s in shared])
+            summary, p_value = _over_seeds([a[s] - b[s] for s in shared])
             lead, how = summary.estimate, f"paired over {len(shared)} seeds"
             significant = not lead.low <= 0.0 <= lead.high
-            lead_text, p_value = summary.format(), t_test_p_value([a[s] - b[s] for s in shared])
+            lead_text = summary.format()
         else:
             compared = paired_comparison(runs[order[0]][0].gold[-1], runs[order[1]][0].gold[-1], UNIT_PROMPTS,
                                          "two-sided", n_boot=N_BOOT, seed=1)

@@ -101,6 +101,19 @@ def transformer_flops_per_token(
     return 3.0 * forward if training else forward
 
 
+def causal_attention_flops(num_layers: int, width: int, start: int, end: int) -> float:
+    """Attention FLOPs of one sequence's tokens at positions start + 1 … end, each attending to itself and
+    every position before it: 4·L·width per attended position (QKᵀ and the value product; width = H·hd),
+    4·L·width · Σ_{p=start+1}^{end} p."""
+    return 4.0 * num_layers * width * (end * (end + 1) - start * (start + 1)) / 2
+
+
+def default_probe_chain() -> int:
+    """Dependent matmuls per jitted call of :func:`matmul_peak_flops` by default: 1 on a CPU, 8 on an
+    accelerator (where dispatch and synchronisation rival one matmul)."""
+    return 1 if jax.default_backend() == "cpu" else 8
+
+
 def mfu(flops_per_token: float, tokens: float, seconds: float, peak_flops: float) -> float:
     """Model-FLOPs utilisation = flops_per_token · tokens / seconds / peak_flops; NaN if undefined."""
     if seconds <= 0 or peak_flops <= 0:
@@ -118,7 +131,7 @@ def matmul_peak_flops(
     "peak" against which MFU is measured; measure it in the same run as the workload (n ≥ 8192 on a GPU).
     """
     if chain is None:
-        chain = 1 if jax.default_backend() == "cpu" else 8
+        chain = default_probe_chain()
     kx, ky = jax.random.split(jax.random.key(0))
     x = jax.random.normal(kx, (n, n), dtype)
     # Scaled by 1/√n so that the chained products stay O(1) instead of overflowing.

@@ -92,3 +92,11 @@ def test_compile_watcher_warns_on_recompile_after_warmup(caplog):
 def test_compile_watcher_needs_a_jitted_function():
     with pytest.raises(TypeError, match=r"jax\.jit"):
         CompileWatcher(lambda x: x, "plain")
+
+
+def test_causal_attention_flops_by_hand():
+    from jaxrlhf.train.timing import causal_attention_flops
+
+    # positions 3, 4, 5 attend to 3, 4 and 5 positions: 4·L·width·12
+    assert causal_attention_flops(2, 8, 2, 5) == 4 * 2 * 8 * (3 + 4 + 5)
+    assert causal_attention_flops(2, 8, 0, 4) == 4 * 2 * 8 * 10
