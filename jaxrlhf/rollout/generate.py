@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import numbers
 from typing import NamedTuple
 
 import jax
@@ -64,6 +65,10 @@ class GenerationConfig:
             raise ValueError(f"min_new_tokens must be in [0, max_new_tokens], got {self.min_new_tokens}")
         if self.group_size < 1:
             raise ValueError(f"group_size must be >= 1, got {self.group_size}")
+        for key, ids in (("stop_token_ids", self.stop_token_ids), ("pad_token_id", (self.pad_token_id,))):
+            bad = [i for i in ids if isinstance(i, bool) or not isinstance(i, numbers.Integral) or i < 0]
+            if bad:
+                raise ValueError(f"{key}: token ids must be whole numbers >= 0, got {bad[0]!r}")
         self.sampling  # noqa: B018 - validates the sampling fields
 
     @property
@@ -115,8 +120,14 @@ class _Loop(NamedTuple):
 
 
 def check_lengths(model: LanguageModel, prompt_length: int, config: GenerationConfig) -> None:
-    """Raise when prompt + new tokens need more positions than a learned position table holds."""
+    """Raise when prompt + new tokens need more positions than a learned position table holds, or a stop or
+    pad id is not in the model's vocabulary."""
     cfg = model.config
+    for key, ids in (("stop_token_ids", config.stop_token_ids), ("pad_token_id", (config.pad_token_id,))):
+        outside = [i for i in ids if i >= cfg.vocab_size]
+        if outside:
+            raise ValueError(f"generate: {key} {outside[0]} is not a token of the model (vocab_size "
+                             f"{cfg.vocab_size}), so it could never be produced")
     total = prompt_length + config.max_new_tokens
     if cfg.position_encoding == "learned" and total > cfg.max_position_embeddings:
         raise ValueError(

@@ -15,6 +15,7 @@ from typing import NamedTuple
 import chex
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from jaxrlhf.models.q_heads import HeadParams, min_q_values
 from jaxrlhf.rl.value_guidance import categorical_kl, value_guided_logits
@@ -31,8 +32,10 @@ class ValueGuidance(NamedTuple):
 def value_guidance(q_heads, beta: float | jax.Array) -> ValueGuidance:
     """A :class:`ValueGuidance` with β as a float32 scalar array (a sequence of heads becomes a tuple); a
     Python β must be a finite number ≥ 0 (a negative one would steer towards low values)."""
-    if isinstance(beta, (int, float)) and not 0 <= beta < float("inf"):
-        raise ValueError(f"value_guidance: beta must be a finite number >= 0, got {beta}")
+    if not isinstance(beta, jax.core.Tracer):  # a concrete β (Python, NumPy or JAX) is checked here
+        value = np.asarray(beta)
+        if value.dtype.kind not in "iuf" or not np.all((value >= 0) & np.isfinite(value)):
+            raise ValueError(f"value_guidance: beta must be a finite number >= 0, got {beta!r}")
     return ValueGuidance(tuple(q_heads), jnp.asarray(beta, jnp.float32))
 
 

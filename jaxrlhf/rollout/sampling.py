@@ -7,9 +7,14 @@ set of tokens whose probability reaches p. Excluded tokens get logit −inf and 
 from __future__ import annotations
 
 import dataclasses
+import numbers
 
 import jax
 import jax.numpy as jnp
+
+# The smallest sampling temperature: below it float32 cannot hold logits / T finely enough for log-probs
+# (an ulp of |logit|/T reaches 1e-3 nats at T = 1e-3 and whole nats near 1e-7); greedy decoding is T → 0.
+MIN_TEMPERATURE = 1e-3
 
 
 @dataclasses.dataclass(frozen=True)
@@ -27,16 +32,23 @@ class SamplingConfig:
     greedy: bool = False
 
     def __post_init__(self) -> None:
-        if not self.temperature > 0:
-            raise ValueError(f"temperature must be > 0, got {self.temperature}")
-        if self.top_k < 0:
-            raise ValueError(f"top_k must be >= 0, got {self.top_k}")
+        check_temperature("temperature", self.temperature)
+        if isinstance(self.top_k, bool) or not isinstance(self.top_k, numbers.Integral) or self.top_k < 0:
+            raise ValueError(f"top_k must be a whole number >= 0 (0: off), got {self.top_k!r}")
         if not 0.0 < self.top_p <= 1.0:
             raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
 
 
+def check_temperature(key: str, temperature: float) -> None:
+    """ValueError naming ``key`` unless ``temperature`` is a finite number >= :data:`MIN_TEMPERATURE`."""
+    if not MIN_TEMPERATURE <= temperature < float("inf"):  # NaN fails too
+        raise ValueError(f"{key} must be a finite number >= {MIN_TEMPERATURE:g} (use greedy decoding for "
+                         f"T → 0), got {temperature}")
+
+
 def top_k_filter(logits: jax.Array, k: int) -> jax.Array:
-    """Set every logit below the k-th largest of its row to −inf. logits [..., V]."""
+    """Set every logit below the k-th largest of its row to −inf. logits [..., V]. Tokens tied with the
+    k-th are all kept, as transformers' TopKLogitsWarper keeps them."""
     if k <= 0 or k >= logits.shape[-1]:
         return logits
     kth = jax.lax.top_k(logits, k)[0][..., -1:]
@@ -46,8 +58,10 @@ def top_k_filter(logits: jax.Array, k: int) -> jax.Array:
 def top_p_filter(logits: jax.Array, p: float) -> jax.Array:
     """Keep the smallest prefix of tokens (by probability) whose mass reaches ``p``; −inf elsewhere.
 
-    A token is kept when the mass of the tokens strictly more likely than it is < p, so the most likely
-    token is always kept.
+    In the order of decreasing probability (ties by token id, as a stable sort gives them), a token is
+    kept when the mass of the tokens before it is < p, so the most likely token is always kept; of tokens
+    tied at the cut, only as many as that prefix needs are kept (the lowest ids; transformers keeps as
+    many, the highest ids), never every tied token.
     """
     if p >= 1.0:
         return logits
@@ -56,12 +70,21 @@ def top_p_filter(logits: jax.Array, p: float) -> jax.Array:
     mass_before = jnp.cumsum(probs, axis=-1) - probs
     n_keep = jnp.sum(mass_before < p, axis=-1, keepdims=True)
     cutoff = jnp.take_along_axis(desc, n_keep - 1, axis=-1)
-    return jnp.where(logits < cutoff, -jnp.inf, logits)
+    # Ties at the cutoff: of the tied tokens, keep those within the prefix's n_keep places.
+    above = jnp.sum(logits > cutoff, axis=-1, keepdims=True)
+    tied = logits == cutoff
+    tie_rank = jnp.cumsum(tied, axis=-1) - 1  # 0, 1, … over the tied tokens, by id
+    keep = (logits > cutoff) | (tied & (tie_rank < n_keep - above))
+    return jnp.where(keep, logits, -jnp.inf)
 
 
 def sampling_logits(logits: jax.Array, config: SamplingConfig) -> jax.Array:
-    """The logits tokens are drawn from: tempered, then top-k and top-p filtered. float32 [..., V]."""
-    logits = logits.astype(jnp.float32) / config.temperature
+    """The logits tokens are drawn from: tempered, then top-k and top-p filtered. float32 [..., V].
+
+    The row's maximum is taken off before dividing by T (softmax does not change): the most likely token is
+    then exactly 0 however XLA fuses the division, so a small T cannot overflow the sampler's weights."""
+    logits = logits.astype(jnp.float32)
+    logits = (logits - jax.lax.stop_gradient(jnp.max(logits, axis=-1, keepdims=True))) / config.temperature
     return top_p_filter(top_k_filter(logits, config.top_k), config.top_p)
 
 

@@ -275,9 +275,22 @@ def test_a_right_padded_host_mask_is_refused(model_and_params):
     assert traced(tokens, right).response_tokens.shape == (4, 2)  # not checked under a trace
 
 
-def test_group_size_is_validated():
+def test_group_size_and_token_ids_are_validated():
     with pytest.raises(ValueError, match="group_size"):
         GenerationConfig(group_size=0)
+    with pytest.raises(ValueError, match=r"pad_token_id: token ids must be whole numbers >= 0, got -5"):
+        GenerationConfig(pad_token_id=-5)
+    with pytest.raises(ValueError, match=r"stop_token_ids: .* got 2\.5"):
+        GenerationConfig(stop_token_ids=(3, 2.5))
+    numpy_ids = GenerationConfig(stop_token_ids=(np.int64(2),), pad_token_id=np.int32(0), top_k=np.int64(5))
+    assert numpy_ids.sampling.top_k == 5
+    # An id the model's vocabulary does not have could never stop a row: refused before tracing.
+    model = MODELS["gpt2"]
+    tokens = np.ones((1, 4), np.int32)
+    with pytest.raises(ValueError, match=rf"stop_token_ids 99999 is not a token of the model \(vocab_size "
+                                         rf"{model.config.vocab_size}\)"):
+        generate(model, model.init(jax.random.key(0)), tokens, np.ones_like(tokens), jax.random.key(0),
+                 GenerationConfig(4, stop_token_ids=(99999,)))
 
 
 def test_learned_position_table_overflow_is_an_error():

@@ -78,3 +78,38 @@ def test_multi_block_sampling_matches_softmax_and_never_picks_excluded_tokens():
     p = np.asarray(jax.nn.softmax(logits))
     se = np.sqrt(p * (1 - p) / n)
     np.testing.assert_array_less(np.abs(counts / n - p), 4 * se + 1e-4)
+
+
+@pytest.mark.parametrize("jit", [False, True])
+def test_top_p_keeps_only_as_many_tied_tokens_as_its_mass_needs(jit):
+    """Of tokens tied at the cut, only the smallest prefix's count is kept (the lowest ids): every tied
+    token used to be kept, so 1000 equal logits at p = 0.1 kept all 1000 and top-p did nothing."""
+    f = jax.jit(top_p_filter, static_argnums=1) if jit else top_p_filter
+    kept = lambda logits, p: np.flatnonzero(np.isfinite(np.asarray(f(jnp.log(jnp.asarray([logits])), p))[0]))
+    assert kept([0.5, 0.25, 0.25], 0.75).tolist() == [0, 1]  # 0.5 before the third: 0.75 is not < 0.75
+    assert kept([0.4, 0.2, 0.2, 0.2], 0.5).tolist() == [0, 1]
+    assert kept([0.2, 0.4, 0.2, 0.2], 0.5).tolist() == [0, 1]  # the most likely first, then ties by id
+    assert kept([0.25] * 4, 0.5).tolist() == [0, 1]
+    assert 99 <= len(kept([1e-3] * 1000, 0.1)) <= 101  # mass 0.1 reached at the 100th (± rounding)
+
+
+def test_a_small_temperature_samples_the_argmax_with_finite_log_probs():
+    """At T = 1e-3 (the smallest allowed) logits of size 10 become 1e4 apart, where XLA's fused division
+    used to round the row maximum differently from the rest: the sampler's weights overflowed and every row
+    drew token 0. With the maximum taken off before dividing, every row draws the arg-max."""
+    from jaxrlhf.rl.policy_losses import token_logprobs
+    from jaxrlhf.rollout.sampling import MIN_TEMPERATURE, sampling_logits
+
+    config = SamplingConfig(temperature=MIN_TEMPERATURE)
+    logits = jax.random.normal(jax.random.key(1), (64, 300)) * 10.0
+    tokens = jax.jit(sample_tokens, static_argnums=2)(jax.random.key(0), logits, config)
+    np.testing.assert_array_equal(np.asarray(tokens), np.asarray(jnp.argmax(logits, -1)))
+    filtered = jax.jit(sampling_logits, static_argnums=1)(logits, config)
+    assert np.all(np.asarray(jnp.max(filtered, -1)) == 0.0)
+    lp = jax.jit(token_logprobs)(logits, tokens, MIN_TEMPERATURE)
+    assert np.all(np.isfinite(np.asarray(lp))) and float(jnp.min(lp)) > -1e-3
+    for bad in (1e-4, 0.0, float("nan"), float("inf")):
+        with pytest.raises(ValueError, match=r"temperature must be a finite number >= 0\.001"):
+            SamplingConfig(temperature=bad)
+    with pytest.raises(ValueError, match=r"top_k must be a whole number >= 0"):
+        SamplingConfig(top_k=2.5)

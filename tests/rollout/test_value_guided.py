@@ -119,10 +119,11 @@ def test_the_guided_decode_loop_copies_no_cache_sized_buffer():
     assert large_loop_writes(text, "decode_loop", layer_cache) == []
 
 
-def test_a_negative_or_infinite_python_beta_is_refused():
+def test_a_negative_or_infinite_beta_is_refused():
+    """Concrete β of any kind (NumPy and JAX scalars passed unchecked before), not only Python floats."""
     from jaxrlhf.rollout.guidance import value_guidance
 
-    for beta in (-1.0, float("inf"), float("nan")):
+    for beta in (-1.0, float("inf"), float("nan"), np.float32(-1.0), jnp.float32(-1.0), np.array(-1.0), "2"):
         with pytest.raises(ValueError, match="beta must be a finite number >= 0"):
             value_guidance((), beta)
     assert float(value_guidance((), 0).beta) == 0.0
