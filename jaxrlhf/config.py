@@ -128,6 +128,37 @@ def _convert(hint: Any, value: Any, key: str) -> Any:
     raise ConfigError(f"{key}: unsupported type hint {hint!r}")
 
 
+def _field_default(field: dataclasses.Field) -> Any:
+    if field.default is not dataclasses.MISSING:
+        return field.default
+    if field.default_factory is not dataclasses.MISSING:  # type: ignore[misc]
+        return field.default_factory()  # type: ignore[misc]
+    return None
+
+
+def _overlay(default: Any, value: Any, hint: Any) -> Any:
+    """``value`` laid over ``default``: a mapping over a config instance of exactly the section's type
+    ``hint`` becomes the instance's fields with the mapping's keys replaced (recursively), so the keys it
+    does not name keep the instance's values. A key the class ``REPLACES`` others with drops those (they
+    take the class defaults). Anything else (a union-typed or subclass default, a plain mapping field such
+    as ``task.options``) is replaced whole, as before."""
+    args = typing.get_args(hint)
+    if typing.get_origin(hint) in (Union, types.UnionType) and len(args) == 2 and type(None) in args:
+        hint = next(a for a in args if a is not type(None))  # Optional[section]: the section
+    if not (isinstance(value, Mapping) and dataclasses.is_dataclass(default) and type(default) is hint):
+        return value
+    merged: dict[str, Any] = {f.name: getattr(default, f.name) for f in dataclasses.fields(default) if f.init}
+    replaces = getattr(hint, "REPLACES", {})
+    for key in value:
+        for dropped in replaces.get(key, ()):
+            if "." not in dropped and dropped not in value:
+                merged.pop(dropped, None)
+    hints = typing.get_type_hints(hint)
+    for key, sub in value.items():
+        merged[key] = _overlay(merged[key], sub, hints.get(key)) if key in merged else sub
+    return merged
+
+
 def _build(cls: type[T], data: Mapping[str, Any], prefix: str = "") -> T:
     hints = typing.get_type_hints(cls)
     fields = {f.name: f for f in dataclasses.fields(cls) if f.init}
@@ -136,6 +167,9 @@ def _build(cls: type[T], data: Mapping[str, Any], prefix: str = "") -> T:
         raise ConfigError(
             f"{prefix}{unknown[0]}: unknown key for {cls.__name__} (known: {', '.join(sorted(fields))})"
         )
+    # A partial mapping for a section changes those keys of the section's own default (which a
+    # default_factory may have customised), not of its class's defaults.
+    data = {name: _overlay(_field_default(fields[name]), value, hints[name]) for name, value in data.items()}
     kwargs = {name: _convert(hints[name], value, prefix + name) for name, value in data.items()}
     missing = [
         n

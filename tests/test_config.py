@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
-from typing import Literal
+from typing import ClassVar, Literal
 
 import pytest
 
@@ -54,6 +54,63 @@ def test_yaml_and_overrides(tmp_path):
         clip=2000.0, inner=Inner(lr=1e-4)
     )
     assert load_config(Outer, write(tmp_path, "inner: {lr: 3e-6}\n")).inner.lr == 3e-6
+
+
+@dataclasses.dataclass(frozen=True)
+class Tuned:
+    """A section whose default is not its class's: overriding one of its keys keeps the others."""
+
+    inner: Inner = dataclasses.field(default_factory=lambda: Inner(lr=2e-3, schedule="constant"))
+    outer: Outer = dataclasses.field(default_factory=lambda: Outer(steps=3, inner=Inner(lr=7.0)))
+
+
+def test_a_partial_section_changes_only_its_keys_of_the_section_default(tmp_path):
+    """`--set inner.stop_ids=[1]` once rebuilt `inner` from Inner's class defaults, silently resetting the
+    lr and schedule the field's default_factory had chosen (e.g. a study's pipeline, DPO's learning rate,
+    each command's logging.run_dir); now only the named key changes, at any depth and from a file too."""
+    cfg = load_config(Tuned, overrides=["inner.stop_ids=[1]", "outer.inner.schedule=constant"])
+    assert cfg.inner == Inner(lr=2e-3, schedule="constant", stop_ids=(1,))
+    assert cfg.outer == Outer(steps=3, inner=Inner(lr=7.0, schedule="constant"))
+    assert load_config(Tuned, write(tmp_path, "outer: {flag: true}\n")).outer == Outer(
+        steps=3, flag=True, inner=Inner(lr=7.0))
+    with pytest.raises(ConfigError, match=r"outer\.inner\.lrr: unknown key for Inner"):
+        load_config(Tuned, overrides=["outer.inner.lrr=1"])
+
+
+@dataclasses.dataclass(frozen=True)
+class Source:
+    path: str | None = None
+    name: str | None = None
+    REPLACES: ClassVar[dict[str, tuple[str, ...]]] = {"path": ("name",)}
+
+
+@dataclasses.dataclass(frozen=True)
+class Wider(Inner):
+    extra: int = 0
+
+
+@dataclasses.dataclass(frozen=True)
+class Shapes:
+    optional: Inner | None = dataclasses.field(default_factory=lambda: Inner(lr=9.0))
+    absent: Inner | None = None
+    either: Inner | Outer = dataclasses.field(default_factory=lambda: Inner(lr=9.0))
+    wider: Inner = dataclasses.field(default_factory=lambda: Wider(lr=9.0, extra=1))
+    source: Source = dataclasses.field(default_factory=lambda: Source(name="builtin"))
+    table: dict = dataclasses.field(default_factory=lambda: {"a": 1, "b": 2})
+
+
+def test_which_sections_a_partial_mapping_keeps():
+    """Kept: an Optional section's default. Replaced whole (class defaults), as before: a None default, a
+    union of sections, a default of a subclass, and a plain mapping (e.g. task.options). A key the class
+    REPLACES others with drops them from the default too."""
+    cfg = load_config(Shapes, overrides=["optional.schedule=constant", "absent.schedule=constant",
+                                         "either.schedule=constant", "wider.schedule=constant",
+                                         "source.path=/m", "table.a=5"])
+    assert cfg.optional == Inner(lr=9.0, schedule="constant")
+    assert cfg.absent == Inner(schedule="constant") and cfg.either == Inner(schedule="constant")
+    assert type(cfg.wider) is Inner and cfg.wider == Inner(schedule="constant")
+    assert cfg.source == Source(path="/m") and cfg.table == {"a": 5}
+    assert load_config(Shapes, overrides=["optional=null"]).optional is None
 
 
 @pytest.mark.parametrize(
