@@ -26,7 +26,9 @@ conversations (or whole texts) and their shared beginning is the prompt (:func:`
   side, which is the response;
 - texts: the prompt ends at the last whitespace before the first character where the two differ (so
   ``"The sky is blue."`` / ``"The sky is green."`` give the prompt ``"The sky is"`` and the responses
-  ``" blue."`` / ``" green."``, as in TRL's documentation); without whitespace, at that character.
+  ``" blue."`` / ``" green."``, as in TRL's documentation); without whitespace after the first word, at
+  that character (``"blue sky"`` / ``"bluer sky"`` give ``"blue"``, ``" sky"``, ``"r sky"``). A common
+  beginning of only whitespace is refused, and so is a key that looks like a misspelt ``prompt``.
 
 Every error is a :class:`DataError` whose message starts ``path:line:``.
 """
@@ -34,6 +36,7 @@ Every error is a :class:`DataError` whose message starts ``path:line:``.
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import json
 import math
 import os
@@ -220,12 +223,14 @@ def split_implicit_prompt(
     if isinstance(chosen, str):
         assert isinstance(rejected, str)
         # Cut before the differing word, its leading whitespace going with the responses (TRL's example).
-        spaces = [i for i in range(1, shared) if chosen[i].isspace()]
+        spaces = [i for i in range(1, shared) if chosen[i].isspace() and not chosen[:i].isspace()]
         cut = spaces[-1] if spaces else shared
-        if cut == 0:
+        if not chosen[:cut].strip():
+            # A prompt of nothing or only whitespace is no prompt: the pair (often a typo'd
+            # 'prompt' key) would train on responses to an empty context.
             raise DataError(
-                f"{where}'chosen' and 'rejected' have no common prefix to take as the prompt "
-                f"(they differ from the first character); give 'prompt' explicitly"
+                f"{where}'chosen' and 'rejected' share no prompt: their common beginning "
+                f"{chosen[:shared]!r} has no text before they differ; give 'prompt' explicitly"
             )
         return chosen[:cut], chosen[cut:], rejected[cut:]
     assert not isinstance(rejected, str)
@@ -263,8 +268,26 @@ def _preference(obj: Mapping[str, Any], line: int, where: str) -> PreferenceReco
     if "prompt" in obj or "messages" in obj:
         prompt = _prompt(obj, where)
         return PreferenceRecord(prompt, _text(obj, "chosen", where), _text(obj, "rejected", where), line)
+    near = [k for k in obj if k not in ("chosen", "rejected") and _close(k, ("prompt", "messages"))]
+    if near:
+        # Without 'prompt' the pair is read as implicit-prompt; a misspelt key would be dropped.
+        raise DataError(
+            f"{where}: unknown key {near[0]!r} beside 'chosen' and 'rejected'; did you mean "
+            f"{_close(near[0], ('prompt', 'messages'))!r}? (without 'prompt' the pair is read as two "
+            f"whole texts sharing their beginning)"
+        )
     chosen, rejected = _whole(obj, "chosen", where), _whole(obj, "rejected", where)
     return PreferenceRecord(*split_implicit_prompt(chosen, rejected, where), line)
+
+
+def _close(key: str, names: tuple[str, ...]) -> str | None:
+    """The name in ``names`` that ``key`` looks like a misspelling of (case or a letter or two)."""
+    lower = key.lower()
+    prefixed = any(lower.startswith(f"{name}{sep}") for name in names for sep in "_-.")
+    if prefixed or lower.endswith(("id", "ids")):
+        return None  # 'prompt_id', 'promptid', 'prompt_len', 'messages_count': other fields about it
+    match = difflib.get_close_matches(lower, names, n=1, cutoff=0.7)
+    return match[0] if match else None
 
 
 def _parse(kind: str, obj: Mapping[str, Any], line: int, where: str) -> Record:

@@ -166,14 +166,15 @@ def encode_prompt(
         ids = [bos, *ids]
     if not ids:
         # The first response token is predicted from the last prompt token, so one must exist.
-        raise DataError(f"{source}: the prompt encodes to no tokens (set add_bos=True to start it with bos)")
+        raise DataError(f"{source}: the prompt encodes to no tokens (set data.add_bos=true to start it with "
+                        "bos)")
     limit = config.max_prompt_length
     if len(ids) <= limit:
         return np.asarray(ids, np.int32), False
     if config.truncate_prompts == "error":
         raise DataError(
-            f"{source}: the prompt has {len(ids)} tokens, more than max_prompt_length={limit} "
-            "(shorten it, raise the limit, or set truncate_prompts='left')"
+            f"{source}: the prompt has {len(ids)} tokens, more than data.max_prompt_length={limit} "
+            "(shorten it, raise the limit, or set data.truncate_prompts=left)"
         )
     keep_bos = bos is not None and ids[0] == bos  # added here or written by the chat template
     kept = [ids[0], *ids[len(ids) - limit + 1 :]] if keep_bos else ids[len(ids) - limit :]

@@ -144,9 +144,16 @@ def ranking_items(examples: Sequence[Any], data: DataSection) -> int:
 
 def train_iterator(examples: Sequence[Any], batch_size: int, seed: int, collate: Collate, shuffle: bool,
                    path: str) -> BatchIterator:
-    """Endless full batches in a (seed, epoch)-determined order; the state is resumable."""
+    """Endless full batches in a (seed, epoch)-determined order; the state is resumable. Each epoch leaves
+    out len % batch_size examples (a warning says how many, and which when the order is fixed)."""
     if batch_size > len(examples):
         raise DataError(f"{path}: data.batch_size={batch_size} exceeds the file's {len(examples)} examples")
+    left = len(examples) % batch_size
+    if left:
+        which = ("different ones each epoch (data.shuffle)" if shuffle else
+                 "always the last ones, so they are never trained on (data.shuffle is false)")
+        log.warning("%s: %d of its %d examples are left out of each epoch, which takes whole batches of "
+                    "data.batch_size=%d: %s", path, left, len(examples), batch_size, which)
     return BatchIterator(examples, batch_size, seed=seed, shuffle=shuffle, drop_last=True, collate=collate)
 
 

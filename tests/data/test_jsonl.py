@@ -79,6 +79,10 @@ def test_implicit_prompt_preferences_as_trl_documents_them(jsonl):
             {"chosen": "Answer: yes", "rejected": "Answer: yo"},
             {"chosen": "abc", "rejected": "abd"},  # no whitespace: cut at the first difference
             {"chosen": "Q: a", "rejected": "Q: a b"},  # one text extends the other
+            # Leading whitespace stays in the prompt; an identifier key is not a misspelt 'prompt'.
+            {"chosen": "\n\nA: yes", "rejected": "\n\nA: no", "prompt_id": "7", "prompt_len": 3,
+             "messages_count": 1, "prompt_ids": [1]},
+            {"chosen": "blue sky", "rejected": "bluer sky"},  # mid-word when no earlier whitespace
         ]
     )
     msgs = (ChatMessage("user", "What color is the sky?"),)
@@ -90,6 +94,8 @@ def test_implicit_prompt_preferences_as_trl_documents_them(jsonl):
         PreferenceRecord("Answer:", " yes", " yo", 4),
         PreferenceRecord("ab", "c", "d", 5),
         PreferenceRecord("Q:", " a", " a b", 6),
+        PreferenceRecord("\n\nA:", " yes", " no", 7),
+        PreferenceRecord("blue", " sky", "r sky", 8),
     ]
 
 
@@ -135,7 +141,17 @@ BAD_LINES = [
     ("preference", {"prompt": "a", "chosen": "b"}, r"missing field 'rejected'"),
     ("preference", {"chosen": "same", "rejected": "same"}, r"'chosen' and 'rejected' are identical"),
     ("preference", {"chosen": [USER, A], "rejected": [USER, A]}, r"are identical"),
-    ("preference", {"chosen": "yes", "rejected": "no"}, r"no common prefix .*give 'prompt' explicitly"),
+    ("preference", {"chosen": "yes", "rejected": "no"}, r"share no prompt: .*'' .*give 'prompt' explicitly"),
+    # A shared beginning of only whitespace is no prompt (a leading space is how responses often start).
+    ("preference", {"chosen": " blue sky", "rejected": " red"}, r"common beginning ' ' has no text"),
+    ("preference", {"chosen": "\n\n a", "rejected": "\n\n b"}, r"common beginning '\\n\\n ' has no"),
+    # A misspelt 'prompt' would make the pair implicit-prompt and drop the prompt.
+    (
+        "preference",
+        {"promt": "The moon is", "chosen": " green", "rejected": " red"},
+        r"unknown key 'promt' beside 'chosen' and 'rejected'; did you mean 'prompt'\?",
+    ),
+    ("preference", {"Messages": [USER], "chosen": "a", "rejected": "b"}, r"'Messages' .*mean 'messages'"),
     ("preference", {"chosen": [USER, A], "rejected": [OTHER, A]}, r"no common prefix .*first turns differ"),
     ("preference", {"chosen": [USER, A], "rejected": "q a"}, r"both be texts or both be conversations"),
     (

@@ -60,7 +60,7 @@ def test_chat_template_starting_with_bos_gets_no_second_bos():
 def test_prompt_length_limit(tokenizer):
     long = "abcdefghij"  # 10 tokens > 8
     with pytest.raises(
-        DataError, match=re.escape("f.jsonl:5: the prompt has 10 tokens, more than max_prompt_length=8")
+        DataError, match=re.escape("f.jsonl:5: the prompt has 10 tokens, more than data.max_prompt_length=8")
     ):
         encode_prompt(tokenizer, long, CONFIG, source="f.jsonl:5")
     left = TokenizeConfig(8, 12, truncate_prompts="left")
