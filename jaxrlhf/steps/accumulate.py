@@ -18,8 +18,10 @@ import jax.numpy as jnp
 
 from jaxrlhf.steps.sharding import shard_rows
 
-# loss_fn(params, batch) -> (loss, (weight, metrics)) or (loss, (weight, metrics, metric_weights)): loss is a
-# mean with total weight `weight`; metric_weights[k], where given, is metric k's own weight (else `weight`).
+# loss_fn(params, batch) -> (loss, (weight, metrics)), (loss, (weight, metrics, metric_weights)) or
+# (loss, (weight, metrics, metric_weights, rows)): loss is a mean with total weight `weight`;
+# metric_weights[k], where given, is metric k's own weight (else `weight`); rows, where given, are per-row
+# outputs ([b, ...] leaves) from which `row_metrics` computes metrics over the whole batch.
 WeightedLossFn = Callable[[Any, Any], tuple[jax.Array, tuple[Any, ...]]]
 
 
@@ -49,20 +51,27 @@ def merge_microbatches(x: jax.Array) -> jax.Array:
 def accumulate_gradients(
     loss_fn: WeightedLossFn, params: Any, batch: Any, num_micro: int,
     variances: Mapping[str, str] | None = None,
+    row_metrics: Callable[[Any], dict[str, jax.Array]] | None = None,
 ) -> tuple[jax.Array, Any, dict[str, jax.Array]]:
     """(loss, grads, metrics) of ``loss_fn`` over ``batch`` computed in ``num_micro`` micro-batches.
 
     L = Σ_i w_i·L_i / Σ_i w_i,  ∇L = Σ_i w_i·∇L_i / Σ_i w_i, metrics likewise with their own weights where
     the loss function gives them (0 when Σ w = 0). ``variances`` maps a variance metric to the mean metric it
     is taken about (same weights): merged as M2 = Σ_i w_i·var_i + Σ_i δ_i²·W_{<i}·w_i/W_{≤i}, δ_i the i-th
-    mean minus the mean of those before, var = M2 / Σ w. With ``num_micro == 1`` this is a plain
-    ``value_and_grad``.
+    mean minus the mean of those before, var = M2 / Σ w. A metric over pairs of rows that may fall in
+    different micro-batches (a rating model's ordered pairs) cannot be merged from per-micro-batch values:
+    ``row_metrics(rows)`` computes it from the loss function's per-row outputs of the whole batch. With
+    ``num_micro == 1`` this is a plain ``value_and_grad``.
     """
     grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
     variances = dict(variances or {})
+
+    def with_rows(metrics: dict[str, jax.Array], rows: Any) -> dict[str, jax.Array]:
+        return metrics if row_metrics is None else {**metrics, **row_metrics(rows)}
+
     if num_micro == 1:
-        (loss, (_, metrics, *_)), grads = grad_fn(params, batch)
-        return loss, grads, metrics
+        (loss, (_, metrics, *given)), grads = grad_fn(params, batch)
+        return loss, grads, with_rows(metrics, given[1] if len(given) > 1 else None)
 
     def weighted(tree, w):
         return jax.tree.map(lambda x: x * w.astype(x.dtype), tree)
@@ -84,7 +93,7 @@ def accumulate_gradients(
                              + jnp.square(delta) * before * mw[var] / jnp.where(n > 0, n, 1.0))
         new = (loss_sum + loss * w, jax.tree.map(jnp.add, grad_sum, weighted(grads, w)), new_sums,
                total + w, {k: weights[k] + mw[k] for k in metrics})
-        return new, None
+        return new, given[1] if len(given) > 1 else None
 
     micro_batches = split_microbatches(batch, num_micro)
     first = jax.tree.map(lambda x: x[0], micro_batches)
@@ -96,7 +105,8 @@ def accumulate_gradients(
         raise ValueError(f"accumulate_gradients: variances name metrics the loss does not return: {missing}")
     zero = jnp.zeros((), jnp.float32)
     init = (loss0, grads0, metrics0, zero, {k: zero for k in metrics0})
-    (loss, grads, sums, total, weights), _ = jax.lax.scan(body, init, micro_batches)
+    (loss, grads, sums, total, weights), rows = jax.lax.scan(body, init, micro_batches)
     inverse = lambda t: jnp.where(t > 0, 1.0 / jnp.where(t > 0, t, 1.0), 0.0)
     metrics = {k: v * inverse(weights[k]).astype(v.dtype) for k, v in sums.items()}
-    return loss * inverse(total), weighted(grads, inverse(total)), metrics
+    rows = jax.tree.map(merge_microbatches, rows)  # the whole batch's rows, in its order
+    return loss * inverse(total), weighted(grads, inverse(total)), with_rows(metrics, rows)

@@ -14,12 +14,13 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Callable
-from typing import Literal
+from typing import Any, Literal
 
 import jax
 import jax.numpy as jnp
 import optax
 
+from jaxrlhf.config import is_number
 from jaxrlhf.models.transformer import LanguageModel
 from jaxrlhf.rl.masked import masked_mean, masked_var
 from jaxrlhf.rl.preference import bradley_terry_loss, plackett_luce_loss, rating_regression_loss
@@ -45,9 +46,10 @@ _KEYS = {
 @dataclasses.dataclass(frozen=True)
 class RewardModelConfig:
     """loss: the feedback kind. margin / center_coef: Bradley–Terry margin and centring coefficient
-    (pairwise only). grad_accum_steps: micro-batches per update. identical_pairs: a preference pair whose
-    chosen and rejected are the same tokens carries no preference (zero gradient; accuracy counts it as
-    lost): "error" names its file and line, "drop" leaves such pairs out with a warning."""
+    (pairwise only: a ranking or rating loss refuses them). grad_accum_steps: micro-batches per update.
+    identical_pairs: a preference pair whose chosen and rejected are the same tokens, or a ranking holding
+    a response twice, carries no preference (zero gradient; accuracy counts it as lost): "error" names its
+    file and line, "drop" leaves such pairs (a ranking's repeats) out with a warning."""
 
     loss: Literal["pairwise", "ranking", "rating"] = "pairwise"
     margin: float = 0.0
@@ -62,6 +64,11 @@ class RewardModelConfig:
             )
         if self.grad_accum_steps < 1:
             raise ValueError(f"RewardModelConfig.grad_accum_steps must be >= 1, got {self.grad_accum_steps}")
+        for key in ("margin", "center_coef"):
+            value = getattr(self, key)
+            if self.loss != "pairwise" and is_number(value) and value != 0:  # traced: cannot be checked
+                raise ValueError(f"RewardModelConfig.{key}: a Bradley–Terry term, used by the pairwise loss "
+                                 f"only; the {self.loss} loss would ignore {key}={value} (set it to 0)")
         if self.identical_pairs not in ("error", "drop"):
             raise ValueError(f"RewardModelConfig.identical_pairs: expected 'error' or 'drop', got "
                              f"{self.identical_pairs!r}")
@@ -104,23 +111,36 @@ def _with_std(metrics: Metrics) -> Metrics:
     return metrics
 
 
+def rating_pair_metrics(rows: Batch) -> Metrics:
+    """Accuracy and margin of a rating model over every ordered pair of rows (i, j) with rating_i >
+    rating_j, each weighted by weight_i·weight_j; ``rows``: reward, rating, weight [B]. Pairs span the whole
+    batch, so accumulation computes them from all its rows (:func:`accumulate_gradients`'s row_metrics)."""
+    better = rows["rating"][:, None] > rows["rating"][None, :]
+    pairs = rows["weight"][:, None] * rows["weight"][None, :]
+    return _ordered_pairs(rows["reward"][None], better[None], pairs[None])
+
+
 def reward_model_loss(
     model: LanguageModel, cfg: RewardModelConfig, params: RewardModelParams, batch: Batch
 ) -> tuple[jax.Array, tuple[jax.Array, Metrics]]:
     """(loss, (total row weight, metrics)) of one batch for ``cfg.loss`` (see :func:`_loss_parts`)."""
-    loss, (w, metrics, _) = _loss_parts(model, cfg, params, batch)
+    loss, (w, metrics, *rest) = _loss_parts(model, cfg, params, batch)
+    if len(rest) > 1:
+        metrics = {**metrics, **rating_pair_metrics(rest[1])}
     return loss, (w, _with_std(metrics))
 
 
 def _loss_parts(
     model: LanguageModel, cfg: RewardModelConfig, params: RewardModelParams, batch: Batch
-) -> tuple[jax.Array, tuple[jax.Array, Metrics, Metrics]]:
-    """(loss, (total row weight, metrics, each metric's weight)) of one batch for ``cfg.loss``.
+) -> tuple[jax.Array, tuple[Any, ...]]:
+    """(loss, (total row weight, metrics, each metric's weight[, rows])) of one batch for ``cfg.loss``.
 
     pairwise: −log σ(r_c − r_r − margin) + center_coef·(r_c + r_r)²; ranking: Plackett–Luce NLL over the
     valid items; rating: (r − rating)². Means weighted by row_mask. Metrics: accuracy and margin over the
-    ordered pairs (chosen/rejected; items i above j; rows with rating_i > rating_j), each weighted by its
-    pairs; reward_mean, reward_var (population; over every scored sequence), and "mae" for ratings.
+    ordered pairs (chosen/rejected; items i above j), each weighted by its pairs; reward_mean, reward_var
+    (population; over every scored sequence), and "mae" for ratings. A rating's pairs are rows with
+    rating_i > rating_j anywhere in the batch: the loss returns its rows (reward, rating, weight) for
+    :func:`rating_pair_metrics` instead.
     """
     _check_batch(batch, cfg.loss)
     lm, head = params.lm, params.reward_head
@@ -156,12 +176,11 @@ def _loss_parts(
         ratings = batch["ratings"].astype(jnp.float32)
         w = _row_weights(batch, rewards)
         loss, m = rating_regression_loss(rewards, ratings, w)
-        better = ratings[:, None] > ratings[None, :]
-        pairs = w[:, None] * w[None, :]
-        metrics = _ordered_pairs(jax.lax.stop_gradient(rewards)[None], better[None], pairs[None])
-        weights = {k: jnp.sum(pairs * better) for k in metrics}
         stats, stat_weights = _reward_stats(rewards, w)
-        metrics, weights = metrics | stats | {"mae": m["mae"]}, weights | stat_weights | {"mae": jnp.sum(w)}
+        metrics, weights = stats | {"mae": m["mae"]}, stat_weights | {"mae": jnp.sum(w)}
+        weights = {k: jnp.asarray(v, jnp.float32) for k, v in weights.items()}
+        rows = {"reward": jax.lax.stop_gradient(rewards), "rating": ratings, "weight": w}
+        return loss, (jnp.sum(w), metrics, weights, rows)
     weights = {k: jnp.asarray(v, jnp.float32) for k, v in weights.items()}
     return loss, (jnp.sum(w), metrics, weights)
 
@@ -180,8 +199,9 @@ def make_reward_model_step(
     def step(state: TrainState, batch: Batch, key: jax.Array) -> tuple[TrainState, Metrics]:
         del key
         state, frozen = split_frozen(state)
-        loss, grads, metrics = accumulate_gradients(with_frozen(loss_fn, frozen), state.params, batch,
-                                                    cfg.grad_accum_steps, {"reward_var": "reward_mean"})
+        loss, grads, metrics = accumulate_gradients(
+            with_frozen(loss_fn, frozen), state.params, batch, cfg.grad_accum_steps,
+            {"reward_var": "reward_mean"}, rating_pair_metrics if cfg.loss == "rating" else None)
         metrics = _with_std(metrics)
         state, ok = apply_gradients_if_finite(state, optimizer, grads, loss)
         state = state._replace(frozen=frozen)
@@ -200,11 +220,20 @@ def make_reward_model_step(
 def make_reward_model_eval(
     model: LanguageModel, cfg: RewardModelConfig
 ) -> Callable[[RewardModelParams, Batch], Metrics]:
-    """``eval(params, batch) -> metrics`` (loss, accuracy, margin, reward_mean, reward_std): no update."""
+    """``eval(params, batch) -> metrics`` (loss, accuracy, margin, reward_mean, reward_std; mae for
+    ratings): no update. To merge batches exactly, ``weight/<name>`` is each metric's weight (rows, or
+    pairs for accuracy and margin), and a rating model's ``rows/reward``, ``rows/rating``, ``rows/weight``
+    [B] give its pairs across batches (:func:`rating_pair_metrics` of all of them)."""
 
     def evaluate(params: RewardModelParams, batch: Batch) -> Metrics:
-        loss, (_, metrics) = reward_model_loss(model, cfg, params, batch)
-        return jax.tree.map(lambda x: jnp.asarray(x, jnp.float32), {"loss": loss, **metrics})
+        loss, (w, metrics, weights, *rows) = _loss_parts(model, cfg, params, batch)
+        out = {"loss": loss, "weight/loss": w}
+        if rows:
+            out |= rating_pair_metrics(rows[0]) | {f"rows/{k}": v for k, v in rows[0].items()}
+            weights = weights | {k: jnp.sum(rows[0]["weight"]) for k in ("accuracy", "margin")}
+        weights = {("reward_std" if k == "reward_var" else k): v for k, v in weights.items()}
+        out |= _with_std(metrics) | {f"weight/{k}": v for k, v in weights.items()}
+        return jax.tree.map(lambda x: jnp.asarray(x, jnp.float32), out)
 
     return evaluate
 

@@ -21,6 +21,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jaxrlhf import parallel
 from jaxrlhf.data import Kind, SequenceExample
 from jaxrlhf.models.heads import init_reward_head
 from jaxrlhf.models.lora import LoRAConfig
@@ -41,7 +42,7 @@ from jaxrlhf.train.data_setup import (
     train_and_eval_sets,
     train_iterator,
 )
-from jaxrlhf.train.dpo_data import drop_identical_pairs
+from jaxrlhf.train.dpo_data import drop_identical_pairs, drop_repeated_responses
 from jaxrlhf.train.loop import training_loop
 from jaxrlhf.train.lora_setup import lora_model, merged_lm
 from jaxrlhf.train.model_setup import check_length, export_model, flops_per_token, load_model
@@ -80,17 +81,44 @@ class RewardRunConfig:
 
 
 def evaluate_reward_model(evaluate: Any, params: Any, batches: Any) -> dict[str, float]:
-    """Row-weighted means of the eval metrics over all batches, as ``eval/*``."""
+    """The eval metrics over the whole eval set, as ``eval/*``: each batch's weighted by its own weight
+    (rows for the loss, pairs for accuracy and margin), so the result does not depend on
+    ``data.eval_batch_size``; a rating model's pairs are formed across all batches."""
     sums: dict[str, float] = {}
-    rows = 0.0
+    totals: dict[str, float] = {}
+    rows: list[dict[str, np.ndarray]] = []
     for batch in batches:
-        n = float(np.sum(batch["row_mask"]))
-        m = host_scalars(evaluate(params, batch))
+        m = evaluate(params, batch)
+        if "rows/reward" in m:
+            rows.append({k[5:]: np.asarray(v) for k, v in parallel.to_host(
+                {k: v for k, v in m.items() if k.startswith("rows/")}).items()})
+        m = host_scalars({k: v for k, v in m.items() if not k.startswith("rows/")})
         for k in EVAL_KEYS:
             if k in m:
-                sums[k] = sums.get(k, 0.0) + m[k] * n
-        rows += n
-    return {f"eval/{k}": v / max(rows, 1.0) for k, v in sums.items()}
+                w = m[f"weight/{k}"]
+                sums[k] = sums.get(k, 0.0) + m[k] * w
+                totals[k] = totals.get(k, 0.0) + w
+    out = {k: v / totals[k] if totals[k] > 0 else 0.0 for k, v in sums.items()}
+    if rows:
+        out.update(rating_pair_summary({k: np.concatenate([r[k] for r in rows]) for k in rows[0]}))
+    return {f"eval/{k}": v for k, v in out.items()}
+
+
+def rating_pair_summary(rows: dict[str, np.ndarray], block: int = 1024) -> dict[str, float]:
+    """:func:`~jaxrlhf.steps.reward_model.rating_pair_metrics` over every pair of ``rows`` (reward, rating,
+    weight), in blocks of rows so that memory stays O(block · n), in float64."""
+    reward, rating, weight = (rows[k].astype(np.float64) for k in ("reward", "rating", "weight"))
+    pairs = right = margin = 0.0
+    for start in range(0, len(reward), block):
+        sl = slice(start, start + block)
+        w = weight[sl, None] * weight[None, :] * (rating[sl, None] > rating[None, :])
+        diff = reward[sl, None] - reward[None, :]
+        pairs += float(w.sum())
+        right += float((w * (diff > 0)).sum())
+        margin += float((w * diff).sum())
+    if pairs == 0:
+        return {"accuracy": 0.0, "margin": 0.0}
+    return {"accuracy": right / pairs, "margin": margin / pairs}
 
 
 def reference_responses(examples: Sequence[Any]) -> list[SequenceExample]:
@@ -138,18 +166,21 @@ def train_reward_model(cfg: RewardRunConfig) -> RunResult:
         params = RewardModelParams(lm, jax.tree.map(jnp.asarray, head))
 
         train_set, eval_set = train_and_eval_sets(kind, tokenizer, cfg.data, cfg.train.seed)
-        if kind == "preference":  # a pair of identical responses teaches nothing and is scored as lost
+        if kind in ("preference", "ranking"):  # a response tied with itself teaches nothing, scores as lost
             policy, key = cfg.reward_model.identical_pairs, "reward_model.identical_pairs"
-            train_set = drop_identical_pairs(train_set, cfg.data.train_file, policy, key)
+            drop = drop_identical_pairs if kind == "preference" else drop_repeated_responses
+            train_set = drop(train_set, cfg.data.train_file, policy, key)
             if eval_set is not None:
                 eval_path = cfg.data.eval_file or cfg.data.train_file
-                eval_set = drop_identical_pairs(eval_set, eval_path, policy, key)
+                eval_set = drop(eval_set, eval_path, policy, key)
         items = ranking_items([*train_set, *(eval_set or [])], cfg.data) if kind == "ranking" else None
         collate = make_collate(kind, cfg.data, tokenizer, items)
         batches = train_iterator(
             train_set, cfg.data.batch_size, cfg.train.seed, collate, cfg.data.shuffle, cfg.data.train_file
         )
         run.check_batch_size("data.batch_size", cfg.data.batch_size)  # before the eval size, its default
+        run.check_micro_batch("reward_model.grad_accum_steps",
+                              cfg.data.batch_size // cfg.reward_model.grad_accum_steps)
         eval_size = cfg.data.eval_batch_size or cfg.data.batch_size
         evaluate = None
         if eval_set is not None:
@@ -196,4 +227,7 @@ def train_reward_model(cfg: RewardRunConfig) -> RunResult:
             normalization=norm,
         )
         result.export_dir = str(export)
+        if cfg.lora.enabled:
+            log.info("LoRA reward model: only the merged export is written (no export_adapter/: the score "
+                     "head is trained whole, so the adapters alone do not reproduce the scores)")
         return result
