@@ -119,9 +119,12 @@ def update_kl_controller(
 ) -> KLControllerState:
     """β update from the batch's mean sequence KL (the config's estimator), n_steps = batch size.
 
-    ``batch``: any batch with ``old_logprobs``, ``ref_logprobs``, ``response_mask`` and ``sequences`` (an
-    :class:`Experience` or the critic-free ``GroupExperience``)."""
-    observed = jnp.mean(sequence_kl(batch.old_logprobs, batch.ref_logprobs, batch.response_mask,
+    ``batch``: any batch with ``old_logprobs``, ``ref_logprobs``, ``sequence_mask`` and ``sequences`` (an
+    :class:`Experience` or the critic-free ``GroupExperience``). The KL is taken over every sampled
+    response token (``sequence_mask``'s response columns), as ``objective/kl`` logs it: the training mask
+    (``response_mask``) is 0 on the rows of DAPO's dropped groups, whose KL still counts."""
+    sampled = batch.sequence_mask[:, batch.prompt_length:].astype(jnp.float32)
+    observed = jnp.mean(sequence_kl(batch.old_logprobs, batch.ref_logprobs, sampled,
                                     cfg.effective_kl_estimator))
     return controller.update(state, observed, batch.sequences.shape[0])
 

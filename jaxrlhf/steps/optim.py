@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+from collections.abc import Callable
 from typing import Any, Literal
 
 import jax
@@ -86,6 +87,11 @@ def learning_rate_at(cfg: OptimizerConfig, total_steps: int, step: Any, peak: An
     return decayed.astype(jnp.float32)
 
 
+# What a peak learning rate must be (the experiment pipeline checks its swept ones by the same rule).
+LEARNING_RATE_RULE: tuple[Callable[[float], bool], str] = (
+    lambda x: 0 <= x < math.inf, "a finite number >= 0")
+
+
 def make_optimizer(
     cfg: OptimizerConfig, total_steps: int, learning_rate: Any = None
 ) -> optax.GradientTransformation:
@@ -98,8 +104,9 @@ def make_optimizer(
     """
     if total_steps < 1:
         raise ValueError(f"make_optimizer: total_steps must be >= 1, got {total_steps}")
-    if is_number(learning_rate) and not 0 <= learning_rate < math.inf:  # a traced one cannot be checked
-        raise ValueError(f"make_optimizer: learning_rate must be a finite number >= 0, got {learning_rate}")
+    valid, rule = LEARNING_RATE_RULE
+    if is_number(learning_rate) and not valid(learning_rate):  # a traced one cannot be checked
+        raise ValueError(f"make_optimizer: learning_rate must be {rule}, got {learning_rate}")
 
     def adamw(learning_rate):
         return optax.adamw(learning_rate, b1=cfg.b1, b2=cfg.b2, eps=cfg.eps, weight_decay=cfg.weight_decay)

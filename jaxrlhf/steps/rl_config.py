@@ -21,6 +21,7 @@ import math
 from typing import Any, ClassVar, Literal
 
 from jaxrlhf.config import is_number
+from jaxrlhf.rollout.sampling import check_temperature
 
 KL_ESTIMATORS = ("k1", "k2", "k3")
 ADVANTAGE_ESTIMATORS = ("grpo", "dr_grpo", "rloo", "reinforce_pp", "reinforce_pp_baseline", "remax")
@@ -94,12 +95,13 @@ class RLConfig:
                 "of π its expected gradient is 0, so the tie to the reference would vanish; use k2 (gradient "
                 "of KL(π‖π_ref)), k3 (of KL(π_ref‖π)) or null (k2), or put the KL in the reward"
             )
-        if not (self.temperature > 0):  # NaN fails too
-            raise ValueError(f"{name}.temperature must be > 0, got {self.temperature}")
+        check_temperature(f"{name}.temperature", self.temperature)
         _check_range(name, "kl_coef", self.kl_coef, 0.0, None)
         _check_range(name, "kl_target", self.kl_target, 0.0, None, low_open=True)
-        if self.kl_horizon < 1:
+        if not self.kl_horizon >= 1:  # NaN fails too
             raise ValueError(f"{name}.kl_horizon must be >= 1, got {self.kl_horizon}")
+        for key in ("missing_eos_penalty", "entropy_coef"):  # either sign has a meaning; NaN and ±inf none
+            _check_finite(name, key, getattr(self, key))
         if self.grad_accum_steps < 1:
             raise ValueError(f"{name}.grad_accum_steps must be >= 1, got {self.grad_accum_steps}")
         if self.logprobs_from not in LOGPROBS_FROM:
@@ -181,6 +183,17 @@ class ClippedEpochsConfig(RLConfig):
         # clip_eps may be a traced scalar in a vmapped sweep: only a Python number is checked here.
         _check_range(name, "clip_eps", self.clip_eps, 0.0, None, low_open=True)
         _check_range(name, "clip_eps_high", self.clip_eps_high, 0.0, None, low_open=True)
+        if is_number(self.clip_eps_high) and is_number(self.clip_eps) and self.clip_eps_high < self.clip_eps:
+            raise ValueError(f"{name}.clip_eps_high must be >= clip_eps ({self.clip_eps}): it widens the "
+                             f"clip above 1 (DAPO's clip-higher), got {self.clip_eps_high}")
+        _check_range(name, "dual_clip", self.dual_clip, 1.0, None, low_open=True)
+        _check_range(name, "target_kl_early_stop", self.target_kl_early_stop, 0.0, None, low_open=True)
+
+
+def _check_finite(name: str, key: str, value: Any) -> None:
+    """ValueError naming ``name.key`` when the Python number ``value`` is NaN or infinite."""
+    if is_number(value) and not math.isfinite(value):
+        raise ValueError(f"{name}.{key} must be a finite number, got {value}")
 
 
 def _check_range(name: str, key: str, value: Any, low: float, high: float | None = None,
@@ -207,6 +220,12 @@ class PPOConfig(ActorCriticConfig, ClippedEpochsConfig):
                                                     "epochs": 4}
 
     vf_clip_eps: float | None = 0.2  # value-loss clip (null: unclipped)
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if is_number(self.vf_clip_eps) and not self.vf_clip_eps > 0:  # NaN fails too; inf: unclipped
+            raise ValueError(f"{type(self).__name__}.vf_clip_eps must be > 0 (null: unclipped), "
+                             f"got {self.vf_clip_eps}")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -259,7 +278,9 @@ class PGConfig(ClippedEpochsConfig):
             if value not in allowed:
                 raise ValueError(f"{name}.{key}: expected one of {', '.join(allowed)}, got {value!r}")
         needs_group = self.advantage in GROUP_ESTIMATORS or self.dynamic_sampling
-        if self.group_size < (2 if needs_group else 1):
+        if isinstance(self.group_size, bool) or not isinstance(self.group_size, int) or self.group_size < 1:
+            raise ValueError(f"{name}.group_size must be a whole number >= 1, got {self.group_size!r}")
+        if self.group_size < 2 and needs_group:
             why = (f"the {self.advantage!r} baseline comes from the other samples of the prompt"
                    if self.advantage in GROUP_ESTIMATORS else "dynamic_sampling compares a group's scores")
             raise ValueError(f"{name}.group_size: {self.group_size} is below 2, but {why}")
@@ -276,6 +297,18 @@ class PGConfig(ClippedEpochsConfig):
                              f"sequences; set loss_agg: sequence_mean, got {self.loss_agg!r}")
         if self.overlong_buffer < 0:
             raise ValueError(f"{name}.overlong_buffer must be >= 0 (0: off), got {self.overlong_buffer}")
+        _check_range(name, "overlong_penalty", self.overlong_penalty, 0.0, None)
+        ignored = [(key, why) for key, why, on in (
+            ("dual_clip", "GSPO's sequence ratio (ratio: sequence) has no dual clip",
+             self.dual_clip is not None and self.ratio == "sequence"),
+            ("clip_eps_high", "ratio: none (REINFORCE) clips nothing",
+             self.clip_eps_high is not None and self.ratio == "none"),
+            ("dual_clip", "ratio: none (REINFORCE) clips nothing",
+             self.dual_clip is not None and self.ratio == "none"),
+        ) if on]
+        if ignored:
+            key, why = ignored[0]
+            raise ValueError(f"{name}.{key}: {why}; set {key}: null")
 
     @property
     def greedy_baseline(self) -> bool:

@@ -53,6 +53,7 @@ from jaxrlhf.steps import (
     kl_controller,
     make_optimizer,
 )
+from jaxrlhf.steps.experience import update_micro_batch_rows
 from jaxrlhf.steps.rl_iteration import IterationOutput, RLPhases, make_rl_iteration
 from jaxrlhf.train.checkpoint import CheckpointManager
 from jaxrlhf.train.data_setup import load_dataset, make_collate, train_iterator
@@ -191,17 +192,26 @@ class RLSetup(NamedTuple):
     updates: int = 0  # optimiser updates of the whole run (the schedule's length): TRL's max_steps
 
 
+def _iteration_rows(cfg: RLRunConfig, algo: RLConfig) -> tuple[int, int]:
+    """(sequences trained on per iteration, minibatches they split into)."""
+    rows = cfg.data.batch_size * (algo.group_size if isinstance(algo, PGConfig) else 1)
+    return rows, algo.num_minibatches if isinstance(algo, ClippedEpochsConfig) else 1
+
+
 def check_minibatch_split(cfg: RLRunConfig, algo: RLConfig) -> None:
     """The sequences of an iteration (prompts × group size) split into minibatches × micro-batches of equal
     size: a ConfigError naming the key otherwise, before anything is loaded."""
     key = COMMAND_OF[type(cfg)]
-    rows = cfg.data.batch_size * (algo.group_size if isinstance(algo, PGConfig) else 1)
-    minibatches = algo.num_minibatches if isinstance(algo, ClippedEpochsConfig) else 1
+    rows, minibatches = _iteration_rows(cfg, algo)
     if rows % minibatches or (rows // minibatches) % algo.grad_accum_steps:
         size = "data.batch_size" + (f" × {key}.group_size" if isinstance(algo, PGConfig) else "")
-        raise ConfigError(f"{key}.num_minibatches: {size} = {rows} sequences per iteration do not split into "
-                          f"{minibatches} minibatches × {key}.grad_accum_steps={algo.grad_accum_steps} "
-                          "micro-batches of equal size")
+        # Blame the key that does not divide (a2c has no num_minibatches: one minibatch).
+        blamed = "num_minibatches" if rows % minibatches else "grad_accum_steps"
+        parts = (f"{minibatches} minibatches ({key}.num_minibatches) × " if isinstance(
+            algo, ClippedEpochsConfig) else "")
+        raise ConfigError(f"{key}.{blamed}: {size} = {rows} sequences per iteration do not split into "
+                          f"{parts}{algo.grad_accum_steps} micro-batches ({key}.grad_accum_steps) of equal "
+                          "size")
 
 
 def build_rl(cfg: RLRunConfig, run: Run, policy: LoadedModel, critic_key: jax.Array, total: int) -> RLSetup:
@@ -239,6 +249,10 @@ def build_rl(cfg: RLRunConfig, run: Run, policy: LoadedModel, critic_key: jax.Ar
     if isinstance(score, RewardFunctions):  # which rollout rows the prompt columns go with
         score.greedy_baseline = bool(critic_free and algo.greedy_baseline)
     run.check_batch_size("data.batch_size", cfg.data.batch_size)
+    run.check_micro_batch(f"{COMMAND_OF[type(cfg)]}.grad_accum_steps",
+                          update_micro_batch_rows(algo, _iteration_rows(cfg, algo)[0]))
+    if cfg.reward.micro_batch_size is not None:
+        run.check_micro_batch("reward.micro_batch_size", cfg.reward.micro_batch_size)
     if cfg.reference.offload:
         ref_params = parallel.to_host(ref_params)  # numpy: copied to the devices by each experience call
         log.info("reference params kept in host memory (reference.offload)")
@@ -362,7 +376,8 @@ def export_policy(run_dir: str, policy: LoadedModel, state: RLState, critic_mode
     heads = None if params.value_head is None else {"value_head": params.value_head}
     frozen = None if state.policy.frozen is None else state.policy.frozen.lm
     lm = merged_lm(lora or LoRAConfig(), policy.model, params.lm, frozen)
-    export = export_model(os.path.join(run_dir, "export"), policy.model, lm, policy.tokenizer, heads=heads)
+    export = export_model(os.path.join(run_dir, "export"), policy.model, lm, policy.tokenizer, heads=heads,
+                          source=base_path)
     if frozen is not None and lora is not None:
         export_adapters(run_dir, lora, policy.model, params.lm, base_path)
     if state.critic is not None:

@@ -61,6 +61,14 @@ def sampling_settings(gen: GenerationSection, temperature: float, tokenizer: Any
         candidates = (tokenizer.eos_token_id, *model_eos, *chat_turn_end_ids(tokenizer))
         stop = tuple(dict.fromkeys(i for i in candidates if i is not None))
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    vocab = model_config.vocab_size if model_config is not None else None
+    outside = [s for s in stop if s is not None and vocab is not None and not 0 <= s < vocab]
+    if outside and gen.stop_token_ids is not None:
+        raise ConfigError(f"generation.stop_token_ids: {outside[0]} is not a token of the model (vocab_size "
+                          f"{vocab}), so no rollout could stop there")
+    if outside:  # derived from the tokenizer or the model's config: ids the model cannot emit stop nothing
+        log.info("stop ids %s are outside the model's vocabulary (%d) and left out", outside, vocab)
+        stop = tuple(s for s in stop if s not in outside)
     try:
         return GenerationConfig(
             max_new_tokens=gen.max_new_tokens,

@@ -146,6 +146,33 @@ def test_dynamic_sampling_zeroes_exactly_the_flat_groups(tiny_model, tiny_params
     assert float(metrics_off["groups/dropped"]) == 0.0 and float(metrics_off["frac_reward_zero_std"]) == 0.5
 
 
+def test_the_adaptive_kl_controller_sees_the_kl_of_every_sample_with_dynamic_sampling(
+        tiny_model, tiny_params, other_params, make_rollout):
+    """DAPO's filter zeroes the training mask of flat groups, but their samples' KL is real: β moves on
+    the mean KL over all sampled rows, the logged objective/kl (it once read the dropped rows as KL 0, and
+    β fell while the KL was above target)."""
+    from jaxrlhf.steps.actor_critic import kl_controller, update_kl_controller
+
+    cfg = GRPOConfig(group_size=2, dynamic_sampling=True, adaptive_kl=True, kl_coef=0.1, kl_target=0.14,
+                     kl_horizon=8, missing_eos_penalty=0.0, temperature=T)
+    rollout = make_rollout(1, b=8)
+    scores = np.array([1.0, 1.0, 0.0, 1.0, 0.5, 0.5, 2.0, -2.0], np.float32)  # groups 0 and 2 are flat
+    fn = jax.jit(make_group_experience_fn(tiny_model, tiny_model, cfg))
+    batch, metrics = fn(PolicyParams(tiny_params), PolicyParams(other_params), None, rollout, scores,
+                        kl_state(0.1))
+    assert float(metrics["groups/dropped"]) == 2.0
+    old, ref = logprobs_of(tiny_model, tiny_params, rollout), logprobs_of(tiny_model, other_params, rollout)
+    mask = np.asarray(rollout.response_mask, np.float64)
+    k2 = 0.5 * np.square(old - ref)  # GRPO's default estimator: the KL is in the loss
+    observed = float(np.mean(np.sum(np.where(mask > 0, k2, 0.0), axis=1)))  # over every sample
+    assert float(metrics["objective/kl"]) == pytest.approx(observed, rel=1e-4, abs=1e-6)
+    error = np.clip(observed / 0.14 - 1.0, -0.2, 0.2)
+    assert abs(error) < 0.2  # not clipped, so β tells which KL the controller saw
+    want = 0.1 * (1.0 + error * 8 / 8)
+    got = update_kl_controller(kl_controller(cfg), kl_state(0.1), cfg, batch)
+    assert float(got.kl_coef) == pytest.approx(want, rel=1e-5)
+
+
 def test_remax_reads_the_greedy_rows_and_trains_on_the_samples_only(tiny_model, tiny_params, make_rollout):
     """Rows 0–3: two prompts × two samples; rows 4–5: each prompt's greedy response (KL in the reward, so
     the samples' rewards carry −β·Σk; the policy is its own reference here, so Σk = 0)."""

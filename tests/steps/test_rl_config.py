@@ -91,6 +91,20 @@ def test_critic_free_defaults_follow_the_papers():
     ({"overlong_buffer": -1}, r"overlong_buffer must be >= 0"),
     ({"kl_estimator": "k1"}, r"GRPOConfig\.kl_estimator: k1 cannot be the KL in the loss"),
     ({"epochs": 0}, r"epochs \(0\) and num_minibatches"),
+    # group_size: a whole number >= 1 whatever the estimator (the "below 2" text only where a group is used)
+    ({"group_size": 0, "advantage": "remax"}, r"group_size must be a whole number >= 1, got 0"),
+    ({"group_size": 2.5}, r"group_size must be a whole number >= 1, got 2\.5"),
+    ({"clip_eps": 0.2, "clip_eps_high": 0.1}, r"clip_eps_high must be >= clip_eps \(0\.2\)"),
+    ({"dual_clip": 0.5}, r"GRPOConfig\.dual_clip must be a finite number > 1, got 0\.5"),
+    ({"dual_clip": -3.0}, r"dual_clip must be a finite number > 1"),
+    ({"target_kl_early_stop": -1.0}, r"target_kl_early_stop must be a finite number > 0"),
+    ({"entropy_coef": float("nan")}, r"entropy_coef must be a finite number, got nan"),
+    ({"missing_eos_penalty": float("inf")}, r"missing_eos_penalty must be a finite number"),
+    ({"overlong_penalty": -1.0}, r"overlong_penalty must be a finite number >= 0"),
+    ({"kl_horizon": float("nan")}, r"kl_horizon must be >= 1, got nan"),
+    # Settings the chosen ratio would ignore are refused, not dropped.
+    ({"ratio": "sequence", "dual_clip": 3.0}, r"GRPOConfig\.dual_clip: GSPO's sequence ratio"),
+    ({"ratio": "none", "clip_eps_high": 0.28}, r"GRPOConfig\.clip_eps_high: ratio: none"),
 ])
 def test_critic_free_bad_input_names_the_key(kwargs, message):
     with pytest.raises(ValueError, match=message):
@@ -108,6 +122,8 @@ def test_estimators_without_a_group_accept_one_sample_per_prompt():
     (PPOConfig, {"tis_cap": 0.0}, "tis_cap must be > 0"),
     (PPOConfig, {"tis_cap": 2.0, "logprobs_from": "rollout"}, "logprobs_from: recompute"),
     (GRPOConfig, {"tis_cap": 2.0, "ratio": "sequence"}, "sequence ratio"),
+    (PPOConfig, {"vf_clip_eps": -0.2}, r"PPOConfig\.vf_clip_eps must be > 0 \(null: unclipped\)"),
+    (PPOConfig, {"vf_clip_eps": float("nan")}, r"vf_clip_eps must be > 0"),
 ])
 def test_logprob_source_and_tis_bad_input(cls, kwargs, message):
     with pytest.raises(ValueError, match=message):

@@ -3,6 +3,7 @@
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 
 from jaxrlhf.models.heads import head_apply, init_reward_head
 from jaxrlhf.rl import RewardNormalization
@@ -60,6 +61,14 @@ def test_rollouts_stop_at_every_eos_id_of_the_model_by_default():
     assert sampling_settings(GenerationSection(), 1.0, tokenizer).stop_token_ids == (9,)
     given = GenerationSection(stop_token_ids=(3,))
     assert sampling_settings(given, 1.0, tokenizer, config).stop_token_ids == (3,)
+    from jaxrlhf.config import ConfigError
+
+    with pytest.raises(ConfigError, match=r"generation\.stop_token_ids: 99 is not a token of the model "
+                                          r"\(vocab_size 16\)"):
+        sampling_settings(GenerationSection(stop_token_ids=(3, 99)), 1.0, tokenizer, config)
+    # Derived ids the model cannot emit (a tokenizer's eos beyond a smaller vocabulary) are left out.
+    big_eos = types.SimpleNamespace(eos_token_id=20, pad_token_id=0)
+    assert sampling_settings(GenerationSection(), 1.0, big_eos, config).stop_token_ids == (5, 9, 7)
     # and where the chat template closes an assistant turn (chat completions are trained to end there)
     from jaxrlhf.data import make_char_tokenizer
 
