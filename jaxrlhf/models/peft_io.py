@@ -77,8 +77,12 @@ def save_peft_adapters(path: str | os.PathLike, model_config: ModelConfig, adapt
                        base_model: str | None = None) -> Path:
     """Write ``adapter_config.json`` and ``adapter_model.safetensors`` under ``path``, which
     ``peft.PeftModel.from_pretrained(base, path)`` loads onto the base model (``base_model``: its path,
-    recorded as ``base_model_name_or_path``)."""
+    recorded as ``base_model_name_or_path``, absolute when it is a local directory so the adapter loads
+    from anywhere)."""
     from safetensors.numpy import save_file
+
+    if base_model is not None and Path(base_model).is_dir():
+        base_model = str(Path(base_model).resolve())
 
     tensors, ranks = peft_tensors(model_config, adapters, cfg)
     gpt2 = model_config.model_type == "gpt2"

@@ -112,6 +112,9 @@ def dpo_loss(
     "ipo": (h − 1/(2β))²;  "hinge" (SLiC): relu(1 − β·h).
     Metrics: "rewards/chosen" = mean β·(log π(y_c) − log π_ref(y_c)), "rewards/rejected" likewise,
     "rewards/accuracies" (share with chosen > rejected), "rewards/margins" (mean chosen − rejected).
+    At the reference (step 1) every margin is the rounding difference of two compiled passes, so the
+    accuracy there is noise and may change with the micro-batching, as TRL's does (a tolerance on the
+    log-probs cannot fix it: the rounding scales with the logits, which a confident policy has large).
     """
     chex.assert_rank([pi_chosen, pi_rejected, ref_chosen, ref_rejected], 1)
     chex.assert_equal_shape([pi_chosen, pi_rejected, ref_chosen, ref_rejected])

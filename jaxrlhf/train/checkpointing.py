@@ -12,13 +12,15 @@ from __future__ import annotations
 import logging
 import os
 from collections.abc import Callable, Mapping
+from pathlib import Path
 from typing import Any, NamedTuple
 
 import jax
+import yaml
 
 from jaxrlhf.config import ConfigError
 from jaxrlhf.steps.state import attach_frozen, detach_frozen
-from jaxrlhf.train.checkpoint import CheckpointManager
+from jaxrlhf.train.checkpoint import CheckpointManager, CheckpointMismatchError
 from jaxrlhf.train.run_config import CheckpointSection, TrainSection
 
 log = logging.getLogger("jaxrlhf")
@@ -38,7 +40,7 @@ class Checkpointing:
 
     def __init__(self, command: str, section: CheckpointSection, train: TrainSection, run_dir: str,
                  state_key: str = "train"):
-        self.command, self.cfg, self.state_key = command, section, state_key
+        self.command, self.cfg, self.state_key, self.run_dir = command, section, state_key, run_dir
         # Called once the saves so far have committed (the run directory's config.yaml then describes them).
         self.on_committed: Callable[[], None] | None = None
         self._unconfirmed = False
@@ -66,7 +68,14 @@ class Checkpointing:
                 f"(steps {self.manager.all_steps()}); resume them or choose another logging.run_dir / "
                 "checkpoint.dir"
             )
-        state, metadata = self.manager.restore(step, target)
+        try:
+            state, metadata = self.manager.restore(step, target)
+        except CheckpointMismatchError as e:
+            # Most often the run directory belongs to a run of another model (model.path changed).
+            raise CheckpointMismatchError(
+                f"{e}; these checkpoints were written for another model or setup{self._saved_model()}: "
+                "choose a new logging.run_dir (or checkpoint.dir) to start a new run"
+            ) from None
         if metadata.get("command", self.command) != self.command:
             raise ConfigError(
                 f"checkpoint.dir: {self.directory} holds a {metadata['command']!r} run, "
@@ -74,6 +83,16 @@ class Checkpointing:
             )
         log.info("resuming from step %d of %s", step, self.directory)
         return state, metadata
+
+    def _saved_model(self) -> str:
+        """`` (model.path X in its config.yaml)`` for the run that wrote the checkpoints, when known."""
+        try:
+            saved = yaml.safe_load((Path(self.run_dir) / "config.yaml").read_text())
+            model = saved["model"]
+            what = f"model.path {model['path']}" if model.get("path") else "model.architecture"
+        except (OSError, yaml.YAMLError, KeyError, TypeError, AttributeError):
+            return ""
+        return f" ({what} in {Path(self.run_dir) / 'config.yaml'})"
 
     def resume(self, state: Any, rng: jax.Array, batches: Any) -> Resumed:
         """The latest checkpoint's state, key and step (the data iterator's position restored into

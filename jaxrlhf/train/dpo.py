@@ -205,6 +205,7 @@ def train_dpo(cfg: DPORunConfig) -> RunResult:
         check_length(policy.model.config, cfg.data.max_prompt_length + cfg.data.max_response_length)
         data = load_pairs(cfg, policy.tokenizer)
         run.check_batch_size("data.batch_size", cfg.data.batch_size)
+        run.check_micro_batch("dpo.grad_accum_steps", cfg.data.batch_size // cfg.dpo.grad_accum_steps)
         eval_size = cfg.data.eval_batch_size or cfg.data.batch_size
         if data.held_out is not None:
             run.check_batch_size("data.eval_batch_size", eval_size)
@@ -240,11 +241,14 @@ def train_dpo(cfg: DPORunConfig) -> RunResult:
         evaluate = None
         if data.held_out is not None:
             eval_jit = compile_step(make_dpo_eval(policy.model, cfg.dpo), donate=False)
+            # Its own compiled reference: eval batches have their own size, which the watched training
+            # reference would report as a recompilation.
+            eval_ref_jit = compile_step(make_reference_logps(ref_model), donate=False)
 
             def evaluate_batch(params: Any, batch: Batch) -> Any:
                 device_batch = run.shard(batch)
                 if reference is not None:
-                    device_batch = {**device_batch, **reference(device_batch)}
+                    device_batch = {**device_batch, **eval_ref_jit(ref_lm, device_batch)}
                 return eval_jit(params, device_batch)
 
             held_out = data.held_out
@@ -256,7 +260,8 @@ def train_dpo(cfg: DPORunConfig) -> RunResult:
         if not result.stopped_early:
             frozen = None if state.frozen is None else state.frozen.lm
             lm = merged_lm(cfg.lora, policy.model, state.params.lm, frozen)
-            export = export_model(os.path.join(run.run_dir, "export"), policy.model, lm, policy.tokenizer)
+            export = export_model(os.path.join(run.run_dir, "export"), policy.model, lm, policy.tokenizer,
+                                  source=cfg.model.path)
             if lora:
                 export_adapters(run.run_dir, cfg.lora, policy.model, state.params.lm, cfg.model.path)
             result.export_dir = str(export)

@@ -18,7 +18,7 @@ from typing import Any, Literal
 
 import numpy as np
 
-from jaxrlhf.data import Batch, DataError, PreferenceExample
+from jaxrlhf.data import Batch, DataError, PreferenceExample, RankingExample
 from jaxrlhf.data.loader import Collate
 from jaxrlhf.parallel import to_host
 from jaxrlhf.steps.dpo import REFERENCE_KEYS
@@ -37,7 +37,7 @@ class ReferencedPair(PreferenceExample):
     ref_rejected_logp: float
 
 
-def _lines(examples: Sequence[PreferenceExample]) -> str:
+def _lines(examples: Sequence[Any]) -> str:
     shown = ", ".join(e.source.rsplit(":", 1)[-1] for e in examples[:5])
     return shown + (", …" if len(examples) > 5 else "")
 
@@ -66,6 +66,41 @@ def drop_identical_pairs(
     kept = [e for e in examples if not np.array_equal(e.chosen, e.rejected)]
     if not kept:
         raise DataError(f"{path}: every pair has identical 'chosen' and 'rejected'; nothing to train on")
+    return kept
+
+
+def drop_repeated_responses(
+    examples: Sequence[RankingExample], path: str, policy: Literal["error", "drop"],
+    key: str = "reward_model.identical_pairs",
+) -> list[RankingExample]:
+    """Rankings whose responses are all different token ids.
+
+    A response ranked twice ties with itself: that pair has a zero gradient and the accuracy counts it as
+    lost. ``policy`` "error" raises a :class:`DataError` naming its file and line (and the config ``key``),
+    "drop" keeps each response's first (best) place, leaves out rankings left with fewer than two, and
+    warns with the count.
+    """
+    def firsts(e: RankingExample) -> list[int]:
+        return [j for j, r in enumerate(e.responses)
+                if not any(np.array_equal(r, q) for q in e.responses[:j])]
+
+    repeated = [e for e in examples if len(firsts(e)) < len(e.responses)]
+    if not repeated:
+        return list(examples)
+    where = f"{len(repeated)} of the {len(examples)} rankings in {path} (lines {_lines(repeated)})"
+    if policy == "error":
+        raise DataError(
+            f"{repeated[0].source}: a response appears twice in 'responses' once tokenized, so the ranking "
+            f"ties it with itself; {where} are like this: remove the repeats or set {key}=drop"
+        )
+    log.warning("%s: kept the first place of each repeated response", where)
+    kept = []
+    for e in examples:
+        keep = firsts(e)
+        if len(keep) >= 2:
+            kept.append(dataclasses.replace(e, responses=tuple(e.responses[j] for j in keep)))
+    if not kept:
+        raise DataError(f"{path}: no ranking has two different responses; nothing to train on")
     return kept
 
 

@@ -8,8 +8,8 @@ response token.
 The learned heads act at decoding time: ``generate(..., guidance=value_guidance(target_q_heads, β))``
 samples from π_base·exp(β·(Q − V)) (``jaxrlhf.rollout.guidance``). The export ``<run_dir>/export`` is the
 backbone as a Hugging Face causal LM with the heads beside it in ``jaxrlhf_heads.safetensors`` under
-``ilql.*`` (:func:`load_ilql_heads` reads them back). Metrics: loss/ilql, loss/q, loss/v, loss/cql, q/mean,
-q/target, v/mean, td/target, td/error; held-out ones under ``eval/`` (``data.eval_file`` or
+``ilql.*`` (:func:`load_ilql_heads` reads them back). Metrics: loss/ilql, loss/q, loss/v, loss/cql, loss/bc,
+q/mean, q/target, v/mean, td/target, td/error; held-out ones under ``eval/`` (``data.eval_file`` or
 ``data.eval_fraction``).
 Checkpoints hold ``{"train": TrainState over ILQLParams, "rng"}`` and the data iterator's position.
 """
@@ -83,6 +83,8 @@ def heads_dict(params: ILQLParams) -> dict[str, Any]:
 
 def load_ilql_heads(path: str | os.PathLike) -> tuple[tuple[Any, ...], Any, tuple[Any, ...]]:
     """(online Q heads, V head, target Q heads) of a ``jaxrlhf ilql`` export; a DataError without them."""
+    if not os.path.isdir(path):
+        raise DataError(f"{path}: no such directory (give a `jaxrlhf ilql` run's export/)")
     heads = hf_io.load_heads(path).get(HEADS_KEY)
     if not heads or not {"q", "v", "target_q"} <= set(heads):
         raise DataError(f"{path}: no ILQL heads (no '{HEADS_KEY}.q/v/target_q' in "
@@ -126,6 +128,7 @@ def train_ilql(cfg: ILQLRunConfig) -> RunResult:
         log.info("rewards of %s: mean %.4g, std %.4g, min %.4g, max %.4g", cfg.data.train_file,
                  *(f(np.array([e.rating for e in train_set])) for f in (np.mean, np.std, np.min, np.max)))
         run.check_batch_size("data.batch_size", cfg.data.batch_size)
+        run.check_micro_batch("ilql.grad_accum_steps", cfg.data.batch_size // cfg.ilql.grad_accum_steps)
         batches = train_iterator(train_set, cfg.data.batch_size, cfg.train.seed, collate, cfg.data.shuffle,
                                  cfg.data.train_file)
         evaluate = None
@@ -147,6 +150,6 @@ def train_ilql(cfg: ILQLRunConfig) -> RunResult:
         state, result = training_loop(run, state, rng, batches, total, hooks)
         if not result.stopped_early:
             export = export_model(os.path.join(run.run_dir, "export"), model, state.params.lm, tokenizer,
-                                  heads=heads_dict(state.params), score_head=None)
+                                  heads=heads_dict(state.params), score_head=None, source=cfg.model.path)
             result.export_dir = str(export)
         return result

@@ -86,9 +86,10 @@ def training_loop(
     report = run.report
     report.nonfinite.total_skips = int(metadata.get("nonfinite_skips", 0))
     run.open(step)
-    log.info("%s: %s, checkpoints every %d step(s) in %s", run.command,
-             f"steps {step + 1}–{total}" if step else f"{total} steps", run.checkpoints.cfg.every,
-             run.checkpoints.directory)
+    if not finished:  # a finished run says so below, before evaluating and exporting again
+        log.info("%s: %s, checkpoints every %d step(s) in %s", run.command,
+                 f"steps {step + 1}–{total}" if step else f"{total} steps", run.checkpoints.cfg.every,
+                 run.checkpoints.directory)
     report.start_progress(total, step)
     stopped = False
     first = step

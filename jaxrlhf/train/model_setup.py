@@ -176,8 +176,12 @@ def export_model(
     heads: dict[str, Any] | None = None,
     normalization: RewardNormalization | None = None,
     score_head: str | None = "auto",
+    source: str | os.PathLike | None = None,
 ) -> Path:
     """Write a Hugging Face directory (LM, heads, tokenizer, reward normalisation) atomically.
+
+    ``source``: the model directory the run started from; its ``generation_config.json`` (the sampling
+    defaults ``generate`` and TRL read: do_sample, temperature, top_p, eos ids) is kept in the export.
 
     ``score_head`` (see :func:`jaxrlhf.models.hf_io.save`): the head written as a
     ``*ForSequenceClassification`` checkpoint's ``score`` — ``"auto"`` picks a reward head,
@@ -190,11 +194,14 @@ def export_model(
     bad = first_nonfinite_leaf({"lm": lm_params, "heads": heads or {}})
     if bad is not None:
         raise NonFiniteCheckpointError(f"refusing to export to {path}: parameter {bad} is not finite")
-    extra = None
+    extra = {}
     if normalization is not None:
         gain, bias = float(normalization.gain), float(normalization.bias)
-        extra = {NORMALIZATION_FILE: json.dumps({"gain": gain, "bias": bias}, indent=2) + "\n"}
-    out = hf_io.save(path, model, lm_params, tokenizer=tokenizer, heads=heads or None, extra_files=extra,
-                     score_head=score_head)
+        extra[NORMALIZATION_FILE] = json.dumps({"gain": gain, "bias": bias}, indent=2) + "\n"
+    gen_file = None if source is None else Path(source) / hf_io.GENERATION_CONFIG_FILE
+    if gen_file is not None and gen_file.is_file():
+        extra[hf_io.GENERATION_CONFIG_FILE] = gen_file.read_text()
+    out = hf_io.save(path, model, lm_params, tokenizer=tokenizer, heads=heads or None,
+                     extra_files=extra or None, score_head=score_head)
     log.info("exported %s", out)
     return out

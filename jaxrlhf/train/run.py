@@ -172,6 +172,16 @@ class Run:
                 f"{dict(self.mesh.shape)} (set parallel.data / parallel.fsdp or the batch size)"
             )
 
+    def check_micro_batch(self, key: str, rows: int) -> None:
+        """Warn when the rows one forward/backward pass sees do not split over the mesh's devices: the step
+        then computes each micro-batch whole on every device (results stay right, the work per device
+        grows up to the device count)."""
+        if rows % self.mesh.size:
+            log.warning(
+                "%s: micro-batches of %d rows do not split over the %d devices of the mesh %s, so each "
+                "device computes every row of each micro-batch (same results, more work per device); make "
+                "them a multiple of %d", key, rows, self.mesh.size, dict(self.mesh.shape), self.mesh.size)
+
     # ------------------------------------------------------------------ lifetime
     def close(self) -> None:
         # Each part closes even if one before it fails (a metrics file that cannot be written must not

@@ -64,9 +64,12 @@ class DataSection:
     # Without an eval_file: the share of the train file held out for evaluation (at least one example;
     # 0: no evaluation). The split is fixed by train.seed.
     eval_fraction: float = 0.05
+    # Training batches are whole: each epoch leaves out (len % batch_size) examples, different ones each
+    # epoch when shuffled (the run says how many at the start).
     batch_size: int = 8
     eval_batch_size: int | None = None  # default: batch_size
     max_prompt_length: int = 64
+    # A longer completion or response is cut to this many tokens, and then has no eos (the run counts them).
     max_response_length: int = 64
     # Start plain-text prompts with the tokenizer's bos; null (default): as the tokenizer itself does (Llama's
     # add it, GPT-2's do not); conversations: their chat template decides (true adds one where it lacks).

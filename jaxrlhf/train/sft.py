@@ -98,6 +98,7 @@ def train_sft(cfg: SFTRunConfig) -> RunResult:
             train_set, cfg.data.batch_size, cfg.train.seed, collate, cfg.data.shuffle, cfg.data.train_file
         )
         run.check_batch_size("data.batch_size", cfg.data.batch_size)  # before the eval size, its default
+        run.check_micro_batch("sft.grad_accum_steps", cfg.data.batch_size // cfg.sft.grad_accum_steps)
         evaluate = None
         if eval_set is not None:
             evaluate_batch = make_sft_eval(model)
@@ -117,7 +118,8 @@ def train_sft(cfg: SFTRunConfig) -> RunResult:
         state, result = training_loop(run, state, rng, batches, total, hooks)
         if not result.stopped_early:
             lm = merged_lm(cfg.lora, model, state.params, state.frozen)
-            export = export_model(os.path.join(run.run_dir, "export"), model, lm, tokenizer)
+            export = export_model(os.path.join(run.run_dir, "export"), model, lm, tokenizer,
+                                  source=cfg.model.path)
             if cfg.lora.enabled:
                 export_adapters(run.run_dir, cfg.lora, model, state.params, cfg.model.path)
             result.export_dir = str(export)

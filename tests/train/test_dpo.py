@@ -142,12 +142,14 @@ def assert_same_steps(got: dict[int, dict], want: dict[int, dict], steps, what: 
 
 def test_on_the_fly_reference_gives_the_same_steps(workdir, learned):
     config = dpo_config(workdir, "on-the-fly", precompute_ref_logprobs=False)
-    config["train"].update(steps=3, eval_every=0)
+    config["train"].update(steps=3, eval_every=1)
+    config["data"]["eval_batch_size"] = 4  # eval's reference shapes are not the training reference's
     assert run_dpo(config, workdir) == 0
     got = step_records(workdir / "on-the-fly")
     assert_same_steps(got, step_records(learned), [1, 2, 3], "on the fly")
     assert got[3]["timing/reference"] > 0.0 and got[3]["perf/reference_tokens_per_s"] > 0.0
     assert "eval/rewards/accuracies" in eval_records(workdir / "on-the-fly")[3]
+    assert "recompiled" not in (workdir / "on-the-fly" / "run.log").read_text()  # it was, at step 2
 
 
 def test_resumed_run_recomputes_the_same_cache_and_continues_exactly(workdir, learned):
@@ -204,6 +206,38 @@ def test_reward_model_training_refuses_identical_pairs_the_same_way(workdir, cap
     assert "reward_model.identical_pairs=drop" in err and not (workdir / "rm-ties").exists()
     assert cli.main(["reward", "--config", str(yaml_path), "--set", "reward_model.identical_pairs=drop"]) == 0
     assert "dropped 1 of the" in (workdir / "rm-ties" / "run.log").read_text()
+
+
+def test_rankings_with_a_repeated_response_are_refused_or_keep_its_first_place():
+    """A ranking holding one response twice ties it with itself (zero gradient, a lost pair): an error
+    naming file:line and the key, or with "drop" the repeat's lower places go and a ranking left with one
+    response goes too."""
+    from jaxrlhf.data import RankingExample
+    from jaxrlhf.train.dpo_data import drop_repeated_responses
+
+    a, b, c = (np.array(x, np.int32) for x in ([5, 6], [7], [5, 6, 8]))
+    rankings = [RankingExample(np.array([3], np.int32), (a, b, c), "f.jsonl:1"),
+                RankingExample(np.array([3], np.int32), (a, b, a.copy(), c), "f.jsonl:2"),
+                RankingExample(np.array([4], np.int32), (b, b.copy()), "f.jsonl:3")]
+    assert drop_repeated_responses(rankings[:1], "f.jsonl", "error") == rankings[:1]
+    with pytest.raises(ValueError, match=r"^f\.jsonl:2: a response appears twice .* 2 of the 3 rankings in "
+                                         r"f\.jsonl \(lines 2, 3\) .* reward_model\.identical_pairs=drop"):
+        drop_repeated_responses(rankings, "f.jsonl", "error")
+    kept = drop_repeated_responses(rankings, "f.jsonl", "drop")
+    assert [e.source for e in kept] == ["f.jsonl:1", "f.jsonl:2"]
+    assert [r.tolist() for r in kept[1].responses] == [[5, 6], [7], [5, 6, 8]]
+    with pytest.raises(ValueError, match="no ranking has two different responses"):
+        drop_repeated_responses(rankings[2:], "f.jsonl", "drop")
+
+
+def test_bradley_terry_terms_are_refused_by_the_other_losses():
+    from jaxrlhf.steps.reward_model import RewardModelConfig
+
+    with pytest.raises(ValueError, match=r"RewardModelConfig\.center_coef: .* the ranking loss would ignore"):
+        RewardModelConfig(loss="ranking", center_coef=0.01)
+    with pytest.raises(ValueError, match=r"RewardModelConfig\.margin: .* the rating loss would ignore"):
+        RewardModelConfig(loss="rating", margin=1.0)
+    assert RewardModelConfig(loss="pairwise", margin=1.0, center_coef=0.01).margin == 1.0
 
 
 def test_hold_out_is_a_deterministic_disjoint_split():

@@ -83,6 +83,8 @@ def test_ilql_trains_evaluates_and_exports_its_heads(trained):
     final = read_metrics_jsonl(trained / "metrics.jsonl")
     assert any("eval/loss/ilql" in r and np.isfinite(r["eval/loss/ilql"]) for r in final)
     q, v, target = load_ilql_heads(trained / "export")
+    with pytest.raises(ValueError, match=r"nowhere: no such directory"):  # not "no ILQL heads"
+        load_ilql_heads(trained / "nowhere")
     assert len(q) == len(target) == 2
     kernel = q[0]["proj"]["kernel"]
     assert kernel.shape[0] == 32 and q[0]["proj"]["bias"].shape == kernel.shape[1:]

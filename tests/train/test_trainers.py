@@ -425,8 +425,10 @@ def test_nonfinite_rewards_stop_the_run_and_keep_the_last_good_checkpoint(
     calls = []
 
     def nan_after_two_batches(prompt_tokens, prompt_mask, response_tokens, response_mask):
+        # A NaN score is refused where it is returned (naming the reward); the float32 maximum is a finite
+        # score whose returns and whitening overflow, so the update is non-finite and skipped.
         calls.append(1)
-        value = 1.0 if len(calls) <= 2 else np.nan
+        value = 1.0 if len(calls) <= 2 else np.finfo(np.float32).max
         return np.full(len(response_tokens), value, np.float32)
 
     register_reward("test_nan_after_two", nan_after_two_batches, overwrite=True)
@@ -638,6 +640,56 @@ def test_lora_sft_and_ppo_train_adapters_and_export(workdir, sft_run, reward_run
     lm = saved["rl"]["policy"]["params"]["lm"]
     assert set(lm) == {"layers"} and "kernel" not in lm["layers"]["attn"]["qkv"]  # adapters only
     assert saved["rl"]["policy"].get("frozen") is None
+
+
+def test_exports_keep_the_sampling_defaults_and_adapters_name_their_base_absolutely(
+        workdir, sft_run, monkeypatch):
+    """A base with a generation_config.json (sampling defaults transformers' generate reads) given by a
+    relative model.path: the export keeps the file, and export_adapter/ records the base's absolute path,
+    so PEFT loads the adapter from any directory."""
+    import shutil
+
+    base = workdir / "gen_base"
+    shutil.copytree(sft_run / "export", base)
+    sampling = {"do_sample": True, "temperature": 0.6, "top_p": 0.9, "eos_token_id": 2}
+    (base / hf_io.GENERATION_CONFIG_FILE).write_text(json.dumps(sampling))
+    monkeypatch.chdir(workdir)
+    config = {**lora_sft_config(workdir, sft_run, "sft_gen"), "model": {"path": "gen_base"}}
+    config["train"] = {"steps": 1, "seed": 1}
+    config["data"] = {**config["data"], "eval_file": None}
+    assert run_command("sft", config, workdir) == 0
+    export = workdir / "sft_gen" / "export"
+    assert json.loads((export / hf_io.GENERATION_CONFIG_FILE).read_text()) == sampling
+    transformers = pytest.importorskip("transformers")
+    loaded = transformers.GenerationConfig.from_pretrained(export)
+    assert (loaded.do_sample, loaded.temperature, loaded.top_p) == (True, 0.6, 0.9)
+    adapter = json.loads((workdir / "sft_gen" / "export_adapter" / "adapter_config.json").read_text())
+    assert adapter["base_model_name_or_path"] == str(base.resolve())
+
+
+def test_a_finished_run_reruns_to_its_export_and_another_model_names_the_saved_one(
+        workdir, sft_run, capsys):
+    """Rerunning a finished run trains nothing and says so (it once logged "steps 5–4"); pointing a run
+    directory's checkpoints at another model fails with one line naming the model that wrote them."""
+    import shutil
+
+    for name in ("sft_rerun", "sft_swapped"):
+        shutil.copytree(sft_run, workdir / name, ignore=shutil.ignore_patterns("events.out.tfevents.*"))
+    log_file = workdir / "sft_rerun" / "run.log"
+    before = len(log_file.read_text())
+    assert run_command("sft", sft_config(workdir, "sft_rerun"), workdir) == 0
+    logged = log_file.read_text()[before:]
+    assert "sft: already trained to step 4; evaluating and exporting again" in logged
+    assert "steps 5" not in logged and "resuming from step 4" in logged
+    assert_export_loads_in_transformers(workdir / "sft_rerun" / "export")
+    swapped = sft_config(workdir, "sft_swapped")
+    swapped["model"]["architecture"]["hidden_size"] = 48
+    capsys.readouterr()
+    assert run_command("sft", swapped, workdir) == 1
+    err = capsys.readouterr().err.strip().splitlines()[-1]  # the log lines, then the one error line
+    assert err.startswith("jaxrlhf sft: error: checkpoint step 4 in ") and "shape" in err
+    assert "written for another model or setup (model.architecture in" in err
+    assert "choose a new logging.run_dir" in err
 
 
 def test_lora_sft_resumed_from_an_adapters_only_checkpoint_ends_as_the_uninterrupted_run(

@@ -71,6 +71,7 @@ def test_sft_on_an_fsdp_mesh_matches_one_device(workdir, capfd):
     assert "device mesh {'data': 2, 'fsdp': 4} over 8 device(s)" in log
     assert "MiB per device" in log
     assert "recompiled" not in log  # the state keeps its FSDP layout from step to step
+    assert "do not split over" not in log  # 8 rows per micro-batch on 8 devices
     one = load_file(str(workdir / "sft-one" / "export" / "model.safetensors"))
     many = load_file(str(workdir / "sft-fsdp" / "export" / "model.safetensors"))
     for name, value in one.items():
@@ -94,5 +95,8 @@ def test_ppo_on_an_fsdp_mesh_checkpoints_and_exports(workdir):
         assert ckpt.latest_step() == 2
     _, params, tokenizer = hf_io.load(workdir / "ppo-fsdp" / "export")
     assert tokenizer is not None and np.isfinite(params["embed"]).all()
+    # 8 sequences in 2 minibatches: 4 rows per pass on 8 devices, each computed on every device.
+    assert ("ppo.grad_accum_steps: micro-batches of 4 rows do not split over the 8 devices"
+            in (workdir / "ppo-fsdp" / "run.log").read_text())
     records = [json.loads(line) for line in (workdir / "ppo-fsdp" / "metrics.jsonl").read_text().splitlines()]
     assert records[-1]["step"] == 2 and "objective/kl" in records[-1]
