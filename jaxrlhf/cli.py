@@ -216,7 +216,8 @@ def _command_arguments(p: argparse.ArgumentParser, command: Command) -> None:
         "YAML: 3, 1e-5, true, [1,2], null)",
     )
     if command.quick is not None:
-        p.add_argument("--quick", action="store_true", help="small sizes for a smoke run (≤ 2 minutes)")
+        p.add_argument("--quick", action="store_true",
+                       help="small sizes for a smoke run (demo about 1.5 min, a study 3–5 min on 2 cores)")
     if command.full is not None:
         p.add_argument("--full", action="store_true", help="the full study: every method over eight seeds")
     p.add_argument(
@@ -307,7 +308,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"jaxrlhf {name}: error: {_one_line(e)}", file=sys.stderr)
         return EXIT_ERROR
     run_dir = getattr(result, "run_dir", None)
-    if run_dir is not None and getattr(result, "summary", None) is None:  # a summary already names it
+    if run_dir is not None and str(run_dir) not in (getattr(result, "summary", None) or ""):
         print(f"run directory: {run_dir}")
     return EXIT_OK
 

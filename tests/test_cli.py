@@ -103,6 +103,11 @@ def test_print_config_prints_the_resolved_config_and_runs_nothing(tmp_path, caps
     # --quick's preset is part of what the demo would run.
     assert cli.main(["demo", "--quick", "--print-config"]) == 0
     assert yaml.safe_load(capsys.readouterr().out)["run"]["quick"] is True
+    # One key of a section keeps the command's own defaults for the others (DPO's learning rate and run
+    # directory were reset to the section class's: 1e-5 and runs/run).
+    dpo = cli.load_command_config("dpo", None, ["logging.log_every=5", "optimizer.warmup_steps=3"])
+    assert (dpo.logging.run_dir, dpo.logging.log_every) == ("runs/dpo", 5)
+    assert (dpo.optimizer.learning_rate, dpo.optimizer.warmup_steps) == (1e-6, 3)
 
 
 def test_unknown_command_is_a_usage_error():
@@ -205,7 +210,7 @@ def test_on_policy_rl_refuses_filtered_sampling(tmp_path, capsys, override, valu
         (['{"prompt": "ab", "completion": "c"}', '{"prompt": "ab", "completion": '], ":2:", "malformed JSON"),
         (['{"prompt": "ab", "completion": "c"}', '{"prompt": "ab"}'], ":2:", "missing field 'completion'"),
         ([], "", "no records"),
-        (['{"prompt": "abcabc", "completion": "c"}'], ":1:", "more than max_prompt_length=4"),
+        (['{"prompt": "abcabc", "completion": "c"}'], ":1:", "more than data.max_prompt_length=4"),
     ],
     ids=["malformed-json", "missing-field", "empty-file", "prompt-too-long"],
 )
@@ -288,6 +293,12 @@ def test_recipe_configs_are_valid(name):
         ("rloo", ["rloo.group_size=1"], "--set: rloo.group_size: 1 is below 2, but the 'rloo' baseline"),
         ("grpo", ["grpo.group_size=3", "grpo.num_minibatches=4"],
          "grpo.num_minibatches: data.batch_size × grpo.group_size = 6 sequences per iteration do not split"),
+        # The key that does not divide is the one named (it named num_minibatches, which a2c does not have)
+        ("grpo", ["grpo.group_size=3", "grpo.num_minibatches=2", "grpo.grad_accum_steps=2"],
+         "grpo.grad_accum_steps: data.batch_size × grpo.group_size = 6 sequences per iteration do not split "
+         "into 2 minibatches (grpo.num_minibatches) × 2 micro-batches (grpo.grad_accum_steps)"),
+        ("a2c", ["a2c.grad_accum_steps=3"], "a2c.grad_accum_steps: data.batch_size = 2 sequences per "
+         "iteration do not split into 3 micro-batches (a2c.grad_accum_steps) of equal size"),
         ("grpo", ["grpo.ratio=sequence", "grpo.loss_agg=token_mean"], "--set: grpo.loss_agg: GSPO's"),
         ("rloo", ["rloo.advantage=ppo"], "rloo.advantage: expected Optional[Literal['grpo', 'dr_grpo', "),
     ],

@@ -367,7 +367,8 @@ def _results(cfg: DemoConfig, quick: bool, task: Any, oracle: Any, paths: DemoPa
     return {
         "run_dir": str(root), "quick": quick, "full": cfg.run.full,
         "task": {"name": cfg.task.name, "description": task.describe(),
-                 "oracle": cfg.task.oracle or f"the task's own ({getattr(oracle, 'name', 'oracle')})"},
+                 "oracle": cfg.task.oracle or f"the task's own ({getattr(oracle, 'name', 'oracle')})",
+                 "own_oracle": cfg.task.oracle is None},
         "settings": settings, "timings": dict(clock.seconds),
         "data": {"files": {k: relative(v, root) for k, v in files.items()}, "feedback": feedback},
         "sft": {"eval_loss": sft_metrics.get("eval/loss", math.nan),

@@ -18,6 +18,7 @@ from typing import Any, Literal
 
 from jaxrlhf.config import ConfigError, load_config
 from jaxrlhf.oracle import AnnotatorConfig
+from jaxrlhf.rollout.sampling import check_temperature
 from jaxrlhf.steps import A2CConfig, GRPOConfig, OptimizerConfig, PPOConfig, RewardModelConfig, RLOOConfig
 from jaxrlhf.steps.dpo import DPOConfig
 from jaxrlhf.steps.ilql import ILQLConfig
@@ -84,6 +85,9 @@ class FeedbackStage:
     temperature: float = 1.0  # sampling temperature of the SFT policy
     annotator: AnnotatorConfig = field(
         default_factory=partial(AnnotatorConfig, kind="preference", temperature=0.1))
+
+    def __post_init__(self) -> None:
+        check_temperature("FeedbackStage.temperature", self.temperature)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -33,6 +33,7 @@ from jaxrlhf.experiments.pipeline_config import (
     HParams,
     PipelineConfig,
     RLHParams,
+    check_hparams,
     static_hparams,
 )
 from jaxrlhf.experiments.pipeline_data import PipelineData, prepare_data
@@ -150,6 +151,7 @@ def check_train_hparams(hp: Any) -> None:
     if not isinstance(hp, HParams):
         raise TypeError(f"train: hparams must be an HParams (static_hparams(cfg, ...) or one member of "
                         f"stack_hparams), got {type(hp).__name__}")
+    check_hparams(hp)  # types, and the ranges of Python numbers (a traced value cannot be checked)
     for path, leaf in jax.tree_util.tree_leaves_with_path(hp):
         if getattr(leaf, "ndim", 0):
             where = f"hparams{jax.tree_util.keystr(path)}"

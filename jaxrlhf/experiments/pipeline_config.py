@@ -26,7 +26,10 @@ import numpy as np
 
 from jaxrlhf.config import ConfigError, is_number, load_config
 from jaxrlhf.oracle import AnnotatorConfig
+from jaxrlhf.oracle.feedback_records import ANNOTATOR_RULES
+from jaxrlhf.rollout.sampling import check_temperature
 from jaxrlhf.steps import A2CConfig, OptimizerConfig, PPOConfig, RewardModelConfig, RLConfig
+from jaxrlhf.steps.optim import LEARNING_RATE_RULE
 from jaxrlhf.train.run_config import ArchitectureConfig
 
 REWARD_LOSS = {"preference": "pairwise", "ranking": "ranking", "rating": "rating"}
@@ -70,9 +73,8 @@ class PipelineFeedbackSection:
         default_factory=partial(AnnotatorConfig, kind="preference", temperature=0.1))
 
     def __post_init__(self) -> None:
-        t = self.temperature
-        if is_number(t) and not (math.isfinite(t) and t > 0):
-            raise ValueError(f"PipelineFeedbackSection.temperature must be a finite number > 0, got {t}")
+        if is_number(self.temperature):  # the SFT policy's sampling temperature; a traced one is a sweep
+            check_temperature("PipelineFeedbackSection.temperature", self.temperature)
 
     @property
     def items_per_query(self) -> int:
@@ -268,11 +270,18 @@ def check_hparams(hp: HParams | FeedbackHParams | RLHParams, cfg: PipelineConfig
     def bad(name: str, rule: str, value: Any) -> ConfigError:
         return ConfigError(f"hyper-parameter {name!r}: must be {rule}, got {value!r}")
 
+    group = "feedback" if isinstance(hp, FeedbackHParams) else "rl"
+    for name, value in zip(hp._fields, hp):
+        # A number, a bool, an array (a traced or stacked value) or, for an unclipped value loss, None.
+        if not (isinstance(value, (int, float, np.ndarray, np.generic, jax.Array))
+                or (value is None and name == "vf_clip_eps")):
+            raise bad(f"{group}.{name}", "a number" + (" or None" if name == "vf_clip_eps" else ""), value)
+
     if isinstance(hp, FeedbackHParams):
-        rules = {
-            "feedback.annotator_temperature": (hp.annotator_temperature, lambda x: x >= 0, ">= 0"),
-            "feedback.flip_prob": (hp.flip_prob, lambda x: 0 <= x <= 1, "in [0, 1]"),
-            "feedback.rating_noise": (hp.rating_noise, lambda x: x >= 0, ">= 0"),
+        rules = {  # the annotator's own rules, under the pipeline's names
+            f"feedback.{name}": (getattr(hp, name), *ANNOTATOR_RULES[field])
+            for name, field in (("annotator_temperature", "temperature"), ("flip_prob", "flip_prob"),
+                                ("rating_noise", "noise_std"))
         }
         responses = hp.responses
         if isinstance(responses, bool) or (is_number(responses) and not (
@@ -283,7 +292,7 @@ def check_hparams(hp: HParams | FeedbackHParams | RLHParams, cfg: PipelineConfig
                       "the queries are drawn for the budget", responses)
     else:
         rules = {
-            "rl.learning_rate": (hp.learning_rate, lambda x: 0 <= x < math.inf, "a finite number >= 0"),
+            "rl.learning_rate": (hp.learning_rate, *LEARNING_RATE_RULE),
             "rl.kl_coef": (hp.kl_coef, lambda x: 0 <= x < math.inf, "a finite number >= 0"),
             "rl.clip_eps": (hp.clip_eps, lambda x: 0 < x < math.inf, "a finite number > 0"),
             "rl.vf_clip_eps": (hp.vf_clip_eps, lambda x: x > 0, "> 0 (None or inf: unclipped)"),

@@ -75,7 +75,8 @@ def build_task(cfg: PipelineConfig) -> Task:
     try:
         task = get_task(cfg.task.name, seed=cfg.task.seed, **cfg.task.options)
     except (TypeError, ValueError) as e:
-        raise ConfigError(f"task: {e}") from None
+        key = "task.name" if str(e).startswith("unknown task") else "task.options"
+        raise ConfigError(f"{key}: {e}", key=key) from None
     if not task.oracle.jittable:
         raise ConfigError(f"task.name: {cfg.task.name!r} has no jittable oracle; the pure pipeline needs one")
     return task

@@ -163,7 +163,11 @@ def render_report(results: dict) -> str:
     cov = fb["coverage"]
     preset = " (--quick)" if results.get("quick") else " (--full)" if results.get("full") else ""
     out = [f"# jaxrlhf demo{preset}: {task['name']}", ""]
-    out += [task["description"], "", f"Gold reward (oracle): {task['oracle']}.", ""]
+    out += [task["description"], "", f"Gold reward (oracle): {task['oracle']}."]
+    if not task.get("own_oracle", True):
+        out += ["\"Optimal answers\" are the task's own optimum (its built-in oracle's best answer), not "
+                "this oracle's, which the demo cannot know."]
+    out += [""]
     out += ["## Results", "", *comparison_table(results), ""]
     out += [f"Gold and proxy are means over {a['prompts']} held-out prompts of the samples' rewards "
             "(temperature 1), every policy sampled on the same prompts with the same keys. The interval over "

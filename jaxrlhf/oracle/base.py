@@ -76,6 +76,11 @@ class Oracle(abc.ABC):
             scores = np.asarray(self.score_tokens(*(np.asarray(x) for x in inputs)), np.float32)
         if scores.shape != (batch,):
             raise ValueError(f"reward {self.name!r} returned shape {scores.shape}, expected ({batch},)")
+        if isinstance(scores, np.ndarray) and not np.all(np.isfinite(scores)):
+            # On the host it can be named here; inside jit a NaN score reaches the guarded update instead.
+            b = int(np.flatnonzero(~np.isfinite(scores))[0])
+            raise RewardFunctionError(f"reward {self.name!r} returned {scores[b]} for batch row {b} (of "
+                                      f"{batch}); scores must be finite")
         return scores
 
 

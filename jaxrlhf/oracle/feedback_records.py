@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Literal
 
 import jax
@@ -20,6 +20,16 @@ import numpy as np
 
 from jaxrlhf.config import is_number
 from jaxrlhf.oracle.annotators import pairwise_preferences, plackett_luce_rankings, quantised_ratings
+
+# field → (valid, the rule in words) of AnnotatorConfig; the experiment pipeline's hyper-parameter checks
+# use the same rules for its annotator fields.
+ANNOTATOR_RULES: dict[str, tuple[Callable[[float], bool], str]] = {
+    "temperature": (lambda x: math.isfinite(x) and x >= 0, "a finite number >= 0"),
+    "flip_prob": (lambda x: 0 <= x <= 1, "in [0, 1]"),
+    "noise_std": (lambda x: math.isfinite(x) and x >= 0, "a finite number >= 0"),
+    "pairs_per_prompt": (lambda x: x >= 0, ">= 0"),
+    "num_levels": (lambda x: x >= 2, ">= 2"),
+}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -37,14 +47,7 @@ class AnnotatorConfig:
 
     def __post_init__(self) -> None:
         # Python numbers only: a vmapped sweep hands traced values, which the annotators check themselves.
-        rules = {
-            "temperature": (lambda x: math.isfinite(x) and x >= 0, "a finite number >= 0"),
-            "flip_prob": (lambda x: 0 <= x <= 1, "in [0, 1]"),
-            "noise_std": (lambda x: math.isfinite(x) and x >= 0, "a finite number >= 0"),
-            "pairs_per_prompt": (lambda x: x >= 0, ">= 0"),
-            "num_levels": (lambda x: x >= 2, ">= 2"),
-        }
-        for key, (valid, rule) in rules.items():
+        for key, (valid, rule) in ANNOTATOR_RULES.items():
             value = getattr(self, key)
             if is_number(value) and not valid(value):
                 raise ValueError(f"AnnotatorConfig.{key} must be {rule}, got {value}")
@@ -108,18 +111,20 @@ def _preference_records(key, prompts, responses, gold_rows, config) -> list[dict
 
 
 def _ranking_records(key, prompts, responses, gold_rows, config) -> list[dict]:
+    # A text repeated in a prompt's responses is ranked once (its first occurrence): a ranking holding it
+    # twice would tie it with itself, which teaches nothing and is scored as a lost pair.
+    distinct = [[j for j, r in enumerate(rs) if r not in rs[:j]] for rs in responses]
     orders: dict[int, np.ndarray] = {}
     by_size: dict[int, list[int]] = {}
-    for i, g in enumerate(gold_rows):
-        if g.shape[0] >= 2:
-            by_size.setdefault(g.shape[0], []).append(i)
+    for i, keep in enumerate(distinct):
+        if len(keep) >= 2:
+            by_size.setdefault(len(keep), []).append(i)
     for size, rows in by_size.items():
-        perms = plackett_luce_rankings(
-            jax.random.fold_in(key, size), np.stack([gold_rows[i] for i in rows]), config.temperature
-        )
+        gold = np.stack([gold_rows[i][distinct[i]] for i in rows])
+        perms = plackett_luce_rankings(jax.random.fold_in(key, size), gold, config.temperature)
         orders.update(zip(rows, np.asarray(perms)))
     return [
-        {"prompt": prompts[i], "responses": [responses[i][j] for j in orders[i]]}
+        {"prompt": prompts[i], "responses": [responses[i][distinct[i][j]] for j in orders[i]]}
         for i in range(len(prompts))
         if i in orders
     ]

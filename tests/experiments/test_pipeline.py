@@ -125,7 +125,10 @@ def test_out_of_range_hyper_parameters_name_the_field(config):
         ({"rl.kl_coef": float("nan")}, r"'rl\.kl_coef': must be a finite number >= 0"),
         ({"rl.clip_eps": 0.0}, r"'rl\.clip_eps': must be a finite number > 0"),
         ({"feedback.flip_prob": 1.5}, r"'feedback\.flip_prob': must be in \[0, 1\], got 1\.5"),
-        ({"feedback.annotator_temperature": -1.0}, r"'feedback\.annotator_temperature': must be >= 0"),
+        # The annotator's own rules: an infinite temperature or noise is refused here as there.
+        ({"feedback.annotator_temperature": -1.0},
+         r"'feedback\.annotator_temperature': must be a finite number >= 0"),
+        ({"feedback.rating_noise": float("inf")}, r"'feedback\.rating_noise': must be a finite number >= 0"),
         ({"rl.whiten_advantages": 0.5}, r"'rl\.whiten_advantages': must be a bool \(or 0/1\), got 0\.5"),
         ({"feedback.responses": 32}, r"'feedback\.responses': must be <= the budget feedback\.responses "
                                      r"\(16\)"),
@@ -157,6 +160,21 @@ def test_misused_train_calls_say_what_to_do(config):
     with pytest.raises(ValueError, match=r"hparams\.feedback\.annotator_temperature has shape \(2,\), not a "
                                          r"scalar: map over the members' axis"):
         train(jax.random.key(0), grid)
+    # Python numbers are range-checked by train itself (as by static_hparams), and every field's type too.
+    good = static_hparams(config)
+    with pytest.raises(ConfigError, match=r"hyper-parameter 'rl\.kl_coef': must be a finite number >= 0"):
+        train(jax.random.key(0), good._replace(rl=good.rl._replace(kl_coef=-1.0)))
+    with pytest.raises(ConfigError, match=r"'rl\.learning_rate': must be a number, got 'big'"):
+        static_hparams(config, **{"rl.learning_rate": "big"})
+    with pytest.raises(ConfigError, match=r"member 1: hyper-parameter 'feedback\.flip_prob': must be a"):
+        stack_hparams([good, good._replace(feedback=good.feedback._replace(flip_prob=[0.1]))])
+    # The SFT policy's sampling temperature has the sampler's floor, in the pipeline and in the demo.
+    from jaxrlhf.experiments.demo_config import FeedbackStage
+    from jaxrlhf.experiments.pipeline_config import PipelineFeedbackSection
+
+    for section in (PipelineFeedbackSection, FeedbackStage):
+        with pytest.raises(ValueError, match=r"\.temperature must be a finite number >= 0\.001"):
+            section(temperature=5e-4)
     with pytest.raises(ConfigError, match=r"^rl\.iterations: fixes the compiled program's shape"):
         jax.jit(lambda n: replace_config(config, rl={"iterations": n}))(3)
 

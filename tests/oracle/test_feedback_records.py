@@ -47,10 +47,15 @@ def test_preferences_subsample_and_reproducible():
 def test_rankings():
     records = annotate_pool(KEY, PROMPTS, RESPONSES, GOLD, AnnotatorConfig("ranking", temperature=0.0))
     assert records[0] == {"prompt": "p1", "responses": ["b", "c", "a"]}
-    assert records[1]["prompt"] == "p2" and records[1]["responses"][2] == "y"
+    # p2's repeated "x" is ranked once: a ranking holding it twice would tie it with itself
+    assert records[1] == {"prompt": "p2", "responses": ["x", "y"]}
     assert len(records) == 2  # a prompt with one response cannot be ranked
     report = coverage_report(records)
-    assert report["comparisons"] == 6 and report["distinct_responses"] == 5
+    assert report["comparisons"] == 4 and report["distinct_responses"] == 5
+    for temperature in (1.0, 5.0):
+        config = AnnotatorConfig("ranking", temperature=temperature)
+        for r in annotate_pool(KEY, PROMPTS, RESPONSES, GOLD, config):
+            assert len(set(r["responses"])) == len(r["responses"])
     noisy = annotate_pool(KEY, PROMPTS, RESPONSES, GOLD, AnnotatorConfig("ranking", temperature=5.0))
     assert sorted(noisy[0]["responses"]) == ["a", "b", "c"]
 

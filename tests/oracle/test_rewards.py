@@ -76,6 +76,12 @@ def test_token_and_text_functions_are_oracles_with_both_forms():
     np.testing.assert_array_equal(tokens.score_texts(["a", "a b c"], ["b", ""]), [1, 3])
     with pytest.raises(TypeError, match=r"cannot be traced by jax\.jit"):
         jax.jit(tokens.score_rollout)(make_rollout())
+    # A NaN from a host token function is named like the text form's (it reached the update as a
+    # "non-finite loss" that never named the reward).
+    register_reward("test_nan_row", lambda pt, pm, rt, rm: np.where(pm.sum(1) == 3, np.nan, 1.0),
+                    overwrite=True)
+    with pytest.raises(RewardFunctionError, match=r"'test_nan_row' returned nan for batch row 1 \(of 3\)"):
+        get_reward("test_nan_row", tokenizer=TOK).score_rollout(make_rollout())
 
     register_reward("test_count_b", count_b, overwrite=True)
     text = get_reward("test_count_b", tokenizer=TOK)

@@ -41,6 +41,7 @@ from jaxrlhf.experiments.studies.study_run import (
     seed_keys,
     seed_summary,
     study_pipeline,
+    study_pipeline_of,
     summary_cell,
     write_results,
 )
@@ -115,8 +116,8 @@ def _variant_config(cfg: PipelineConfig, changes: dict[str, Any]) -> PipelineCon
 def run_choices_study(cfg: ChoicesStudyConfig) -> StudyResult:
     """Run the study (see the module docstring); writes the run directory and prints the summary."""
     clock = ProgramClock("choices")
+    pipeline = study_pipeline_of(cfg)  # first: a bad task fails before anything is written
     root = run_directory(cfg.run, "choices", cfg)
-    pipeline = Pipeline(cfg.pipeline)
     _, upstream_keys, rl_keys = seed_keys(cfg.run)
     s = cfg.run.seeds
     numeric = [c for c in cfg.choices if not CHOICES[c].algorithm]
@@ -157,7 +158,7 @@ def run_choices_study(cfg: ChoicesStudyConfig) -> StudyResult:
     report = render_report(results)
     (root / "report.md").write_text(report)
     write_results(root, results, runs)
-    summary = render_summary(results)
+    summary = render_summary(results) + f"report: {root / 'report.md'} (results.json, plots/ beside it)\n"
     print(summary, flush=True)
     return StudyResult(str(root), str(root / "report.md"), results, summary)
 

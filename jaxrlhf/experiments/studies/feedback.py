@@ -47,6 +47,7 @@ from jaxrlhf.experiments.studies.study_run import (
     seed_keys,
     seed_summary,
     study_pipeline,
+    study_pipeline_of,
     summary_cell,
     write_results,
 )
@@ -144,8 +145,8 @@ def _stack(trees: list[Any]) -> Any:
 def run_feedback_study(cfg: FeedbackStudyConfig) -> StudyResult:
     """Run the study (see the module docstring); writes the run directory and prints the summary."""
     clock = ProgramClock("feedback")
+    pipeline = study_pipeline_of(cfg)  # first: a bad task fails before anything is written
     root = run_directory(cfg.run, "feedback", cfg)
-    pipeline = Pipeline(cfg.pipeline)
     variants = feedback_variants(cfg)
     s = cfg.run.seeds
     _, upstream_keys, rl_keys = seed_keys(cfg.run)
@@ -200,7 +201,7 @@ def run_feedback_study(cfg: FeedbackStudyConfig) -> StudyResult:
     report = render_report(results)
     (root / "report.md").write_text(report)
     write_results(root, results, runs)
-    summary = render_summary(results)
+    summary = render_summary(results) + f"report: {root / 'report.md'} (results.json, plots/ beside it)\n"
     print(summary, flush=True)
     return StudyResult(str(root), str(root / "report.md"), results, summary)
 

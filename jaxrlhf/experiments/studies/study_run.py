@@ -19,8 +19,8 @@ import jax
 import numpy as np
 import yaml
 
-from jaxrlhf.config import to_dict
-from jaxrlhf.experiments.pipeline import replace_config
+from jaxrlhf.config import ConfigError, to_dict
+from jaxrlhf.experiments.pipeline import Pipeline, replace_config
 from jaxrlhf.experiments.pipeline_config import PipelineConfig
 from jaxrlhf.experiments.pipeline_stages import EvalPoint
 from jaxrlhf.experiments.statistics import (
@@ -101,6 +101,15 @@ class ProgramClock:
 
     def total(self) -> float:
         return time.perf_counter() - self.start
+
+
+def study_pipeline_of(cfg: Any) -> Pipeline:
+    """``Pipeline(cfg.pipeline)``; its config errors keyed under ``pipeline.``, as the study config has it."""
+    try:
+        return Pipeline(cfg.pipeline)
+    except ConfigError as e:
+        key = getattr(e, "key", None)
+        raise ConfigError(f"pipeline.{e}", key=f"pipeline.{key}" if key else None) from None
 
 
 def run_directory(run: StudyRunSection, name: str, config: Any) -> Path:
