@@ -297,7 +297,10 @@ def parse_args() -> argparse.Namespace:
                         help="retain: keep freed host memory for the next call (jaxrlhf.host_memory, as the "
                         "jaxrlhf command does), in both processes; glibc: the C library's defaults")
     parser.add_argument("--torch-worker", metavar="MODEL_DIR", help=argparse.SUPPRESS)
-    return parser.parse_args()
+    args = parser.parse_args()
+    if args.new < 2:  # the decode time per step is (generate − prefill) over the steps after the first token
+        parser.error(f"--new must be >= 2 (the decode steps after the first token are timed), got {args.new}")
+    return args
 
 
 def main() -> None:

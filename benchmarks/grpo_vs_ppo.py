@@ -32,7 +32,10 @@ PHASES = ("generation", "score", "update", "total")
 
 
 def run_once(args: list[str]) -> dict:
-    out = subprocess.run([sys.executable, str(SCRIPT), *args], check=True, capture_output=True, text=True)
+    out = subprocess.run([sys.executable, str(SCRIPT), *args], capture_output=True, text=True)
+    if out.returncode != 0:  # the child's own message, not a CalledProcessError traceback
+        raise SystemExit(f"ppo_iteration.py {' '.join(args)} failed (exit {out.returncode}):\n"
+                         f"{out.stderr[-2000:]}")
     return json.loads(out.stdout[out.stdout.index("{"):])
 
 

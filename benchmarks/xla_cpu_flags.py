@@ -74,7 +74,7 @@ def main() -> None:
     if "--" in argv:
         i = argv.index("--")
         argv, iteration_args = argv[:i], argv[i + 1:]
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--rounds", type=int, default=3, help="runs of every variant, alternated")
     p.add_argument("--variant", type=parse_variant, action="append", default=None,
                    help="NAME=FLAGS (repeatable; replaces the default variants)")

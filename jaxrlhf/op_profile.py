@@ -100,10 +100,13 @@ def region_of(op_name: str) -> str:
 
 
 def pass_of(op_name: str) -> str:
-    """``backward`` under autodiff's transpose, ``recompute`` in a remat policy's rerun, else ``forward``."""
+    """``backward`` under autodiff's transpose, ``recompute`` in a remat policy's rerun, ``optimizer`` for
+    the update of the parameters (the ``optimizer`` region), else ``forward``."""
     if "rematted_computation" in op_name:
         return "recompute"
-    return "backward" if "transpose(" in op_name else "forward"
+    if "transpose(" in op_name:
+        return "backward"
+    return "optimizer" if region_of(op_name) == "optimizer" else "forward"
 
 
 def _kind(comps: Mapping[str, list], opcode: str, rest: str, seen: frozenset = frozenset()) -> str:

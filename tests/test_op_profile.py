@@ -27,6 +27,7 @@ ROOT = Path(__file__).resolve().parents[1]
     ("jit(sample)/decode_loop/while/body/lm_head/x/sampling/reduce_max", "sampling", "forward"),  # innermost
     ("jit(f)/add", "other", "forward"),
     ("jit(f)/mlp_extra/add", "other", "forward"),  # a whole segment, not a prefix
+    ("jit(step)/optimizer/mul", "optimizer", "optimizer"),  # the update is not the forward pass
 ])
 def test_region_and_pass_come_from_the_name_stack(op_name, region, pass_):
     assert op_profile.region_of(op_name) == region
@@ -156,4 +157,5 @@ def test_a_profiled_ppo_iteration_reports_where_each_phase_spends_its_time(tmp_p
     assert {"sampling", "lm_head", "kv_cache"} <= set(phases["generation"]["by_region"])
     assert {"lm_head", "optimizer", "logprobs"} <= set(phases["update"]["by_region"])
     assert phases["update"]["by_pass"]["backward"] > 0 and phases["update"]["by_pass"]["recompute"] > 0
+    assert phases["update"]["by_pass"]["optimizer"] > 0
     assert set(phases["generation"]["by_pass"]) == {"forward"}

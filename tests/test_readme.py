@@ -235,6 +235,7 @@ def test_every_readme_command_runs_as_written(workdir, monkeypatch, capsys):
     monkeypatch.chdir(workdir)
     monkeypatch.setenv("TOKENIZERS_PARALLELISM", "false")
     ran, ran_argv, through_console_script = [], [], False
+    printed: dict[str, str] = {}  # stdout of each command run in this process
     for block in blocks:
         if block.file_name:
             continue
@@ -259,9 +260,10 @@ def test_every_readme_command_runs_as_written(workdir, monkeypatch, capsys):
                 assert result.returncode == 0, f"{where}\n{result.stderr[-3000:]}"
                 through_console_script = True
             else:
-                with contextlib.redirect_stdout(io.StringIO()):
+                with contextlib.redirect_stdout(io.StringIO()) as out:
                     code = cli.main(argv)
                 assert code == 0, f"{where}\n{capsys.readouterr().err[-3000:]}"
+                printed[shlex.join(argv)] = out.getvalue()
             ran.append(f"{time.perf_counter() - started:5.1f} s  jaxrlhf {shlex.join(argv)}")
             ran_argv.append(argv)
     assert through_console_script, "no README command names a module of the working directory"
@@ -270,6 +272,8 @@ def test_every_readme_command_runs_as_written(workdir, monkeypatch, capsys):
     assert (workdir / "runs" / "reward" / "export" / "config.json").is_file()
     assert json.loads((workdir / "runs" / "reward" / "export" / "config.json").read_text())[
         "architectures"][0].endswith("ForSequenceClassification")
+    # A user oracle's report says its "optimal answers" are the task's optimum, not the oracle's.
+    assert "not this oracle's" in (workdir / "runs" / "demo-my-gold" / "report.md").read_text()
     two = workdir / "runs" / "a2c-two-rewards" / "metrics.jsonl"
     metrics = [json.loads(line) for line in two.read_text().splitlines()]
     assert any("rewards/exact_answer/mean" in r and "rewards/brevity/mean" in r for r in metrics)
@@ -278,6 +282,9 @@ def test_every_readme_command_runs_as_written(workdir, monkeypatch, capsys):
     assert sorted(argv[1] for argv in studies) == ["choices", "feedback"], [a[:2] for a in studies]
     for argv in studies:
         check_study_run(argv, workdir)
+        # The summary says where the report is (the run directory's name has a timestamp).
+        report = next((workdir / "runs").glob(f"study-{argv[1]}-*")) / "report.md"
+        assert f"report: {report} " in printed[shlex.join(argv)], printed[shlex.join(argv)][-500:]
 
 
 # ----------------------------------------------------------------------------- the studies' smoke runs
