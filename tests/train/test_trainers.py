@@ -419,6 +419,7 @@ def test_memory_options_give_the_same_run(workdir, sft_run, reward_run, ppo_run)
         np.testing.assert_allclose(got[name], want[name], atol=1e-5, rtol=0, err_msg=name)
 
 
+@pytest.mark.filterwarnings("ignore:overflow encountered in reduce:RuntimeWarning")  # the logged mean
 def test_nonfinite_rewards_stop_the_run_and_keep_the_last_good_checkpoint(
     workdir, sft_run, reward_run, capsys
 ):
