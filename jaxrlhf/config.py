@@ -151,12 +151,30 @@ def _overlay(default: Any, value: Any, hint: Any) -> Any:
     replaces = getattr(hint, "REPLACES", {})
     for key in value:
         for dropped in replaces.get(key, ()):
-            if "." not in dropped and dropped not in value:
-                merged.pop(dropped, None)
+            if not _has_path(value, dropped.split(".")):
+                merged = _without(merged, dropped.split("."))
     hints = typing.get_type_hints(hint)
     for key, sub in value.items():
         merged[key] = _overlay(merged[key], sub, hints.get(key)) if key in merged else sub
     return merged
+
+
+def _without(fields: dict[str, Any], path: list[str]) -> dict[str, Any]:
+    """``fields`` (a section's values by key) with the key at dotted ``path`` back at its class default:
+    dropped at the top (the class default applies), inside a sub-section instance replaced by it."""
+    head, *rest = path
+    if not rest:
+        return {k: v for k, v in fields.items() if k != head}
+    inner = fields.get(head)
+    if not dataclasses.is_dataclass(inner):
+        return fields
+    field = next((f for f in dataclasses.fields(inner) if f.name == rest[0]), None)
+    if len(rest) == 1 and field is not None:
+        reset = {rest[0]: _field_default(field)}
+    else:
+        sub = _without({f.name: getattr(inner, f.name) for f in dataclasses.fields(inner) if f.init}, rest)
+        reset = {rest[0]: sub[rest[0]]} if rest[0] in sub else {}
+    return {**fields, head: dataclasses.replace(inner, **reset)} if reset else fields
 
 
 def _build(cls: type[T], data: Mapping[str, Any], prefix: str = "") -> T:
@@ -300,8 +318,13 @@ def parse_override(text: str) -> tuple[list[str], Any]:
     return key.split("."), value
 
 
-def apply_overrides(data: dict[str, Any], overrides: Iterable[str]) -> dict[str, Any]:
-    """Return a copy of ``data`` with ``key.path=value`` overrides applied (creating nested mappings)."""
+def apply_overrides(data: dict[str, Any], overrides: Iterable[str],
+                    cls: type | None = None) -> dict[str, Any]:
+    """Return a copy of ``data`` with ``key.path=value`` overrides applied (creating nested mappings).
+
+    With the config class ``cls``, a mapping given for a config section (``--set 'optimizer={warmup_steps:
+    5}'``) is merged into what the lower layers gave that section, as ``optimizer.warmup_steps=5`` would
+    be; a free-form mapping field (``task.options``) is replaced whole."""
     import copy
 
     data = copy.deepcopy(data)
@@ -315,8 +338,50 @@ def apply_overrides(data: dict[str, Any], overrides: Iterable[str]) -> dict[str,
             elif not isinstance(child, dict):
                 raise ConfigError(f"--set {'.'.join(path)}: {part} is not a mapping")
             node = child
+        section = _section_at(cls, path) if cls is not None else None
+        if section is not None and isinstance(value, dict) and isinstance(node.get(path[-1]), dict):
+            value = _merge_section(section, node[path[-1]], value)
         node[path[-1]] = value
     return data
+
+
+def _section_at(cls: type, path: Sequence[str]) -> type | None:
+    """The config section class at key ``path`` of ``cls`` (None when the path leaves the sections)."""
+    node: Any = cls
+    for part in path:
+        hints = typing.get_type_hints(node) if dataclasses.is_dataclass(node) else {}
+        if part not in hints:
+            return None
+        node = _section_class(hints[part])
+        if node is None:
+            return None
+    return node
+
+
+def _merge_section(section: type, lower: dict[str, Any], higher: dict[str, Any]) -> dict[str, Any]:
+    """``higher``'s keys laid over ``lower`` (both mappings for config class ``section``), recursing into
+    sub-sections; a key ``higher`` gives drops what the class ``REPLACES`` with it."""
+    merged = dict(lower)
+    for key in higher:
+        for dropped in getattr(section, "REPLACES", {}).get(key, ()):
+            if not _has_path(higher, dropped.split(".")):
+                _delete(merged, tuple(dropped.split(".")))
+    for key, value in higher.items():
+        sub = _section_at(section, (key,))
+        if sub is not None and isinstance(value, dict) and isinstance(merged.get(key), dict):
+            value = _merge_section(sub, merged[key], value)
+        merged[key] = value
+    return merged
+
+
+def expanded_keys(path: Sequence[str], value: Any) -> list[tuple[str, ...]]:
+    """The key paths an override ``path=value`` sets: ``path`` and, for a mapping value, every key path
+    inside it (``model={architecture: {num_layers: 1}}`` sets ``model.architecture.num_layers`` too)."""
+    keys = [tuple(path)]
+    if isinstance(value, dict):
+        for key, sub in value.items():
+            keys += expanded_keys((*path, str(key)), sub)
+    return keys
 
 
 class _DuplicateKey(yaml.YAMLError):
@@ -370,8 +435,9 @@ def drop_replaced(cls: type, data: dict[str, Any], keys: Iterable[Sequence[str]]
     (``--set``) makes its ``other`` keys of the lower layer no longer apply, e.g. ``--set model.path=…``
     drops the file's ``model.architecture`` and ``model.tokenizer`` (the model directory brings its own),
     so that one override switches a recipe to another source without a second ``--set …=null``. Keys in
-    a ``REPLACES`` tuple are dotted paths relative to the declaring class. A key the overrides set
-    themselves is never dropped.
+    a ``REPLACES`` tuple are dotted paths relative to the declaring class. A key inside ``key`` counts as
+    giving it (``--set model.architecture.num_layers=1`` drops the file's ``model.path``, as ``--set
+    model.architecture=…`` does). A key the overrides set themselves is never dropped.
     """
     import copy
 
@@ -384,10 +450,14 @@ def drop_replaced(cls: type, data: dict[str, Any], keys: Iterable[Sequence[str]]
             if node_cls is None:
                 break
             here, rest = key[:depth], ".".join(key[depth:])
-            for dropped in getattr(node_cls, "REPLACES", {}).get(rest, ()):
-                path = (*here, *dropped.split("."))
-                if path not in overridden:
-                    _delete(data, path)
+            # A key or any key inside it: model.architecture.num_layers names model.architecture too.
+            for named, replaced in getattr(node_cls, "REPLACES", {}).items():
+                if rest != named and not rest.startswith(named + "."):
+                    continue
+                for dropped in replaced:
+                    path = (*here, *dropped.split("."))
+                    if path not in overridden:
+                        _delete(data, path)
             hints = typing.get_type_hints(node_cls) if dataclasses.is_dataclass(node_cls) else {}
             node_cls = _section_class(hints[key[depth]]) if key[depth] in hints else None
     return data
@@ -413,10 +483,10 @@ def load_config(
     the file, see :func:`drop_replaced`)."""
     data = read_yaml(path) if path is not None else {}
     preset, overrides = list(preset), list(overrides)
-    keys = [tuple(parse_override(o)[0]) for o in overrides]
-    preset_keys = [tuple(parse_override(o)[0]) for o in preset]
+    keys = [k for o in overrides for k in expanded_keys(*parse_override(o))]
+    preset_keys = [k for o in preset for k in expanded_keys(*parse_override(o))]
     file_data = drop_replaced(cls, data, [*preset_keys, *keys])
-    data = apply_overrides(file_data, [*preset, *overrides])
+    data = apply_overrides(file_data, [*preset, *overrides], cls)
     source = " + ".join([str(path) if path is not None else "defaults",
                          *([preset_name] if preset else []), *(["--set"] if overrides else [])])
 

@@ -113,6 +113,71 @@ def test_which_sections_a_partial_mapping_keeps():
     assert load_config(Shapes, overrides=["optional=null"]).optional is None
 
 
+@dataclasses.dataclass(frozen=True)
+class Layered:
+    outer: Outer = dataclasses.field(default_factory=Outer)
+    source: Source = dataclasses.field(default_factory=Source)
+    table: dict = dataclasses.field(default_factory=lambda: {"a": 1})
+
+
+def test_a_section_mapping_in_set_changes_only_its_keys_of_the_lower_layers(tmp_path):
+    """`--set 'outer={inner: {lr: 5}}'` once replaced the file's (or the preset's) whole `outer`, losing its
+    steps; it now merges as `--set outer.inner.lr=5` does. A plain mapping field is still replaced whole,
+    and a key the section REPLACES others with drops them from the lower layers, as a dotted --set does."""
+    path = write(tmp_path, "outer: {steps: 5, inner: {schedule: constant}}\nsource: {name: n}\n"
+                           "table: {a: 2, b: 3}\n")
+    want = Outer(steps=5, inner=Inner(lr=5.0, schedule="constant"))
+    for override in ("outer={inner: {lr: 5}}", "outer.inner={lr: 5}", "outer.inner.lr=5"):
+        assert load_config(Layered, path, [override]).outer == want, override
+        preset = load_config(Layered, path, [override], preset=["outer.flag=true"])
+        assert preset.outer == dataclasses.replace(want, flag=True), override
+    assert load_config(Layered, path, ["table={c: 4}"]).table == {"c": 4}
+    for override in ("source={path: /m}", "source.path=/m"):
+        assert load_config(Layered, path, [override]).source == Source(path="/m"), override
+    assert load_config(Layered, path, ["source={path: /m, name: x}"]).source == Source(path="/m", name="x")
+
+
+@dataclasses.dataclass(frozen=True)
+class Model:
+    architecture: Inner | None = None
+    path: str | None = None
+    REPLACES: ClassVar[dict[str, tuple[str, ...]]] = {"architecture": ("path",), "path": ("architecture",)}
+
+
+@dataclasses.dataclass(frozen=True)
+class WithModel:
+    model: Model = dataclasses.field(default_factory=Model)
+
+
+def test_a_key_inside_a_replacing_key_replaces_too(tmp_path):
+    """`--set model.architecture.lr=1` names model.architecture, so it drops the file's model.path as
+    `--set model.architecture={lr: 1}` does (it once kept both, an error only at run time)."""
+    path = write(tmp_path, "model: {path: /m}\n")
+    for override in ("model.architecture.lr=1", "model.architecture={lr: 1}",
+                     "model={architecture: {lr: 1}}"):
+        assert load_config(WithModel, path, [override]).model == Model(architecture=Inner(lr=1.0)), override
+
+
+@dataclasses.dataclass(frozen=True)
+class Nested:
+    x: int = 0
+    inner: Inner = dataclasses.field(default_factory=Inner)
+    REPLACES: ClassVar[dict[str, tuple[str, ...]]] = {"x": ("inner.lr",)}
+
+
+@dataclasses.dataclass(frozen=True)
+class HoldsNested:
+    sec: Nested = dataclasses.field(default_factory=lambda: Nested(inner=Inner(lr=7.0, schedule="constant")))
+
+
+def test_a_dotted_replaced_key_goes_back_to_its_class_default_within_one_layer(tmp_path):
+    """A REPLACES entry may be a dotted path: giving `x` puts `inner.lr` back to Inner's default whether the
+    section's default or a lower layer (the file) had set it; the other keys stay."""
+    want = Nested(x=1, inner=Inner(schedule="constant"))
+    assert load_config(HoldsNested, overrides=["sec.x=1"]).sec == want
+    assert load_config(HoldsNested, write(tmp_path, "sec: {inner: {lr: 3.0}}\n"), ["sec.x=1"]).sec == want
+
+
 @pytest.mark.parametrize(
     ("override", "message"),
     [

@@ -85,7 +85,14 @@ class DemoPaths:
 def build_task(section: TaskSection) -> tuple[Task, Oracle]:
     """The task and the gold reward: the task's own, or ``task.oracle`` (any reward ``jaxrlhf.oracle.
     get_reward`` finds: a function of texts or of token arrays, a built-in, another task's oracle)."""
-    task = get_task(section.name, seed=section.seed, **section.options)
+    try:
+        task = get_task(section.name, seed=section.seed, **section.options)
+    except (TypeError, ValueError) as e:
+        if str(e).startswith("unknown task"):
+            raise ConfigError(f"task.name: {e}", key="task.name") from None
+        hint = " (task.options default to digit_sort's: give the task's own, or task.options={})"
+        raise ConfigError(f"task.options: {e}{hint if section.name != 'digit_sort' else ''}",
+                          key="task.options") from None
     if section.oracle is None:
         return task, task.oracle
     try:

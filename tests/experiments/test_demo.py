@@ -95,6 +95,14 @@ def test_users_oracle_replaces_the_gold_reward():
         assert oracle.score_texts(["3 1 2"], ["1 2 3"]).shape == (1,)
     task, oracle = build_task(load_demo_config(None, ["task.oracle=task:digit_sort"]).task)
     assert oracle.score_texts(["3 1 2"], ["1 2 3"])[0] == 1.0
+    # Another task with digit_sort's default options, or an unknown task: one line naming the key.
+    with pytest.raises(ConfigError, match=r"^task\.options: task 'random_walk' does not accept .*"
+                                          r"task\.options=\{\}\)$"):
+        build_task(load_demo_config(None, ["task.name=random_walk"]).task)
+    assert build_task(load_demo_config(None, ["task.name=random_walk", "task.options={}"]).task)[0].name == (
+        "random_walk")
+    with pytest.raises(ConfigError, match=r"^task\.name: unknown task"):
+        build_task(load_demo_config(None, ["task.name=no_such_task"]).task)
 
 
 def test_a_bad_oracle_fails_before_the_demo_writes_anything(tmp_path, capsys):
