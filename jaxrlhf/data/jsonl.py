@@ -28,7 +28,8 @@ conversations (or whole texts) and their shared beginning is the prompt (:func:`
   ``"The sky is blue."`` / ``"The sky is green."`` give the prompt ``"The sky is"`` and the responses
   ``" blue."`` / ``" green."``, as in TRL's documentation); without whitespace after the first word, at
   that character (``"blue sky"`` / ``"bluer sky"`` give ``"blue"``, ``" sky"``, ``"r sky"``). A common
-  beginning of only whitespace is refused, and so is a key that looks like a misspelt ``prompt``.
+  beginning of only whitespace is refused, and so is a key that looks like a misspelt ``prompt``; a
+  column datasets often hold the prompt in (``question``, ``instruction``, ...) is not read, with a warning.
 
 Every error is a :class:`DataError` whose message starts ``path:line:``.
 """
@@ -38,14 +39,18 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import json
+import logging
 import math
 import os
+import re
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
 from jaxrlhf.files import write_text_atomic
+
+log = logging.getLogger("jaxrlhf")
 
 Kind = Literal["sft", "preference", "ranking", "rating", "prompt"]
 KINDS: tuple[str, ...] = ("sft", "preference", "ranking", "rating", "prompt")
@@ -280,12 +285,23 @@ def _preference(obj: Mapping[str, Any], line: int, where: str) -> PreferenceReco
     return PreferenceRecord(*split_implicit_prompt(chosen, rejected, where), line)
 
 
+# Columns that datasets often give the prompt under; beside 'chosen' and 'rejected' without 'prompt' they
+# are not read (the pair is implicit-prompt), so reading such a file says so.
+PROMPT_LIKE_KEYS = ("question", "instruction", "input", "query", "prompt_text", "context")
+
+
+def _snake(key: str) -> str:
+    """``promptText`` → ``prompt_text``: camelCase and snake_case spellings of a key compare alike."""
+    return re.sub(r"(?<=[a-z0-9])(?=[A-Z])", "_", key).lower()
+
+
 def _close(key: str, names: tuple[str, ...]) -> str | None:
     """The name in ``names`` that ``key`` looks like a misspelling of (case or a letter or two)."""
-    lower = key.lower()
-    prefixed = any(lower.startswith(f"{name}{sep}") for name in names for sep in "_-.")
+    lower = _snake(key)
+    stems = {*names, *(n.rstrip("s") for n in names)}  # 'message_count' is about messages too
+    prefixed = any(lower.startswith(f"{stem}{sep}") for stem in stems for sep in "_-.")
     if prefixed or lower.endswith(("id", "ids")):
-        return None  # 'prompt_id', 'promptid', 'prompt_len', 'messages_count': other fields about it
+        return None  # 'prompt_id', 'promptId', 'prompt_len', 'messages_count': other fields about it
     match = difflib.get_close_matches(lower, names, n=1, cutoff=0.7)
     return match[0] if match else None
 
@@ -311,6 +327,7 @@ def read_jsonl(path: str | os.PathLike, kind: Kind) -> list[Record]:
     if not path.is_file():
         raise DataError(f"{path}: no such file" if not path.exists() else f"{path}: not a regular file")
     records: list[Record] = []
+    unused: dict[str, list[int]] = {}  # prompt-like key an implicit-prompt pair leaves unread: [line, count]
     with path.open("rb") as f:
         for line, raw in enumerate(f, start=1):
             where = f"{path}:{line}"
@@ -331,8 +348,18 @@ def read_jsonl(path: str | os.PathLike, kind: Kind) -> list[Record]:
             if not isinstance(obj, dict):
                 raise DataError(f"{where}: expected a JSON object, got {type(obj).__name__}")
             records.append(_parse(kind, obj, line, where))
+            if kind == "preference" and "prompt" not in obj and "messages" not in obj:
+                for key in obj:
+                    if _snake(key) in PROMPT_LIKE_KEYS:
+                        unused.setdefault(key, [line, 0])[1] += 1
     if not records:
         raise DataError(f"{path}: no records (the file is empty or holds only blank lines)")
+    for key, (first, count) in unused.items():
+        log.warning(
+            "%s: %d record(s) (the first at line %d) give %r beside 'chosen' and 'rejected' but no 'prompt': "
+            "they are read as implicit-prompt pairs (the prompt is the beginning chosen and rejected share) "
+            "and %r is not used; if it holds the prompt, name it 'prompt' (chosen and rejected then hold "
+            "only the responses)", path, count, first, key, key)
     return records
 
 

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import numbers
 from typing import Any, ClassVar, Literal
 
 from jaxrlhf.config import is_number
@@ -278,7 +279,8 @@ class PGConfig(ClippedEpochsConfig):
             if value not in allowed:
                 raise ValueError(f"{name}.{key}: expected one of {', '.join(allowed)}, got {value!r}")
         needs_group = self.advantage in GROUP_ESTIMATORS or self.dynamic_sampling
-        if isinstance(self.group_size, bool) or not isinstance(self.group_size, int) or self.group_size < 1:
+        g = self.group_size
+        if isinstance(g, bool) or not isinstance(g, numbers.Integral) or g < 1:
             raise ValueError(f"{name}.group_size must be a whole number >= 1, got {self.group_size!r}")
         if self.group_size < 2 and needs_group:
             why = (f"the {self.advantage!r} baseline comes from the other samples of the prompt"

@@ -81,7 +81,7 @@ def test_implicit_prompt_preferences_as_trl_documents_them(jsonl):
             {"chosen": "Q: a", "rejected": "Q: a b"},  # one text extends the other
             # Leading whitespace stays in the prompt; an identifier key is not a misspelt 'prompt'.
             {"chosen": "\n\nA: yes", "rejected": "\n\nA: no", "prompt_id": "7", "prompt_len": 3,
-             "messages_count": 1, "prompt_ids": [1]},
+             "messages_count": 1, "prompt_ids": [1], "promptLen": 3, "messageCount": 1, "promptId": "7"},
             {"chosen": "blue sky", "rejected": "bluer sky"},  # mid-word when no earlier whitespace
         ]
     )
@@ -97,6 +97,40 @@ def test_implicit_prompt_preferences_as_trl_documents_them(jsonl):
         PreferenceRecord("\n\nA:", " yes", " no", 7),
         PreferenceRecord("blue", " sky", "r sky", 8),
     ]
+
+
+def test_a_prompt_column_an_implicit_pair_leaves_unread_is_warned_about_once(jsonl):
+    """{"question": ..., "chosen": ..., "rejected": ...} has no 'prompt', so it is an implicit-prompt pair
+    and 'question' is not read: the reader says so once per key, with the count and the first line."""
+    import logging
+
+    from jaxrlhf.data import jsonl as jsonl_module
+
+    said: list[str] = []
+    handler = logging.Handler(logging.WARNING)
+    handler.emit = lambda record: said.append(record.getMessage())
+    jsonl_module.log.addHandler(handler)
+    try:
+        path = jsonl([
+            {"question": "2+2?", "chosen": "The answer is 4", "rejected": "The answer is 5"},
+            {"prompt": "2+3?", "chosen": "5", "rejected": "6", "question": "2+3?"},  # read: has a prompt
+            {"instruction": "Add.", "chosen": "It is 7", "rejected": "It is 8", "source": "x"},
+            {"question": "1+1?", "chosen": "The answer is 2", "rejected": "The answer is 3"},
+        ])
+        records = read_jsonl(path, "preference")
+    finally:
+        jsonl_module.log.removeHandler(handler)
+    assert records[0] == PreferenceRecord("The answer is", " 4", " 5", 1)
+    assert sorted(said) == sorted([
+        f"{path}: 2 record(s) (the first at line 1) give 'question' beside 'chosen' and 'rejected' but no "
+        "'prompt': they are read as implicit-prompt pairs (the prompt is the beginning chosen and rejected "
+        "share) and 'question' is not used; if it holds the prompt, name it 'prompt' (chosen and rejected "
+        "then hold only the responses)",
+        f"{path}: 1 record(s) (the first at line 3) give 'instruction' beside 'chosen' and 'rejected' but "
+        "no 'prompt': they are read as implicit-prompt pairs (the prompt is the beginning chosen and "
+        "rejected share) and 'instruction' is not used; if it holds the prompt, name it 'prompt' (chosen "
+        "and rejected then hold only the responses)",
+    ])
 
 
 def test_conversational_prompt_only_records(jsonl):

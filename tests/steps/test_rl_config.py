@@ -111,6 +111,15 @@ def test_critic_free_bad_input_names_the_key(kwargs, message):
         GRPOConfig(**kwargs)
 
 
+def test_a_numpy_integer_group_size_is_a_whole_number():
+    """Built from code (a sweep over np.arange, say), np.int64(4) is as whole as 4."""
+    import numpy as np
+
+    assert GRPOConfig(group_size=np.int64(4)).group_size == 4
+    with pytest.raises(ValueError, match=r"group_size must be a whole number >= 1, got np\.float64\(4\.0\)"):
+        GRPOConfig(group_size=np.float64(4.0))
+
+
 def test_estimators_without_a_group_accept_one_sample_per_prompt():
     assert GRPOConfig(group_size=1, advantage="reinforce_pp").group_size == 1
     assert RLOOConfig(group_size=1, advantage="remax", ratio="none").advantage == "remax"
