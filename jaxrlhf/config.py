@@ -14,6 +14,7 @@ import dataclasses
 import importlib
 import inspect
 import io
+import numbers
 import os
 import re
 import textwrap
@@ -148,15 +149,19 @@ def _overlay(default: Any, value: Any, hint: Any) -> Any:
     if not (isinstance(value, Mapping) and dataclasses.is_dataclass(default) and type(default) is hint):
         return value
     merged: dict[str, Any] = {f.name: getattr(default, f.name) for f in dataclasses.fields(default) if f.init}
-    replaces = getattr(hint, "REPLACES", {})
-    for key in value:
-        for dropped in replaces.get(key, ()):
-            if not _has_path(value, dropped.split(".")):
-                merged = _without(merged, dropped.split("."))
+    for dropped in _replaced(hint, value):
+        merged = _without(merged, dropped)
     hints = typing.get_type_hints(hint)
     for key, sub in value.items():
         merged[key] = _overlay(merged[key], sub, hints.get(key)) if key in merged else sub
     return merged
+
+
+def _replaced(section: type, given: Mapping[str, Any]) -> list[list[str]]:
+    """The key paths of config class ``section`` that the keys of ``given`` replace (its ``REPLACES``),
+    less those ``given`` sets itself."""
+    paths = [dropped.split(".") for key in given for dropped in getattr(section, "REPLACES", {}).get(key, ())]
+    return [p for p in paths if not _has_path(given, p)]
 
 
 def _without(fields: dict[str, Any], path: list[str]) -> dict[str, Any]:
@@ -288,6 +293,11 @@ def is_number(value: Any) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
+def is_whole_number(value: Any) -> bool:
+    """Whether ``value`` is an integer (Python's or NumPy's), not a bool: a count, a size or a token id."""
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+
+
 def to_dict(config: Any) -> dict[str, Any]:
     """Nested plain-Python form of a config dataclass (tuples become lists), ready for YAML or JSON."""
 
@@ -362,10 +372,8 @@ def _merge_section(section: type, lower: dict[str, Any], higher: dict[str, Any])
     """``higher``'s keys laid over ``lower`` (both mappings for config class ``section``), recursing into
     sub-sections; a key ``higher`` gives drops what the class ``REPLACES`` with it."""
     merged = dict(lower)
-    for key in higher:
-        for dropped in getattr(section, "REPLACES", {}).get(key, ()):
-            if not _has_path(higher, dropped.split(".")):
-                _delete(merged, tuple(dropped.split(".")))
+    for dropped in _replaced(section, higher):
+        _delete(merged, tuple(dropped))
     for key, value in higher.items():
         sub = _section_at(section, (key,))
         if sub is not None and isinstance(value, dict) and isinstance(merged.get(key), dict):

@@ -273,13 +273,13 @@ def _preference(obj: Mapping[str, Any], line: int, where: str) -> PreferenceReco
     if "prompt" in obj or "messages" in obj:
         prompt = _prompt(obj, where)
         return PreferenceRecord(prompt, _text(obj, "chosen", where), _text(obj, "rejected", where), line)
-    near = [k for k in obj if k not in ("chosen", "rejected") and _close(k, ("prompt", "messages"))]
+    near = [(k, name) for k in obj if k not in ("chosen", "rejected")
+            for name in [_close(k, ("prompt", "messages"))] if name]
     if near:
         # Without 'prompt' the pair is read as implicit-prompt; a misspelt key would be dropped.
         raise DataError(
-            f"{where}: unknown key {near[0]!r} beside 'chosen' and 'rejected'; did you mean "
-            f"{_close(near[0], ('prompt', 'messages'))!r}? (without 'prompt' the pair is read as two "
-            f"whole texts sharing their beginning)"
+            f"{where}: unknown key {near[0][0]!r} beside 'chosen' and 'rejected'; did you mean "
+            f"{near[0][1]!r}? (without 'prompt' the pair is read as two whole texts sharing their beginning)"
         )
     chosen, rejected = _whole(obj, "chosen", where), _whole(obj, "rejected", where)
     return PreferenceRecord(*split_implicit_prompt(chosen, rejected, where), line)

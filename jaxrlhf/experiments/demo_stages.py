@@ -26,9 +26,10 @@ from jaxrlhf.data import (
     prompt_batch,
 )
 from jaxrlhf.experiments.demo_config import DemoConfig, TaskSection
+from jaxrlhf.experiments.pipeline_data import configured_task
 from jaxrlhf.experiments.policy_scoring import sample_rollouts
 from jaxrlhf.models.transformer import LanguageModel, Params
-from jaxrlhf.oracle import Oracle, Task, decode_batch, get_reward, get_task, rollout_reward_inputs
+from jaxrlhf.oracle import Oracle, Task, decode_batch, get_reward, rollout_reward_inputs
 from jaxrlhf.rollout.generate import GenerationConfig
 from jaxrlhf.train.dpo import DPORunConfig
 from jaxrlhf.train.reward import RewardRunConfig
@@ -85,14 +86,7 @@ class DemoPaths:
 def build_task(section: TaskSection) -> tuple[Task, Oracle]:
     """The task and the gold reward: the task's own, or ``task.oracle`` (any reward ``jaxrlhf.oracle.
     get_reward`` finds: a function of texts or of token arrays, a built-in, another task's oracle)."""
-    try:
-        task = get_task(section.name, seed=section.seed, **section.options)
-    except (TypeError, ValueError) as e:
-        if str(e).startswith("unknown task"):
-            raise ConfigError(f"task.name: {e}", key="task.name") from None
-        hint = " (task.options default to digit_sort's: give the task's own, or task.options={})"
-        raise ConfigError(f"task.options: {e}{hint if section.name != 'digit_sort' else ''}",
-                          key="task.options") from None
+    task = configured_task(section.name, section.seed, section.options)
     if section.oracle is None:
         return task, task.oracle
     try:

@@ -70,13 +70,22 @@ class PipelineData:
         return len(self.task.tokenizer)
 
 
+def configured_task(name: str, seed: int, options: dict[str, Any]) -> Task:
+    """``get_task(name, seed=seed, **options)`` with its errors as ConfigErrors naming ``task.name`` or
+    ``task.options`` (whose default is digit_sort's, which another task does not accept)."""
+    try:
+        return get_task(name, seed=seed, **options)
+    except (TypeError, ValueError) as e:
+        if str(e).startswith("unknown task"):
+            raise ConfigError(f"task.name: {e}", key="task.name") from None
+        hint = " (task.options default to digit_sort's: give the task's own, or task.options={})"
+        raise ConfigError(f"task.options: {e}{hint if name != 'digit_sort' else ''}",
+                          key="task.options") from None
+
+
 def build_task(cfg: PipelineConfig) -> Task:
     """The configured task; its oracle must have a jittable array form."""
-    try:
-        task = get_task(cfg.task.name, seed=cfg.task.seed, **cfg.task.options)
-    except (TypeError, ValueError) as e:
-        key = "task.name" if str(e).startswith("unknown task") else "task.options"
-        raise ConfigError(f"{key}: {e}", key=key) from None
+    task = configured_task(cfg.task.name, cfg.task.seed, cfg.task.options)
     if not task.oracle.jittable:
         raise ConfigError(f"task.name: {cfg.task.name!r} has no jittable oracle; the pure pipeline needs one")
     return task

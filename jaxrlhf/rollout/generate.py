@@ -25,13 +25,13 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import numbers
 from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jaxrlhf.config import is_whole_number
 from jaxrlhf.models.heads import HeadParams, head_apply
 from jaxrlhf.models.transformer import LanguageModel, Params, positions_from_mask
 from jaxrlhf.rl.policy_losses import token_logprobs
@@ -66,7 +66,7 @@ class GenerationConfig:
         if self.group_size < 1:
             raise ValueError(f"group_size must be >= 1, got {self.group_size}")
         for key, ids in (("stop_token_ids", self.stop_token_ids), ("pad_token_id", (self.pad_token_id,))):
-            bad = [i for i in ids if isinstance(i, bool) or not isinstance(i, numbers.Integral) or i < 0]
+            bad = [i for i in ids if not is_whole_number(i) or i < 0]
             if bad:
                 raise ValueError(f"{key}: token ids must be whole numbers >= 0, got {bad[0]!r}")
         self.sampling  # noqa: B018 - validates the sampling fields

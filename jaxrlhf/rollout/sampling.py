@@ -7,10 +7,11 @@ set of tokens whose probability reaches p. Excluded tokens get logit −inf and 
 from __future__ import annotations
 
 import dataclasses
-import numbers
 
 import jax
 import jax.numpy as jnp
+
+from jaxrlhf.config import is_whole_number
 
 # The smallest sampling temperature: below it float32 cannot hold logits / T finely enough for log-probs
 # (an ulp of |logit|/T reaches 1e-3 nats at T = 1e-3 and whole nats near 1e-7); greedy decoding is T → 0.
@@ -33,7 +34,7 @@ class SamplingConfig:
 
     def __post_init__(self) -> None:
         check_temperature("temperature", self.temperature)
-        if isinstance(self.top_k, bool) or not isinstance(self.top_k, numbers.Integral) or self.top_k < 0:
+        if not is_whole_number(self.top_k) or self.top_k < 0:
             raise ValueError(f"top_k must be a whole number >= 0 (0: off), got {self.top_k!r}")
         if not 0.0 < self.top_p <= 1.0:
             raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")

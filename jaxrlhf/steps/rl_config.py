@@ -18,10 +18,9 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import numbers
 from typing import Any, ClassVar, Literal
 
-from jaxrlhf.config import is_number
+from jaxrlhf.config import is_number, is_whole_number
 from jaxrlhf.rollout.sampling import check_temperature
 
 KL_ESTIMATORS = ("k1", "k2", "k3")
@@ -279,8 +278,7 @@ class PGConfig(ClippedEpochsConfig):
             if value not in allowed:
                 raise ValueError(f"{name}.{key}: expected one of {', '.join(allowed)}, got {value!r}")
         needs_group = self.advantage in GROUP_ESTIMATORS or self.dynamic_sampling
-        g = self.group_size
-        if isinstance(g, bool) or not isinstance(g, numbers.Integral) or g < 1:
+        if not is_whole_number(self.group_size) or self.group_size < 1:
             raise ValueError(f"{name}.group_size must be a whole number >= 1, got {self.group_size!r}")
         if self.group_size < 2 and needs_group:
             why = (f"the {self.advantage!r} baseline comes from the other samples of the prompt"

@@ -56,17 +56,23 @@ def drop_identical_pairs(
     same = [e for e in examples if np.array_equal(e.chosen, e.rejected)]
     if not same:
         return list(examples)
-    where = f"{len(same)} of the {len(examples)} pairs in {path} (lines {_lines(same)})"
-    if policy == "error":
-        raise DataError(
-            f"{same[0].source}: 'chosen' and 'rejected' are identical once tokenized, so the pair carries no "
-            f"preference; {where} are like this: remove them or set {key}=drop"
-        )
+    where = _refuse_if_error(same, len(examples), "pairs", path, policy, key, "'chosen' and 'rejected' are "
+                             "identical once tokenized, so the pair carries no preference", "remove them")
     log.warning("dropped %s: 'chosen' and 'rejected' are identical once tokenized", where)
     kept = [e for e in examples if not np.array_equal(e.chosen, e.rejected)]
     if not kept:
         raise DataError(f"{path}: every pair has identical 'chosen' and 'rejected'; nothing to train on")
     return kept
+
+
+def _refuse_if_error(bad: Sequence[Any], total: int, noun: str, path: str, policy: Literal["error", "drop"],
+                     key: str, problem: str, remedy: str) -> str:
+    """Which of the file's examples are ``bad`` ("2 of the 16 pairs in f (lines 4, 9)"); for ``policy``
+    "error", a DataError at the first of them naming the ``problem`` and the ``key`` that drops them."""
+    where = f"{len(bad)} of the {total} {noun} in {path} (lines {_lines(bad)})"
+    if policy == "error":
+        raise DataError(f"{bad[0].source}: {problem}; {where} are like this: {remedy} or set {key}=drop")
+    return where
 
 
 def drop_repeated_responses(
@@ -80,25 +86,18 @@ def drop_repeated_responses(
     "drop" keeps each response's first (best) place, leaves out rankings left with fewer than two, and
     warns with the count.
     """
-    def firsts(e: RankingExample) -> list[int]:
-        return [j for j, r in enumerate(e.responses)
-                if not any(np.array_equal(r, q) for q in e.responses[:j])]
-
-    repeated = [e for e in examples if len(firsts(e)) < len(e.responses)]
+    # Each distinct response's first (best) place.
+    firsts = [[j for j, r in enumerate(e.responses) if not any(np.array_equal(r, q) for q in e.responses[:j])]
+              for e in examples]
+    repeated = [e for e, keep in zip(examples, firsts) if len(keep) < len(e.responses)]
     if not repeated:
         return list(examples)
-    where = f"{len(repeated)} of the {len(examples)} rankings in {path} (lines {_lines(repeated)})"
-    if policy == "error":
-        raise DataError(
-            f"{repeated[0].source}: a response appears twice in 'responses' once tokenized, so the ranking "
-            f"ties it with itself; {where} are like this: remove the repeats or set {key}=drop"
-        )
+    where = _refuse_if_error(repeated, len(examples), "rankings", path, policy, key,
+                             "a response appears twice in 'responses' once tokenized, so the ranking ties it "
+                             "with itself", "remove the repeats")
     log.warning("%s: kept the first place of each repeated response", where)
-    kept = []
-    for e in examples:
-        keep = firsts(e)
-        if len(keep) >= 2:
-            kept.append(dataclasses.replace(e, responses=tuple(e.responses[j] for j in keep)))
+    kept = [dataclasses.replace(e, responses=tuple(e.responses[j] for j in keep))
+            for e, keep in zip(examples, firsts) if len(keep) >= 2]
     if not kept:
         raise DataError(f"{path}: no ranking has two different responses; nothing to train on")
     return kept
